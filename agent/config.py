@@ -1,0 +1,150 @@
+"""The configuration file's models (SPEC §2) and the rules that span sections."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, field_validator
+
+from agent import registry
+from agent.commands import CommandsConfig
+from agent.config_base import DeviceConfigBase, Model
+from agent.schedule import ScheduleConfig
+from agent.units import Duration, Size
+
+DEFAULT_CONFIG = Path("/etc/fieldgate/fieldgate.yaml")
+
+
+class Location(Model):
+    latitude: float = Field(ge=-90, le=90)
+    longitude: float = Field(ge=-180, le=180)
+    timezone: str | None = Field(None, description="IANA zone for local schedules, e.g. Europe/Paris")
+
+
+class GatewayConfig(Model):
+    id: str = Field(max_length=64, description="[a-z0-9_-]+, unique in the fleet; appears in topics")
+    name: str | None = None
+    location: Location | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id_chars(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9_-]+", value):
+            raise ValueError(f"'{value}': use lower-case letters, digits, '_' and '-' only (it appears in MQTT topics)")
+        return value
+
+
+class StorageConfig(Model):
+    path: Path = Path("/var/lib/fieldgate/buffer.db")
+    max_size: Size = Field(256 * 1000**2, description="bound on disk; past it the oldest unsent readings are evicted")
+    synchronous: Literal["full", "normal"] = Field(
+        "full",
+        description="SQLite synchronous mode: full = a stored reading survives a power cut; "
+        "normal = faster, may lose the last second of readings on power loss (never on kill -9)",
+    )
+    commit_interval: Duration = Field(0.2, description="readings are committed in one transaction at most this often")
+
+
+class TlsConfig(Model):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = Field(False, description="disable hostname verification (never in production)")
+
+
+class MqttConfig(Model):
+    url: str = Field(pattern=r"^mqtts?://[^/\s]+(:\d+)?/?$")
+    client_id: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    topic_prefix: str = "fieldgate"
+    batch_max: int = Field(500, ge=1, le=10000)
+    batch_interval: Duration = 1.0
+    keepalive: Duration = Field(30.0, description="MQTT keepalive; a silent link is detected within 1.5x this")
+    health_interval: Duration = 60.0
+    max_inflight: int = Field(16, ge=1, le=1000, description="telemetry messages awaiting PUBACK at once")
+
+    @property
+    def host(self) -> str:
+        return self.url.split("://", 1)[1].rstrip("/").rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        rest = self.url.split("://", 1)[1].rstrip("/")
+        if ":" in rest:
+            return int(rest.rsplit(":", 1)[1])
+        return 8883 if self.url.startswith("mqtts://") else 1883
+
+    @property
+    def use_tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+
+class UpstreamConfig(Model):
+    mqtt: MqttConfig
+
+
+class LocalConfig(Model):
+    listen: str = Field("127.0.0.1:8470", description='status page and JSON API; "" disables')
+    token_file: Path | None = None
+
+
+def _tag(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("driver", "modbus"))
+    return str(getattr(value, "driver", "modbus"))
+
+
+def _bus_tag(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("type", ""))
+    return str(getattr(value, "type", ""))
+
+
+def _device_union() -> Any:
+    members = tuple(Annotated[registry.config_class(n), Tag(n)] for n in registry.DRIVERS)
+    return Annotated[Union[members], Discriminator(_tag)]  # noqa: UP007 - built at run time from the registry
+
+
+def _bus_union() -> Any:
+    members = tuple(Annotated[registry.load(p), Tag(n)] for n, p in registry.BUSES.items())
+    return Annotated[Union[members], Discriminator(_bus_tag)]  # noqa: UP007
+
+
+DeviceConfig = _device_union()
+BusConfig = _bus_union()
+
+
+class FieldgateConfig(Model):
+    """The whole file."""
+
+    version: int = Field(1, ge=1, le=1, description="config format version")
+    gateway: GatewayConfig
+    storage: StorageConfig = StorageConfig()
+    upstream: UpstreamConfig
+    local: LocalConfig = LocalConfig()
+    buses: dict[str, BusConfig] = Field(default_factory=dict)  # type: ignore[valid-type]
+    devices: dict[str, DeviceConfig] = Field(default_factory=dict)  # type: ignore[valid-type]
+    commands: CommandsConfig = CommandsConfig()
+    schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
+
+    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Rules that span sections, as (key path, message); the loader adds FILE:LINE:COL."""
+        found: list[tuple[tuple[str | int, ...], str]] = []
+        for name, device in self.devices.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.:-]+", name):
+                found.append((("devices", name), f"device name {name!r}: use letters, digits, '_', '-', '.', ':'"))
+            bus = getattr(device, "bus", None)
+            if bus is not None and bus not in self.buses:
+                known = ", ".join(sorted(self.buses)) or "none defined"
+                hint = difflib.get_close_matches(bus, list(self.buses), n=1)
+                more = f"; did you mean '{hint[0]}'?" if hint else ""
+                found.append((("devices", name, "bus"), f"unknown bus '{bus}' (buses: {known}){more}"))
+        return found
+
+    def device_items(self) -> list[tuple[str, DeviceConfigBase]]:
+        return [(n, d) for n, d in self.devices.items() if d.enabled]

@@ -1,0 +1,63 @@
+"""The exception tree of fieldgate, and what each error means to its handler.
+
+    FieldgateError
+    ├── ConfigError            bad configuration: reported as FILE:LINE:COL, nothing applied
+    ├── DeviceError            one device's trouble: counted in its health, backed off, never fatal
+    │   ├── DeviceUnreachable      no answer, port missing, connection refused, timeout
+    │   ├── DeviceProtocolError    an answer we cannot use: CRC, checksum, exception response
+    │   └── PointError             one point failed (e.g. illegal address); the others are kept
+    ├── WriteRefused           a write/command rejected before touching the device (not writable, range, type)
+    ├── DecodeError            a frame/advertisement that a codec rejects (length, checksum, version, key)
+    ├── StoreError             the local buffer failed (disk full, I/O): logged loudly, polling goes on
+    └── UpstreamError          the MQTT link failed: reconnect with backoff, data stays buffered
+"""
+
+from __future__ import annotations
+
+
+class FieldgateError(Exception):
+    """Base of every error fieldgate raises on purpose."""
+
+
+class ConfigError(FieldgateError):
+    """The configuration is invalid; `problems` holds every `FILE:LINE:COL: key.path: message` line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class DeviceError(FieldgateError):
+    """A device-level failure; the scheduler counts it and backs the device off."""
+
+
+class DeviceUnreachable(DeviceError):
+    """No answer: timeout, connection refused, serial port missing."""
+
+
+class DeviceProtocolError(DeviceError):
+    """The device answered something unusable: bad CRC/checksum, exception response, garbage."""
+
+
+class PointError(DeviceError):
+    """A single point could not be read; the device's other points are still good."""
+
+    def __init__(self, point: str, message: str) -> None:
+        super().__init__(f"{point}: {message}")
+        self.point = point
+
+
+class WriteRefused(FieldgateError):
+    """A write was refused before reaching the device (unknown/non-writable point, type, min/max)."""
+
+
+class DecodeError(FieldgateError):
+    """A codec rejected its input; the message says why (checksum, length, version, key)."""
+
+
+class StoreError(FieldgateError):
+    """The local buffer failed (disk full, I/O error, corruption)."""
+
+
+class UpstreamError(FieldgateError):
+    """The upstream link failed (refused, TLS, lost)."""

@@ -1,0 +1,366 @@
+"""YAML + profiles -> FieldgateConfig; every error as `FILE:LINE:COL: key.path: message`, all at once."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from agent.config import FieldgateConfig
+from agent.errors import ConfigError
+
+Loc = tuple[str | int, ...]
+
+PROFILE_KEYS = ("manufacturer", "model", "description", "device", "points")
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    file: str
+    line: int  # 1-based
+    col: int  # 1-based
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+class Positions:
+    """Where each value (and each mapping key) of the document came from."""
+
+    def __init__(self) -> None:
+        self.values: dict[Loc, Mark] = {}
+        self.keys: dict[Loc, Mark] = {}
+
+    def find(self, loc: Loc, *, key: bool = False) -> Mark | None:
+        """The mark of `loc`, or of its nearest known ancestor."""
+        if key and loc in self.keys:
+            return self.keys[loc]
+        while True:
+            if loc in self.values:
+                return self.values[loc]
+            if not loc:
+                return None
+            loc = loc[:-1]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (a silent override is a classic field mistake)."""
+
+
+def _mark(node: yaml.Node, file: str) -> Mark:
+    return Mark(file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _to_python(node: yaml.Node, loc: Loc, pos: Positions, file: str, problems: list[str]) -> Any:
+    pos.values[loc] = _mark(node, file)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                problems.append(f"{_mark(key_node, file)}: {_dotted(loc)}: YAML merge keys (<<) are not supported")
+                continue
+            key = _Loader.construct_scalar(_Loader(""), key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                problems.append(f"{_mark(key_node, file)}: {_dotted(loc)}: keys must be plain strings")
+                continue
+            if key in out:
+                problems.append(f"{_mark(key_node, file)}: {_dotted((*loc, key))}: duplicate key")
+                continue
+            pos.keys[(*loc, key)] = _mark(key_node, file)
+            out[key] = _to_python(value_node, (*loc, key), pos, file, problems)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(child, (*loc, i), pos, file, problems) for i, child in enumerate(node.value)]
+    return _Loader("").construct_object(node, deep=True)
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(str(p) for p in loc) or "(top)"
+
+
+def load_yaml(path: Path, pos: Positions, base: Loc = ()) -> tuple[Any, list[str]]:
+    """Parse one YAML file, recording positions under `base`. Returns (data, problems)."""
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return None, [f"{file}:1:1: (file): cannot read: {exc.strerror or exc}"]
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else f"{file}:1:1"
+        return None, [f"{where}: (syntax): {exc.problem or exc.context}"]
+    if node is None:
+        return {}, []
+    problems: list[str] = []
+    data = _to_python(node, base, pos, file, problems)
+    return data, problems
+
+
+# --- profiles -------------------------------------------------------------------------------------------
+
+
+def profile_dirs(config_path: Path) -> list[Path]:
+    """Where `profile: NAME` is looked up, first match wins."""
+    dirs = [config_path.parent / "profiles"]
+    extra = os.environ.get("FIELDGATE_PROFILES")
+    if extra:
+        dirs.insert(0, Path(extra))
+    dirs.append(Path("/etc/fieldgate/profiles"))
+    dirs.append(Path(__file__).resolve().parent.parent / "config" / "profiles")  # bundled with the source tree
+    return dirs
+
+
+def find_profile(name: str, config_path: Path) -> Path | None:
+    if "/" in name or name.endswith((".yaml", ".yml")):
+        p = Path(name)
+        p = p if p.is_absolute() else config_path.parent / p
+        return p if p.exists() else None
+    for d in profile_dirs(config_path):
+        candidate = d / f"{name}.yaml"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def available_profiles(config_path: Path) -> list[str]:
+    names: set[str] = set()
+    for d in profile_dirs(config_path):
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def _merge_profiles(data: dict[str, Any], config_path: Path, pos: Positions, problems: list[str]) -> None:
+    devices = data.get("devices")
+    if not isinstance(devices, dict):
+        return
+    for name, device in devices.items():
+        if not isinstance(device, dict) or not isinstance(device.get("profile"), str):
+            continue
+        prof_name = device["profile"]
+        loc: Loc = ("devices", name, "profile")
+        path = find_profile(prof_name, config_path)
+        if path is None:
+            hint = difflib.get_close_matches(prof_name, available_profiles(config_path), n=1)
+            more = f"; did you mean '{hint[0]}'?" if hint else ""
+            problems.append(f"{pos.find(loc)}: {_dotted(loc)}: profile '{prof_name}' not found{more}")
+            continue
+        # Profile values keep their own file positions, under the device's key path.
+        prof_pos = Positions()
+        prof, errs = load_yaml(path, prof_pos, ("devices", name))
+        problems.extend(errs)
+        if not isinstance(prof, dict):
+            if not errs:
+                problems.append(f"{path}:1:1: (profile): a profile is a mapping with 'points'")
+            continue
+        for key in prof:
+            if key not in PROFILE_KEYS:
+                hint = difflib.get_close_matches(key, PROFILE_KEYS, n=1)
+                more = f"; did you mean '{hint[0]}'?" if hint else ""
+                problems.append(f"{prof_pos.find(('devices', name, key), key=True)}: {key}: unknown profile key{more}")
+        defaults = prof.get("device") or {}
+        points = prof.get("points") or {}
+        if not isinstance(defaults, dict) or not isinstance(points, dict):
+            problems.append(f"{path}:1:1: (profile): 'device' and 'points' must be mappings")
+            continue
+        for key, value in defaults.items():
+            if key in ("bus", "unit_id", "points", "profile", "driver"):
+                problems.append(f"{prof_pos.find(('devices', name, 'device', key), key=True)}: {key}: "
+                                "a profile cannot set this device key")
+                continue
+            if key not in device:
+                device[key] = value
+                _copy_positions(prof_pos, ("devices", name, "device", key), pos, ("devices", name, key))
+        merged = dict(points)
+        for pname in points:
+            _copy_positions(prof_pos, ("devices", name, "points", pname), pos, ("devices", name, "points", pname))
+        own = device.get("points") or {}
+        if isinstance(own, dict):
+            merged.update(own)  # a point named in both takes the device's definition
+        device["points"] = merged
+
+
+def _copy_positions(src: Positions, src_loc: Loc, dst: Positions, dst_loc: Loc) -> None:
+    n = len(src_loc)
+    for table_src, table_dst in ((src.values, dst.values), (src.keys, dst.keys)):
+        for loc, mark in table_src.items():
+            if loc[:n] == src_loc:
+                table_dst[dst_loc + loc[n:]] = mark
+
+
+# --- validation errors -> positioned lines ---------------------------------------------------------------
+
+
+def _strip_union_tags(loc: Loc, model: type[BaseModel]) -> tuple[Loc, list[type[BaseModel]]]:
+    """Remove the discriminator tags pydantic inserts in error locations, and return the models along the path."""
+    clean: list[str | int] = []
+    models: list[type[BaseModel]] = []
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if str(part) not in current.model_fields and str(part) in _literal_tags(current):
+                continue  # a one-member tagged union collapses to the model: the part is its tag
+            models.append(current)
+            field = current.model_fields.get(str(part))
+            clean.append(part)
+            current = field.annotation if field is not None else None
+            continue
+        origin = typing.get_origin(current)
+        if origin is dict:
+            clean.append(part)
+            current = typing.get_args(current)[1]
+            continue
+        if origin is list:
+            clean.append(part)
+            current = typing.get_args(current)[0]
+            continue
+        members = _union_members(current)
+        if members:
+            tagged = _tagged_member(members, str(part))
+            if tagged is not None:
+                current = tagged  # this part is a tag, not a key of the document
+                continue
+        clean.append(part)
+        current = None
+    return tuple(clean), models
+
+
+def _literal_tags(model: type[BaseModel]) -> set[str]:
+    tags: set[str] = set()
+    for name in ("driver", "type"):
+        field = model.model_fields.get(name)
+        if field is not None and typing.get_origin(field.annotation) is typing.Literal:
+            tags.update(str(a) for a in typing.get_args(field.annotation))
+    return tags
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is typing.Annotated:
+        args = typing.get_args(tp)
+        meta = args[1:]
+        tp = args[0]
+        if typing.get_origin(tp) is typing.Union or isinstance(tp, types.UnionType):
+            return _AnnotatedUnion(tp, meta)
+    return tp
+
+
+class _AnnotatedUnion:
+    def __init__(self, union: Any, meta: tuple[Any, ...]) -> None:
+        self.union = union
+        self.meta = meta
+
+
+def _union_members(tp: Any) -> list[Any]:
+    if isinstance(tp, _AnnotatedUnion):
+        tp = tp.union
+    if typing.get_origin(tp) is typing.Union or isinstance(tp, types.UnionType):
+        return list(typing.get_args(tp))
+    return []
+
+
+def _tagged_member(members: list[Any], tag: str) -> Any:
+    for m in members:
+        if typing.get_origin(m) is typing.Annotated:
+            base, *meta = typing.get_args(m)
+            for item in meta:
+                if getattr(item, "tag", None) == tag:
+                    return base
+        elif isinstance(m, type) and m.__name__ == tag:
+            return m
+    return None
+
+
+def _model_at(loc: Loc, root: type[BaseModel]) -> type[BaseModel] | None:
+    """The model class that holds the mapping at `loc` (for 'did you mean')."""
+    current: Any = root
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif typing.get_origin(current) in (dict, list):
+            current = typing.get_args(current)[-1]
+        else:
+            return None
+    current = _unwrap(current)
+    members = _union_members(current)
+    if len(members) == 2 and type(None) in [typing.get_origin(m) or m for m in members]:
+        current = _unwrap(next(m for m in members if m is not type(None)))
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return current
+    return None
+
+
+def _message(err: Any, loc: Loc, data: Any) -> str:
+    kind = err["type"]
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        tag = str(ctx.get("tag", ""))
+        expected = str(ctx.get("expected_tags", ""))
+        names = [t.strip().strip("'") for t in expected.split(",")]
+        hint = difflib.get_close_matches(tag, names, n=1)
+        more = f"; did you mean '{hint[0]}'?" if hint else ""
+        return f"unknown '{tag}' (expected one of {expected}){more}"
+    if kind == "union_tag_not_found":
+        return "missing the key that says which kind this is (e.g. 'type' for a bus)"
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    return msg
+
+
+def format_validation_errors(exc: ValidationError, pos: Positions, data: Any) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc, _models = _strip_union_tags(tuple(err["loc"]), FieldgateConfig)
+        if err["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            parent = _model_at(loc[:-1], FieldgateConfig)
+            hint = difflib.get_close_matches(key, list(parent.model_fields), n=1) if parent else []
+            more = f"; did you mean '{hint[0]}'?" if hint else ""
+            lines.append(f"{pos.find(loc, key=True)}: {_dotted(loc)}: unknown key{more}")
+            continue
+        mark = pos.find(loc, key=err["type"] == "missing")
+        lines.append(f"{mark}: {_dotted(loc)}: {_message(err, loc, data)}")
+    return lines
+
+
+def load_config(path: Path) -> FieldgateConfig:
+    """Load and validate a config file; raise ConfigError with every problem, positioned."""
+    pos = Positions()
+    data, problems = load_yaml(path, pos)
+    if data is None or problems:
+        raise ConfigError(problems or [f"{path}:1:1: (file): empty"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"{pos.find(())}: (top): the config file must be a mapping (gateway, upstream, ...)"])
+    _merge_profiles(data, path, pos, problems)
+    try:
+        config = FieldgateConfig.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(format_validation_errors(exc, pos, data))
+        raise ConfigError(_dedupe(problems)) from None
+    for loc, message in config.problems():
+        problems.append(f"{pos.find(loc)}: {_dotted(loc)}: {message}")
+    if problems:
+        raise ConfigError(_dedupe(problems))
+    return config
+
+
+def _dedupe(lines: list[str]) -> list[str]:
+    seen: set[str] = set()
+    return [x for x in lines if not (x in seen or seen.add(x))]  # type: ignore[func-returns-value]

@@ -1,0 +1,48 @@
+"""Pure functions: topics and JSON payloads of SPEC §3 (and its compatible extensions)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from agent.reading import Reading, Value
+
+
+class Topics:
+    """The topics of one gateway: `{topic_prefix}/{gateway.id}/...`."""
+
+    def __init__(self, prefix: str, gateway_id: str) -> None:
+        base = f"{prefix.rstrip('/')}/{gateway_id}"
+        self.base = base
+        self.telemetry = f"{base}/telemetry"
+        self.status = f"{base}/status"
+        self.health = f"{base}/health"
+        self.commands = f"{base}/commands"
+        self.command_results = f"{base}/commands/result"
+
+
+def reading_body(seq: int, r: Reading) -> bytes:
+    """One READING object; `unit` and `quality` left out when absent (quality absent = good)."""
+    doc: dict[str, Value | int] = {"seq": seq, "device": r.device, "point": r.point, "ts": r.ts, "value": r.value}
+    if r.unit is not None:
+        doc["unit"] = r.unit  # type: ignore[assignment]
+    if r.quality is not None:
+        doc["quality"] = r.quality  # type: ignore[assignment]
+    return orjson.dumps(doc)
+
+
+def telemetry(gateway_id: str, bodies: Sequence[bytes], *, backlog: bool = False) -> bytes:
+    """`{"gateway": ID, "readings": [...]}` from pre-encoded readings; `"backlog": true` marks replayed ones."""
+    head = orjson.dumps(gateway_id)
+    tail = b',"backlog":true}' if backlog else b"}"
+    return b'{"gateway":' + head + b',"readings":[' + b",".join(bodies) + b"]" + tail
+
+
+def status(state: str, ts: int, version: str) -> bytes:
+    return orjson.dumps({"state": state, "ts": ts, "version": version})
+
+
+def dumps(doc: Any) -> bytes:
+    return orjson.dumps(doc)

@@ -1,0 +1,59 @@
+"""The explicit registry of drivers and bus types: one line each, imported lazily by dotted path.
+
+No discovery: a driver exists for fieldgate when it has a line here (a test
+checks each line imports and that its config's `driver` tag matches).
+A gateway with only Modbus devices never imports bleak or pyserial, because
+driver modules are imported only when a configured device needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class DriverEntry:
+    name: str
+    config: str  # "package.module:Class" of the pydantic config model (no I/O imports)
+    driver: str  # "package.module:Class" of the Driver subclass (imports the protocol library)
+    summary: str
+
+
+DRIVERS: dict[str, DriverEntry] = {
+    e.name: e
+    for e in [
+        DriverEntry("modbus", "drivers.modbus.config:ModbusDeviceConfig", "drivers.modbus.driver:ModbusDriver",
+                    "Modbus TCP / RTU / RTU-over-TCP device on a bus"),
+        DriverEntry("linky-tic", "drivers.tic.config:TicDeviceConfig", "drivers.tic.driver:TicDriver",
+                    "Enedis Linky TIC meter output (historic / standard mode)"),
+        DriverEntry("sds011", "drivers.sds011.config:Sds011DeviceConfig", "drivers.sds011.driver:Sds011Driver",
+                    "Nova SDS011 PM2.5/PM10 sensor (serial)"),
+        DriverEntry("pms5003", "drivers.pms5003.config:Pms5003DeviceConfig", "drivers.pms5003.driver:Pms5003Driver",
+                    "Plantower PMS5003 PM1/PM2.5/PM10 sensor (serial)"),
+        DriverEntry("mhz19", "drivers.mhz19.config:Mhz19DeviceConfig", "drivers.mhz19.driver:Mhz19Driver",
+                    "Winsen MH-Z19 CO2 sensor (serial)"),
+        DriverEntry("mbus", "drivers.mbus.config:MbusDeviceConfig", "drivers.mbus.driver:MbusDriver",
+                    "wired M-Bus meter (water, heat) through a level converter"),
+    ]
+}
+
+BUSES: dict[str, str] = {
+    "modbus-tcp": "drivers.modbus.config:ModbusTcpBusConfig",
+    "modbus-rtu": "drivers.modbus.config:ModbusRtuBusConfig",
+    "modbus-rtu-tcp": "drivers.modbus.config:ModbusRtuTcpBusConfig",
+}
+
+
+def load(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def config_class(name: str) -> Any:
+    return load(DRIVERS[name].config)
+
+
+def driver_class(name: str) -> Any:
+    return load(DRIVERS[name].driver)

@@ -1,0 +1,208 @@
+"""One supervised task per device: poll interval with jitter, a timeout per cycle, backoff, health.
+
+A device task never lets an error out: every failure is counted in the
+device's health and answered with a backoff, so one dead device never delays
+or stops another. Readings go to `sink`, which must not block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from agent.driver import Driver
+from agent.errors import DeviceError
+from agent.health import DeviceHealth
+from agent.reading import Reading, now_ms
+
+log = logging.getLogger("fieldgate.scheduler")
+
+MAX_BACKOFF = 300.0  # a failing device is probed at least every 5 minutes
+
+
+class FailureReporter(Protocol):
+    """Rate-limited logging of device failures (agent.logsetup.ErrorReporter fits)."""
+
+    def failure(self, device: str, message: str) -> None: ...
+
+    def success(self, device: str) -> None: ...
+
+
+class _PlainReporter:
+    """Logs each state change once (used when no rate-limited reporter is given)."""
+
+    def __init__(self) -> None:
+        self._failing: set[str] = set()
+
+    def failure(self, device: str, message: str) -> None:
+        if device not in self._failing:
+            self._failing.add(device)
+            log.warning("%s: failing: %s", device, message)
+
+    def success(self, device: str) -> None:
+        if device in self._failing:
+            self._failing.discard(device)
+            log.info("%s: recovered", device)
+
+
+def backoff_delay(consecutive_errors: int, poll: float, rng: random.Random | None = None) -> float:
+    """Delay before the next attempt: the poll interval at first, doubling, capped, with ±20 % jitter."""
+    base = max(poll, 1.0) * (2 ** max(consecutive_errors - 1, 0))
+    delay = min(base, max(MAX_BACKOFF, poll))
+    r = rng or random
+    return float(delay * r.uniform(0.8, 1.2))
+
+
+class DeviceTask:
+    """Runs one device until cancelled."""
+
+    def __init__(
+        self,
+        driver: Driver[object],
+        health: DeviceHealth,
+        sink: Callable[[list[Reading]], None],
+        reporter: FailureReporter | None = None,
+    ) -> None:
+        self.driver = driver
+        self.health = health
+        self.sink = sink
+        self.reporter = reporter or _PlainReporter()
+        self._opened = False
+        self._wake = asyncio.Event()  # set to poll now (status page's "re-poll")
+
+    @property
+    def name(self) -> str:
+        return self.driver.device
+
+    def poll_now(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        try:
+            if self.driver.stream() is not None:
+                await self._run_stream()
+            else:
+                await self._run_polled()
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        if self._opened:
+            self._opened = False
+            try:
+                await asyncio.wait_for(self.driver.close(), 5)
+            except (DeviceError, TimeoutError, OSError) as exc:
+                log.debug("%s: close: %s", self.name, exc)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early when a re-poll is asked for; counts as progress for the watchdog."""
+        self.health.last_progress = time.monotonic()
+        if seconds > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), seconds)
+            except TimeoutError:
+                pass
+        self._wake.clear()
+
+    def _ok(self, readings: list[Reading]) -> None:
+        h = self.health
+        h.cycles += 1
+        h.last_progress = time.monotonic()
+        if readings:
+            h.last_ok_ts = readings[-1].ts
+        elif h.last_ok_ts is None or h.state != "ok":
+            h.last_ok_ts = now_ms()
+        if h.state != "ok":
+            self.reporter.success(self.name)
+        h.state = "ok"
+        h.consecutive_errors = 0
+        h.next_attempt_ts = None
+        h.point_errors = dict(self.driver.point_errors)
+        counters = getattr(self.driver, "counters", None)
+        if isinstance(counters, dict):
+            h.counters = dict(counters)
+        for r in readings:
+            h.last_readings[r.point] = r
+        if readings:
+            self.sink(readings)
+
+    def _failed(self, message: str, delay: float) -> None:
+        h = self.health
+        h.state = "failing"
+        h.errors += 1
+        h.consecutive_errors += 1
+        h.last_error = message
+        h.last_error_ts = now_ms()
+        h.next_attempt_ts = now_ms() + int(delay * 1000)
+        h.last_progress = time.monotonic()
+        counters = getattr(self.driver, "counters", None)
+        if isinstance(counters, dict):
+            h.counters = dict(counters)
+        self.reporter.failure(self.name, message)
+
+    async def _run_polled(self) -> None:
+        interval = self.driver.cycle_interval()
+        timeout = getattr(self.driver.config, "cycle_timeout", lambda: min(max(interval, 1.0), 30.0))()
+        # Spread the first polls so that devices with the same interval don't all fire at once.
+        await self._sleep(random.uniform(0, min(interval, 1.0)))
+        next_due = time.monotonic()
+        while True:
+            message: str | None = None
+            try:
+                if not self._opened:
+                    await asyncio.wait_for(self.driver.open(), timeout)
+                    self._opened = True
+                readings = await asyncio.wait_for(self.driver.read(), timeout)
+            except TimeoutError:
+                message = f"no answer within {timeout:g}s"
+            except DeviceError as exc:
+                message = str(exc) or type(exc).__name__
+            except OSError as exc:
+                message = f"I/O error: {exc.strerror or exc}"
+            except Exception as exc:  # a driver bug must not kill the device task silently
+                log.exception("%s: unexpected error in driver %s", self.name, self.driver.name)
+                message = f"internal error: {type(exc).__name__}: {exc}"
+            if message is None:
+                self._ok(readings)
+                next_due += interval
+                now = time.monotonic()
+                if next_due < now:  # we fell behind (slow device): skip the missed cycles, don't burst
+                    next_due = now + interval * 0.5
+                await self._sleep(next_due - now)
+            else:
+                await self._close()
+                delay = backoff_delay(self.health.consecutive_errors + 1, interval)
+                self._failed(message, delay)
+                await self._sleep(delay)
+                next_due = time.monotonic()
+
+    async def _run_stream(self) -> None:
+        interval = self.driver.cycle_interval()
+        while True:
+            message: str | None = None
+            try:
+                if not self._opened:
+                    await asyncio.wait_for(self.driver.open(), 30)
+                    self._opened = True
+                stream = self.driver.stream()
+                assert stream is not None
+                async for batch in stream:
+                    self._ok(batch)
+                message = "stream ended"
+            except TimeoutError:
+                message = "no answer while opening"
+            except DeviceError as exc:
+                message = str(exc) or type(exc).__name__
+            except OSError as exc:
+                message = f"I/O error: {exc.strerror or exc}"
+            except Exception as exc:
+                log.exception("%s: unexpected error in driver %s", self.name, self.driver.name)
+                message = f"internal error: {type(exc).__name__}: {exc}"
+            await self._close()
+            delay = backoff_delay(self.health.consecutive_errors + 1, min(interval, 5.0))
+            self._failed(message, delay)
+            await self._sleep(delay)

@@ -1,0 +1,321 @@
+"""MQTT uplink: stored rows -> QoS 1 publish -> ack (delete) after PUBACK; reconnect; live and backlog lanes.
+
+Two lanes share one connection. The live lane carries rows appended since the
+connection came up, straight from memory, batched by `batch_max` /
+`batch_interval`. The backlog lane replays, from SQLite in seq order, every
+row older than that boundary (what an outage or a restart left behind),
+marked `"backlog": true`. Live batches always go first; the backlog uses the
+in-flight slots left over, so live data stays fresh while a backlog drains.
+
+Rows are deleted from the store only after the broker's PUBACK for the
+message that carried them. Rows in flight when the link drops are sent
+again on the next connection (at-least-once; duplicates are limited to the
+messages in flight, at most `max_inflight`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiomqtt
+
+from agent import payloads
+from agent.config import MqttConfig
+from agent.reading import now_ms
+from agent.store import AsyncStore, StoredRow
+
+log = logging.getLogger("fieldgate.uplink")
+
+RECONNECT_MIN = 0.1
+RECONNECT_MAX = 2.0  # a broker back after an outage sees data within about 2 s
+LIVE_LIMIT_BATCHES = 20  # past this many batches waiting live, the surplus goes the backlog way
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first leaf of a TaskGroup's exception group (the error that ended the session)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class Uplink:
+    """Owns the MQTT connection and both lanes."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        gateway_id: str,
+        store: AsyncStore,
+        version: str,
+        *,
+        password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        health_doc: Callable[[], dict[str, Any]] | None = None,
+        on_command: Callable[[bytes], Awaitable[dict[str, Any] | None]] | None = None,
+        next_seq: int = 1,
+        explain_error: Callable[[BaseException], str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.gateway_id = gateway_id
+        self.store = store
+        self.version = version
+        self.password = password
+        self.tls_context = tls_context
+        self.health_doc = health_doc
+        self.on_command = on_command
+        self.explain_error = explain_error or (lambda e: str(e) or type(e).__name__)
+        self.topics = payloads.Topics(cfg.topic_prefix, gateway_id)
+        self.client_id = cfg.client_id or gateway_id
+
+        self.connected = False
+        self.sent = 0  # readings acknowledged by the broker
+        self.messages = 0
+        self.last_error: str | None = None
+        self.since_ts: int | None = None
+        self.connections = 0
+
+        self._next_seq = next_seq  # one past the last row offered to the uplink
+        self._accepting = False
+        self._live: deque[tuple[float, StoredRow]] = deque()
+        self._live_event = asyncio.Event()
+        self._boundary = next_seq  # rows below it (and above the cursor) are backlog
+        self._cursor = 0
+        self._backlog_event = asyncio.Event()
+        self._acks: list[int] = []
+        self._ack_event = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._stopping = False
+        self.on_connect: list[Callable[[], None]] = []
+
+    # -- feeding ---------------------------------------------------------------------------------------
+
+    def offer(self, rows: list[StoredRow]) -> None:
+        """Rows just stored. Called in the event loop, in seq order, for every append."""
+        if not rows:
+            return
+        self._next_seq = rows[-1].seq + 1
+        if not self._accepting:
+            return
+        t = time.monotonic()
+        self._live.extend((t, r) for r in rows)
+        if len(self._live) > LIVE_LIMIT_BATCHES * self.cfg.batch_max:
+            # The link can't keep up live: hand everything waiting to the backlog lane (still in SQLite).
+            self._live.clear()
+            self._boundary = self._next_seq
+            self._backlog_event.set()
+        self._live_event.set()
+
+    # -- the connection loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except Exception as exc:  # noqa: BLE001 - every way a session ends leads to a reconnect
+                cause = _root_cause(exc)
+                if not isinstance(cause, aiomqtt.MqttError | OSError | TimeoutError):
+                    log.error("upstream session failed: %s: %s", type(cause).__name__, cause, exc_info=cause)
+                self._disconnected(self.explain_error(cause))
+            if self._stopping:
+                break
+            if time.monotonic() - started > 10:
+                attempt = 0
+            delay = min(RECONNECT_MAX, RECONNECT_MIN * (2**attempt)) * random.uniform(0.8, 1.2)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _disconnected(self, message: str) -> None:
+        if self.connected:
+            log.warning("upstream lost: %s", message)
+        elif message != self.last_error:
+            log.warning("upstream unreachable: %s", message)
+        self.connected = False
+        self._accepting = False
+        self._live.clear()
+        self.last_error = message
+        self.since_ts = now_ms()
+
+    def _client_for_session(self) -> aiomqtt.Client:
+        will = aiomqtt.Will(
+            self.topics.status, payloads.status("offline", now_ms(), self.version), qos=1, retain=True
+        )
+        return aiomqtt.Client(
+            self.cfg.host,
+            self.cfg.port,
+            identifier=self.client_id,
+            username=self.cfg.username,
+            password=self.password,
+            will=will,
+            clean_session=True,
+            keepalive=max(int(self.cfg.keepalive), 1),
+            timeout=max(self.cfg.keepalive, 10.0),
+            tls_context=self.tls_context,
+            max_inflight_messages=self.cfg.max_inflight + 4,
+        )
+
+    async def _session(self) -> None:
+        client = self._client_for_session()
+        async with client:
+            self._client = client
+            try:
+                self._on_connected()
+                await client.publish(
+                    self.topics.status, payloads.status("online", now_ms(), self.version), qos=1, retain=True
+                )
+                if self.on_command is not None:
+                    await client.subscribe(self.topics.commands, qos=1)
+                async with asyncio.TaskGroup() as tg:
+                    slots = asyncio.Semaphore(self.cfg.max_inflight)
+                    tg.create_task(self._live_lane(client, slots))
+                    tg.create_task(self._backlog_lane(client, slots))
+                    tg.create_task(self._ack_flusher())
+                    tg.create_task(self._health_loop(client))
+                    tg.create_task(self._command_loop(client))
+            finally:
+                self._client = None
+
+    def _on_connected(self) -> None:
+        self.connections += 1
+        self.connected = True
+        self.last_error = None
+        self.since_ts = now_ms()
+        log.info("upstream connected to %s:%d as %s", self.cfg.host, self.cfg.port, self.client_id)
+        # Everything already stored is backlog; what is offered from now on is live.
+        self._live.clear()
+        self._boundary = self._next_seq
+        self._cursor = 0
+        self._accepting = True
+        self._backlog_event.set()
+        for hook in self.on_connect:
+            hook()
+
+    # -- lanes -----------------------------------------------------------------------------------------
+
+    async def _publish_rows(
+        self, client: aiomqtt.Client, rows: list[StoredRow], backlog: bool, slots: asyncio.Semaphore,
+        tg: asyncio.TaskGroup,
+    ) -> None:
+        await slots.acquire()
+        body = payloads.telemetry(self.gateway_id, [r.body for r in rows], backlog=backlog)
+
+        async def send() -> None:
+            try:
+                await client.publish(self.topics.telemetry, body, qos=1)
+            finally:
+                slots.release()
+            self._acks.extend(r.seq for r in rows)
+            self._ack_event.set()
+            self.sent += len(rows)
+            self.messages += 1
+
+        tg.create_task(send())
+
+    async def _live_lane(self, client: aiomqtt.Client, slots: asyncio.Semaphore) -> None:
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                if not self._live:
+                    self._live_event.clear()
+                    await self._live_event.wait()
+                    continue
+                oldest = self._live[0][0]
+                wait = self.cfg.batch_interval - (time.monotonic() - oldest)
+                if len(self._live) < self.cfg.batch_max and wait > 0:
+                    self._live_event.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._live_event.wait(), wait)
+                    continue
+                n = min(len(self._live), self.cfg.batch_max)
+                rows = [self._live.popleft()[1] for _ in range(n)]
+                await self._publish_rows(client, rows, False, slots, tg)
+
+    async def _backlog_lane(self, client: aiomqtt.Client, slots: asyncio.Semaphore) -> None:
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                if self._cursor + 1 >= self._boundary:
+                    self._backlog_event.clear()
+                    await self._backlog_event.wait()
+                    continue
+                rows = await self.store.fetch(self._cursor, self._boundary, self.cfg.batch_max)
+                if not rows:
+                    self._cursor = self._boundary - 1
+                    continue
+                self._cursor = rows[-1].seq
+                # Leave a slot for the live lane when it has something waiting.
+                while self._live and slots._value <= 1:  # noqa: SLF001 - asyncio.Semaphore has no public count
+                    await asyncio.sleep(0.005)
+                await self._publish_rows(client, rows, True, slots, tg)
+
+    async def _ack_flusher(self) -> None:
+        """Delete acknowledged rows; acks arriving while a delete runs are coalesced into the next one."""
+        while True:
+            if not self._acks:
+                self._ack_event.clear()
+                await self._ack_event.wait()
+                continue
+            seqs, self._acks = self._acks, []
+            await self.store.ack(seqs)
+
+    async def flush_acks(self) -> None:
+        if self._acks:
+            seqs, self._acks = self._acks, []
+            await self.store.ack(seqs)
+
+    async def _health_loop(self, client: aiomqtt.Client) -> None:
+        if self.health_doc is None:
+            return
+        while True:
+            await client.publish(self.topics.health, payloads.dumps(self.health_doc()), qos=1)
+            await asyncio.sleep(self.cfg.health_interval)
+
+    async def _command_loop(self, client: aiomqtt.Client) -> None:
+        if self.on_command is None:
+            return
+        handler = self.on_command
+        async with asyncio.TaskGroup() as tg:
+            async for message in client.messages:
+                if not message.topic.matches(self.topics.commands):
+                    continue
+                raw = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+
+                async def handle(raw: bytes = raw) -> None:
+                    result = await handler(raw)
+                    if result is not None:
+                        await self.publish_result(result)
+
+                tg.create_task(handle())
+
+    async def publish_result(self, result: dict[str, Any]) -> bool:
+        """Publish a command result (also used for schedule actions); False when offline."""
+        client = self._client
+        if client is None or not self.connected:
+            return False
+        try:
+            await client.publish(self.topics.command_results, payloads.dumps(result), qos=1)
+        except aiomqtt.MqttError as exc:
+            log.warning("command result not published: %s", exc)
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Say offline (retained) and leave cleanly; rows not acknowledged stay in the store."""
+        self._stopping = True
+        client = self._client
+        if client is not None and self.connected:
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await asyncio.wait_for(
+                    client.publish(
+                        self.topics.status, payloads.status("offline", now_ms(), self.version), qos=1, retain=True
+                    ),
+                    2,
+                )
+        await self.flush_acks()

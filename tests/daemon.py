@@ -1,0 +1,180 @@
+"""Test harness: the real `fieldgate run` as a subprocess, and an independent checker of what the broker delivered."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fieldgate_exe() -> list[str]:
+    return [sys.executable, "-m", "agent.cli"]
+
+
+class Daemon:
+    """One `fieldgate run` process we own; killable with SIGTERM or SIGKILL."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        out = open(self.log, "ab")  # noqa: SIM115 - owned by the process
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [*fieldgate_exe(), "run", "-c", str(self.config), "--log-level", "debug"],
+            stdout=out, stderr=out, cwd=REPO, env=env,
+        )
+        out.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = -9
+        self.proc = None
+        return code
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def write_config(path: Path, *, gateway: str, broker_port: int, db: Path, buses: str, devices: str,
+                 extra: str = "", mqtt_extra: str = "") -> Path:
+    path.write_text(
+        f"""gateway: {{id: {gateway}}}
+storage: {{path: {db}, max_size: 64MB}}
+upstream:
+  mqtt:
+    url: mqtt://127.0.0.1:{broker_port}
+    batch_interval: 200ms
+    keepalive: 5s
+{mqtt_extra}
+local: {{listen: ""}}
+buses:
+{buses}
+devices:
+{devices}
+{extra}
+"""
+    )
+    return path
+
+
+@dataclass
+class Collected:
+    readings: list[dict[str, Any]] = field(default_factory=list)
+    backlog_flags: list[bool] = field(default_factory=list)
+    status: list[dict[str, Any]] = field(default_factory=list)
+    health: list[dict[str, Any]] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    other: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def seqs(self) -> list[int]:
+        return [r["seq"] for r in self.readings]
+
+    def report(self) -> dict[str, Any]:
+        """Lost (gaps), duplicated and out-of-order seqs: what a platform would see."""
+        seqs = self.seqs()
+        unique = sorted(set(seqs))
+        lost: list[int] = []
+        if unique:
+            present = set(unique)
+            lost = [s for s in range(unique[0], unique[-1] + 1) if s not in present]
+        dup = len(seqs) - len(unique)
+        live = [r["seq"] for r, b in zip(self.readings, self.backlog_flags, strict=True) if not b]
+        out_of_order = sum(1 for a, b in zip(live, live[1:], strict=False) if b <= a)
+        return {"received": len(seqs), "unique": len(unique), "first": unique[0] if unique else None,
+                "last": unique[-1] if unique else None, "lost": lost, "duplicates": dup,
+                "live_out_of_order": out_of_order}
+
+
+class Checker:
+    """An independent platform: a persistent-session subscriber that records every message the broker delivers."""
+
+    def __init__(self, port: int, gateway: str, prefix: str = "fieldgate") -> None:
+        self.port = port
+        self.base = f"{prefix}/{gateway}"
+        self.data = Collected()
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Checker:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self.connected.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    "127.0.0.1", self.port, identifier=f"checker-{id(self)}", clean_session=False, keepalive=5,
+                ) as client:
+                    await client.subscribe(f"{self.base}/#", qos=1)
+                    self.connected.set()
+                    async for msg in client.messages:
+                        self._record(str(msg.topic), msg.payload if isinstance(msg.payload, bytes) else b"")
+            except aiomqtt.MqttError:
+                self.connected.clear()
+                await asyncio.sleep(0.1)
+
+    def _record(self, topic: str, payload: bytes) -> None:
+        doc = orjson.loads(payload) if payload else {}
+        if topic.endswith("/telemetry"):
+            for r in doc["readings"]:
+                self.data.readings.append(r)
+                self.data.backlog_flags.append(bool(doc.get("backlog")))
+        elif topic.endswith("/status"):
+            self.data.status.append(doc)
+        elif topic.endswith("/health"):
+            self.data.health.append(doc)
+        elif topic.endswith("/commands/result"):
+            self.data.results.append(doc)
+        else:
+            self.data.other.append((topic, payload))
+
+    async def wait_for(self, predicate: Any, timeout: float = 20, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; report: {self.data.report()}")
+            await asyncio.sleep(0.05)

@@ -1,0 +1,12 @@
+"""Access to the shared protocol vectors (real frames with expected values)."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VECTORS_DIR = REPO_ROOT.parent / "shared" / "protocols" / "vectors"
+
+
+def load_vectors(name: str) -> Any:
+    return json.loads((VECTORS_DIR / name).read_text())
