@@ -147,4 +147,5 @@ class FieldgateConfig(Model):
         return found
 
     def device_items(self) -> list[tuple[str, DeviceConfigBase]]:
-        return [(n, d) for n, d in self.devices.items() if d.enabled]
+        items: list[tuple[str, DeviceConfigBase]] = list(self.devices.items())
+        return [(n, d) for n, d in items if d.enabled]

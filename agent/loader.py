@@ -280,11 +280,14 @@ def _tagged_member(members: list[Any], tag: str) -> Any:
     return None
 
 
-def _model_at(loc: Loc, root: type[BaseModel]) -> type[BaseModel] | None:
-    """The model class that holds the mapping at `loc` (for 'did you mean')."""
+def _model_at(loc: Loc, root: type[BaseModel], data: Any) -> type[BaseModel] | None:
+    """The model class that holds the mapping at `loc` (for 'did you mean'); unions resolved by the data's tag."""
     current: Any = root
-    for part in loc:
-        current = _unwrap(current)
+    node = data
+    for part in (*loc, None):
+        current = _resolve_union(_unwrap(current), node)
+        if part is None:
+            break
         if isinstance(current, type) and issubclass(current, BaseModel):
             field = current.model_fields.get(str(part))
             if field is None:
@@ -294,13 +297,25 @@ def _model_at(loc: Loc, root: type[BaseModel]) -> type[BaseModel] | None:
             current = typing.get_args(current)[-1]
         else:
             return None
-    current = _unwrap(current)
-    members = _union_members(current)
-    if len(members) == 2 and type(None) in [typing.get_origin(m) or m for m in members]:
-        current = _unwrap(next(m for m in members if m is not type(None)))
+        node = node.get(part) if isinstance(node, dict) else None
     if isinstance(current, type) and issubclass(current, BaseModel):
         return current
     return None
+
+
+def _resolve_union(tp: Any, node: Any) -> Any:
+    members = _union_members(tp)
+    if not members:
+        return tp
+    concrete = [m for m in members if m is not type(None)]
+    if len(concrete) == 1:
+        return _unwrap(concrete[0])
+    if isinstance(node, dict):
+        for key, default in (("driver", "modbus"), ("type", "")):
+            tagged = _tagged_member(concrete, str(node.get(key, default)))
+            if tagged is not None:
+                return _unwrap(tagged)
+    return tp
 
 
 def _message(err: Any, loc: Loc, data: Any) -> str:
@@ -330,14 +345,22 @@ def format_validation_errors(exc: ValidationError, pos: Positions, data: Any) ->
         loc, _models = _strip_union_tags(tuple(err["loc"]), FieldgateConfig)
         if err["type"] == "extra_forbidden":
             key = str(loc[-1])
-            parent = _model_at(loc[:-1], FieldgateConfig)
+            parent = _model_at(loc[:-1], FieldgateConfig, data)
             hint = difflib.get_close_matches(key, list(parent.model_fields), n=1) if parent else []
             more = f"; did you mean '{hint[0]}'?" if hint else ""
             lines.append(f"{pos.find(loc, key=True)}: {_dotted(loc)}: unknown key{more}")
             continue
         mark = pos.find(loc, key=err["type"] == "missing")
         lines.append(f"{mark}: {_dotted(loc)}: {_message(err, loc, data)}")
-    return lines
+    return sorted(lines, key=_line_order)
+
+
+def _line_order(line: str) -> tuple[str, int, int]:
+    parts = line.split(":", 3)
+    try:
+        return parts[0], int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        return line, 0, 0
 
 
 def load_config(path: Path) -> FieldgateConfig:

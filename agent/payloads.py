@@ -27,9 +27,9 @@ def reading_body(seq: int, r: Reading) -> bytes:
     """One READING object; `unit` and `quality` left out when absent (quality absent = good)."""
     doc: dict[str, Value | int] = {"seq": seq, "device": r.device, "point": r.point, "ts": r.ts, "value": r.value}
     if r.unit is not None:
-        doc["unit"] = r.unit  # type: ignore[assignment]
+        doc["unit"] = r.unit
     if r.quality is not None:
-        doc["quality"] = r.quality  # type: ignore[assignment]
+        doc["quality"] = r.quality
     return orjson.dumps(doc)
 
 

@@ -13,7 +13,7 @@ from agent import __version__, registry
 from agent.config import FieldgateConfig
 from agent.config_base import DeviceConfigBase
 from agent.driver import Driver, DriverContext, SharedResources
-from agent.errors import StoreError
+from agent.errors import FieldgateError, StoreError
 from agent.health import DeviceHealth
 from agent.reading import Reading, now_ms
 from agent.scheduler import DeviceTask
@@ -106,6 +106,8 @@ class Runtime:
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.last_stats: StoreStats | None = None
+        self.commands: Any = None
+        self.local: Any = None
 
     # -- documents ---------------------------------------------------------------------------------------
 
@@ -182,7 +184,21 @@ class Runtime:
         self.health.pop(name, None)
 
     async def poll_now(self, device: str) -> None:
-        self.tasks[device].poll_now()
+        self.tasks[device].poll_now()  # KeyError for an unknown device: the local API answers 404
+
+    async def write(self, device: str, point: str, value: Any, source: str = "local") -> dict[str, Any]:
+        """A write from the local API: the same validated path as a platform command."""
+        if self.commands is not None:
+            result: dict[str, Any] = await self.commands.execute(device, point, value, source=source)
+            return result
+        driver = self.drivers.get(device)
+        if driver is None:
+            return {"ok": False, "error": f"unknown device '{device}'"}
+        try:
+            back = await driver.write(point, value)
+        except FieldgateError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "value": back, "ts": now_ms()}
 
     # -- life cycle --------------------------------------------------------------------------------------
 
@@ -217,6 +233,7 @@ class Runtime:
                 uplink_task = tg.create_task(self.uplink.run(), name="uplink")
                 writer_task = tg.create_task(self.writer.run(), name="store-writer")
                 stats_task = tg.create_task(self._refresh_stats(), name="stats")
+                await self._start_local()
                 self.ready.set()
                 await self._stop.wait()
                 log.info("stopping: draining readings to disk")
@@ -230,9 +247,26 @@ class Runtime:
                 uplink_task.cancel()
                 stats_task.cancel()
         finally:
+            if self.local is not None:
+                await self.local.aclose()
             await self.context.shared.aclose()
             await self.store.close()
             log.info("stopped")
+
+    async def _start_local(self) -> None:
+        from agent.localapi import LocalServer
+
+        local = self.config.local
+        if not local.listen:
+            return
+        server = LocalServer(self, local.listen, local.token_file)
+        try:
+            await server.start()
+        except OSError as exc:  # a busy port must not stop data collection
+            log.error("status page not started on %s: %s", local.listen, exc.strerror or exc)
+            return
+        self.local = server
+        log.info("status page on http://%s/", local.listen)
 
     async def _refresh_stats(self) -> None:
         while True:

@@ -58,7 +58,8 @@ class ModbusPoint(Model):
         if self.bit is not None and (bit_table or self.effective_type() not in ("bool", "uint16", "int16")):
             raise ValueError("'bit' selects one bit of a 16-bit register (table input or holding)")
         if self.writable and self.table in ("discrete", "input"):
-            raise ValueError(f"a {self.table} register cannot be written; only coils and holding registers")
+            kind = "discrete inputs" if self.table == "discrete" else "input registers"
+            raise ValueError(f"{kind} are read-only; only coils and holding registers can be written")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError("min is greater than max")
         return self

@@ -1,0 +1,698 @@
+"""The durable store-and-forward buffer: readings in SQLite, seq assignment, fetch/ack, eviction, recovery.
+
+Rules this module keeps (docs/STORE.md explains them for operators):
+
+- `seq` is assigned here, in memory, when a batch is appended, and inserted explicitly: it grows by exactly
+  1 per stored reading. The table is AUTOINCREMENT, so `sqlite_sequence` remembers the high-water mark even
+  when every row has been acknowledged and deleted; at open, next seq = max(sqlite_sequence, max(seq)) + 1.
+  A seq is only consumed by a committed append (a failed append consumes none).
+- Rows leave the buffer only through `ack` (after the broker's PUBACK), `purge` (an operator's decision) or
+  eviction at the size bound. Eviction and purge are counted in the persisted `evicted` counter, which is
+  therefore the count of every gap in `seq`.
+- A corrupt or unreadable file is moved aside (`<name>.corrupt-<UTC time>`, with its -wal/-shm renamed the
+  same way so that the set still opens in sqlite3 for forensics) and a fresh buffer is started; `recovered`
+  is incremented and persisted. The new buffer continues from the old high-water mark when it can still be
+  read. When it cannot, seq restarts at `max(1, unix_ms * 1000)`: strictly greater than any seq this gateway
+  sent before (that would need more than 1000 readings per millisecond since the first one), still below
+  2**53 until the year 2255 (exact in JavaScript), and the platform sees a gap, which is the truth: the
+  readings pending in the corrupt file were lost.
+- The size bound covers the database file and its WAL: the WAL gets a fixed share (`max_bytes / 16`, between
+  64 KiB and 4 MiB, through `wal_autocheckpoint` and `journal_size_limit`) and the rows may use the rest.
+  Eviction bursts and file shrinking are sized so that no transaction writes more than the WAL's share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import starmap
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import orjson
+
+from agent.errors import StoreError
+from agent.reading import Reading
+
+log = logging.getLogger("fieldgate.store")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+MIN_MAX_BYTES = 256 * 1024
+"""Below this the WAL share and SQLite's own pages leave no useful room for readings."""
+
+_SQLITE_IOERR = 10
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_NOTADB = 26
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_READONLY = 8
+_SQLITE_CANTOPEN = 14
+
+_EVICT_FRACTION = 0.05
+"""An eviction burst frees this fraction of the bound (at most a WAL step), not just the bytes needed."""
+_EVICT_LOG_INTERVAL = 10.0
+_ROW_OVERHEAD = 16
+"""Approximate bytes a row costs beyond its body, device and point (record header, cell pointer, rowid)."""
+_VACUUM_MIN_FREE_BYTES = 1024 * 1024
+_SEQ_MAX = 2**63 - 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS readings(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    point TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta(key, value) VALUES ('evicted', 0), ('recovered', 0);
+"""
+
+_INSERT = "INSERT INTO readings(seq, ts, device, point, body) VALUES (?, ?, ?, ?, ?)"
+_FETCH_AFTER = "SELECT seq, ts, body FROM readings WHERE seq > ? ORDER BY seq LIMIT ?"
+_FETCH_WINDOW = "SELECT seq, ts, body FROM readings WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?"
+_PAGES = (
+    "SELECT (SELECT page_count FROM pragma_page_count()),"
+    " (SELECT freelist_count FROM pragma_freelist_count())"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """One buffered reading: its seq, its timestamp (ms) and its SPEC §3 READING object, JSON-encoded."""
+
+    seq: int
+    ts: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """The buffer's figures, for health messages and `fieldgate buffer stats`."""
+
+    pending: int
+    oldest_ts: int | None
+    evicted: int
+    bytes: int
+    next_seq: int
+    recovered: int
+    """Times a corrupt/unreadable buffer file was moved aside (persisted)."""
+    disk_errors: int
+    """SQLite errors (disk full, I/O) raised by this store since it was constructed."""
+    last_error: str | None
+
+
+class _CorruptBuffer(Exception):
+    """The file at the buffer path is not a usable SQLite database (internal: triggers the recovery)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Salvage:
+    high_water: int | None
+    evicted: int
+    recovered: int
+
+
+def _errorcode(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    code = _errorcode(exc)
+    if code is not None:
+        return code in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _time_floor_seq() -> int:
+    return max(1, time.time_ns() // 1_000_000 * 1000)
+
+
+class Store:
+    """The buffer on disk. Not thread-safe: one thread uses it at a time (AsyncStore gives it one thread)."""
+
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int,
+        synchronous: Literal["full", "normal"] = "full",
+        *,
+        max_page_count: int | None = None,
+    ) -> None:
+        if synchronous not in ("full", "normal"):
+            raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
+        if max_bytes < MIN_MAX_BYTES:
+            raise ValueError(f"max_bytes must be at least {MIN_MAX_BYTES} bytes, not {max_bytes}")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.synchronous = synchronous
+        self._max_page_count = max_page_count
+        self._wal_bytes = min(4 * 1024 * 1024, max(64 * 1024, max_bytes // 16))
+        self._data_budget = max_bytes - self._wal_bytes
+        # A transaction writes about one WAL frame per page it fills or frees. The WAL's share is split in
+        # quarters: up to one quarter before a checkpoint, one quarter of eviction (or of shrinking) per
+        # transaction, and half for the batch itself.
+        self._wal_step = self._wal_bytes // 4
+        self._evict_target = self._data_budget - min(int(self._data_budget * _EVICT_FRACTION), self._wal_step)
+        self._conn: sqlite3.Connection | None = None
+        self._page_size = 4096
+        self._next_seq = 1
+        self._pending = 0
+        self._evicted = 0
+        self._recovered = 0
+        self._disk_errors = 0
+        self._last_error: str | None = None
+        self._evict_unlogged = 0
+        self._evict_logged_at: float | None = None
+
+    # -- opening, recovery -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (or create) the buffer; a corrupt file is moved aside and replaced, never a reason to stop."""
+        if self._conn is not None:
+            raise StoreError(f"the buffer {self.path} is already open")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the buffer directory {self.path.parent}: {exc.strerror}"
+            ) from exc
+        try:
+            conn = self._connect_checked()
+        except _CorruptBuffer as corrupt:
+            conn = self._recover(str(corrupt))
+        try:
+            self._load_state(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error("open", exc) from exc
+        self._conn = conn
+
+    def _connect_checked(self) -> sqlite3.Connection:
+        """Connect, check integrity, apply pragmas and schema; raise _CorruptBuffer for an unusable file."""
+        new = _file_size(self.path) == 0
+        if new and _file_size(Path(f"{self.path}-wal")) > 0:
+            # A log without its database cannot be trusted to continue seq: treat the set as unreadable.
+            raise _CorruptBuffer("the database file is missing or empty but its write-ahead log remains")
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            if _is_corruption(exc):
+                raise _CorruptBuffer(str(exc)) from exc
+            raise self._error("open", exc) from exc
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            if new:
+                # Only effective before the first table exists; lets acks give space back (see _maybe_vacuum).
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                log.warning("buffer %s: the filesystem refused WAL mode (journal_mode=%s)", self.path, mode)
+            if not new:
+                problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
+                if problems != ["ok"]:
+                    raise _CorruptBuffer("integrity check failed: " + "; ".join(problems))
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"the buffer {self.path} was written by a newer fieldgate (format {version}, "
+                        f"this one reads {SCHEMA_VERSION}); upgrade fieldgate or move the file away"
+                    )
+            self._apply_pragmas(conn)
+            conn.execute("BEGIN IMMEDIATE")
+            # Statement by statement: executescript() would commit the transaction first.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except (_CorruptBuffer, StoreError):
+            conn.close()
+            raise
+        except sqlite3.Error as exc:
+            conn.close()
+            if _is_corruption(exc):
+                raise _CorruptBuffer(str(exc)) from exc
+            raise self._error("open", exc) from exc
+        return conn
+
+    def _apply_pragmas(self, conn: sqlite3.Connection) -> None:
+        self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        # Debian builds SQLite with secure_delete on; FAST skips zeroing whole freed pages (a few % fewer
+        # writes per ack) and still scrubs deleted rows from the pages that are written anyway.
+        conn.execute("PRAGMA secure_delete = FAST")
+        conn.execute(f"PRAGMA journal_size_limit = {self._wal_bytes}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {max(1, self._wal_step // self._page_size)}")
+        if self._max_page_count is not None:
+            conn.execute(f"PRAGMA max_page_count = {int(self._max_page_count)}")
+
+    def set_max_page_count(self, pages: int | None) -> None:
+        """Test hook: cap (or uncap, with None) the database's pages to simulate a full disk."""
+        self._max_page_count = pages
+        if self._conn is not None:
+            # 4294967294 is SQLite's own ceiling for max_page_count.
+            self._conn.execute(f"PRAGMA max_page_count = {int(pages) if pages is not None else 4294967294}")
+
+    def _recover(self, reason: str) -> sqlite3.Connection:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = self._move_aside(stamp)
+        salvage = self._salvage(aside)
+        conn = self._connect_checked_fresh()
+        high_water = salvage.high_water if salvage.high_water is not None else _time_floor_seq() - 1
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'evicted'", (salvage.evicted,))
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'recovered'", (salvage.recovered + 1,))
+            # Persist the high-water mark now: a restart before the first append must not go back to seq 1.
+            conn.execute("DELETE FROM sqlite_sequence WHERE name = 'readings'")
+            conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('readings', ?)", (high_water,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error("recovery", exc) from exc
+        how = (
+            "continuing after the old file's last seq"
+            if salvage.high_water is not None
+            else "its last seq was unreadable, so seq jumps to a time-based value"
+        )
+        log.error(
+            "buffer %s was unusable (%s); moved it aside to %s and started a fresh buffer at seq %d (%s); "
+            "readings still pending in the old file were lost",
+            self.path,
+            reason,
+            aside,
+            high_water + 1,
+            how,
+        )
+        return conn
+
+    def _connect_checked_fresh(self) -> sqlite3.Connection:
+        try:
+            return self._connect_checked()
+        except _CorruptBuffer as again:
+            raise StoreError(f"cannot create a fresh buffer at {self.path}: {again}") from again
+
+    def _move_aside(self, stamp: str) -> Path:
+        base = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while base.exists():
+            base = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        try:
+            for suffix in ("-wal", "-shm"):
+                companion = Path(f"{self.path}{suffix}")
+                if companion.exists():
+                    companion.rename(f"{base}{suffix}")
+            self.path.rename(base)
+        except OSError as exc:
+            raise StoreError(
+                f"the buffer {self.path} is corrupt and cannot be moved aside: {exc.strerror}"
+            ) from exc
+        return base
+
+    @staticmethod
+    def _salvage(path: Path) -> _Salvage:
+        """Read what can still be read from a corrupt buffer: its seq high-water mark and its counters."""
+        high: list[int] = []
+        counters = {"evicted": 0, "recovered": 0}
+        try:
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return _Salvage(None, 0, 0)
+        try:
+            # Lets SQLite read a truncated file (fewer pages than its header says) instead of refusing it whole.
+            conn.execute("PRAGMA writable_schema = ON")
+            queries = (
+                "SELECT seq FROM sqlite_sequence WHERE name = 'readings'",
+                "SELECT max(seq) FROM readings",
+            )
+            for query in queries:
+                try:
+                    row = conn.execute(query).fetchone()
+                except sqlite3.Error:
+                    continue
+                if row is not None and isinstance(row[0], int) and 0 <= row[0] < 2**62:
+                    high.append(row[0])
+            for key in counters:
+                try:
+                    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+                except sqlite3.Error:
+                    continue
+                if row is not None and isinstance(row[0], int) and row[0] >= 0:
+                    counters[key] = row[0]
+        finally:
+            conn.close()
+        return _Salvage(max(high) if high else None, counters["evicted"], counters["recovered"])
+
+    def _load_state(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
+        high = row[0] if row is not None else 0
+        high = max(high, conn.execute("SELECT coalesce(max(seq), 0) FROM readings").fetchone()[0])
+        self._next_seq = high + 1
+        self._pending = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        self._evicted = int(meta.get("evicted", 0))
+        self._recovered = int(meta.get("recovered", 0))
+
+    # -- the hot path ----------------------------------------------------------------------------------
+
+    def _require_open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"the buffer {self.path} is not open")
+        return self._conn
+
+    def append(self, readings: Sequence[Reading]) -> list[StoredRow]:
+        """Store readings in one transaction, assigning consecutive seqs; returns the rows stored.
+
+        A reading that cannot be encoded as JSON (e.g. an integer beyond 64 bits) is logged and skipped
+        without consuming a seq. On a disk error nothing is stored, no seq is consumed, StoreError is raised.
+        """
+        conn = self._require_open()
+        first = self._next_seq
+        seq = first
+        params: list[tuple[int, int, str, str, bytes]] = []
+        incoming = 0
+        dumps = orjson.dumps
+        for r in readings:
+            obj: dict[str, object] = {
+                "seq": seq,
+                "device": r.device,
+                "point": r.point,
+                "ts": r.ts,
+                "value": r.value,
+            }
+            if r.unit is not None:
+                obj["unit"] = r.unit
+            if r.quality is not None:
+                obj["quality"] = r.quality
+            try:
+                body = dumps(obj)
+            except orjson.JSONEncodeError as exc:
+                log.warning(
+                    "reading %s/%s at %s not stored: cannot encode it as JSON (%s)",
+                    r.device,
+                    r.point,
+                    r.ts,
+                    exc,
+                )
+                continue
+            params.append((seq, r.ts, r.device, r.point, body))
+            incoming += len(body) + len(r.device) + len(r.point)
+            seq += 1
+        if not params:
+            return []
+        # Generous on purpose: an estimate too low would let the inserts grow the file past the bound.
+        incoming = int((incoming + _ROW_OVERHEAD * len(params)) * 1.1) + 2 * self._page_size
+        evicted = 0
+        cutoff = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            used = self._used_bytes(conn)
+            if used + incoming > self._data_budget and self._pending:
+                # Make room first, so that the inserts reuse the freed pages instead of growing the file.
+                evicted, cutoff = self._evict_oldest(conn, used + incoming, self._pending, first - 1)
+            conn.executemany(_INSERT, params)
+            rows_in_table = self._pending - evicted + len(params)
+            for _ in range(16):
+                used = self._used_bytes(conn)
+                if used <= self._data_budget or rows_in_table == 0:
+                    break
+                # The batch's own rows go last, and only when they alone exceed the bound.
+                older_left = rows_in_table > len(params)
+                n, cutoff = self._evict_oldest(
+                    conn, used, rows_in_table, first - 1 if older_left else _SEQ_MAX
+                )
+                if n == 0:
+                    break
+                evicted += n
+                rows_in_table -= n
+            if evicted:
+                conn.execute("UPDATE meta SET value = value + ? WHERE key = 'evicted'", (evicted,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise self._error(f"append of {len(params)} readings", exc) from exc
+        self._next_seq = seq
+        self._pending += len(params) - evicted
+        if evicted:
+            self._evicted += evicted
+            self._note_eviction(evicted)
+            if cutoff >= first:
+                params = params[cutoff - first + 1 :]
+        return [StoredRow(p[0], p[1], p[4]) for p in params]
+
+    def _used_bytes(self, conn: sqlite3.Connection) -> int:
+        total, free = conn.execute(_PAGES).fetchone()
+        return int(total - free) * self._page_size
+
+    def _evict_oldest(
+        self, conn: sqlite3.Connection, used: int, rows_in_table: int, max_seq: int
+    ) -> tuple[int, int]:
+        """Delete the oldest rows (seq <= max_seq) to bring `used` bytes down to the target.
+
+        Returns (rows deleted, highest seq deleted). One range DELETE: rows are sized from the average.
+        """
+        excess = used - self._evict_target
+        if excess <= 0 or rows_in_table <= 0:
+            return 0, 0
+        count = max(1, math.ceil(excess / max(1.0, used / rows_in_table)))
+        row = conn.execute("SELECT seq FROM readings ORDER BY seq LIMIT 1 OFFSET ?", (count - 1,)).fetchone()
+        cutoff = min(row[0], max_seq) if row is not None else max_seq
+        return int(conn.execute("DELETE FROM readings WHERE seq <= ?", (cutoff,)).rowcount), cutoff
+
+    def _note_eviction(self, count: int) -> None:
+        self._evict_unlogged += count
+        now = time.monotonic()
+        if self._evict_logged_at is None or now - self._evict_logged_at >= _EVICT_LOG_INTERVAL:
+            self._log_eviction()
+            self._evict_logged_at = now
+
+    def _log_eviction(self) -> None:
+        log.warning(
+            "buffer full (max_size %d bytes): evicted the %d oldest unsent readings (%d evicted in total)",
+            self.max_bytes,
+            self._evict_unlogged,
+            self._evicted,
+        )
+        self._evict_unlogged = 0
+
+    def fetch(self, after_seq: int, before_seq: int | None, limit: int) -> list[StoredRow]:
+        """Pending rows with after_seq < seq (< before_seq when given), in seq order, at most `limit`."""
+        conn = self._require_open()
+        if limit <= 0:
+            return []
+        try:
+            if before_seq is None:
+                rows = conn.execute(_FETCH_AFTER, (after_seq, limit)).fetchall()
+            else:
+                rows = conn.execute(_FETCH_WINDOW, (after_seq, before_seq, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error("fetch", exc) from exc
+        return list(starmap(StoredRow, rows))
+
+    def ack(self, seqs: Sequence[int]) -> int:
+        """Delete rows the broker acknowledged; returns how many. Seqs already gone (evicted) are fine."""
+        conn = self._require_open()
+        if not seqs:
+            return 0
+        ordered = sorted(set(seqs))
+        ranges: list[tuple[int, int]] = []
+        start = prev = ordered[0]
+        for s in ordered[1:]:
+            if s != prev + 1:
+                ranges.append((start, prev))
+                start = s
+            prev = s
+        ranges.append((start, prev))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            deleted = int(conn.executemany("DELETE FROM readings WHERE seq BETWEEN ? AND ?", ranges).rowcount)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise self._error(f"ack of {len(ordered)} readings", exc) from exc
+        self._pending -= deleted
+        self._maybe_vacuum(conn)
+        return deleted
+
+    def purge(self, *, device: str | None = None, before_ts: int | None = None) -> int:
+        """Operator purge of pending rows (all, one device's, older than a time); counted as evicted."""
+        conn = self._require_open()
+        clauses: list[str] = []
+        args: list[object] = []
+        if device is not None:
+            clauses.append("device = ?")
+            args.append(device)
+        if before_ts is not None:
+            clauses.append("ts < ?")
+            args.append(before_ts)
+        where = " AND ".join(clauses) if clauses else "1"
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            deleted = int(conn.execute(f"DELETE FROM readings WHERE {where}", args).rowcount)
+            conn.execute("UPDATE meta SET value = value + ? WHERE key = 'evicted'", (deleted,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise self._error("purge", exc) from exc
+        self._pending -= deleted
+        self._evicted += deleted
+        log.warning(
+            "buffer purged by the operator (device=%s, before_ts=%s): %d unsent readings deleted, "
+            "counted as evicted",
+            device,
+            before_ts,
+            deleted,
+        )
+        self._maybe_vacuum(conn)
+        return deleted
+
+    def _maybe_vacuum(self, conn: sqlite3.Connection) -> None:
+        """Give free pages back to the filesystem once most of the file is free (a drained backlog).
+
+        Waiting until three quarters are free keeps the page moves cheap (few live pages left to move) and
+        avoids shrinking a file that live traffic would grow again at once. Not done after an eviction: the
+        freed pages are refilled by the next appends.
+        """
+        try:
+            total, free = conn.execute(_PAGES).fetchone()
+            if free * self._page_size < _VACUUM_MIN_FREE_BYTES or free * 4 < total * 3:
+                return
+            while conn.execute("PRAGMA freelist_count").fetchone()[0] > 0:
+                # executescript steps the pragma to completion; execute() would free a single page.
+                # In WAL-step chunks, each its own transaction, so that the WAL stays within its share.
+                conn.executescript(f"PRAGMA incremental_vacuum({max(1, self._wal_step // self._page_size)});")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            error = self._error("shrinking the file", exc)
+            log.warning("%s (the acknowledged rows are deleted; the file keeps its size)", error)
+
+    # -- figures, errors, closing ----------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        conn = self._require_open()
+        try:
+            row = conn.execute("SELECT ts FROM readings ORDER BY seq LIMIT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise self._error("stats", exc) from exc
+        return StoreStats(
+            pending=self._pending,
+            oldest_ts=row[0] if row is not None else None,
+            evicted=self._evicted,
+            bytes=_file_size(self.path) + _file_size(Path(f"{self.path}-wal")),
+            next_seq=self._next_seq,
+            recovered=self._recovered,
+            disk_errors=self._disk_errors,
+            last_error=self._last_error,
+        )
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        # SQLite may already have rolled back by itself (e.g. on SQLITE_FULL); then there is nothing to undo.
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.debug("rollback after an error failed too: %s", exc)
+
+    def _error(self, action: str, exc: sqlite3.Error) -> StoreError:
+        """Count a SQLite failure and turn it into a StoreError whose message says what happened, in words."""
+        code = _errorcode(exc)
+        if code == _SQLITE_FULL:
+            message = (
+                f"buffer {action} failed: the disk is full (or the buffer reached its page limit); "
+                f"nothing was stored by this operation"
+            )
+        elif code == _SQLITE_IOERR:
+            message = f"buffer {action} failed: I/O error on {self.path} ({exc})"
+        elif code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            message = f"buffer {action} failed: {self.path} is locked by another process ({exc})"
+        elif code == _SQLITE_READONLY:
+            message = f"buffer {action} failed: {self.path} is read-only ({exc})"
+        elif code == _SQLITE_CANTOPEN:
+            message = f"buffer {action} failed: cannot open {self.path} ({exc})"
+        elif code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            message = f"buffer {action} failed: {self.path} is corrupt ({exc}); the next start replaces it"
+        else:
+            message = f"buffer {action} failed: {exc}"
+        self._disk_errors += 1
+        self._last_error = message
+        return StoreError(message)
+
+    def close(self) -> None:
+        """Close the file (SQLite checkpoints the WAL into it). Safe to call twice."""
+        if self._evict_unlogged:
+            self._log_eviction()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error as exc:
+                log.warning("closing the buffer %s failed: %s", self.path, exc)
+
+
+class AsyncStore:
+    """Same methods as coroutines, run on ONE dedicated worker thread (fsync never blocks the event loop).
+
+    A cancelled caller does not cancel the work already handed to the thread: an append still commits, and
+    the rows come back through `fetch`.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldgate-store")
+        self._closed = False
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise StoreError(f"the buffer {self.store.path} is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def open(self) -> None:
+        await self._call(self.store.open)
+
+    async def append(self, readings: Sequence[Reading]) -> list[StoredRow]:
+        return await self._call(functools.partial(self.store.append, readings))
+
+    async def fetch(self, after_seq: int, before_seq: int | None, limit: int) -> list[StoredRow]:
+        return await self._call(functools.partial(self.store.fetch, after_seq, before_seq, limit))
+
+    async def ack(self, seqs: Sequence[int]) -> int:
+        return await self._call(functools.partial(self.store.ack, seqs))
+
+    async def purge(self, *, device: str | None = None, before_ts: int | None = None) -> int:
+        return await self._call(functools.partial(self.store.purge, device=device, before_ts=before_ts))
+
+    async def stats(self) -> StoreStats:
+        return await self._call(self.store.stats)
+
+    async def close(self) -> None:
+        """Close the store on its thread, then stop the thread. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            await self._call(self.store.close)
+        finally:
+            self._closed = True
+            self._executor.shutdown(wait=True)
