@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fieldgate {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "-c", "--config", type=Path, default=None,
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
         help="config file (default: $FIELDGATE_CONFIG, else /etc/fieldgate/fieldgate.yaml)",
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

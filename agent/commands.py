@@ -406,7 +406,10 @@ class CommandProcessor:
     ) -> tuple[bool, dict[str, Any]]:
         timeout = self.config.write_timeout
         try:
-            read_back = await asyncio.wait_for(driver.write(spec.name, value), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (daemon shutdown)
+            # that arrives just as the write completes.
+            async with asyncio.timeout(timeout):
+                read_back = await driver.write(spec.name, value)
         except WriteRefused as exc:
             return False, {"id": command_id, "ok": False, "error": str(exc)}
         except DeviceError as exc:

@@ -28,24 +28,38 @@ class GatewayConfig(Model):
     id: str = Field(max_length=64, description="[a-z0-9_-]+, unique in the fleet; appears in topics")
     name: str | None = None
     location: Location | None = None
+    clock: Literal["detect", "assume_synced"] = Field(
+        "detect",
+        description="detect: readings taken before the system clock is synchronised are marked uncertain; "
+        "assume_synced: for gateways with a battery-backed RTC (docs/EDGE_PROCESSING.md)",
+    )
 
     @field_validator("id")
     @classmethod
     def _id_chars(cls, value: str) -> str:
         if not re.fullmatch(r"[a-z0-9_-]+", value):
-            raise ValueError(f"'{value}': use lower-case letters, digits, '_' and '-' only (it appears in MQTT topics)")
+            raise ValueError(
+                f"'{value}': use lower-case letters, digits, '_' and '-' only (it appears in MQTT topics)"
+            )
         return value
 
 
 class StorageConfig(Model):
     path: Path = Path("/var/lib/fieldgate/buffer.db")
-    max_size: Size = Field(256 * 1000**2, description="bound on disk; past it the oldest unsent readings are evicted")
+    max_size: Size = Field(
+        256 * 1000**2,
+        ge=256 * 1024,
+        description="bound on disk (at least 256KiB); past it the oldest unsent readings are evicted",
+    )
     synchronous: Literal["full", "normal"] = Field(
         "full",
         description="SQLite synchronous mode: full = a stored reading survives a power cut; "
-        "normal = faster, may lose the last second of readings on power loss (never on kill -9)",
+        "normal = faster, a power cut may lose the readings committed since the last WAL checkpoint "
+        "(never on kill -9); see docs/STORE.md",
     )
-    commit_interval: Duration = Field(0.2, description="readings are committed in one transaction at most this often")
+    commit_interval: Duration = Field(
+        0.2, description="readings are committed in one transaction at most this often"
+    )
 
 
 class TlsConfig(Model):
@@ -64,9 +78,14 @@ class MqttConfig(Model):
     topic_prefix: str = "fieldgate"
     batch_max: int = Field(500, ge=1, le=10000)
     batch_interval: Duration = 1.0
-    keepalive: Duration = Field(30.0, description="MQTT keepalive; a silent link is detected within 1.5x this")
+    keepalive: Duration = Field(
+        30.0, description="MQTT keepalive; a silent link is detected within 1.5x this"
+    )
     health_interval: Duration = 60.0
     max_inflight: int = Field(16, ge=1, le=1000, description="telemetry messages awaiting PUBACK at once")
+    compression: Literal["none", "gzip"] = Field(
+        "none", description="gzip: telemetry bodies gzip-compressed on {p}/telemetry/gz (metered links)"
+    )
 
     @property
     def host(self) -> str:
@@ -137,7 +156,9 @@ class FieldgateConfig(Model):
         found: list[tuple[tuple[str | int, ...], str]] = []
         for name, device in self.devices.items():
             if not re.fullmatch(r"[A-Za-z0-9_.:-]+", name):
-                found.append((("devices", name), f"device name {name!r}: use letters, digits, '_', '-', '.', ':'"))
+                found.append(
+                    (("devices", name), f"device name {name!r}: use letters, digits, '_', '-', '.', ':'")
+                )
             bus = getattr(device, "bus", None)
             if bus is not None and bus not in self.buses:
                 known = ", ".join(sorted(self.buses)) or "none defined"

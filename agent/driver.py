@@ -55,6 +55,13 @@ class SharedResources:
         item: R = self._items[key]
         return item
 
+    async def discard(self, key: Any) -> None:
+        """Close and forget one resource (a bus whose settings changed on reload)."""
+        item = self._items.pop(key, None)
+        close: Callable[[], Awaitable[None]] | None = getattr(item, "aclose", None)
+        if close is not None:
+            await close()
+
     async def aclose(self) -> None:
         items, self._items = list(self._items.values()), {}
         for item in reversed(items):
@@ -83,14 +90,14 @@ class Driver(ABC, Generic[C]):
         self.context = context
         self.point_errors: dict[str, str] = {}
 
-    async def open(self) -> None:  # noqa: B027 - optional for drivers without connection state
+    async def open(self) -> None:
         """Acquire what the device needs (connection, port). Raise DeviceError on failure."""
 
     @abstractmethod
     async def read(self) -> list[Reading]:
         """One poll cycle: every point due now. Raise DeviceError when the device failed as a whole."""
 
-    async def close(self) -> None:  # noqa: B027
+    async def close(self) -> None:
         """Release what `open()` acquired. Must not raise."""
 
     def stream(self) -> AsyncIterator[list[Reading]] | None:

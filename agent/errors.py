@@ -1,15 +1,15 @@
 """The exception tree of fieldgate, and what each error means to its handler.
 
-    FieldgateError
-    ├── ConfigError            bad configuration: reported as FILE:LINE:COL, nothing applied
-    ├── DeviceError            one device's trouble: counted in its health, backed off, never fatal
-    │   ├── DeviceUnreachable      no answer, port missing, connection refused, timeout
-    │   ├── DeviceProtocolError    an answer we cannot use: CRC, checksum, exception response
-    │   └── PointError             one point failed (e.g. illegal address); the others are kept
-    ├── WriteRefused           a write/command rejected before touching the device (not writable, range, type)
-    ├── DecodeError            a frame/advertisement that a codec rejects (length, checksum, version, key)
-    ├── StoreError             the local buffer failed (disk full, I/O): logged loudly, polling goes on
-    └── UpstreamError          the MQTT link failed: reconnect with backoff, data stays buffered
+FieldgateError
+├── ConfigError            bad configuration: reported as FILE:LINE:COL, nothing applied
+├── DeviceError            one device's trouble: counted in its health, backed off, never fatal
+│   ├── DeviceUnreachable      no answer, port missing, connection refused, timeout
+│   ├── DeviceProtocolError    an answer we cannot use: CRC, checksum, exception response
+│   └── PointError             one point failed (e.g. illegal address); the others are kept
+├── WriteRefused           a write/command rejected before touching the device (not writable, range, type)
+├── DecodeError            a frame/advertisement that a codec rejects (length, checksum, version, key)
+├── StoreError             the local buffer failed (disk full, I/O): logged loudly, polling goes on
+└── UpstreamError          the MQTT link failed: reconnect with backoff, data stays buffered
 """
 
 from __future__ import annotations

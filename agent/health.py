@@ -25,7 +25,9 @@ class DeviceHealth:
     cycles: int = 0
     next_attempt_ts: int | None = None  # when a failing device is tried again
     last_progress: float = field(default_factory=time.monotonic)  # monotonic; the watchdog reads it
-    counters: dict[str, int] = field(default_factory=dict)  # driver-specific (frames_ok, bad_checksum, restarts...)
+    counters: dict[str, int] = field(
+        default_factory=dict
+    )  # driver-specific (frames_ok, bad_checksum, restarts...)
 
     def spec(self) -> dict[str, Any]:
         """The SPEC §3 per-device health object."""
@@ -45,7 +47,12 @@ class DeviceHealth:
             next_attempt_ts=self.next_attempt_ts,
             counters=dict(self.counters),
             readings={
-                r.point: {"value": r.value, "unit": r.unit, "ts": r.ts, **({"quality": r.quality} if r.quality else {})}
+                r.point: {
+                    "value": r.value,
+                    "unit": r.unit,
+                    "ts": r.ts,
+                    **({"quality": r.quality} if r.quality else {}),
+                }
                 for r in self.last_readings.values()
             },
         )

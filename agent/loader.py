@@ -64,9 +64,13 @@ def _to_python(node: yaml.Node, loc: Loc, pos: Positions, file: str, problems: l
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                problems.append(f"{_mark(key_node, file)}: {_dotted(loc)}: YAML merge keys (<<) are not supported")
+                problems.append(
+                    f"{_mark(key_node, file)}: {_dotted(loc)}: YAML merge keys (<<) are not supported"
+                )
                 continue
-            key = _Loader.construct_scalar(_Loader(""), key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            # Keys are names: take the text as written, so that a point called `on` (YAML 1.1 would read
+            # it as the boolean true) stays the point "on".
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str):
                 problems.append(f"{_mark(key_node, file)}: {_dotted(loc)}: keys must be plain strings")
                 continue
@@ -115,7 +119,9 @@ def profile_dirs(config_path: Path) -> list[Path]:
     if extra:
         dirs.insert(0, Path(extra))
     dirs.append(Path("/etc/fieldgate/profiles"))
-    dirs.append(Path(__file__).resolve().parent.parent / "config" / "profiles")  # bundled with the source tree
+    dirs.append(
+        Path(__file__).resolve().parent.parent / "config" / "profiles"
+    )  # bundled with the source tree
     return dirs
 
 
@@ -166,7 +172,9 @@ def _merge_profiles(data: dict[str, Any], config_path: Path, pos: Positions, pro
             if key not in PROFILE_KEYS:
                 hint = difflib.get_close_matches(key, PROFILE_KEYS, n=1)
                 more = f"; did you mean '{hint[0]}'?" if hint else ""
-                problems.append(f"{prof_pos.find(('devices', name, key), key=True)}: {key}: unknown profile key{more}")
+                problems.append(
+                    f"{prof_pos.find(('devices', name, key), key=True)}: {key}: unknown profile key{more}"
+                )
         defaults = prof.get("device") or {}
         points = prof.get("points") or {}
         if not isinstance(defaults, dict) or not isinstance(points, dict):
@@ -174,15 +182,19 @@ def _merge_profiles(data: dict[str, Any], config_path: Path, pos: Positions, pro
             continue
         for key, value in defaults.items():
             if key in ("bus", "unit_id", "points", "profile", "driver"):
-                problems.append(f"{prof_pos.find(('devices', name, 'device', key), key=True)}: {key}: "
-                                "a profile cannot set this device key")
+                problems.append(
+                    f"{prof_pos.find(('devices', name, 'device', key), key=True)}: {key}: "
+                    "a profile cannot set this device key"
+                )
                 continue
             if key not in device:
                 device[key] = value
                 _copy_positions(prof_pos, ("devices", name, "device", key), pos, ("devices", name, key))
         merged = dict(points)
         for pname in points:
-            _copy_positions(prof_pos, ("devices", name, "points", pname), pos, ("devices", name, "points", pname))
+            _copy_positions(
+                prof_pos, ("devices", name, "points", pname), pos, ("devices", name, "points", pname)
+            )
         own = device.get("points") or {}
         if isinstance(own, dict):
             merged.update(own)  # a point named in both takes the device's definition
@@ -335,7 +347,7 @@ def _message(err: Any, loc: Loc, data: Any) -> str:
     msg = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     return msg
 
 
@@ -370,7 +382,9 @@ def load_config(path: Path) -> FieldgateConfig:
     if data is None or problems:
         raise ConfigError(problems or [f"{path}:1:1: (file): empty"])
     if not isinstance(data, dict):
-        raise ConfigError([f"{pos.find(())}: (top): the config file must be a mapping (gateway, upstream, ...)"])
+        raise ConfigError(
+            [f"{pos.find(())}: (top): the config file must be a mapping (gateway, upstream, ...)"]
+        )
     _merge_profiles(data, path, pos, problems)
     try:
         config = FieldgateConfig.model_validate(data)

@@ -139,7 +139,7 @@ class ErrorReporter:
     The first failure is logged as it is; while the device keeps failing, one summary per
     `summary_interval` ("meter-1: still failing, 42 errors in 5 min: <last error>"); and one line
     when it recovers ("meter-1: recovered after 5 min, 60 errors"). Keys are free strings: devices,
-    and "uplink" or a bus name work the same. Each method returns the line it logged, or None.
+    and "uplink" or a bus name work the same.
     """
 
     def __init__(
@@ -156,38 +156,39 @@ class ErrorReporter:
     def failing(self) -> list[str]:
         return sorted(self._outages)
 
-    def failure(self, device: str, message: str) -> str | None:
+    def failure(self, device: str, message: str) -> None:
         now = self._clock()
         outage = self._outages.get(device)
         if outage is None:
             self._outages[device] = _Outage(now, 1, message, now, 0)
-            line = f"{device}: {message}"
-            self._log.warning("%s", line)
-            return line
+            self._log.warning("%s: %s", device, message)
+            return
         outage.errors += 1
         outage.window_errors += 1
         outage.last_error = message
         if now - outage.window_start < self._interval:
-            return None
-        line = (
-            f"{device}: still failing, {outage.window_errors} errors in "
-            f"{format_duration(now - outage.window_start)}: {message}"
+            return
+        self._log.warning(
+            "%s: still failing, %d errors in %s: %s",
+            device,
+            outage.window_errors,
+            format_duration(now - outage.window_start),
+            message,
         )
         outage.window_start = now
         outage.window_errors = 0
-        self._log.warning("%s", line)
-        return line
 
-    def success(self, device: str) -> str | None:
+    def success(self, device: str) -> None:
         outage = self._outages.pop(device, None)
         if outage is None:
-            return None
-        line = (
-            f"{device}: recovered after {format_duration(self._clock() - outage.since)}, "
-            f"{outage.errors} error{'s' if outage.errors != 1 else ''}"
+            return
+        self._log.info(
+            "%s: recovered after %s, %d error%s",
+            device,
+            format_duration(self._clock() - outage.since),
+            outage.errors,
+            "s" if outage.errors != 1 else "",
         )
-        self._log.info("%s", line)
-        return line
 
     def forget(self, device: str) -> None:
         """Drop a device's state without a log line (removed from the config on reload)."""

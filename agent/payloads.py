@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,10 +23,25 @@ class Topics:
         self.commands = f"{base}/commands"
         self.command_results = f"{base}/commands/result"
 
+    def telemetry_for(self, compression: str) -> str:
+        """`{p}/telemetry`, or `{p}/telemetry/gz` for gzip bodies (no content type in MQTT 3.1.1)."""
+        if compression == "none":
+            return self.telemetry
+        return f"{self.telemetry}/{COMPRESSED_SUFFIX[compression]}"
+
+
+COMPRESSED_SUFFIX = {"gzip": "gz"}
+
 
 def reading_body(seq: int, r: Reading) -> bytes:
     """One READING object; `unit` and `quality` left out when absent (quality absent = good)."""
-    doc: dict[str, Value | int] = {"seq": seq, "device": r.device, "point": r.point, "ts": r.ts, "value": r.value}
+    doc: dict[str, Value | int] = {
+        "seq": seq,
+        "device": r.device,
+        "point": r.point,
+        "ts": r.ts,
+        "value": r.value,
+    }
     if r.unit is not None:
         doc["unit"] = r.unit
     if r.quality is not None:
@@ -38,6 +54,13 @@ def telemetry(gateway_id: str, bodies: Sequence[bytes], *, backlog: bool = False
     head = orjson.dumps(gateway_id)
     tail = b',"backlog":true}' if backlog else b"}"
     return b'{"gateway":' + head + b',"readings":[' + b",".join(bodies) + b"]" + tail
+
+
+def compress(body: bytes, compression: str) -> bytes:
+    """A telemetry body as sent with `upstream.mqtt.compression` (gzip, mtime 0: same input, same output)."""
+    if compression == "gzip":
+        return gzip.compress(body, compresslevel=6, mtime=0)
+    return body
 
 
 def status(state: str, ts: int, version: str) -> bytes:

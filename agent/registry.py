@@ -24,18 +24,48 @@ class DriverEntry:
 DRIVERS: dict[str, DriverEntry] = {
     e.name: e
     for e in [
-        DriverEntry("modbus", "drivers.modbus.config:ModbusDeviceConfig", "drivers.modbus.driver:ModbusDriver",
-                    "Modbus TCP / RTU / RTU-over-TCP device on a bus"),
-        DriverEntry("linky-tic", "drivers.tic.config:TicDeviceConfig", "drivers.tic.driver:TicDriver",
-                    "Enedis Linky TIC meter output (historic / standard mode)"),
-        DriverEntry("sds011", "drivers.sds011.config:Sds011DeviceConfig", "drivers.sds011.driver:Sds011Driver",
-                    "Nova SDS011 PM2.5/PM10 sensor (serial)"),
-        DriverEntry("pms5003", "drivers.pms5003.config:Pms5003DeviceConfig", "drivers.pms5003.driver:Pms5003Driver",
-                    "Plantower PMS5003 PM1/PM2.5/PM10 sensor (serial)"),
-        DriverEntry("mhz19", "drivers.mhz19.config:Mhz19DeviceConfig", "drivers.mhz19.driver:Mhz19Driver",
-                    "Winsen MH-Z19 CO2 sensor (serial)"),
-        DriverEntry("mbus", "drivers.mbus.config:MbusDeviceConfig", "drivers.mbus.driver:MbusDriver",
-                    "wired M-Bus meter (water, heat) through a level converter"),
+        DriverEntry(
+            "modbus",
+            "drivers.modbus.config:ModbusDeviceConfig",
+            "drivers.modbus.driver:ModbusDriver",
+            "Modbus TCP / RTU / RTU-over-TCP device on a bus",
+        ),
+        DriverEntry(
+            "ble",
+            "drivers.ble.config:BleDeviceConfig",
+            "drivers.ble.driver:BleDriver",
+            "BLE sensor: BTHome v2 / Ruuvi / ATC / pvvx advertisements, or GATT polling",
+        ),
+        DriverEntry(
+            "linky-tic",
+            "drivers.tic.config:TicDeviceConfig",
+            "drivers.tic.driver:TicDriver",
+            "Enedis Linky TIC meter output (historic / standard mode)",
+        ),
+        DriverEntry(
+            "sds011",
+            "drivers.sds011.config:Sds011DeviceConfig",
+            "drivers.sds011.driver:Sds011Driver",
+            "Nova SDS011 PM2.5/PM10 sensor (serial)",
+        ),
+        DriverEntry(
+            "pms5003",
+            "drivers.pms5003.config:Pms5003DeviceConfig",
+            "drivers.pms5003.driver:Pms5003Driver",
+            "Plantower PMS5003 PM1/PM2.5/PM10 sensor (serial)",
+        ),
+        DriverEntry(
+            "mhz19",
+            "drivers.mhz19.config:Mhz19DeviceConfig",
+            "drivers.mhz19.driver:Mhz19Driver",
+            "Winsen MH-Z19 CO2 sensor (serial)",
+        ),
+        DriverEntry(
+            "mbus",
+            "drivers.mbus.config:MbusDeviceConfig",
+            "drivers.mbus.driver:MbusDriver",
+            "wired M-Bus meter (water, heat) through a level converter",
+        ),
     ]
 }
 

@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent import __version__, registry
+from agent.commands import CommandProcessor, commands_db_path
 from agent.config import FieldgateConfig
 from agent.config_base import DeviceConfigBase
 from agent.driver import Driver, DriverContext, SharedResources
-from agent.errors import FieldgateError, StoreError
+from agent.errors import ConfigError, StoreError
 from agent.health import DeviceHealth
+from agent.loader import load_config
+from agent.logsetup import ErrorReporter
+from agent.processing import processor_for
 from agent.reading import Reading, now_ms
-from agent.scheduler import DeviceTask
+from agent.schedule import ScheduleRunner
+from agent.scheduler import MAX_BACKOFF, DeviceTask
+from agent.sdnotify import Notifier
 from agent.store import AsyncStore, Store, StoreStats
+from agent.tls import build_ssl_context, explain_tls_error, read_secret
+from agent.watchdog import ProgressWatchdog
 
 log = logging.getLogger("fieldgate.runtime")
 
@@ -46,6 +57,7 @@ class StoreWriter:
         self.dropped = 0  # readings lost because the store failed for too long (memory bound)
         self._event = asyncio.Event()
         self.failing: str | None = None
+        self.beat: Callable[[], None] = lambda: None
 
     def put(self, readings: list[Reading]) -> None:
         self.pending.extend(readings)
@@ -54,12 +66,11 @@ class StoreWriter:
 
     async def run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._event.wait(), self.interval)
-            except TimeoutError:
-                pass
             self._event.clear()
             await self.flush()
+            self.beat()
             if self.failing:
                 await asyncio.sleep(1.0)  # back off while the disk is full
 
@@ -78,7 +89,9 @@ class StoreWriter:
                 excess = len(self.pending) - MEMORY_LIMIT
                 self.dropped += excess
                 del self.pending[:excess]
-                log.error("buffer unwritable: %d oldest in-memory readings dropped (total %d)", excess, self.dropped)
+                log.error(
+                    "buffer unwritable: %d oldest in-memory readings dropped (total %d)", excess, self.dropped
+                )
             return
         if self.failing is not None:
             log.warning("buffer writable again")
@@ -106,8 +119,17 @@ class Runtime:
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.last_stats: StoreStats | None = None
-        self.commands: Any = None
+        self.commands: CommandProcessor | None = None
         self.local: Any = None
+        self.reporter = ErrorReporter()
+        self.watchdog = ProgressWatchdog()
+        self.notifier = Notifier()
+        self.reload_error: str | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._uplink_run: asyncio.Task[None] | None = None
+        self._schedule_runs: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reload_lock = asyncio.Lock()
 
     # -- documents ---------------------------------------------------------------------------------------
 
@@ -157,59 +179,139 @@ class Runtime:
         doc["devices"] = {name: h.status() for name, h in self.health.items()}
         return doc
 
-    # -- devices -----------------------------------------------------------------------------------------
+    # -- devices ---------------------------------------------------------------------------------------
 
-    def start_device(self, tg: asyncio.TaskGroup, name: str, cfg: DeviceConfigBase) -> None:
+    def watchdog_period(self, cfg: DeviceConfigBase) -> float:
+        """The longest a healthy device task may go without progress: its longest sleep plus one cycle."""
+        return max(cfg.poll, MAX_BACKOFF * 1.2) + cfg.cycle_timeout() + 30.0
+
+    def start_device(self, name: str, cfg: DeviceConfigBase) -> None:
+        assert self._tg is not None and self.writer is not None
         health = self.health.setdefault(name, DeviceHealth(driver=cfg.driver))
         try:
             driver = make_driver(name, cfg, self.context)
         except ImportError as exc:
             health.state = "failing"
-            health.last_error = f"driver '{cfg.driver}' unavailable: {exc} (install its extra, e.g. fieldgate[ble])"
+            health.last_error = (
+                f"driver '{cfg.driver}' unavailable: {exc} (install its extra, e.g. fieldgate[ble])"
+            )
             log.error("%s: %s", name, health.last_error)
             return
-        assert self.writer is not None
-        task = DeviceTask(driver, health, self.writer.put)
+        beat = None
+        if driver.stream() is None:  # push devices may be silent for long: their drivers supervise themselves
+            self.watchdog.register(name, self.watchdog_period(cfg))
+            beat = functools.partial(self.watchdog.beat, name)
+        task = DeviceTask(
+            driver, health, processor_for(driver, self.config, self.writer.put), self.reporter, beat
+        )
         self.drivers[name] = driver
         self.tasks[name] = task
-        self._device_runs[name] = tg.create_task(task.run(), name=f"device:{name}")
+        self._device_runs[name] = self._tg.create_task(task.run(), name=f"device:{name}")
 
     async def stop_device(self, name: str) -> None:
         run = self._device_runs.pop(name, None)
         if run is not None:
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
+        self.watchdog.unregister(name)
         self.tasks.pop(name, None)
         self.drivers.pop(name, None)
         self.health.pop(name, None)
+        self.reporter.forget(name)
 
     async def poll_now(self, device: str) -> None:
         self.tasks[device].poll_now()  # KeyError for an unknown device: the local API answers 404
 
     async def write(self, device: str, point: str, value: Any, source: str = "local") -> dict[str, Any]:
-        """A write from the local API: the same validated path as a platform command."""
-        if self.commands is not None:
-            result: dict[str, Any] = await self.commands.execute(device, point, value, source=source)
-            return result
-        driver = self.drivers.get(device)
-        if driver is None:
-            return {"ok": False, "error": f"unknown device '{device}'"}
-        try:
-            back = await driver.write(point, value)
-        except FieldgateError as exc:
-            return {"ok": False, "error": str(exc)}
-        return {"ok": True, "value": back, "ts": now_ms()}
+        """A write from the local API: the same validated, audited path as a platform command."""
+        assert self.commands is not None
+        result: dict[str, Any] = await self.commands.execute(device, point, value, source=source)
+        return result
 
     # -- life cycle --------------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def run(self) -> None:
-        from agent.uplink import Uplink  # aiomqtt is imported only by the daemon
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the config file; a bad file changes nothing."""
+        if self._tg is not None:
+            self._tg.create_task(self.reload_from_file(), name="reload")
 
+    async def run(self) -> None:
         await self.store.open()
         stats = self.last_stats = await self.store.stats()
+        self.commands = CommandProcessor(
+            commands_db_path(self.config.storage.path),
+            self.drivers.get,
+            self.health.get,
+            self.config.commands,
+        )
+        self.commands.open()
+        self._write_pidfile()
+        log.info(
+            "fieldgate %s started: %d devices, buffer %s (%d pending), upstream %s",
+            __version__,
+            len(self.config.devices),
+            self.config.storage.path,
+            stats.pending,
+            self.config.upstream.mqtt.url,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self.writer = StoreWriter(self.store, self.config.storage.commit_interval, self._offer)
+                self._start_uplink(stats.next_seq)
+                writer_task = tg.create_task(self._run_writer(), name="store-writer")
+                stats_task = tg.create_task(self._refresh_stats(), name="stats")
+                for name, cfg in self.config.device_items():
+                    self.start_device(name, cfg)
+                self._start_schedules()
+                await self._start_local()
+                watchdog_task = self._start_watchdog()
+                self.ready.set()
+                self.notifier.ready(status=self.summary())
+                await self._stop.wait()
+                self.notifier.stopping()
+                log.info("stopping: draining readings to disk")
+                for run in [*self._device_runs.values(), *self._schedule_runs]:
+                    run.cancel()
+                await asyncio.gather(
+                    *self._device_runs.values(), *self._schedule_runs, return_exceptions=True
+                )
+                writer_task.cancel()
+                await asyncio.gather(writer_task, return_exceptions=True)
+                await self.writer.flush()
+                await self._stop_uplink()
+                stats_task.cancel()
+                if watchdog_task is not None:
+                    watchdog_task.cancel()
+        finally:
+            self._tg = None
+            if self.local is not None:
+                await self.local.aclose()
+            await self.context.shared.aclose()
+            if self.commands is not None:
+                self.commands.close()
+            await self.store.close()
+            self._remove_pidfile()
+            log.info("stopped")
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS= and the logs."""
+        failing = sum(1 for h in self.health.values() if h.state == "failing")
+        up = "connected" if self.uplink and self.uplink.connected else "offline"
+        pending = self.last_stats.pending if self.last_stats else 0
+        return f"{len(self.health)} devices ({failing} failing), upstream {up}, {pending} readings pending"
+
+    def _offer(self, rows: list[Any]) -> None:
+        if self.uplink is not None:
+            self.uplink.offer(rows)
+
+    def _start_uplink(self, next_seq: int) -> None:
+        from agent.uplink import Uplink  # aiomqtt is imported only by the daemon
+
+        assert self._tg is not None
         mqtt = self.config.upstream.mqtt
         self.uplink = Uplink(
             mqtt,
@@ -219,39 +321,58 @@ class Runtime:
             password=self._password(),
             tls_context=self._tls_context(),
             health_doc=self.health_doc,
-            next_seq=stats.next_seq,
+            on_command=self.commands.handle if self.commands is not None else None,
+            next_seq=next_seq,
+            explain_error=functools.partial(explain_tls_error, host=mqtt.host),
         )
-        self.writer = StoreWriter(self.store, self.config.storage.commit_interval, self.uplink.offer)
-        log.info(
-            "fieldgate %s started: %d devices, buffer %s (%d pending), upstream %s",
-            __version__, len(self.config.devices), self.config.storage.path, stats.pending, mqtt.url,
-        )
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for name, cfg in self.config.device_items():
-                    self.start_device(tg, name, cfg)
-                uplink_task = tg.create_task(self.uplink.run(), name="uplink")
-                writer_task = tg.create_task(self.writer.run(), name="store-writer")
-                stats_task = tg.create_task(self._refresh_stats(), name="stats")
-                await self._start_local()
-                self.ready.set()
-                await self._stop.wait()
-                log.info("stopping: draining readings to disk")
-                for run in self._device_runs.values():
-                    run.cancel()
-                await asyncio.gather(*self._device_runs.values(), return_exceptions=True)
-                writer_task.cancel()
-                await asyncio.gather(writer_task, return_exceptions=True)
-                await self.writer.flush()
-                await self.uplink.stop()
-                uplink_task.cancel()
-                stats_task.cancel()
-        finally:
-            if self.local is not None:
-                await self.local.aclose()
-            await self.context.shared.aclose()
-            await self.store.close()
-            log.info("stopped")
+        self.watchdog.register("uplink", max(mqtt.health_interval, mqtt.keepalive * 2) + 60.0)
+        self.uplink.beat = functools.partial(self.watchdog.beat, "uplink")
+        self._uplink_run = self._tg.create_task(self.uplink.run(), name="uplink")
+
+    async def _stop_uplink(self) -> int:
+        """Stop the uplink cleanly (offline status, acks flushed); returns where seq continues."""
+        up, run = self.uplink, self._uplink_run
+        next_seq: int = up._next_seq if up is not None else 1
+        if up is not None:
+            await up.stop()
+        if run is not None:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+        self.uplink, self._uplink_run = None, None
+        return next_seq
+
+    async def _run_writer(self) -> None:
+        assert self.writer is not None
+        self.watchdog.register("store-writer", 120.0)
+        self.writer.beat = functools.partial(self.watchdog.beat, "store-writer")
+        await self.writer.run()
+
+    def _start_watchdog(self) -> asyncio.Task[None] | None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None or self._tg is None:
+            return None
+        return self._tg.create_task(self.watchdog.run(self.notifier, interval / 2), name="watchdog")
+
+    def _start_schedules(self) -> None:
+        assert self._tg is not None and self.commands is not None
+        for name, cfg in self.config.schedules.items():
+            runner = ScheduleRunner.from_config(
+                name, cfg, self.commands, self.config.gateway, on_result=self._publish_schedule_result
+            )
+            self._schedule_runs.append(self._tg.create_task(runner.run(), name=f"schedule:{name}"))
+
+    async def _stop_schedules(self) -> None:
+        for run in self._schedule_runs:
+            run.cancel()
+        await asyncio.gather(*self._schedule_runs, return_exceptions=True)
+        self._schedule_runs = []
+
+    def _publish_schedule_result(self, doc: dict[str, Any]) -> None:
+        """Schedule actions are reported upstream like command results (when online)."""
+        if self.uplink is not None and self._tg is not None:
+            task = self._tg.create_task(self.uplink.publish_result(doc))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _start_local(self) -> None:
         from agent.localapi import LocalServer
@@ -271,21 +392,104 @@ class Runtime:
     async def _refresh_stats(self) -> None:
         while True:
             self.last_stats = await self.store.stats()
+            self.notifier.status(self.summary())
             await asyncio.sleep(1.0)
 
     def _password(self) -> str | None:
         pf = self.config.upstream.mqtt.password_file
-        if pf is None:
-            return None
-        return pf.read_text().rstrip("\n")
+        return read_secret(pf) if pf is not None else None
 
     def _tls_context(self) -> Any:
         mqtt = self.config.upstream.mqtt
         if not mqtt.use_tls:
             return None
-        import ssl
+        tls = mqtt.tls
+        return build_ssl_context(
+            tls.ca_file if tls else None,
+            tls.cert_file if tls else None,
+            tls.key_file if tls else None,
+            insecure=tls.insecure if tls else False,
+        )
 
-        ctx = ssl.create_default_context(cafile=str(mqtt.tls.ca_file) if mqtt.tls and mqtt.tls.ca_file else None)
-        if mqtt.tls and mqtt.tls.cert_file:
-            ctx.load_cert_chain(str(mqtt.tls.cert_file), str(mqtt.tls.key_file) if mqtt.tls.key_file else None)
-        return ctx
+    # -- pid file (for `fieldgate reload`) ---------------------------------------------------------------
+
+    def pidfile(self) -> Path:
+        return self.config.storage.path.with_name("fieldgate.pid")
+
+    def _write_pidfile(self) -> None:
+        try:
+            self.pidfile().write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            log.debug("no pid file: %s", exc)
+
+    def _remove_pidfile(self) -> None:
+        with contextlib.suppress(OSError):
+            self.pidfile().unlink()
+
+    # -- reload ------------------------------------------------------------------------------------------
+
+    async def reload_from_file(self) -> bool:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            self.reload_error = "; ".join(exc.problems)
+            log.error("reload refused, the running configuration is unchanged:")
+            for line in exc.problems:
+                log.error("  %s", line)
+            self.notifier.ready(status=self.summary())
+            return False
+        changes = await self.apply(new)
+        self.reload_error = None
+        log.info("reloaded %s: %s", self.config_path, "; ".join(changes) or "no change")
+        self.notifier.ready(status=self.summary())
+        return True
+
+    async def apply(self, new: FieldgateConfig) -> list[str]:
+        """Apply a validated config without a restart: only what changed is stopped and started again."""
+        async with self._reload_lock:
+            return await self._apply(new)
+
+    async def _apply(self, new: FieldgateConfig) -> list[str]:
+        old, changes = self.config, []
+        if new.storage != old.storage:
+            log.warning("storage settings changed: they take effect at the next restart")
+            changes.append("storage (at next restart)")
+            new = new.model_copy(update={"storage": old.storage})
+        changed_buses = {n for n in set(old.buses) | set(new.buses) if old.buses.get(n) != new.buses.get(n)}
+        old_devices = dict(old.device_items())
+        new_devices = dict(new.device_items())
+        restart: set[str] = set()
+        for name, cfg in old_devices.items():
+            if name not in new_devices or new_devices[name] != cfg or getattr(cfg, "bus", None) in changed_buses:
+                restart.add(name)
+        for name in sorted(restart):
+            await self.stop_device(name)
+        for bus in changed_buses:
+            await self.context.shared.discard(("modbus-bus", bus))
+        self.context.buses = dict(new.buses)
+        self.config = new
+        for name in sorted(set(new_devices) - set(old_devices)):
+            changes.append(f"device {name} added")
+        for name in sorted(restart):
+            changes.append(f"device {name} {'changed' if name in new_devices else 'removed'}")
+        for name, cfg in new_devices.items():
+            if name not in self._device_runs:
+                self.start_device(name, cfg)
+        if new.upstream != old.upstream or new.gateway.id != old.gateway.id:
+            next_seq = await self._stop_uplink()
+            self._start_uplink(next_seq)
+            changes.append("upstream reconnected")
+        if new.local != old.local:
+            if self.local is not None:
+                await self.local.aclose()
+                self.local = None
+            await self._start_local()
+            changes.append("local API restarted")
+        if new.schedules != old.schedules or new.commands != old.commands or new.gateway != old.gateway:
+            await self._stop_schedules()
+            assert self.commands is not None
+            self.commands.config = new.commands
+            self._start_schedules()
+            changes.append("schedules restarted")
+        return changes

@@ -376,6 +376,7 @@ class ScheduleRunner:
         if self.on_result is None:
             return
         doc = dict(result)
+        doc.setdefault("ts", self.clock())  # failures carry no ts in SPEC §3; a schedule report needs one
         doc.update(
             device=device,
             point=point,

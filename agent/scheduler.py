@@ -8,6 +8,7 @@ or stops another. Readings go to `sink`, which must not block.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -22,6 +23,8 @@ from agent.reading import Reading, now_ms
 log = logging.getLogger("fieldgate.scheduler")
 
 MAX_BACKOFF = 300.0  # a failing device is probed at least every 5 minutes
+STATE_POINT = "_state"  # device events: "failing" when it starts failing, "ok" when it recovers
+ERROR_POINT = "_error"  # sent with "failing": the error, in words
 
 
 class FailureReporter(Protocol):
@@ -66,8 +69,10 @@ class DeviceTask:
         health: DeviceHealth,
         sink: Callable[[list[Reading]], None],
         reporter: FailureReporter | None = None,
+        beat: Callable[[], None] | None = None,
     ) -> None:
         self.driver = driver
+        self.beat = beat  # the progress watchdog's heartbeat for this device
         self.health = health
         self.sink = sink
         self.reporter = reporter or _PlainReporter()
@@ -98,26 +103,31 @@ class DeviceTask:
             except (DeviceError, TimeoutError, OSError) as exc:
                 log.debug("%s: close: %s", self.name, exc)
 
+    def _progress(self) -> None:
+        self.health.last_progress = time.monotonic()
+        if self.beat is not None:
+            self.beat()
+
     async def _sleep(self, seconds: float) -> None:
         """Sleep, waking early when a re-poll is asked for; counts as progress for the watchdog."""
-        self.health.last_progress = time.monotonic()
+        self._progress()
         if seconds > 0:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), seconds)
-            except TimeoutError:
-                pass
         self._wake.clear()
 
     def _ok(self, readings: list[Reading]) -> None:
         h = self.health
         h.cycles += 1
-        h.last_progress = time.monotonic()
+        self._progress()
         if readings:
             h.last_ok_ts = readings[-1].ts
         elif h.last_ok_ts is None or h.state != "ok":
             h.last_ok_ts = now_ms()
         if h.state != "ok":
             self.reporter.success(self.name)
+        if h.state == "failing":  # the recovery event, before the values (docs/SPEC.md, extensions)
+            self.sink([Reading(self.name, STATE_POINT, now_ms(), "ok")])
         h.state = "ok"
         h.consecutive_errors = 0
         h.next_attempt_ts = None
@@ -132,13 +142,18 @@ class DeviceTask:
 
     def _failed(self, message: str, delay: float) -> None:
         h = self.health
+        if h.state != "failing":  # the failure event: once per episode, never a value
+            ts = now_ms()
+            self.sink(
+                [Reading(self.name, STATE_POINT, ts, "failing"), Reading(self.name, ERROR_POINT, ts, message)]
+            )
         h.state = "failing"
         h.errors += 1
         h.consecutive_errors += 1
         h.last_error = message
         h.last_error_ts = now_ms()
         h.next_attempt_ts = now_ms() + int(delay * 1000)
-        h.last_progress = time.monotonic()
+        self._progress()
         counters = getattr(self.driver, "counters", None)
         if isinstance(counters, dict):
             h.counters = dict(counters)

@@ -66,6 +66,7 @@ _ROW_OVERHEAD = 16
 """Approximate bytes a row costs beyond its body, device and point (record header, cell pointer, rowid)."""
 _VACUUM_MIN_FREE_BYTES = 1024 * 1024
 _SEQ_MAX = 2**63 - 1
+_monotonic = time.monotonic  # the eviction log's rate limit; a seam for tests
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings(
@@ -205,7 +206,10 @@ class Store:
             self._load_state(conn)
         except sqlite3.Error as exc:
             conn.close()
-            raise self._error("open", exc) from exc
+            if not _is_corruption(exc):
+                raise self._error("open", exc) from exc
+            conn = self._recover(str(exc))
+            self._load_state(conn)
         self._conn = conn
 
     def _connect_checked(self) -> sqlite3.Connection:
@@ -320,11 +324,10 @@ class Store:
             base = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
             n += 1
         try:
-            for suffix in ("-wal", "-shm"):
-                companion = Path(f"{self.path}{suffix}")
-                if companion.exists():
-                    companion.rename(f"{base}{suffix}")
-            self.path.rename(base)
+            for suffix in ("-wal", "-shm", ""):
+                member = Path(f"{self.path}{suffix}")
+                if member.exists():
+                    member.rename(f"{base}{suffix}")
         except OSError as exc:
             raise StoreError(
                 f"the buffer {self.path} is corrupt and cannot be moved aside: {exc.strerror}"
@@ -341,7 +344,7 @@ class Store:
         except sqlite3.Error:
             return _Salvage(None, 0, 0)
         try:
-            # Lets SQLite read a truncated file (fewer pages than its header says) instead of refusing it whole.
+            # Lets SQLite read a truncated file (fewer pages than its header says) instead of refusing it.
             conn.execute("PRAGMA writable_schema = ON")
             queries = (
                 "SELECT seq FROM sqlite_sequence WHERE name = 'readings'",
@@ -440,11 +443,10 @@ class Store:
                     break
                 # The batch's own rows go last, and only when they alone exceed the bound.
                 older_left = rows_in_table > len(params)
-                n, cutoff = self._evict_oldest(
-                    conn, used, rows_in_table, first - 1 if older_left else _SEQ_MAX
-                )
+                n, last = self._evict_oldest(conn, used, rows_in_table, first - 1 if older_left else _SEQ_MAX)
                 if n == 0:
                     break
+                cutoff = max(cutoff, last)
                 evicted += n
                 rows_in_table -= n
             if evicted:
@@ -483,7 +485,7 @@ class Store:
 
     def _note_eviction(self, count: int) -> None:
         self._evict_unlogged += count
-        now = time.monotonic()
+        now = _monotonic()
         if self._evict_logged_at is None or now - self._evict_logged_at >= _EVICT_LOG_INTERVAL:
             self._log_eviction()
             self._evict_logged_at = now
@@ -548,16 +550,27 @@ class Store:
             clauses.append("ts < ?")
             args.append(before_ts)
         where = " AND ".join(clauses) if clauses else "1"
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            deleted = int(conn.execute(f"DELETE FROM readings WHERE {where}", args).rowcount)
-            conn.execute("UPDATE meta SET value = value + ? WHERE key = 'evicted'", (deleted,))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback(conn)
-            raise self._error("purge", exc) from exc
-        self._pending -= deleted
-        self._evicted += deleted
+        # In chunks of about a WAL step, each its own transaction: purging a full buffer at once would
+        # write a WAL as large as the file.
+        chunk = max(100, self._wal_step // 128)
+        sql = (
+            f"DELETE FROM readings WHERE seq IN (SELECT seq FROM readings WHERE {where} ORDER BY seq LIMIT ?)"
+        )
+        deleted = 0
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                n = int(conn.execute(sql, [*args, chunk]).rowcount)
+                conn.execute("UPDATE meta SET value = value + ? WHERE key = 'evicted'", (n,))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback(conn)
+                raise self._error(f"purge (after {deleted} readings deleted)", exc) from exc
+            self._pending -= n
+            self._evicted += n
+            deleted += n
+            if n < chunk:
+                break
         log.warning(
             "buffer purged by the operator (device=%s, before_ts=%s): %d unsent readings deleted, "
             "counted as evicted",
@@ -579,10 +592,13 @@ class Store:
             total, free = conn.execute(_PAGES).fetchone()
             if free * self._page_size < _VACUUM_MIN_FREE_BYTES or free * 4 < total * 3:
                 return
-            while conn.execute("PRAGMA freelist_count").fetchone()[0] > 0:
+            step = max(1, self._wal_step // self._page_size)
+            for _ in range(free // step + 2):
                 # executescript steps the pragma to completion; execute() would free a single page.
                 # In WAL-step chunks, each its own transaction, so that the WAL stays within its share.
-                conn.executescript(f"PRAGMA incremental_vacuum({max(1, self._wal_step // self._page_size)});")
+                conn.executescript(f"PRAGMA incremental_vacuum({step});")
+                if conn.execute("PRAGMA freelist_count").fetchone()[0] == 0:
+                    break
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:
             self._rollback(conn)
@@ -622,7 +638,7 @@ class Store:
         if code == _SQLITE_FULL:
             message = (
                 f"buffer {action} failed: the disk is full (or the buffer reached its page limit); "
-                f"nothing was stored by this operation"
+                f"the operation was rolled back, nothing was stored or deleted by it"
             )
         elif code == _SQLITE_IOERR:
             message = f"buffer {action} failed: I/O error on {self.path} ({exc})"

@@ -11,8 +11,14 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|KiB|MiB|GiB)\s*$")
 _SIZE_FACTORS = {
-    "B": 1, "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
-    "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+    "B": 1,
+    "kB": 1000,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
 }
 
 
@@ -53,7 +59,9 @@ Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)$", "examples": ["500ms", "10s", "5m"]}),
+    WithJsonSchema(
+        {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)$", "examples": ["500ms", "10s", "5m"]}
+    ),
 ]
 """A duration in seconds, written in the config as a string with a unit."""
 
@@ -61,6 +69,8 @@ Size = Annotated[
     int,
     BeforeValidator(parse_size),
     PlainSerializer(lambda b: f"{b}B", return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(B|kB|KB|MB|GB|KiB|MiB|GiB)$", "examples": ["256MB"]}),
+    WithJsonSchema(
+        {"type": "string", "pattern": r"^\d+(\.\d+)?(B|kB|KB|MB|GB|KiB|MiB|GiB)$", "examples": ["256MB"]}
+    ),
 ]
 """A size in bytes, written in the config as a string with a unit."""

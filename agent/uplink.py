@@ -4,13 +4,13 @@ Two lanes share one connection. The live lane carries rows appended since the
 connection came up, straight from memory, batched by `batch_max` /
 `batch_interval`. The backlog lane replays, from SQLite in seq order, every
 row older than that boundary (what an outage or a restart left behind),
-marked `"backlog": true`. Live batches always go first; the backlog uses the
-in-flight slots left over, so live data stays fresh while a backlog drains.
+marked `"backlog": true`. Each lane has its own in-flight slots (live 2, backlog `max_inflight`),
+so live data stays fresh while a backlog drains.
 
 Rows are deleted from the store only after the broker's PUBACK for the
 message that carried them. Rows in flight when the link drops are sent
 again on the next connection (at-least-once; duplicates are limited to the
-messages in flight, at most `max_inflight`).
+messages in flight: at most `max_inflight` backlog + 2 live messages).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ log = logging.getLogger("fieldgate.uplink")
 
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 2.0  # a broker back after an outage sees data within about 2 s
+LIVE_INFLIGHT = 2  # live messages awaiting PUBACK at once (the backlog has `max_inflight` of its own)
 LIVE_LIMIT_BATCHES = 20  # past this many batches waiting live, the surplus goes the backlog way
 
 
@@ -94,6 +95,7 @@ class Uplink:
         self._client: aiomqtt.Client | None = None
         self._stopping = False
         self.on_connect: list[Callable[[], None]] = []
+        self.beat: Callable[[], None] = lambda: None  # the progress watchdog's heartbeat
 
     # -- feeding ---------------------------------------------------------------------------------------
 
@@ -118,10 +120,11 @@ class Uplink:
     async def run(self) -> None:
         attempt = 0
         while not self._stopping:
+            self.beat()
             started = time.monotonic()
             try:
                 await self._session()
-            except Exception as exc:  # noqa: BLE001 - every way a session ends leads to a reconnect
+            except Exception as exc:
                 cause = _root_cause(exc)
                 if not isinstance(cause, aiomqtt.MqttError | OSError | TimeoutError):
                     log.error("upstream session failed: %s: %s", type(cause).__name__, cause, exc_info=cause)
@@ -175,9 +178,9 @@ class Uplink:
                 if self.on_command is not None:
                     await client.subscribe(self.topics.commands, qos=1)
                 async with asyncio.TaskGroup() as tg:
-                    slots = asyncio.Semaphore(self.cfg.max_inflight)
-                    tg.create_task(self._live_lane(client, slots))
-                    tg.create_task(self._backlog_lane(client, slots))
+                    # Each lane has its own in-flight slots, so a draining backlog never delays live batches.
+                    tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
+                    tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
                     tg.create_task(self._ack_flusher())
                     tg.create_task(self._health_loop(client))
                     tg.create_task(self._command_loop(client))
@@ -202,19 +205,26 @@ class Uplink:
     # -- lanes -----------------------------------------------------------------------------------------
 
     async def _publish_rows(
-        self, client: aiomqtt.Client, rows: list[StoredRow], backlog: bool, slots: asyncio.Semaphore,
+        self,
+        client: aiomqtt.Client,
+        rows: list[StoredRow],
+        backlog: bool,
+        slots: asyncio.Semaphore,
         tg: asyncio.TaskGroup,
     ) -> None:
         await slots.acquire()
         body = payloads.telemetry(self.gateway_id, [r.body for r in rows], backlog=backlog)
+        body = payloads.compress(body, self.cfg.compression)
+        topic = self.topics.telemetry_for(self.cfg.compression)
 
         async def send() -> None:
             try:
-                await client.publish(self.topics.telemetry, body, qos=1)
+                await client.publish(topic, body, qos=1)
             finally:
                 slots.release()
             self._acks.extend(r.seq for r in rows)
             self._ack_event.set()
+            self.beat()
             self.sent += len(rows)
             self.messages += 1
 
@@ -250,9 +260,6 @@ class Uplink:
                     self._cursor = self._boundary - 1
                     continue
                 self._cursor = rows[-1].seq
-                # Leave a slot for the live lane when it has something waiting.
-                while self._live and slots._value <= 1:  # noqa: SLF001 - asyncio.Semaphore has no public count
-                    await asyncio.sleep(0.005)
                 await self._publish_rows(client, rows, True, slots, tg)
 
     async def _ack_flusher(self) -> None:
@@ -275,6 +282,7 @@ class Uplink:
             return
         while True:
             await client.publish(self.topics.health, payloads.dumps(self.health_doc()), qos=1)
+            self.beat()
             await asyncio.sleep(self.cfg.health_interval)
 
     async def _command_loop(self, client: aiomqtt.Client) -> None:
@@ -314,7 +322,10 @@ class Uplink:
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 await asyncio.wait_for(
                     client.publish(
-                        self.topics.status, payloads.status("offline", now_ms(), self.version), qos=1, retain=True
+                        self.topics.status,
+                        payloads.status("offline", now_ms(), self.version),
+                        qos=1,
+                        retain=True,
                     ),
                     2,
                 )

@@ -19,7 +19,9 @@ def free_port() -> int:
 
 
 def mosquitto_path() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+    )
     if not found:
         raise RuntimeError("mosquitto is not installed: apt-get install mosquitto (scripts/test does it)")
     return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -36,7 +37,10 @@ class Daemon:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
             [*fieldgate_exe(), "run", "-c", str(self.config), "--log-level", "debug"],
-            stdout=out, stderr=out, cwd=REPO, env=env,
+            stdout=out,
+            stderr=out,
+            cwd=REPO,
+            env=env,
         )
         out.close()
         return self
@@ -72,10 +76,19 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def write_config(path: Path, *, gateway: str, broker_port: int, db: Path, buses: str, devices: str,
-                 extra: str = "", mqtt_extra: str = "") -> Path:
+def write_config(
+    path: Path,
+    *,
+    gateway: str,
+    broker_port: int,
+    db: Path,
+    buses: str,
+    devices: str,
+    extra: str = "",
+    mqtt_extra: str = "",
+) -> Path:
     path.write_text(
-        f"""gateway: {{id: {gateway}}}
+        f"""gateway: {{id: {gateway}, clock: assume_synced}}   # tests inject the clock state
 storage: {{path: {db}, max_size: 64MB}}
 upstream:
   mqtt:
@@ -116,10 +129,16 @@ class Collected:
             lost = [s for s in range(unique[0], unique[-1] + 1) if s not in present]
         dup = len(seqs) - len(unique)
         live = [r["seq"] for r, b in zip(self.readings, self.backlog_flags, strict=True) if not b]
-        out_of_order = sum(1 for a, b in zip(live, live[1:], strict=False) if b <= a)
-        return {"received": len(seqs), "unique": len(unique), "first": unique[0] if unique else None,
-                "last": unique[-1] if unique else None, "lost": lost, "duplicates": dup,
-                "live_out_of_order": out_of_order}
+        out_of_order = sum(1 for a, b in itertools.pairwise(live) if b <= a)
+        return {
+            "received": len(seqs),
+            "unique": len(unique),
+            "first": unique[0] if unique else None,
+            "last": unique[-1] if unique else None,
+            "lost": lost,
+            "duplicates": dup,
+            "live_out_of_order": out_of_order,
+        }
 
 
 class Checker:
@@ -147,7 +166,11 @@ class Checker:
         while True:
             try:
                 async with aiomqtt.Client(
-                    "127.0.0.1", self.port, identifier=f"checker-{id(self)}", clean_session=False, keepalive=5,
+                    "127.0.0.1",
+                    self.port,
+                    identifier=f"checker-{id(self)}",
+                    clean_session=False,
+                    keepalive=5,
                 ) as client:
                     await client.subscribe(f"{self.base}/#", qos=1)
                     self.connected.set()

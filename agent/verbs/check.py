@@ -10,7 +10,9 @@ from agent.errors import ConfigError
 from agent.loader import load_config
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     p = sub.add_parser("check", parents=[common], help="validate the config file")
     p.add_argument("files", nargs="*", help="config files to check (default: the -c file)")
     p.set_defaults(func=main)

@@ -19,12 +19,14 @@ CODECS = {
     "mbus": "drivers.mbus.codec:decode_cli",
     "bthome": "drivers.ble.bthome:decode_cli",
     "ruuvi": "drivers.ble.ruuvi:decode_cli",
-    "pvvx": "drivers.ble.xiaomi:decode_pvvx_cli",
-    "atc": "drivers.ble.xiaomi:decode_atc_cli",
+    "pvvx": "drivers.ble.xiaomi:decode_cli_pvvx",
+    "atc": "drivers.ble.xiaomi:decode_cli_atc",
 }
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     p = sub.add_parser("decode", parents=[common], help="decode a captured frame or advertisement (hex)")
     p.add_argument("codec", choices=sorted(CODECS))
     p.add_argument("hex", nargs="+", help="the bytes in hex (spaces and ':' allowed)")

@@ -52,7 +52,9 @@ devices:
 """
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     p = sub.add_parser("demo", parents=[common], help="simulated devices + a local broker + the agent")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--keep", action="store_true", help="keep the demo's temporary directory")
@@ -114,14 +116,21 @@ async def watch(port: int, prefix: str, out: Any, counts: dict[str, int]) -> Non
                             counts["readings"] = counts.get("readings", 0) + 1
                             stamp = time.strftime("%H:%M:%S", time.localtime(r["ts"] / 1000))
                             unit = f" {r['unit']}" if "unit" in r else ""
-                            print(f"{stamp}  seq {r['seq']:>6}  {r['device']:<8} {r['point']:<22} "
-                                  f"{_fmt(r['value'])}{unit}", file=out, flush=True)
+                            print(
+                                f"{stamp}  seq {r['seq']:>6}  {r['device']:<8} {r['point']:<22} "
+                                f"{_fmt(r['value'])}{unit}",
+                                file=out,
+                                flush=True,
+                            )
                     elif topic.endswith("/status"):
                         print(f"--- gateway is {doc.get('state')}", file=out, flush=True)
                     elif topic.endswith("/health"):
                         devs = ", ".join(f"{k}: {v['state']}" for k, v in doc.get("devices", {}).items())
-                        print(f"--- health: pending {doc['buffer']['pending']}, devices {devs}", file=out,
-                              flush=True)
+                        print(
+                            f"--- health: pending {doc['buffer']['pending']}, devices {devs}",
+                            file=out,
+                            flush=True,
+                        )
         except aiomqtt.MqttError:
             await asyncio.sleep(0.5)
 
@@ -137,13 +146,20 @@ async def demo(args: argparse.Namespace) -> int:
     sim = await start_tcp_simulator("127.0.0.1", 0)
     config_path = workdir / "fieldgate.yaml"
     config_path.write_text(
-        DEMO_CONFIG.format(db=workdir / "buffer.db", mqtt_port=mqtt_port, http_port=http_port, modbus_port=sim.port)
+        DEMO_CONFIG.format(
+            db=workdir / "buffer.db", mqtt_port=mqtt_port, http_port=http_port, modbus_port=sim.port
+        )
     )
     config = load_config(config_path)
     runtime = Runtime(config, config_path)
-    print(f"fieldgate demo: simulated meter and lamp controller on modbus-tcp 127.0.0.1:{sim.port}, "
-          f"broker on 127.0.0.1:{mqtt_port}", flush=True)
-    print(f"status page: http://127.0.0.1:{http_port}/   config: {config_path}   (Ctrl-C to stop)", flush=True)
+    print(
+        f"fieldgate demo: simulated meter and lamp controller on modbus-tcp 127.0.0.1:{sim.port}, "
+        f"broker on 127.0.0.1:{mqtt_port}",
+        flush=True,
+    )
+    print(
+        f"status page: http://127.0.0.1:{http_port}/   config: {config_path}   (Ctrl-C to stop)", flush=True
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.request_stop)

@@ -19,7 +19,9 @@ from agent.runtime import make_context, make_driver
 T = TypeVar("T")
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     p = sub.add_parser("read", parents=[common], help="one-shot read of a device through its real driver")
     p.add_argument("device")
     p.add_argument("points", nargs="*", metavar="POINT")
@@ -52,7 +54,13 @@ def with_driver(config_path: Path, device: str, action: Callable[[Driver[Any]], 
 
 
 def format_value(value: Any, unit: str | None) -> str:
-    text = f"{value:.6g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+    text = (
+        f"{value:.6g}"
+        if isinstance(value, float)
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
     return f"{text} {unit}" if unit else text
 
 

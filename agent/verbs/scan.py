@@ -14,11 +14,17 @@ import orjson
 from agent.errors import FieldgateError
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("scan", parents=[common], help="find devices: modbus unit ids, BLE advertisers, serial ports")
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    p = sub.add_parser(
+        "scan", parents=[common], help="find devices: modbus unit ids, BLE advertisers, serial ports"
+    )
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
 
-    m = kinds.add_parser("modbus", parents=[common], help="sweep Modbus unit ids on a serial line or a TCP host")
+    m = kinds.add_parser(
+        "modbus", parents=[common], help="sweep Modbus unit ids on a serial line or a TCP host"
+    )
     where = m.add_mutually_exclusive_group(required=True)
     where.add_argument("--port", help="serial port (RTU), e.g. /dev/serial/by-id/usb-FTDI_...")
     where.add_argument("--host", help="Modbus TCP device or gateway (HOST or HOST:PORT)")
@@ -32,7 +38,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=scan_modbus)
 
-    b = kinds.add_parser("ble", parents=[common], help="list BLE advertisers, decoded when a decoder knows them")
+    b = kinds.add_parser(
+        "ble", parents=[common], help="list BLE advertisers, decoded when a decoder knows them"
+    )
     b.add_argument("--seconds", type=float, default=10.0)
     b.add_argument("--adapter", default="hci0")
     b.add_argument("--json", action="store_true")
@@ -105,7 +113,9 @@ def scan_modbus(args: argparse.Namespace) -> int:
     bar = ProgressBar("scanning")
     try:
         if serial:
-            hits = asyncio.run(scan.scan_serial(serial, units, baudrates, parities, timeout, bar, args.stopbits))
+            hits = asyncio.run(
+                scan.scan_serial(serial, units, baudrates, parities, timeout, bar, args.stopbits)
+            )
         else:
             hits = asyncio.run(scan.scan_tcp(host, port, units, timeout, bar, rtu_tcp))
     except FieldgateError as exc:
@@ -128,7 +138,9 @@ def scan_ble(args: argparse.Namespace) -> int:
     try:
         from drivers.ble.scan import scan_ble as run_scan
     except ImportError as exc:
-        print(f"scan ble: BLE support is not installed ({exc}): pip install 'fieldgate[ble]'", file=sys.stderr)
+        print(
+            f"scan ble: BLE support is not installed ({exc}): pip install 'fieldgate[ble]'", file=sys.stderr
+        )
         return 1
 
     def heard(entry: dict[str, Any]) -> None:
@@ -162,8 +174,14 @@ def serial_ports() -> list[dict[str, Any]]:
         from serial.tools import list_ports
 
         for info in list_ports.comports():
-            ports.append({"device": info.device, "by_id": by_id.get(info.device), "description": info.description,
-                          "hwid": info.hwid})
+            ports.append(
+                {
+                    "device": info.device,
+                    "by_id": by_id.get(info.device),
+                    "description": info.description,
+                    "hwid": info.hwid,
+                }
+            )
     except ImportError:
         for dev in sorted(Path("/dev").glob("tty[UA][SCM]*")):
             ports.append({"device": str(dev), "by_id": by_id.get(str(dev)), "description": "", "hwid": ""})

@@ -9,7 +9,9 @@ import orjson
 from agent.config import FieldgateConfig
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     p = sub.add_parser("schema", parents=[common], help="print the JSON Schema of the config file")
     p.set_defaults(func=main)
 

@@ -14,7 +14,9 @@ from agent.reading import Value
 from agent.verbs.read import format_value, with_driver
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     p = sub.add_parser("write", parents=[common], help="write a writable point, then read it back")
     p.add_argument("device")
     p.add_argument("point")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from agent.config_base import DeviceConfigBase, Model
+from agent.config_base import AggregateConfig, Deadband, DeviceConfigBase, Model, ReportMode
 from agent.units import Duration
 
 Table = Literal["coil", "discrete", "input", "holding"]
@@ -45,6 +45,11 @@ class ModbusPoint(Model):
     max: float | None = None
     poll: Duration | None = Field(None, description="overrides the device's poll interval")
     description: str | None = None
+    # Edge processing (docs/EDGE_PROCESSING.md): override the device's report options for this point.
+    report: ReportMode | None = Field(None, description="always | on_change | deadband; default the device's")
+    deadband: Deadband | None = Field(None, description="0.5 (absolute) or '2%' (relative): report: deadband")
+    heartbeat: Duration | None = Field(None, description="longest time without sending an unchanged value")
+    aggregate: AggregateConfig | None = Field(None, description="windowed aggregates instead of raw values")
 
     @model_validator(mode="after")
     def _rules(self) -> ModbusPoint:

@@ -34,7 +34,10 @@ def test_check_verb_exit_codes(capsys: pytest.CaptureFixture[str], monkeypatch: 
 
 
 @pytest.mark.parametrize(
-    "path", sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("config/*.yaml"), *REPO.glob("config/examples/*.yaml")])
+    "path",
+    sorted(
+        str(p.relative_to(REPO)) for p in [*REPO.glob("config/*.yaml"), *REPO.glob("config/examples/*.yaml")]
+    ),
 )
 def test_every_example_config_is_valid(path: str) -> None:
     load_config(REPO / path)
@@ -75,7 +78,10 @@ devices:
     with pytest.raises(ConfigError) as err:
         load_config(cfg)
     profile = tmp_path / "profiles" / "mine.yaml"
-    assert f"{profile}:3:21: devices.d.points.v.adress: unknown key; did you mean 'address'?" in err.value.problems
+    assert (
+        f"{profile}:3:21: devices.d.points.v.adress: unknown key; did you mean 'address'?"
+        in err.value.problems
+    )
 
 
 def test_schema_verb_prints_json_schema(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,144 @@
+"""Whether the system clock can be trusted: kernel NTP status (adjtimex), systemd-timesyncd, or config."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, Protocol
+
+log = logging.getLogger("fieldgate.clock")
+
+ClockMode = Literal["detect", "assume_synced"]
+
+STA_UNSYNC = 0x0040  # kernel status bit: the clock is not synchronised
+TIME_ERROR = 5  # ntp_adjtime's return value while the clock is unsynchronised
+MAXERROR_LIMIT_US = 16_000_000  # NTP's limit: a maximum error past 16 s means "not synchronised"
+TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")  # touched by systemd-timesyncd at each sync
+RECHECK_S = 10.0  # the kernel is asked at most this often while the clock is not yet synchronised
+
+
+class ClockState(Protocol):
+    """What the processing asks: may timestamps taken now be trusted?"""
+
+    def synced(self) -> bool: ...
+
+
+class FixedClock:
+    """A clock state set by hand (tests, the bandwidth bench)."""
+
+    def __init__(self, synced: bool = True) -> None:
+        self.is_synced = synced
+
+    def synced(self) -> bool:
+        return self.is_synced
+
+
+class _Timex(ctypes.Structure):
+    """struct timex of <sys/timex.h> (Linux): natural alignment gives the kernel's layout."""
+
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("constant", ctypes.c_long),
+        ("precision", ctypes.c_long),
+        ("tolerance", ctypes.c_long),
+        ("time_sec", ctypes.c_long),
+        ("time_usec", ctypes.c_long),
+        ("tick", ctypes.c_long),
+        ("ppsfreq", ctypes.c_long),
+        ("jitter", ctypes.c_long),
+        ("shift", ctypes.c_int),
+        ("stabil", ctypes.c_long),
+        ("jitcnt", ctypes.c_long),
+        ("calcnt", ctypes.c_long),
+        ("errcnt", ctypes.c_long),
+        ("stbcnt", ctypes.c_long),
+        ("tai", ctypes.c_int),
+        ("_reserved", ctypes.c_int * 11),  # padding the kernel declares; also a margin for larger layouts
+    ]
+
+
+def kernel_synced() -> bool | None:
+    """The kernel's view (read-only ntp_adjtime, modes = 0: no privilege needed); None when unavailable."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        call = getattr(libc, "ntp_adjtime", None) or libc.adjtimex
+    except (OSError, AttributeError):
+        return None
+    tx = _Timex()
+    state = call(ctypes.byref(tx))
+    if state < 0:
+        return None
+    return state != TIME_ERROR and not (tx.status & STA_UNSYNC) and tx.maxerror < MAXERROR_LIMIT_US
+
+
+def timesyncd_synced(flag: Path = TIMESYNCD_FLAG) -> bool:
+    return flag.exists()
+
+
+def detect_synced() -> bool:
+    """Synchronised when the kernel says so or timesyncd left its flag; unknown systems count as synced."""
+    kernel = kernel_synced()
+    if kernel:
+        return True
+    if timesyncd_synced():
+        return True
+    return kernel is None  # no way to tell (not Linux): do not mark every reading uncertain forever
+
+
+class SystemClock:
+    """The gateway's clock state, detected or assumed (gateway.clock); once synchronised, it stays trusted.
+
+    Staying trusted is deliberate: a clock that was set once drifts by seconds per day at worst, while
+    the case this guards against is a Pi booting at 1970 or at its last shutdown time.
+    """
+
+    def __init__(
+        self,
+        mode: ClockMode = "detect",
+        probe: Callable[[], bool] = detect_synced,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.mode = mode
+        self._probe = probe
+        self._monotonic = monotonic
+        self._synced = mode == "assume_synced"
+        self._checked: float | None = None
+        self._warned = False
+
+    def synced(self) -> bool:
+        if self._synced:
+            return True
+        now = self._monotonic()
+        if self._checked is not None and now - self._checked < RECHECK_S:
+            return False
+        self._checked = now
+        if self._probe():
+            self._synced = True
+            log.info("system clock synchronised: readings are no longer marked uncertain")
+        elif not self._warned:
+            self._warned = True
+            log.warning("system clock not synchronised yet: readings are marked uncertain until it is")
+        return self._synced
+
+
+_SHARED: dict[str, SystemClock] = {}
+
+
+def shared_clock(mode: ClockMode) -> SystemClock:
+    """One clock state per mode for the whole process (every device asks the same one)."""
+    clock = _SHARED.get(mode)
+    if clock is None:
+        clock = _SHARED[mode] = SystemClock(mode)
+    return clock

@@ -1,0 +1,216 @@
+"""The whole daemon under the reference workload: CPU seconds and RSS, start-up, resume and backlog drain.
+
+Workload (issue 13's reference): 10 Modbus TCP devices x 20 holding registers polled every second (200 values/s),
+forwarded over MQTT QoS 1 through the durable buffer. The simulator runs in its own process so that only the
+daemon's own CPU is counted (read from /proc/PID/stat).
+
+    python -m bench.bench_daemon [--quick] [--seconds N] [--outage N] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import orjson
+
+from tests.broker import Broker
+from tests.daemon import Daemon
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "Threads"):
+            out[key] = int(value.split()[0])
+    out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    return out
+
+
+def start_simulator(devices: int) -> tuple[subprocess.Popen[str], int]:
+    units = ",".join(str(u) for u in range(1, devices + 1))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "drivers.modbus.simulator", "--port", "0", "--units", units],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # "modbus simulator listening on 127.0.0.1:PORT, units [...]"
+    port = int(line.split("127.0.0.1:")[1].split(",")[0])
+    return proc, port
+
+
+def write_config(workdir: Path, broker: Broker, sim_port: int, devices: int, registers: int) -> Path:
+    lines = [
+        "gateway: {id: bench}",
+        f"storage: {{path: {workdir / 'buffer.db'}, max_size: 512MB}}",
+        f"upstream: {{mqtt: {{url: 'mqtt://127.0.0.1:{broker.port}', keepalive: 5s}}}}",
+        "local: {listen: ''}",
+        f"buses: {{lan: {{type: modbus-tcp, host: 127.0.0.1, port: {sim_port}, timeout: 1s}}}}",
+        "devices:",
+    ]
+    for d in range(1, devices + 1):
+        points = ", ".join(f"r{i}: {{table: holding, address: {i}}}" for i in range(registers))
+        lines.append(f"  dev{d:02d}: {{bus: lan, unit_id: {d}, poll: 1s, points: {{{points}}}}}")
+    cfg = workdir / "fieldgate.yaml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+class Platform:
+    """Counts readings as they arrive, live and backlog, with arrival times."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.live = 0
+        self.backlog = 0
+        self.first_at: float | None = None
+        self.last_at = 0.0
+        self.backlog_first: float | None = None
+        self.backlog_last: float | None = None
+        self.live_lag_ms: list[float] = []
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    "127.0.0.1", self.port, identifier="bench-platform", clean_session=False
+                ) as client:
+                    await client.subscribe("fieldgate/bench/telemetry", qos=1)
+                    self.ready.set()
+                    async for msg in client.messages:
+                        now = time.monotonic()
+                        doc = orjson.loads(msg.payload)  # type: ignore[arg-type]
+                        n = len(doc["readings"])
+                        self.first_at = self.first_at or now
+                        self.last_at = now
+                        if doc.get("backlog"):
+                            self.backlog += n
+                            self.backlog_first = self.backlog_first or now
+                            self.backlog_last = now
+                        else:
+                            self.live += n
+                            wall = time.time() * 1000
+                            self.live_lag_ms.extend(wall - r["ts"] for r in doc["readings"][-1:])
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.05)
+
+
+async def one_run(seconds: float, outage: float, devices: int, registers: int) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="fg-bench-"))
+    broker = Broker(persistence=True).start()
+    sim, sim_port = start_simulator(devices)
+    platform = Platform(broker.port)
+    watcher = asyncio.create_task(platform.run())
+    await platform.ready.wait()
+    cfg = write_config(workdir, broker, sim_port, devices, registers)
+    t0 = time.monotonic()
+    daemon = Daemon(cfg, workdir / "daemon.log").start()
+    try:
+        while platform.first_at is None and time.monotonic() - t0 < 30:
+            await asyncio.sleep(0.005)
+        first_reading_s = (platform.first_at or time.monotonic()) - t0
+        await asyncio.sleep(3)  # warm-up: imports done, caches hot
+        cpu0, w0, live0 = cpu_seconds(daemon.pid), time.monotonic(), platform.live
+        samples = []
+        while time.monotonic() - w0 < seconds:
+            await asyncio.sleep(min(5, seconds / 4))
+            samples.append(proc_status(daemon.pid))
+        cpu1, w1 = cpu_seconds(daemon.pid), time.monotonic()
+        steady = proc_status(daemon.pid)
+        values_per_s = (platform.live - live0) / (w1 - w0)
+        lag = sorted(platform.live_lag_ms[-200:]) or [0.0]
+
+        # Outage: the broker goes away, readings pile up in the buffer, then it comes back.
+        broker.stop()
+        await asyncio.sleep(outage)
+        live_before, backlog_before = platform.live, platform.backlog
+        broker.start()
+        back = time.monotonic()
+        while (
+            platform.live == live_before
+            and platform.backlog == backlog_before
+            and time.monotonic() - back < 30
+        ):
+            await asyncio.sleep(0.005)
+        resume_s = time.monotonic() - back
+        expected = int(outage * devices * registers)
+        while platform.backlog - backlog_before < expected * 0.98 and time.monotonic() - back < 60:
+            await asyncio.sleep(0.05)
+        drained = platform.backlog - backlog_before
+        drain_s = max((platform.backlog_last or back) - (platform.backlog_first or back), 1e-3)
+    finally:
+        daemon.stop()
+        sim.terminate()
+        sim.wait()
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        broker.cleanup()
+    return {
+        "cpu_s_per_min": round((cpu1 - cpu0) / (w1 - w0) * 60, 3),
+        "rss_mib": round(steady["VmRSS"] / 1024, 1),
+        "rss_peak_mib": round(steady["VmHWM"] / 1024, 1),
+        "threads": steady["Threads"],
+        "fds": steady["fds"],
+        "values_per_s": round(values_per_s, 1),
+        "first_reading_s": round(first_reading_s, 3),
+        "live_lag_ms_median": round(statistics.median(lag), 1),
+        "resume_after_broker_back_s": round(resume_s, 3),
+        "backlog_readings": drained,
+        "drain_readings_per_s": round(drained / drain_s),
+        "rss_samples_mib": [round(s["VmRSS"] / 1024, 1) for s in samples],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="short run for CI (about 30 s)")
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--outage", type=float, default=60)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--devices", type=int, default=10)
+    ap.add_argument("--registers", type=int, default=20)
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.outage, args.runs = 10, 8, 1
+    runs = [
+        asyncio.run(one_run(args.seconds, args.outage, args.devices, args.registers))
+        for _ in range(args.runs)
+    ]
+    keys = [k for k in runs[0] if k != "rss_samples_mib"]
+    result = {
+        "workload": f"{args.devices} devices x {args.registers} holding registers every 1 s, QoS 1, "
+        f"{args.seconds:g} s measured, {args.outage:g} s outage",
+        "runs": len(runs),
+        "median": {k: statistics.median(r[k] for r in runs) for k in keys},
+        "all": runs,
+    }
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    print()
+    print("| figure | median |")
+    print("| --- | --- |")
+    for k in keys:
+        print(f"| {k} | {result['median'][k]} |")
+
+
+if __name__ == "__main__":
+    main()

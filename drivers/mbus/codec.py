@@ -1,0 +1,459 @@
+"""Wired M-Bus codec: short/long frames (EN 13757-2) and CI 0x72 variable data records (EN 13757-3).
+
+Pure functions, no I/O. Records are mapped to named points with units; a
+record this codec does not understand (unknown VIF, manufacturer-specific
+extension) is listed in `skipped` rather than published under a guessed name:
+a missing point is better than a wrong one.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from agent.errors import DecodeError
+from agent.reading import Value
+
+ACK = 0xE5
+SHORT_START, LONG_START, STOP = 0x10, 0x68, 0x16
+C_SND_NKE, C_REQ_UD2, C_REQ_UD2_FCB, C_RSP_UD = 0x40, 0x5B, 0x7B, 0x08
+CI_VARIABLE, CI_VARIABLE_NO_HEADER = 0x72, 0x78
+
+MEDIUM = {
+    0x00: "other", 0x01: "oil", 0x02: "electricity", 0x03: "gas", 0x04: "heat (outlet)", 0x05: "steam",
+    0x06: "warm water", 0x07: "water", 0x08: "heat cost allocator", 0x09: "compressed air",
+    0x0A: "cooling (outlet)", 0x0B: "cooling (inlet)", 0x0C: "heat (inlet)", 0x0D: "heat / cooling",
+    0x0E: "bus / system", 0x0F: "unknown", 0x15: "hot water", 0x16: "cold water", 0x17: "dual water",
+    0x18: "pressure", 0x19: "A/D converter",
+}  # fmt: skip
+
+
+def short_frame(control: int, address: int) -> bytes:
+    """10 C A CS 16, CS = (C + A) & 0xFF."""
+    if not 0 <= address <= 255:
+        raise ValueError("M-Bus address is 0..255")
+    return bytes([SHORT_START, control, address, (control + address) & 0xFF, STOP])
+
+
+def snd_nke(address: int) -> bytes:
+    """Link reset: the meter answers E5 and restarts its telegram sequence."""
+    return short_frame(C_SND_NKE, address)
+
+
+def req_ud2(address: int, fcb: bool = False) -> bytes:
+    """Request class 2 data; the FCB bit toggles between successive telegrams of a multi-telegram readout."""
+    return short_frame(C_REQ_UD2_FCB if fcb else C_REQ_UD2, address)
+
+
+@dataclass(frozen=True, slots=True)
+class LongFrame:
+    control: int
+    address: int
+    ci: int
+    data: bytes  # after CI, before CS
+
+
+def parse_short_frame(frame: bytes) -> tuple[int, int]:
+    """(C, A) of a short frame; DecodeError on length, delimiters or checksum."""
+    if len(frame) != 5:
+        raise DecodeError(f"bad length: {len(frame)} bytes, a short frame has 5")
+    if frame[0] != SHORT_START or frame[4] != STOP:
+        raise DecodeError("malformed short frame: must be 10 C A CS 16")
+    if (frame[1] + frame[2]) & 0xFF != frame[3]:
+        raise DecodeError(f"bad checksum: got {frame[3]:02X}, expected {(frame[1] + frame[2]) & 0xFF:02X}")
+    return frame[1], frame[2]
+
+
+def parse_long_frame(frame: bytes) -> LongFrame:
+    """68 L L 68 C A CI data CS 16; DecodeError on length, delimiters or checksum."""
+    if len(frame) < 9:
+        raise DecodeError(f"bad length: {len(frame)} bytes, a long frame has at least 9")
+    if frame[0] != LONG_START or frame[3] != LONG_START or frame[1] != frame[2]:
+        raise DecodeError("malformed long frame: must start 68 L L 68")
+    length = frame[1]
+    if len(frame) != length + 6:
+        raise DecodeError(f"bad length: L={length} announces {length + 6} bytes, got {len(frame)}")
+    if frame[-1] != STOP:
+        raise DecodeError("malformed long frame: no stop byte 16")
+    body = frame[4 : 4 + length]
+    if sum(body) & 0xFF != frame[-2]:
+        raise DecodeError(f"bad checksum: got {frame[-2]:02X}, expected {sum(body) & 0xFF:02X}")
+    if length < 3:
+        raise DecodeError("bad length: a long frame carries C, A and CI")
+    return LongFrame(body[0], body[1], body[2], bytes(body[3:]))
+
+
+def frame_length(buf: bytes | bytearray) -> int | None:
+    """How long the frame at the start of `buf` is, once enough is known; 0 if it cannot start a frame."""
+    if not buf:
+        return None
+    if buf[0] == ACK:
+        return 1
+    if buf[0] == SHORT_START:
+        return 5
+    if buf[0] == LONG_START:
+        if len(buf) < 4:
+            return None
+        if buf[1] != buf[2] or buf[3] != LONG_START:
+            return 0
+        return buf[1] + 6
+    return 0
+
+
+def manufacturer_code(raw: int) -> str:
+    """Three letters packed 5 bits each (+64): 0x0477 -> 'ACW'."""
+    return "".join(chr(((raw >> shift) & 0x1F) + 64) for shift in (10, 5, 0))
+
+
+def _bcd_digits(data: bytes) -> str:
+    return data[::-1].hex().upper()
+
+
+@dataclass(slots=True)
+class Record:
+    """One decoded data record: a point name, its value and unit, and how it was coded."""
+
+    name: str
+    value: Value
+    unit: str | None
+    dif_vif: str
+
+
+@dataclass(slots=True)
+class Telegram:
+    """A decoded RSP_UD: fixed header fields, records, and what was skipped (with why)."""
+
+    address: int
+    header: dict[str, Value] = field(default_factory=dict)
+    records: list[Record] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    more_follows: bool = False  # DIF 1F: the meter has another telegram
+
+    def values(self) -> dict[str, tuple[Value, str | None]]:
+        out: dict[str, tuple[Value, str | None]] = {k: (v, None) for k, v in self.header.items()}
+        for r in self.records:
+            out[r.name] = (r.value, r.unit)
+        return out
+
+
+# Primary VIF table: (mask, base) -> (name, unit, exponent offset). value = raw * 10^(n + offset).
+_VIF_RANGES: tuple[tuple[int, int, str, str, int], ...] = (
+    (0x78, 0x00, "energy", "Wh", -3),
+    (0x78, 0x08, "energy", "J", 0),
+    (0x78, 0x10, "volume", "m³", -6),
+    (0x78, 0x18, "mass", "kg", -3),
+    (0x78, 0x28, "power", "W", -3),
+    (0x78, 0x30, "power", "J/h", 0),
+    (0x78, 0x38, "volume_flow", "m³/h", -6),
+    (0x78, 0x40, "volume_flow", "m³/min", -7),
+    (0x78, 0x48, "volume_flow", "m³/s", -9),
+    (0x78, 0x50, "mass_flow", "kg/h", -3),
+    (0x7C, 0x58, "flow_temperature", "°C", -3),
+    (0x7C, 0x5C, "return_temperature", "°C", -3),
+    (0x7C, 0x60, "temperature_difference", "K", -3),
+    (0x7C, 0x64, "external_temperature", "°C", -3),
+    (0x7C, 0x68, "pressure", "bar", -3),
+)  # fmt: skip
+_DURATION_FACTOR = (1, 60, 3600, 86400)  # n = 0..3: seconds, minutes, hours, days
+_DURATION_VIFS = {
+    0x20: "on_time",
+    0x24: "operating_time",
+    0x70: "averaging_duration",
+    0x74: "actuality_duration",
+}
+_FD_NAMES = {
+    0x08: "access_number", 0x09: "medium_code", 0x0A: "manufacturer_code", 0x0B: "parameter_set",
+    0x0C: "model_version", 0x0D: "hardware_version", 0x0E: "firmware_version", 0x0F: "software_version",
+    0x10: "customer_location", 0x11: "customer", 0x16: "password", 0x17: "error_flags",
+    0x1A: "digital_output", 0x1B: "digital_input", 0x1C: "baudrate", 0x74: "battery_remaining_days",
+}  # fmt: skip
+# VIFE qualifiers we know how to name; any other VIFE makes the record skipped.
+_VIFE_SUFFIX = {0x20: "_per_second", 0x21: "_per_minute", 0x22: "_per_hour", 0x23: "_per_day",
+                0x28: "_per_pulse_in0", 0x29: "_per_pulse_in1"}  # fmt: skip
+_DATA_LEN = {
+    0x0: 0,
+    0x1: 1,
+    0x2: 2,
+    0x3: 3,
+    0x4: 4,
+    0x5: 4,
+    0x6: 6,
+    0x7: 8,
+    0x9: 1,
+    0xA: 2,
+    0xB: 3,
+    0xC: 4,
+    0xE: 6,
+}
+_FUNCTION_SUFFIX = ("", "_max", "_min", "_error")
+
+
+def _scaled(raw: int, exponent: int) -> float | int:
+    if exponent >= 0:
+        return raw * int(10**exponent)
+    return float(Decimal(raw).scaleb(exponent))
+
+
+def _date_g(b: bytes) -> str | None:
+    day, month = b[0] & 0x1F, b[1] & 0x0F
+    year = ((b[0] & 0xE0) >> 5) | ((b[1] & 0xF0) >> 1)
+    if not (1 <= day <= 31 and 1 <= month <= 12):
+        return None  # 00-00: "no date" (e.g. a due date not yet set)
+    return f"{2000 + year:04d}-{month:02d}-{day:02d}"
+
+
+def _datetime_f(b: bytes) -> str | None:
+    if b[0] & 0x80:  # IV bit: the meter flags its own time as invalid
+        return None
+    minute, hour = b[0] & 0x3F, b[1] & 0x1F
+    date = _date_g(b[2:4])
+    if date is None or minute > 59 or hour > 23:
+        return None
+    return f"{date}T{hour:02d}:{minute:02d}:00"
+
+
+def _sanitize(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "text"
+
+
+class _Cursor:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if self.pos + n > len(self.data):
+            raise DecodeError(f"truncated record: {what} needs {n} byte(s) past the end of the frame")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+
+def _decode_number(dtype: int, raw: bytes) -> int | None:
+    """Integer value of fixed-length data; None for invalid BCD."""
+    if dtype in (0x9, 0xA, 0xB, 0xC, 0xE):
+        digits = _bcd_digits(raw)
+        negative = digits.startswith("F")
+        if negative:
+            digits = digits[1:]
+        if not digits.isdigit():
+            return None
+        return -int(digits) if negative else int(digits)
+    return int.from_bytes(raw, "little", signed=True)
+
+
+def _parse_records(data: bytes, telegram: Telegram) -> None:
+    cur = _Cursor(data)
+    seen: dict[str, int] = {}
+    while cur.left():
+        start = cur.pos
+        dif = cur.take(1, "DIF")[0]
+        if dif == 0x2F:  # idle filler
+            continue
+        if dif in (0x0F, 0x1F):
+            rest = cur.take(cur.left(), "manufacturer data")
+            telegram.more_follows = dif == 0x1F
+            if rest:
+                telegram.skipped.append(f"manufacturer-specific data ({len(rest)} bytes)")
+            return
+        dtype, function = dif & 0x0F, (dif >> 4) & 0x03
+        storage, tariff, subunit = (dif >> 6) & 0x01, 0, 0
+        ext, n = dif, 0
+        while ext & 0x80:
+            ext = cur.take(1, "DIFE")[0]
+            storage |= (ext & 0x0F) << (1 + 4 * n)
+            tariff |= ((ext >> 4) & 0x03) << (2 * n)
+            subunit |= ((ext >> 6) & 0x01) << n
+            n += 1
+            if n > 10:
+                raise DecodeError("malformed record: more than 10 DIFEs")
+        vif = cur.take(1, "VIF")[0]
+        text_vif: str | None = None
+        if vif & 0x7F == 0x7C:
+            tlen = cur.take(1, "plain-text VIF length")[0]
+            text_vif = cur.take(tlen, "plain-text VIF")[::-1].decode("latin-1")
+        vifes: list[int] = []
+        ext = vif
+        while ext & 0x80:
+            ext = cur.take(1, "VIFE")[0]
+            vifes.append(ext)
+            if len(vifes) > 10:
+                raise DecodeError("malformed record: more than 10 VIFEs")
+        if dtype == 0xD:
+            lvar = cur.take(1, "LVAR")[0]
+            raw = cur.take(_lvar_size(lvar), "variable-length data")
+        elif dtype == 0x8 or dtype not in _DATA_LEN:
+            raise DecodeError(f"unsupported DIF {dif:02X} (data type {dtype:X})")
+        else:
+            lvar = -1
+            raw = cur.take(_DATA_LEN[dtype], "record data")
+        coding = data[start : cur.pos - len(raw) - (1 if dtype == 0xD else 0)].hex(" ").upper()
+        record = _interpret(dtype, vif, vifes, text_vif, raw, lvar)
+        if isinstance(record, str):
+            telegram.skipped.append(f"{coding}: {record}")
+            continue
+        name, value, unit = record
+        name += _FUNCTION_SUFFIX[function]
+        if storage:
+            name += f"_s{storage}"
+        if tariff:
+            name += f"_t{tariff}"
+        if subunit:
+            name += f"_u{subunit}"
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}_{seen[name]}"
+        telegram.records.append(Record(name, value, unit, coding))
+
+
+def _lvar_size(lvar: int) -> int:
+    """Bytes of variable-length data: text (< C0), BCD (Cx, Dx), binary (Ex), floats (F0-F6)."""
+    if lvar < 0xC0:
+        return lvar
+    if lvar < 0xF0:
+        return lvar & 0x0F
+    if lvar <= 0xF4:
+        return 4 * (lvar - 0xEC)
+    if lvar in (0xF5, 0xF6):
+        return 48 if lvar == 0xF5 else 64
+    raise DecodeError(f"malformed record: reserved LVAR {lvar:02X}")
+
+
+def _interpret(
+    dtype: int, vif: int, vifes: list[int], text_vif: str | None, raw: bytes, lvar: int
+) -> tuple[str, Value, str | None] | str:
+    """(name, value, unit) of one record, or the reason (in words) it is skipped."""
+    if dtype == 0x0:
+        return "no data"
+    if dtype == 0xD:
+        if lvar >= 0xC0:
+            return f"variable-length data of type LVAR {lvar:02X} not supported"
+        text: str | None = raw[::-1].decode("latin-1")
+        number = None
+    elif dtype == 0x5:
+        text, number = None, None
+    else:
+        text, number = None, _decode_number(dtype, raw)
+        if number is None:
+            return "invalid BCD digits"
+    suffix = ""
+    if vif & 0x7F not in (0x7D, 0x7B):  # in FD/FB the first VIFE is the code itself
+        for e in vifes:
+            if (e & 0x7F) not in _VIFE_SUFFIX:
+                return f"VIF extension {e:02X} not understood"
+            suffix += _VIFE_SUFFIX[e & 0x7F]
+    elif len(vifes) > 1:
+        return f"VIF extension {vifes[1]:02X} not understood"
+    if dtype == 0x5:
+        fvalue = struct.unpack("<f", raw)[0]
+        return _name_value(vif, vifes, text_vif, fvalue, None, suffix)
+    return _name_value(vif, vifes, text_vif, number, text, suffix)
+
+
+def _name_value(
+    vif: int,
+    vifes: list[int],
+    text_vif: str | None,
+    number: int | float | None,
+    text: str | None,
+    suffix: str,
+) -> tuple[str, Value, str | None] | str:
+    v = vif & 0x7F
+    if text_vif is not None:
+        value: Value = text if text is not None else number if number is not None else ""
+        return _sanitize(text_vif) + suffix, value, None
+    if v == 0x7D:
+        code = vifes[0] & 0x7F if vifes else -1
+        if code in _FD_NAMES:
+            return _FD_NAMES[code] + suffix, text if text is not None else _num(number), None
+        if 0x40 <= code <= 0x4F and number is not None:
+            return "voltage" + suffix, _scaled_num(number, (code & 0x0F) - 9), "V"
+        if 0x50 <= code <= 0x5F and number is not None:
+            return "current" + suffix, _scaled_num(number, (code & 0x0F) - 12), "A"
+        return f"extended VIF FD {code:02X} not understood"
+    if v in (0x7E, 0x7F, 0x7B):
+        return f"VIF {vif:02X} (any / manufacturer-specific / extension FB) not mapped"
+    if v == 0x6C:
+        if text is not None or number is None:
+            return "date with unexpected data type"
+        date = _date_g(int(number).to_bytes(2, "little", signed=True))
+        return ("date" + suffix, date, None) if date else "no date (00-00)"
+    if v == 0x6D:
+        if text is not None or number is None:
+            return "date-time with unexpected data type"
+        dt = _datetime_f(int(number).to_bytes(4, "little", signed=True))
+        return ("datetime" + suffix, dt, None) if dt else "invalid date-time"
+    if v == 0x78:
+        if number is None:
+            return "fabrication number with unexpected data type"
+        return "fabrication_number" + suffix, str(int(number)), None
+    if v == 0x79:
+        return "enhanced_identification" + suffix, str(number if text is None else text), None
+    if v == 0x7A:
+        return "bus_address" + suffix, _num(number), None
+    if text is not None or number is None:
+        return f"VIF {vif:02X} with text data not mapped"
+    for base, name in _DURATION_VIFS.items():
+        if base <= v <= base + 3:
+            return name + suffix, int(number) * _DURATION_FACTOR[v - base], "s"
+    for mask, base, name, unit, offset in _VIF_RANGES:
+        if v & mask == base:
+            return name + suffix, _scaled_num(number, (v & ~mask & 0x7F) + offset), unit
+    return f"VIF {vif:02X} not mapped"
+
+
+def _num(number: int | float | None) -> Value:
+    return 0 if number is None else number
+
+
+def _scaled_num(number: int | float, exponent: int) -> float | int:
+    if isinstance(number, float):
+        return number * 10.0**exponent
+    return _scaled(number, exponent)
+
+
+def decode_long_frame(frame: bytes) -> Telegram:
+    """An RSP_UD long frame with variable data (CI 72 or 78) -> header fields and named records."""
+    lf = parse_long_frame(frame)
+    if lf.control & 0x4F != C_RSP_UD:
+        raise DecodeError(f"not a data response: C field {lf.control:02X} (RSP_UD is 08/18/28/38)")
+    telegram = Telegram(address=lf.address)
+    data = lf.data
+    if lf.ci == CI_VARIABLE:
+        if len(data) < 12:
+            raise DecodeError(f"bad length: the variable data header needs 12 bytes, got {len(data)}")
+        ident = _bcd_digits(data[0:4])
+        if not ident.isdigit():
+            raise DecodeError(f"malformed header: identification {ident} is not BCD")
+        medium = data[7]
+        telegram.header = {
+            "meter_id": ident,
+            "manufacturer": manufacturer_code(int.from_bytes(data[4:6], "little")),
+            "version": data[6],
+            "medium": MEDIUM.get(medium, f"0x{medium:02X}"),
+            "access_number": data[8],
+            "status": data[9],
+        }
+        data = data[12:]
+    elif lf.ci != CI_VARIABLE_NO_HEADER:
+        raise DecodeError(f"unsupported CI field {lf.ci:02X} (supported: 72, 78 variable data)")
+    _parse_records(data, telegram)
+    return telegram
+
+
+def decode_cli(data: bytes, options: dict[str, str]) -> dict[str, Value]:
+    """`fieldgate decode mbus HEX`: a long frame's header and records by point name; also short frames, E5."""
+    if data == bytes([ACK]):
+        return {"ack": True}
+    if data[:1] == bytes([SHORT_START]):
+        control, address = parse_short_frame(data)
+        names = {C_SND_NKE: "SND_NKE", C_REQ_UD2: "REQ_UD2", C_REQ_UD2_FCB: "REQ_UD2"}
+        return {"frame": names.get(control, f"C={control:02X}"), "address": address}
+    telegram = decode_long_frame(data)
+    out: dict[str, Value] = {"address": telegram.address}
+    out.update({k: v for k, (v, _unit) in telegram.values().items()})
+    return out

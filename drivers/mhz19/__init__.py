@@ -1,0 +1,1 @@
+"""Winsen MH-Z19(B) NDIR CO2 sensor driver."""

@@ -1,0 +1,20 @@
+"""Configuration of a Winsen MH-Z19(B) CO2 sensor (no I/O imports)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from agent.units import Duration
+from drivers.serialport.config import SerialDeviceConfig
+
+
+class Mhz19DeviceConfig(SerialDeviceConfig):
+    """An MH-Z19/MH-Z19B on a UART (9600 8N1)."""
+
+    driver: Literal["mhz19"] = "mhz19"
+    preheat: Duration = Field(180.0, description="pre-heat time after power-up (datasheet: 3 minutes)")
+    during_preheat: Literal["uncertain", "withhold"] = Field(
+        "uncertain", description="readings during pre-heat: published with quality uncertain, or not at all"
+    )

@@ -1,0 +1,221 @@
+"""The Modbus driver: plans a device's due points into requests, runs them on its shared bus, decodes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from agent.driver import Driver, DriverContext, PointSpec
+from agent.errors import ConfigError, DecodeError, DeviceProtocolError, PointError, WriteRefused
+from agent.reading import Reading, Value, now_ms
+from drivers.modbus import codec
+from drivers.modbus.bus import BusSession, ModbusBus, ModbusExceptionResponse
+from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
+from drivers.modbus.planner import Barrier, Limits, PlannedPoint, ReadRequest, plan, split_in_halves
+from drivers.modbus.profile import load_profile, merge_profile
+
+ILLEGAL_DATA_ADDRESS = 2
+
+
+def bus_for(context: DriverContext, bus_name: str) -> ModbusBus:
+    """The one ModbusBus of a bus name, shared by every device on it."""
+    if bus_name not in context.buses:
+        known = ", ".join(sorted(context.buses)) or "none"
+        raise ConfigError([f"unknown bus '{bus_name}' (buses: {known})"])
+    config = context.buses[bus_name]
+    return context.shared.get(("modbus-bus", bus_name), lambda: ModbusBus(bus_name, config))
+
+
+class ModbusDriver(Driver[ModbusDeviceConfig]):
+    """One Modbus unit on a bus; requests are planned per cycle and merged across small holes."""
+
+    name = "modbus"
+
+    def __init__(self, device: str, config: ModbusDeviceConfig, context: DriverContext) -> None:
+        if config.profile is not None:
+            try:
+                config = merge_profile(config, load_profile(config.profile, context.config_dir))
+            except ValueError as exc:
+                raise ConfigError([f"devices.{device}.profile: {exc}"]) from None
+        super().__init__(device, config, context)
+        self._points: dict[str, ModbusPoint] = dict(config.points)
+        self._planned = {
+            n: PlannedPoint(n, p.table, p.address, p.register_count()) for n, p in self._points.items()
+        }
+        self._limits = Limits(config.max_registers_per_request, config.max_bits_per_request, config.max_gap)
+        self.barriers: set[Barrier] = set()  # learned splits (exception 2 on a merged request)
+        self._last_read: dict[str, float] = {}
+        self._bus: ModbusBus | None = None
+        self.clock = time.monotonic  # replaceable in tests (per-point poll due times)
+        self.requests_last_cycle = 0
+
+    @property
+    def bus(self) -> ModbusBus:
+        if self._bus is None:
+            self._bus = bus_for(self.context, self.config.bus)
+        return self._bus
+
+    async def open(self) -> None:
+        _ = self.bus  # resolves the bus now so a config mistake shows at start; connects lazily
+
+    def cycle_interval(self) -> float:
+        polls = [p.poll for p in self._points.values() if p.poll is not None]
+        return min([self.config.poll, *polls])
+
+    def points(self) -> dict[str, PointSpec]:
+        return {
+            n: PointSpec(n, p.effective_type(), p.unit, p.writable, p.min, p.max)
+            for n, p in self._points.items()
+        }
+
+    def _interval(self, point: ModbusPoint) -> float:
+        return point.poll if point.poll is not None else self.config.poll
+
+    def _due(self, now: float) -> list[str]:
+        # Half a cycle of tolerance so that a point due every 2nd cycle is not pushed to the 3rd by jitter.
+        slack = self.cycle_interval() / 2
+        return [
+            n
+            for n, p in self._points.items()
+            if n not in self._last_read or now - self._last_read[n] >= self._interval(p) - slack
+        ]
+
+    async def read(self) -> list[Reading]:
+        now = self.clock()
+        due = self._due(now)
+        readings = await self._read_names(due)
+        for n in due:
+            self._last_read[n] = now
+        return readings
+
+    async def read_points(self, names: list[str]) -> list[Reading]:
+        for n in names:
+            if n not in self._points:
+                raise PointError(
+                    n, f"unknown point (points of {self.device}: {', '.join(sorted(self._points))})"
+                )
+        return await self._read_names(names or list(self._points))
+
+    async def _read_names(self, names: Iterable[str]) -> list[Reading]:
+        self.point_errors = {}
+        self.requests_last_cycle = 0
+        requests = plan((self._planned[n] for n in names), self._limits, self.barriers)
+        readings: list[Reading] = []
+        answered = [0]
+        for request in requests:
+            await self._run(request, readings, answered)
+        if requests and not answered[0]:
+            # not one request was answered with data: the device as a whole is failing for us
+            first = next(iter(self.point_errors.values()), "no answer")
+            raise DeviceProtocolError(f"{self.device}: every request failed: {first}")
+        return readings
+
+    async def _run(self, request: ReadRequest, readings: list[Reading], answered: list[int]) -> bool:
+        """Run one request; on exception 2, split it in halves (recursively). True if it went through whole.
+
+        A split boundary is learned (kept as a barrier) only when both halves then went
+        through whole: that proves the two cannot be read together. A point refused on
+        its own is isolated by barriers on both sides and reported in `point_errors`.
+        DeviceUnreachable propagates: a dead unit costs one timeout per cycle, not one per request.
+        """
+        try:
+            self.requests_last_cycle += 1
+            values = await self.bus.read(self.config.unit_id, request.table, request.address, request.count)
+        except ModbusExceptionResponse as exc:
+            if exc.code == ILLEGAL_DATA_ADDRESS:
+                try:
+                    halves, barrier = split_in_halves(request)
+                except ValueError:
+                    halves = []
+                if halves:
+                    left = await self._run(halves[0], readings, answered)
+                    right = await self._run(halves[1], readings, answered)
+                    if left and right:
+                        self.barriers.add(barrier)
+                    return False
+            for p in request.points:
+                self.point_errors[p.name] = str(exc)
+                if exc.code == ILLEGAL_DATA_ADDRESS:
+                    self.barriers.update({(p.table, p.address), (p.table, p.end)})
+            return False
+        answered[0] += 1
+        readings.extend(self._decode_request(request, values, now_ms()))
+        return True
+
+    def _decode_request(self, request: ReadRequest, values: list[int] | list[bool], ts: int) -> list[Reading]:
+        out: list[Reading] = []
+        for pp in request.points:
+            point = self._points[pp.name]
+            chunk = values[pp.address - request.address : pp.end - request.address]
+            try:
+                value = self._decode(point, [int(v) for v in chunk])
+            except DecodeError as exc:
+                self.point_errors[pp.name] = str(exc)
+                continue
+            out.append(Reading(self.device, pp.name, ts, value, point.unit))
+        return out
+
+    @staticmethod
+    def _decode(point: ModbusPoint, registers: list[int]) -> Value:
+        if point.table in ("coil", "discrete"):
+            return bool(registers[0])
+        return codec.decode(
+            registers,
+            point.effective_type() if point.bit is None else "uint16",
+            point.order,
+            scale=point.scale,
+            offset=point.offset,
+            bit=point.bit,
+            length=point.length,
+        )
+
+    async def write(self, point: str, value: Value) -> Value:
+        p = self._points.get(point)
+        if p is None:
+            raise WriteRefused(f"{self.device}: unknown point '{point}'")
+        if not p.writable:
+            raise WriteRefused(f"{self.device}.{point}: the point is not writable")
+        kind = p.effective_type()
+        try:
+            if kind == "bool":
+                target: Value = codec.coerce_bool(value)
+            elif kind == "string":
+                if not isinstance(value, str):
+                    raise WriteRefused(f"expected a string, got {value!r}")
+                target = value
+            else:
+                target = codec.coerce_number(value)
+                if p.min is not None and target < p.min:
+                    raise WriteRefused(f"{target} is below the minimum {p.min:g}")
+                if p.max is not None and target > p.max:
+                    raise WriteRefused(f"{target} is above the maximum {p.max:g}")
+            registers = (
+                []
+                if p.table == "coil" or p.bit is not None
+                else codec.encode(target, kind, p.order, scale=p.scale, offset=p.offset, length=p.length)
+            )
+        except WriteRefused as exc:
+            raise WriteRefused(f"{self.device}.{point}: {exc}") from None
+        unit = self.config.unit_id
+        async with self.bus.session() as bus:
+            await self._write_locked(bus, unit, p, target, registers)
+        readings = await self.read_points([point])
+        if not readings:
+            why = self.point_errors.get(point, "no value")
+            raise DeviceProtocolError(f"{self.device}.{point}: written, but the read-back failed: {why}")
+        return readings[0].value
+
+    @staticmethod
+    async def _write_locked(
+        bus: BusSession, unit: int, p: ModbusPoint, target: Value, registers: list[int]
+    ) -> None:
+        if p.table == "coil":
+            await bus.write_coil(unit, p.address, bool(target))
+        elif p.bit is not None:
+            # read-modify-write under the bus lock: no other request can slip between read and write
+            (current,) = await bus.read(unit, "holding", p.address, 1)
+            await bus.write_register(unit, p.address, codec.set_bit(int(current), p.bit, bool(target)))
+        elif len(registers) == 1:
+            await bus.write_register(unit, p.address, registers[0])
+        else:
+            await bus.write_registers(unit, p.address, registers)

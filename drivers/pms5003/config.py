@@ -1,0 +1,26 @@
+"""Configuration of a Plantower PMS5003 particulate sensor (no I/O imports)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from agent.units import Duration
+from drivers.serialport.config import SerialDeviceConfig
+
+
+class Pms5003DeviceConfig(SerialDeviceConfig):
+    """A PMS5003 (or PMS7003/PMSA003, same protocol) on a 3.3 V UART (9600 8N1)."""
+
+    driver: Literal["pms5003"] = "pms5003"
+    poll: Duration = Field(60.0, description="time between two measurements")
+    reporting: Literal["passive", "active"] = Field(
+        "passive", description="passive: the gateway asks for each frame; active: the sensor pushes ~1/s"
+    )
+    sleep_between_reads: bool = Field(False, description="sleep between reads (fan off, longer sensor life)")
+    warmup: Duration = Field(30.0, description="after waking, how long the fan runs before a value is taken")
+
+    def cycle_timeout(self) -> float:
+        extra = self.warmup if self.sleep_between_reads else 0.0
+        return super().cycle_timeout() + extra

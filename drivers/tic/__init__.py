@@ -1,0 +1,1 @@
+"""Enedis Linky TIC (télé-information client) driver: historic and standard modes."""

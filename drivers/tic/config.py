@@ -1,0 +1,32 @@
+"""Configuration of a Linky TIC device (no I/O imports)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from agent.units import Duration
+from drivers.serialport.config import SerialDeviceConfig
+
+
+class TicDeviceConfig(SerialDeviceConfig):
+    """A Linky (or older electronic) meter's customer output on a TIC-to-USB adapter."""
+
+    driver: Literal["linky-tic"] = "linky-tic"
+    mode: Literal["historic", "standard", "auto"] = Field(
+        "historic",
+        description="historic (1200 7E1, Linky default) | standard (9600 7E1) | auto (try 9600 then 1200)",
+    )
+    min_interval: Duration = Field(
+        10.0, description="at most one reading per label per interval (the meter sends a frame every 1-2 s)"
+    )
+    labels: list[str] | Literal["all"] | None = Field(
+        None,
+        description="TIC labels to publish (e.g. [BASE, PAPP]); default: indexes, power, currents, "
+        "voltages and the meter address; 'all' for every label",
+    )
+    silence_timeout: Duration = Field(
+        30.0, description="no valid frame for this long => the device is reported unreachable"
+    )
+    detect_timeout: Duration = Field(5.0, description="mode auto: how long to listen at each speed")

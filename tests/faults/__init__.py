@@ -1,0 +1,1 @@
+"""Fault-injection suite: the real daemon against real peers, with faults injected (docs/RELIABILITY.md)."""
