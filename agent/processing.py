@@ -93,7 +93,14 @@ def resolve_rule(levels: list[Any]) -> PointRule:
     if heartbeat is None:
         heartbeat = None if report == "always" else DEFAULT_HEARTBEAT
     heartbeat_ms = int(heartbeat * 1000) if heartbeat else None  # heartbeat: 0 turns confirmations off
-    return PointRule(report, amount, relative, heartbeat_ms, first("aggregate"))
+    aggregate = None
+    for level in levels:  # a level that sets its own report mode, below the aggregate's, opts its point out
+        if getattr(level, "aggregate", None) is not None:
+            aggregate = level.aggregate
+            break
+        if getattr(level, "report", None) is not None or getattr(level, "deadband", None) is not None:
+            break
+    return PointRule(report, amount, relative, heartbeat_ms, aggregate)
 
 
 def is_number(value: Value) -> bool:

@@ -23,12 +23,14 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
 
 from agent import payloads
 from agent.config import MqttConfig
+from agent.errors import StoreError
 from agent.reading import now_ms
 from agent.store import AsyncStore, StoredRow
 
@@ -37,7 +39,21 @@ log = logging.getLogger("fieldgate.uplink")
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 2.0  # a broker back after an outage sees data within about 2 s
 LIVE_INFLIGHT = 2  # live messages awaiting PUBACK at once (the backlog has `max_inflight` of its own)
+ACK_RETRY = 1.0  # seconds between attempts to delete acknowledged rows while the disk refuses
 LIVE_LIMIT_BATCHES = 20  # past this many batches waiting live, the surplus goes the backlog way
+
+
+Handler = Callable[[bytes], Awaitable[dict[str, Any] | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A topic the gateway listens to; the handler's answer (if any) goes to `result_topic`."""
+
+    topic: str
+    handler: Handler
+    result_topic: str | None = None
+    retain: bool = False
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -60,7 +76,7 @@ class Uplink:
         password: str | None = None,
         tls_context: ssl.SSLContext | None = None,
         health_doc: Callable[[], dict[str, Any]] | None = None,
-        on_command: Callable[[bytes], Awaitable[dict[str, Any] | None]] | None = None,
+        on_command: Handler | None = None,
         next_seq: int = 1,
         explain_error: Callable[[BaseException], str] | None = None,
     ) -> None:
@@ -71,9 +87,13 @@ class Uplink:
         self.password = password
         self.tls_context = tls_context
         self.health_doc = health_doc
-        self.on_command = on_command
-        self.explain_error = explain_error or (lambda e: str(e) or type(e).__name__)
         self.topics = payloads.Topics(cfg.topic_prefix, gateway_id)
+        self.subscriptions: list[Subscription] = []
+        if on_command is not None:
+            self.subscriptions.append(
+                Subscription(self.topics.commands, on_command, self.topics.command_results)
+            )
+        self.explain_error = explain_error or (lambda e: str(e) or type(e).__name__)
         self.client_id = cfg.client_id or gateway_id
 
         self.connected = False
@@ -92,6 +112,7 @@ class Uplink:
         self._backlog_event = asyncio.Event()
         self._acks: list[int] = []
         self._ack_event = asyncio.Event()
+        self._ack_failing = False
         self._client: aiomqtt.Client | None = None
         self._stopping = False
         self.on_connect: list[Callable[[], None]] = []
@@ -175,15 +196,15 @@ class Uplink:
                 await client.publish(
                     self.topics.status, payloads.status("online", now_ms(), self.version), qos=1, retain=True
                 )
-                if self.on_command is not None:
-                    await client.subscribe(self.topics.commands, qos=1)
+                for sub in self.subscriptions:
+                    await client.subscribe(sub.topic, qos=1)
                 async with asyncio.TaskGroup() as tg:
                     # Each lane has its own in-flight slots, so a draining backlog never delays live batches.
                     tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
                     tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
                     tg.create_task(self._ack_flusher())
                     tg.create_task(self._health_loop(client))
-                    tg.create_task(self._command_loop(client))
+                    tg.create_task(self._message_loop(client))
             finally:
                 self._client = None
 
@@ -270,12 +291,30 @@ class Uplink:
                 await self._ack_event.wait()
                 continue
             seqs, self._acks = self._acks, []
-            await self.store.ack(seqs)
+            try:
+                await self.store.ack(seqs)
+            except StoreError as exc:
+                # A full disk can refuse even a delete (WAL mode writes it first). Keep the seqs and try
+                # again later, on the same connection: ending the session would send them all once more.
+                self._acks = seqs + self._acks
+                if not self._ack_failing:
+                    log.error("acknowledged readings not yet deleted, will retry: %s", exc)
+                self._ack_failing = True
+                await asyncio.sleep(ACK_RETRY)
+                continue
+            if self._ack_failing:
+                log.warning("acknowledged readings deleted again")
+                self._ack_failing = False
 
     async def flush_acks(self) -> None:
         if self._acks:
             seqs, self._acks = self._acks, []
-            await self.store.ack(seqs)
+            try:
+                await self.store.ack(seqs)
+            except StoreError as exc:
+                log.error(
+                    "%d acknowledged readings stay in the buffer and will be sent again: %s", len(seqs), exc
+                )
 
     async def _health_loop(self, client: aiomqtt.Client) -> None:
         if self.health_doc is None:
@@ -285,34 +324,39 @@ class Uplink:
             self.beat()
             await asyncio.sleep(self.cfg.health_interval)
 
-    async def _command_loop(self, client: aiomqtt.Client) -> None:
-        if self.on_command is None:
+    async def _message_loop(self, client: aiomqtt.Client) -> None:
+        """Messages from the platform (commands, ...): each handled in its own task, its answer published."""
+        if not self.subscriptions:
             return
-        handler = self.on_command
         async with asyncio.TaskGroup() as tg:
             async for message in client.messages:
-                if not message.topic.matches(self.topics.commands):
+                sub = next((x for x in self.subscriptions if message.topic.matches(x.topic)), None)
+                if sub is None:
                     continue
                 raw = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
 
-                async def handle(raw: bytes = raw) -> None:
-                    result = await handler(raw)
-                    if result is not None:
-                        await self.publish_result(result)
+                async def handle(raw: bytes = raw, sub: Subscription = sub) -> None:
+                    result = await sub.handler(raw)
+                    if result is not None and sub.result_topic:
+                        await self.publish(sub.result_topic, result, retain=sub.retain)
 
                 tg.create_task(handle())
 
-    async def publish_result(self, result: dict[str, Any]) -> bool:
-        """Publish a command result (also used for schedule actions); False when offline."""
+    async def publish(self, topic: str, doc: dict[str, Any], *, retain: bool = False) -> bool:
+        """Publish one JSON document at QoS 1; False when offline."""
         client = self._client
         if client is None or not self.connected:
             return False
         try:
-            await client.publish(self.topics.command_results, payloads.dumps(result), qos=1)
+            await client.publish(topic, payloads.dumps(doc), qos=1, retain=retain)
         except aiomqtt.MqttError as exc:
-            log.warning("command result not published: %s", exc)
+            log.warning("%s not published: %s", topic, exc)
             return False
         return True
+
+    async def publish_result(self, result: dict[str, Any]) -> bool:
+        """Publish a command result (also used for schedule actions); False when offline."""
+        return await self.publish(self.topics.command_results, result)
 
     async def stop(self) -> None:
         """Say offline (retained) and leave cleanly; rows not acknowledged stay in the store."""

@@ -110,14 +110,16 @@ async def test_full_filesystem_holds_readings_and_recovers(
             await checker.wait_for(lambda: any(checker.data.backlog_flags), timeout=30,
                                    what="the buffered readings forwarded while the disk is full")
             filler.unlink()
-            await wait_status(local_port, lambda d: d["buffer"]["in_memory"] == 0 and not d["buffer"]["last_error"],
-                              timeout=60, what="the buffer writable again")
+            await checker.wait_for(lambda: "buffer writable again" in daemon.log_text(), timeout=60,
+                                   what="the buffer writable again")
             high = store_high(db)
             await checker.wait_for_seqs(high, timeout=60)
         finally:
             assert daemon.stop() == 0, tail(daemon)
     log = daemon.log_text()
-    assert "disk is full" in log and "buffer writable again" in log, log[-3000:]
+    assert "disk is full" in log, log[-3000:]
+    # A delete refused by the full disk is retried on the same connection, not a reason to drop the link.
+    assert "upstream session failed" not in log, log[-3000:]
     a = audit(checker, high)
     assert a.gaps == [] and a.conflicting == [] and a.counter_reused == [] and a.counter_disorder == 0, a
     # Every read of the counter made while the disk was full reached the platform, in order.

@@ -357,3 +357,14 @@ async def test_failing_device_sends_events_and_no_values_then_recovers() -> None
         await asyncio.gather(run, return_exceptions=True)
     assert [(r.point, r.value) for r in sent.readings][2:4] == [("_state", "ok"), ("v", 42)]
     assert all(r.point != "v" for r in sent.readings[:2])
+
+
+def test_a_point_with_its_own_report_mode_is_not_aggregated() -> None:
+    cfg = ModbusDeviceConfig(
+        bus="b",
+        aggregate={"window": "1m"},
+        points={"energy": {"address": 0, "deadband": 10}, "power": {"address": 1}},
+    )
+    proc, _, _ = make(cfg)
+    assert proc.rule("energy").aggregate is None and proc.rule("energy").report == "deadband"
+    assert proc.rule("power").aggregate is not None
