@@ -19,6 +19,8 @@ from typing import TextIO
 # Libraries whose own messages repeat what our errors already say (every timeout, every reconnect);
 # they are held at WARNING unless the operator asks for DEBUG.
 LIBRARY_LOGGERS = ("pymodbus", "bleak", "aiomqtt", "paho", "asyncio")
+# pymodbus logs every timeout as ERROR with a frame dump; the bus reports the same failure in words.
+QUIET_LEVEL = {"pymodbus": logging.CRITICAL}
 
 _SYSLOG_PRIORITY = {
     logging.CRITICAL: 2,
@@ -105,7 +107,9 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(levelno)
     for lib in LIBRARY_LOGGERS:
-        logging.getLogger(lib).setLevel(logging.DEBUG if levelno <= logging.DEBUG else logging.WARNING)
+        logging.getLogger(lib).setLevel(
+            logging.DEBUG if levelno <= logging.DEBUG else QUIET_LEVEL.get(lib, logging.WARNING)
+        )
     return handler
 
 

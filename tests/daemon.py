@@ -27,14 +27,15 @@ def fieldgate_exe() -> list[str]:
 class Daemon:
     """One `fieldgate run` process we own; killable with SIGTERM or SIGKILL."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log = log
+        self.env = env or {}  # extra environment, e.g. NOTIFY_SOCKET for the watchdog tests
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
         out = open(self.log, "ab")  # noqa: SIM115 - owned by the process
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=str(REPO), **self.env)
         self.proc = subprocess.Popen(
             [*fieldgate_exe(), "run", "-c", str(self.config), "--log-level", "debug"],
             stdout=out,
@@ -86,17 +87,21 @@ def write_config(
     devices: str,
     extra: str = "",
     mqtt_extra: str = "",
+    local: str = '""',
+    url: str | None = None,
 ) -> Path:
+    """`local` is local.listen (e.g. "127.0.0.1:8471"; disabled by default), plus any flow-mapping keys
+    after it (`'127.0.0.1:8471, token_file: /path'`); `url` replaces the plain mqtt:// URL (mqtts://...)."""
     path.write_text(
         f"""gateway: {{id: {gateway}, clock: assume_synced}}   # tests inject the clock state
 storage: {{path: {db}, max_size: 64MB}}
 upstream:
   mqtt:
-    url: mqtt://127.0.0.1:{broker_port}
+    url: {url or f"mqtt://127.0.0.1:{broker_port}"}
     batch_interval: 200ms
     keepalive: 5s
 {mqtt_extra}
-local: {{listen: ""}}
+local: {{listen: {local}}}
 buses:
 {buses}
 devices:

@@ -153,6 +153,10 @@ class ModbusBus:
                 f"bus {self.name}: connection to {self.describe()} lost ({exc.string})"
             ) from None
         except ModbusIOException as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # pymodbus turns our cancellation (a cycle timeout, a stop) into an I/O error: give it back.
+                raise asyncio.CancelledError from None
             self.failures += 1
             return self._no_answer(unit_id, exc)
         except ModbusException as exc:

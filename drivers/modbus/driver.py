@@ -12,7 +12,6 @@ from drivers.modbus import codec
 from drivers.modbus.bus import BusSession, ModbusBus, ModbusExceptionResponse
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
 from drivers.modbus.planner import Barrier, Limits, PlannedPoint, ReadRequest, plan, split_in_halves
-from drivers.modbus.profile import load_profile, merge_profile
 
 ILLEGAL_DATA_ADDRESS = 2
 
@@ -32,11 +31,7 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
     name = "modbus"
 
     def __init__(self, device: str, config: ModbusDeviceConfig, context: DriverContext) -> None:
-        if config.profile is not None:
-            try:
-                config = merge_profile(config, load_profile(config.profile, context.config_dir))
-            except ValueError as exc:
-                raise ConfigError([f"devices.{device}.profile: {exc}"]) from None
+        # `profile:` was merged into `points` by the config loader (agent/loader.py), with file positions.
         super().__init__(device, config, context)
         self._points: dict[str, ModbusPoint] = dict(config.points)
         self._planned = {

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from agent import loader
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
 
 BUNDLED_PROFILES = Path(__file__).resolve().parents[2] / "config" / "profiles"
@@ -27,23 +28,13 @@ class Profile:
 
 
 def find_profile(ref: str, config_dir: Path | None = None) -> Path:
-    """A profile's file: a path (absolute or relative to the config file), else a name looked up in
-    `<config_dir>/profiles/` and then in the bundled `config/profiles/`."""
-    candidates: list[Path] = []
-    as_path = Path(ref)
-    if as_path.suffix in (".yaml", ".yml") or "/" in ref:
-        candidates.append(as_path if as_path.is_absolute() else (config_dir or Path.cwd()) / as_path)
-    else:
-        if config_dir is not None:
-            candidates.append(config_dir / "profiles" / f"{ref}.yaml")
-        candidates.append(BUNDLED_PROFILES / f"{ref}.yaml")
-    for c in candidates:
-        if c.is_file():
-            return c
-    known = ", ".join(sorted(p.stem for p in BUNDLED_PROFILES.glob("*.yaml"))) or "none"
-    raise ValueError(
-        f"profile '{ref}' not found (looked in {', '.join(map(str, candidates))}; bundled: {known})"
-    )
+    """A profile's file, looked up like the config loader does (agent.loader.find_profile)."""
+    base = (config_dir or Path.cwd()) / "fieldgate.yaml"
+    found = loader.find_profile(ref, base)
+    if found is None:
+        known = ", ".join(loader.available_profiles(base)) or "none"
+        raise ValueError(f"profile '{ref}' not found (known: {known})")
+    return found
 
 
 def load_profile(ref: str, config_dir: Path | None = None) -> Profile:

@@ -13,12 +13,19 @@ from agent.driver import DriverContext, SharedResources
 from agent.errors import DeviceProtocolError, DeviceUnreachable, PointError, WriteRefused
 from drivers.modbus.config import ModbusDeviceConfig, ModbusRtuTcpBusConfig, ModbusTcpBusConfig
 from drivers.modbus.driver import ModbusDriver
+from drivers.modbus.profile import load_profile, merge_profile
 from drivers.modbus.scan import scan_tcp
 from drivers.modbus.simulator import step_behaviour
 from tests.modbus_sim import ModbusSim, SimUnit, start_tcp_simulator
 from tests.vectors import load_vectors
 
 VECTORS = load_vectors("modbus_energy_meters.json")
+
+
+def profiled(config: ModbusDeviceConfig) -> ModbusDeviceConfig:
+    """What the config loader does with `profile:` (merge its points), for configs built in code."""
+    assert config.profile is not None
+    return merge_profile(config, load_profile(config.profile))
 
 
 @pytest.fixture
@@ -118,7 +125,9 @@ async def test_sdm630_profile_reads_the_real_dump(sim: ModbusSim, ctx: DriverCon
     for vector in VECTORS["sdm630_vectors"]:
         regs = [int(h, 16) for h in vector["registers_hex"]]
         sim.units[1].set("input", vector["register_address_0based"], regs)
-    driver = ModbusDriver("meter", ModbusDeviceConfig(bus="lan", unit_id=1, profile="eastron-sdm630"), ctx)
+    driver = ModbusDriver(
+        "meter", profiled(ModbusDeviceConfig(bus="lan", unit_id=1, profile="eastron-sdm630")), ctx
+    )
     readings = {r.point: r for r in await driver.read()}
     assert readings["voltage_l1"].value == pytest.approx(228.7, abs=1e-4)
     assert readings["voltage_l1"].unit == "V"
@@ -321,10 +330,12 @@ async def test_demo_simulator_matches_the_bundled_profiles() -> None:
     context = DriverContext(SharedResources(), {"lan": bus}, Path("."))
     try:
         meter = ModbusDriver(
-            "meter", ModbusDeviceConfig(bus="lan", unit_id=1, profile="eastron-sdm630"), context
+            "meter", profiled(ModbusDeviceConfig(bus="lan", unit_id=1, profile="eastron-sdm630")), context
         )
         lamp = ModbusDriver(
-            "lamp", ModbusDeviceConfig(bus="lan", unit_id=2, profile="streetlamp-controller"), context
+            "lamp",
+            profiled(ModbusDeviceConfig(bus="lan", unit_id=2, profile="streetlamp-controller")),
+            context,
         )
         m = values(await meter.read())
         assert 220 < m["voltage_l1"] < 240 and m["import_active_energy"] >= 1234.5
