@@ -26,6 +26,9 @@ VERBS = [
     "commands",
     "decode",
     "demo",
+    "reload",
+    "diff",
+    "migrate",
 ]
 
 

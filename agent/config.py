@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from agent import registry
 from agent.commands import CommandsConfig
 from agent.config_base import DeviceConfigBase, Model
+from agent.migrate import CURRENT_VERSION, version_problem
 from agent.schedule import ScheduleConfig
 from agent.units import Duration, Size
 
@@ -69,8 +70,21 @@ class TlsConfig(Model):
     insecure: bool = Field(False, description="disable hostname verification (never in production)")
 
 
+class SparkplugConfig(Model):
+    group_id: str = Field("fieldgate", pattern=r"^[^/+#\s]+$", description="Sparkplug group id")
+    edge_node_id: str | None = Field(
+        None, pattern=r"^[^/+#\s]+$", description="Sparkplug edge node id; default: gateway.id"
+    )
+
+
 class MqttConfig(Model):
     url: str = Field(pattern=r"^mqtts?://[^/\s]+(:\d+)?/?$")
+    format: Literal["fieldgate", "sparkplug", "thingsboard"] = Field(
+        "fieldgate",
+        description="payload format: fieldgate (SPEC §3), sparkplug (Sparkplug B), thingsboard (gateway "
+        "MQTT API); docs/PLATFORMS.md",
+    )
+    sparkplug: SparkplugConfig = SparkplugConfig()
     client_id: str | None = None
     username: str | None = None
     password_file: Path | None = None
@@ -103,13 +117,87 @@ class MqttConfig(Model):
         return self.url.startswith("mqtts://")
 
 
+class NgsiEntityConfig(Model):
+    """How one device (or every device of a profile) becomes an NGSI-LD entity (docs/PLATFORMS.md)."""
+
+    type: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="Smart Data Model entity type")
+    attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="point -> attribute; 'attr.KEY' puts the value under KEY of an object value "
+        "(e.g. phaseVoltage.L1); points not listed keep their name",
+    )
+    static: dict[str, Any] = Field(
+        default_factory=dict, description="attributes sent with every update (e.g. workingMode: automatic)"
+    )
+    only_mapped: bool = Field(False, description="send only the points listed in `attributes`")
+
+
+class NgsiLdConfig(Model):
+    url: str = Field(pattern=r"^https?://[^/\s]+(:\d+)?(/[^\s]*)?$", description="the context broker")
+    tenant: str | None = Field(None, description="NGSILD-Tenant header")
+    token_file: Path | None = Field(None, description="bearer token for the broker (Authorization header)")
+    context: list[str] = Field(
+        default_factory=lambda: [
+            "https://raw.githubusercontent.com/smart-data-models/dataModel.Energy/master/context.jsonld",
+            "https://raw.githubusercontent.com/smart-data-models/dataModel.Streetlighting/master/context.jsonld",
+            "https://raw.githubusercontent.com/smart-data-models/dataModel.Environment/master/context.jsonld",
+            "https://raw.githubusercontent.com/smart-data-models/dataModel.WaterConsumption/master/context.jsonld",
+            "https://raw.githubusercontent.com/smart-data-models/dataModel.Device/master/context.jsonld",
+            "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context-v1.8.jsonld",
+        ],
+        description="@context of every entity",
+    )
+    batch_max: int = Field(500, ge=1, le=10000, description="readings per upsert request at most")
+    batch_interval: Duration = 1.0
+    timeout: Duration = 10.0
+    devices: dict[str, NgsiEntityConfig] = Field(default_factory=dict)
+    profiles: dict[str, NgsiEntityConfig] = Field(default_factory=dict)
+
+
+class ExtraUpstreamConfig(Model):
+    """One more upstream: an MQTT broker (any format) or an NGSI-LD context broker."""
+
+    mqtt: MqttConfig | None = None
+    ngsi_ld: NgsiLdConfig | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ExtraUpstreamConfig:
+        if (self.mqtt is None) == (self.ngsi_ld is None):
+            raise ValueError("give exactly one of 'mqtt' or 'ngsi_ld'")
+        return self
+
+
 class UpstreamConfig(Model):
     mqtt: MqttConfig
+    extra: dict[str, ExtraUpstreamConfig] = Field(
+        default_factory=dict,
+        description="more upstreams at once, each with its own lane in the buffer (docs/PLATFORMS.md)",
+    )
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_names(cls, value: dict[str, ExtraUpstreamConfig]) -> dict[str, ExtraUpstreamConfig]:
+        for name in value:
+            if not re.fullmatch(r"[a-z0-9_-]+", name) or name == "mqtt":
+                raise ValueError(f"upstream name {name!r}: use [a-z0-9_-]+ (and not 'mqtt', the main one)")
+        return value
 
 
 class LocalConfig(Model):
     listen: str = Field("127.0.0.1:8470", description='status page and JSON API; "" disables')
     token_file: Path | None = None
+
+
+class RemoteConfigConfig(Model):
+    """Configuration pushed by the platform on {p}/config/set (docs/CONFIG_LIFECYCLE.md); off by default."""
+
+    enabled: bool = False
+    public_key_file: Path | None = Field(
+        None, description="Ed25519 public key (PEM); when set, every pushed config must be signed with it"
+    )
+    rollback_after: Duration = Field(
+        120.0, gt=0, description="a pushed config that cannot reach the upstream this long is rolled back"
+    )
 
 
 def _tag(value: Any) -> str:
@@ -141,7 +229,7 @@ BusConfig = _bus_union()
 class FieldgateConfig(Model):
     """The whole file."""
 
-    version: int = Field(1, ge=1, le=1, description="config format version")
+    version: int = Field(CURRENT_VERSION, ge=0, description="config format version")
     gateway: GatewayConfig
     storage: StorageConfig = StorageConfig()
     upstream: UpstreamConfig
@@ -150,6 +238,18 @@ class FieldgateConfig(Model):
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)  # type: ignore[valid-type]
     commands: CommandsConfig = CommandsConfig()
     schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
+    remote_config: RemoteConfigConfig = RemoteConfigConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_version(cls, data: Any) -> Any:
+        # Checked before anything else: keys of another format version would only add noise.
+        version = data.get("version") if isinstance(data, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool):
+            problem = version_problem(version)
+            if problem is not None:
+                raise ValueError(problem)
+        return data
 
     def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Rules that span sections, as (key path, message); the loader adds FILE:LINE:COL."""

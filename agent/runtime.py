@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -17,17 +18,18 @@ from agent.commands import CommandProcessor, commands_db_path
 from agent.config import FieldgateConfig
 from agent.config_base import DeviceConfigBase
 from agent.driver import Driver, DriverContext, SharedResources
-from agent.errors import ConfigError, StoreError
+from agent.errors import ConfigError, FieldgateError, StoreError
 from agent.health import DeviceHealth
 from agent.loader import load_config
 from agent.logsetup import ErrorReporter
 from agent.processing import processor_for
 from agent.reading import Reading, now_ms
+from agent.remoteconfig import RemoteConfig, file_hash
 from agent.schedule import ScheduleRunner
 from agent.scheduler import MAX_BACKOFF, DeviceTask
 from agent.sdnotify import Notifier
 from agent.store import AsyncStore, Store, StoreStats
-from agent.tls import build_ssl_context, explain_tls_error, read_secret
+from agent.tls import build_ssl_context, credential_path, explain_tls_error, read_secret
 from agent.watchdog import ProgressWatchdog
 
 log = logging.getLogger("fieldgate.runtime")
@@ -40,6 +42,31 @@ def make_driver(name: str, cfg: DeviceConfigBase, context: DriverContext) -> Dri
     cls = registry.driver_class(cfg.driver)
     driver: Driver[Any] = cls(name, cfg, context)
     return driver
+
+
+def _hash_of(path: Path) -> str:
+    try:
+        return file_hash(path.read_bytes())
+    except OSError:
+        return ""
+
+
+def secrets_fingerprint(config: FieldgateConfig) -> str:
+    """A digest of the upstream's secret files' contents: a reload reconnects when a certificate was rotated
+    even though the config text is the same (docs/OPERATIONS.md, rotation)."""
+    mqtt = config.upstream.mqtt
+    tls = mqtt.tls
+    digest = hashlib.sha256()
+    files = [mqtt.password_file, *((tls.ca_file, tls.cert_file, tls.key_file) if tls else ())]
+    for f in files:
+        if f is None:
+            digest.update(b"-")
+            continue
+        try:
+            digest.update(hashlib.sha256(credential_path(f).read_bytes()).digest())
+        except (OSError, FieldgateError) as exc:
+            digest.update(str(exc).encode())
+    return digest.hexdigest()
 
 
 def make_context(config: FieldgateConfig, config_path: Path) -> DriverContext:
@@ -115,7 +142,8 @@ class Runtime:
         self.tasks: dict[str, DeviceTask] = {}
         self._device_runs: dict[str, asyncio.Task[None]] = {}
         self.writer: StoreWriter | None = None
-        self.uplink: Any = None
+        self.uplink: Any = None  # the main upstream (`upstream.mqtt`)
+        self.extra_uplinks: dict[str, Any] = {}  # `upstream.extra`, by name (each its own buffer lane)
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.last_stats: StoreStats | None = None
@@ -125,6 +153,14 @@ class Runtime:
         self.watchdog = ProgressWatchdog()
         self.notifier = Notifier()
         self.reload_error: str | None = None
+        # The running config: sha256 of its file's bytes, when and how it was applied (docs/CONFIG_LIFECYCLE.md).
+        self.config_hash = _hash_of(config_path)
+        self.config_applied_ts = now_ms()
+        self.config_source = "file"
+        self.reloads = 0  # reload attempts (SIGHUP): `fieldgate reload` waits for this to move
+        self.reload_ts: int | None = None
+        self.remote = RemoteConfig(self)
+        self._secrets = secrets_fingerprint(config)
         self._tg: asyncio.TaskGroup | None = None
         self._uplink_run: asyncio.Task[None] | None = None
         self._schedule_runs: list[asyncio.Task[None]] = []
@@ -152,8 +188,32 @@ class Runtime:
             "version": __version__,
             "buffer": self._buffer_doc(),
             "upstream": {"connected": bool(up and up.connected), "sent": up.sent if up else 0},
+            "upstreams": self._upstreams_doc(),
             "devices": {name: h.spec() for name, h in self.health.items()},
+            # compatible extension (docs/SPEC.md "Compatible extensions: configuration")
+            "config": {
+                "hash": self.config_hash,
+                "version": self.config.version,
+                "reload_error": self.reload_error,
+            },
         }
+
+    def _upstreams_doc(self) -> dict[str, Any]:
+        """Compatible extension: every upstream's format, link and lane (pending = not yet acknowledged)."""
+        lanes = self.last_stats.lanes if self.last_stats else {}
+        doc: dict[str, Any] = {}
+        for name, up in [("mqtt", self.uplink), *self.extra_uplinks.items()]:
+            if up is None:
+                continue
+            fmt = getattr(up, "fmt_name", None) or up.fmt.name
+            doc[name] = {
+                "format": fmt,
+                "connected": bool(up.connected),
+                "sent": up.sent,
+                "pending": lanes.get(name, self.last_stats.pending if self.last_stats else 0),
+                "last_error": up.last_error,
+            }
+        return doc
 
     def status(self) -> dict[str, Any]:
         """The local API's /api/status: health plus what a technician needs on site."""
@@ -177,6 +237,17 @@ class Runtime:
                 messages=up.messages,
             )
         doc["devices"] = {name: h.status() for name, h in self.health.items()}
+        doc["config"].update(
+            path=str(self.config_path),
+            applied_ts=self.config_applied_ts,
+            source=self.config_source,
+            reloads=self.reloads,
+            reload_ts=self.reload_ts,
+            remote={
+                "enabled": self.config.remote_config.enabled,
+                "state": self.remote.state,
+            },
+        )
         return doc
 
     # -- devices ---------------------------------------------------------------------------------------
@@ -262,6 +333,9 @@ class Runtime:
                 self._tg = tg
                 self.writer = StoreWriter(self.store, self.config.storage.commit_interval, self._offer)
                 self._start_uplink(stats.next_seq)
+                remote_task = tg.create_task(self.remote.publish_loop(), name="remote-config-state")
+                if self.config.remote_config.enabled:
+                    self.remote.start()
                 writer_task = tg.create_task(self._run_writer(), name="store-writer")
                 stats_task = tg.create_task(self._refresh_stats(), name="stats")
                 for name, cfg in self.config.device_items():
@@ -274,7 +348,8 @@ class Runtime:
                 await self._stop.wait()
                 self.notifier.stopping()
                 log.info("stopping: draining readings to disk")
-                for run in [*self._device_runs.values(), *self._schedule_runs]:
+                remote_task.cancel()
+                for run in [*self._device_runs.values(), *self._schedule_runs, *self._background]:
                     run.cancel()
                 await asyncio.gather(
                     *self._device_runs.values(), *self._schedule_runs, return_exceptions=True
@@ -307,34 +382,131 @@ class Runtime:
     def _offer(self, rows: list[Any]) -> None:
         if self.uplink is not None:
             self.uplink.offer(rows)
+        for up in self.extra_uplinks.values():
+            up.offer(rows)
 
-    def _start_uplink(self, next_seq: int) -> None:
-        from agent.uplink import Uplink  # aiomqtt is imported only by the daemon
+    def _catalog(self) -> dict[str, Any]:
+        """Devices and their points now, for the formats that announce them (Sparkplug births, ThingsBoard)."""
+        from agent.formats import PointInfo
+
+        return {
+            name: [PointInfo(p.name, p.type, p.unit, p.writable) for p in driver.points().values()]
+            for name, driver in self.drivers.items()
+        }
+
+    def _device_kinds(self) -> dict[str, tuple[str, str | None]]:
+        return {n: (c.driver, getattr(c, "profile", None)) for n, c in self.config.device_items()}
+
+    def _make_extra_uplinks(self, next_seq: int) -> None:
+        """`upstream.extra`: more MQTT brokers (any format) and NGSI-LD brokers, each on its own lane."""
+        from agent.formats.ngsild import EntityMapper, NgsiLdUplink
+        from agent.uplink import Uplink
+
+        execute = self.commands.execute if self.commands is not None else None
+        for name, extra in self.config.upstream.extra.items():
+            up: Any
+            if extra.ngsi_ld is not None:
+                mapper = EntityMapper(extra.ngsi_ld, self.config.gateway, self._device_kinds)
+                up = NgsiLdUplink(name, extra.ngsi_ld, mapper, self.store, name, next_seq=next_seq)
+                period = 120.0
+            else:
+                mqtt = extra.mqtt
+                assert mqtt is not None
+                try:
+                    password = read_secret(mqtt.password_file) if mqtt.password_file is not None else None
+                    tls = mqtt.tls
+                    tls_context = (
+                        build_ssl_context(
+                            tls.ca_file if tls else None,
+                            tls.cert_file if tls else None,
+                            tls.key_file if tls else None,
+                            insecure=tls.insecure if tls else False,
+                        )
+                        if mqtt.use_tls
+                        else None
+                    )
+                except Exception as exc:  # its rows wait in its lane until the secret is fixed (reload)
+                    log.error("upstream %s not started: %s", name, exc)
+                    continue
+                up = Uplink(
+                    mqtt,
+                    self.config.gateway.id,
+                    self.store,
+                    __version__,
+                    password=password,
+                    tls_context=tls_context,
+                    health_doc=self.health_doc,
+                    on_command=self.commands.handle
+                    if self.commands is not None and mqtt.format == "fieldgate"
+                    else None,
+                    next_seq=next_seq,
+                    explain_error=functools.partial(explain_tls_error, host=mqtt.host),
+                    lane=name,
+                    name=name,
+                    catalog=self._catalog,
+                    execute=execute,
+                )
+                period = max(mqtt.health_interval, mqtt.keepalive * 2) + 60.0
+            self.watchdog.register(f"uplink:{name}", period)
+            up.beat = functools.partial(self.watchdog.beat, f"uplink:{name}")
+            self.extra_uplinks[name] = up
+
+    async def _run_uplinks(self, lanes: list[str], uplinks: list[Any]) -> None:
+        """Declare the lanes to the buffer first (no ack may use a lane it does not know), then run them all."""
+        while True:
+            try:
+                await self.store.set_lanes(lanes)
+                break
+            except StoreError as exc:
+                log.error("upstream lanes not set in the buffer, retrying: %s", exc)
+                await asyncio.sleep(1.0)
+        async with asyncio.TaskGroup() as tg:
+            for up in uplinks:
+                tg.create_task(up.run(), name=f"uplink:{up.name}")
+
+    def _start_uplink(self, next_seq: int, secrets: tuple[str | None, Any] | None = None) -> None:
+        from agent.uplink import Subscription, Uplink  # aiomqtt is imported only by the daemon
 
         assert self._tg is not None
         mqtt = self.config.upstream.mqtt
+        password, tls_context = secrets if secrets is not None else self._uplink_secrets(self.config)
+        self._secrets = secrets_fingerprint(self.config)
         self.uplink = Uplink(
             mqtt,
             self.config.gateway.id,
             self.store,
             __version__,
-            password=self._password(),
-            tls_context=self._tls_context(),
+            password=password,
+            tls_context=tls_context,
             health_doc=self.health_doc,
             on_command=self.commands.handle if self.commands is not None else None,
             next_seq=next_seq,
             explain_error=functools.partial(explain_tls_error, host=mqtt.host),
+            lane="mqtt" if self.config.upstream.extra else None,
+            catalog=self._catalog,
+            execute=self.commands.execute if self.commands is not None else None,
         )
+        if self.config.remote_config.enabled:
+            self.uplink.subscriptions.append(Subscription(self.remote.topic("set"), self.remote.handle))
         self.watchdog.register("uplink", max(mqtt.health_interval, mqtt.keepalive * 2) + 60.0)
         self.uplink.beat = functools.partial(self.watchdog.beat, "uplink")
-        self._uplink_run = self._tg.create_task(self.uplink.run(), name="uplink")
+        self._make_extra_uplinks(next_seq)
+        lanes = ["mqtt", *self.config.upstream.extra]
+        uplinks = [self.uplink, *self.extra_uplinks.values()]
+        self._uplink_run = self._tg.create_task(self._run_uplinks(lanes, uplinks), name="uplink")
 
     async def _stop_uplink(self) -> int:
         """Stop the uplink cleanly (offline status, acks flushed); returns where seq continues."""
         up, run = self.uplink, self._uplink_run
-        next_seq: int = up._next_seq if up is not None else 1
+        for name, extra in self.extra_uplinks.items():
+            await extra.stop()
+            self.watchdog.unregister(f"uplink:{name}")
+        self.extra_uplinks = {}
         if up is not None:
             await up.stop()
+        # Read after stop(): rows stored while it stopped were offered to it and moved its next seq; the new
+        # uplink must see them as backlog, or they would wait in SQLite until the next reconnect.
+        next_seq: int = up._next_seq if up is not None else 1
         if run is not None:
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
@@ -395,12 +567,16 @@ class Runtime:
             self.notifier.status(self.summary())
             await asyncio.sleep(1.0)
 
-    def _password(self) -> str | None:
-        pf = self.config.upstream.mqtt.password_file
+    def _uplink_secrets(self, config: FieldgateConfig) -> tuple[str | None, Any]:
+        """Password and TLS context for `config`; raises (SecretError, TlsSetupError) before anything changes."""
+        return self._password(config), self._tls_context(config)
+
+    def _password(self, config: FieldgateConfig) -> str | None:
+        pf = config.upstream.mqtt.password_file
         return read_secret(pf) if pf is not None else None
 
-    def _tls_context(self) -> Any:
-        mqtt = self.config.upstream.mqtt
+    def _tls_context(self, config: FieldgateConfig) -> Any:
+        mqtt = config.upstream.mqtt
         if not mqtt.use_tls:
             return None
         tls = mqtt.tls
@@ -428,22 +604,75 @@ class Runtime:
 
     # -- reload ------------------------------------------------------------------------------------------
 
+    def spawn(self, coro: Any, name: str) -> None:
+        """Run `coro` in the daemon's task group; its failure is logged, never the daemon's end."""
+        if self._tg is None:
+            coro.close()
+            return
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("%s failed", name)
+
+        task = self._tg.create_task(guarded(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def upstream_connected(self) -> bool:
+        return bool(self.uplink is not None and self.uplink.connected)
+
+    def upstream_error(self) -> str | None:
+        return self.uplink.last_error if self.uplink is not None else "upstream not started"
+
+    async def publish(self, topic: str, doc: dict[str, Any], *, retain: bool = False) -> bool:
+        if self.uplink is None:
+            return False
+        ok: bool = await self.uplink.publish(topic, doc, retain=retain)
+        return ok
+
     async def reload_from_file(self) -> bool:
         self.notifier.reloading()
+        self.reloads += 1
+        self.reload_ts = now_ms()
         try:
+            data = self.config_path.read_bytes()
             new = load_config(self.config_path)
-        except ConfigError as exc:
-            self.reload_error = "; ".join(exc.problems)
+        except (ConfigError, OSError) as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [f"{self.config_path}: {exc}"]
+            self.reload_error = "; ".join(problems)
             log.error("reload refused, the running configuration is unchanged:")
-            for line in exc.problems:
+            for line in problems:
                 log.error("  %s", line)
             self.notifier.ready(status=self.summary())
             return False
-        changes = await self.apply(new)
+        try:
+            changes = await self.apply_config(new, data, source="file")
+        except Exception as exc:  # a secret or certificate that cannot be used: nothing was changed
+            self.reload_error = f"reload refused: {exc}"
+            log.error("reload refused, the running configuration is unchanged: %s", exc)
+            self.notifier.ready(status=self.summary())
+            return False
         self.reload_error = None
         log.info("reloaded %s: %s", self.config_path, "; ".join(changes) or "no change")
+        if self.config.remote_config.enabled:
+            self.remote.running_changed()
         self.notifier.ready(status=self.summary())
         return True
+
+    async def apply_config(self, new: FieldgateConfig, data: bytes, source: str) -> list[str]:
+        """Apply a validated config whose file holds `data` (reload, remote config, rollback)."""
+        from agent.configdiff import describe
+
+        old = self.config
+        changes = await self.apply(new)
+        for line in describe(old, self.config):
+            log.info("config change: %s", line)
+        self.config_hash = file_hash(data)
+        self.config_applied_ts = now_ms()
+        self.config_source = source
+        return changes
 
     async def apply(self, new: FieldgateConfig) -> list[str]:
         """Apply a validated config without a restart: only what changed is stopped and started again."""
@@ -452,6 +681,15 @@ class Runtime:
 
     async def _apply(self, new: FieldgateConfig) -> list[str]:
         old, changes = self.config, []
+        upstream_changed = (
+            new.upstream != old.upstream
+            or new.gateway.id != old.gateway.id
+            or new.remote_config != old.remote_config  # the config/set subscription is the uplink's
+            or secrets_fingerprint(new) != self._secrets
+        )
+        # Secrets first: a password or certificate that cannot be used refuses the whole config, before any
+        # device is stopped or the running link dropped.
+        secrets = self._uplink_secrets(new) if upstream_changed else None
         if new.storage != old.storage:
             log.warning("storage settings changed: they take effect at the next restart")
             changes.append("storage (at next restart)")
@@ -461,7 +699,11 @@ class Runtime:
         new_devices = dict(new.device_items())
         restart: set[str] = set()
         for name, cfg in old_devices.items():
-            if name not in new_devices or new_devices[name] != cfg or getattr(cfg, "bus", None) in changed_buses:
+            if (
+                name not in new_devices
+                or new_devices[name] != cfg
+                or getattr(cfg, "bus", None) in changed_buses
+            ):
                 restart.add(name)
         for name in sorted(restart):
             await self.stop_device(name)
@@ -476,9 +718,9 @@ class Runtime:
         for name, cfg in new_devices.items():
             if name not in self._device_runs:
                 self.start_device(name, cfg)
-        if new.upstream != old.upstream or new.gateway.id != old.gateway.id:
+        if upstream_changed:
             next_seq = await self._stop_uplink()
-            self._start_uplink(next_seq)
+            self._start_uplink(next_seq, secrets)
             changes.append("upstream reconnected")
         if new.local != old.local:
             if self.local is not None:

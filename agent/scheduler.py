@@ -111,9 +111,11 @@ class DeviceTask:
     async def _sleep(self, seconds: float) -> None:
         """Sleep, waking early when a re-poll is asked for; counts as progress for the watchdog."""
         self._progress()
-        if seconds > 0:
+        if seconds > 0 and not self._wake.is_set():
+            # asyncio.timeout, not wait_for: no extra task per sleep (this runs every cycle of every device)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), seconds)
+                async with asyncio.timeout(seconds):
+                    await self._wake.wait()
         self._wake.clear()
 
     def _ok(self, readings: list[Reading]) -> None:
@@ -162,16 +164,19 @@ class DeviceTask:
     async def _run_polled(self) -> None:
         interval = self.driver.cycle_interval()
         timeout = getattr(self.driver.config, "cycle_timeout", lambda: min(max(interval, 1.0), 30.0))()
-        # Spread the first polls so that devices with the same interval don't all fire at once.
-        await self._sleep(random.uniform(0, min(interval, 1.0)))
-        next_due = time.monotonic()
+        # The first poll happens at once (the first reading reaches the platform sooner; a shared bus
+        # serialises the requests anyway); the spread that keeps devices with the same interval from all
+        # firing together is applied to the second cycle, so steady-state polls stay staggered.
+        next_due = time.monotonic() + random.uniform(0, min(interval, 1.0))
         while True:
             message: str | None = None
             try:
                 if not self._opened:
-                    await asyncio.wait_for(self.driver.open(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self.driver.open()
                     self._opened = True
-                readings = await asyncio.wait_for(self.driver.read(), timeout)
+                async with asyncio.timeout(timeout):  # a timer, where wait_for would add a task per cycle
+                    readings = await self.driver.read()
             except TimeoutError:
                 message = f"no answer within {timeout:g}s"
             except DeviceError as exc:

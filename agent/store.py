@@ -19,6 +19,10 @@ Rules this module keeps (docs/STORE.md explains them for operators):
 - The size bound covers the database file and its WAL: the WAL gets a fixed share (`max_bytes / 16`, between
   64 KiB and 4 MiB, through `wal_autocheckpoint` and `journal_size_limit`) and the rows may use the rest.
   Eviction bursts and file shrinking are sized so that no transaction writes more than the WAL's share.
+- Lanes (several upstreams): each upstream is a lane with one bit in the row's `acked` mask (`lanes` table:
+  name -> bit, persisted). With one lane (the default) `ack` deletes at once, exactly as before; with several,
+  `ack(seqs, lane)` sets the lane's bit and deletes the rows every active lane has acknowledged. `fetch` for a
+  lane skips the rows that lane already acknowledged. Eviction and purge take rows out for every lane.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import starmap
 from pathlib import Path
@@ -74,15 +78,22 @@ CREATE TABLE IF NOT EXISTS readings(
     ts INTEGER NOT NULL,
     device TEXT NOT NULL,
     point TEXT NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS lanes(name TEXT PRIMARY KEY, bit INTEGER NOT NULL UNIQUE);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('evicted', 0), ('recovered', 0);
 """
 
 _INSERT = "INSERT INTO readings(seq, ts, device, point, body) VALUES (?, ?, ?, ?, ?)"
 _FETCH_AFTER = "SELECT seq, ts, body FROM readings WHERE seq > ? ORDER BY seq LIMIT ?"
 _FETCH_WINDOW = "SELECT seq, ts, body FROM readings WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?"
+_FETCH_LANE = (
+    "SELECT seq, ts, body FROM readings WHERE seq > ? AND seq < ? AND (acked & ?) = 0 ORDER BY seq LIMIT ?"
+)
+DEFAULT_LANE = "mqtt"
+MAX_LANES = 62
 _PAGES = (
     "SELECT (SELECT page_count FROM pragma_page_count()),"
     " (SELECT freelist_count FROM pragma_freelist_count())"
@@ -112,6 +123,8 @@ class StoreStats:
     disk_errors: int
     """SQLite errors (disk full, I/O) raised by this store since it was constructed."""
     last_error: str | None
+    lanes: dict[str, int] = field(default_factory=dict)
+    """Rows each upstream lane has not acknowledged yet."""
 
 
 class _CorruptBuffer(Exception):
@@ -185,6 +198,10 @@ class Store:
         self._last_error: str | None = None
         self._evict_unlogged = 0
         self._evict_logged_at: float | None = None
+        self._lanes: dict[str, int] = {DEFAULT_LANE: 1}  # name -> bit mask; one lane: ack deletes at once
+        self._full_mask = 1
+        self._lane_pending: dict[str, int] = {}  # several lanes only (one lane: `_pending`)
+        self._lane_gone: dict[str, int] = {}  # rows taken out per lane by the running eviction/purge
 
     # -- opening, recovery -------------------------------------------------------------------------------
 
@@ -248,6 +265,9 @@ class Store:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(readings)").fetchall()}
+            if "acked" not in columns:  # a buffer written before lanes existed: every row unacknowledged
+                conn.execute("ALTER TABLE readings ADD COLUMN acked INTEGER NOT NULL DEFAULT 0")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except (_CorruptBuffer, StoreError):
@@ -378,6 +398,82 @@ class Store:
         self._evicted = int(meta.get("evicted", 0))
         self._recovered = int(meta.get("recovered", 0))
 
+    # -- lanes (one per upstream) ------------------------------------------------------------------------
+
+    def set_lanes(self, names: Sequence[str]) -> None:
+        """Declare the upstreams' lanes. Bits of known lanes are kept (persisted); a lane no longer declared
+        is forgotten (its bit cleared from every row) and rows every remaining lane acknowledged are deleted.
+        A new lane starts with every pending row to send."""
+        conn = self._require_open()
+        wanted = list(dict.fromkeys(names)) or [DEFAULT_LANE]
+        if len(wanted) > MAX_LANES:
+            raise ValueError(f"at most {MAX_LANES} upstreams, not {len(wanted)}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            known = {str(n): int(b) for n, b in conn.execute("SELECT name, bit FROM lanes").fetchall()}
+            if not known and wanted == [DEFAULT_LANE]:
+                conn.execute("COMMIT")  # the single-upstream buffer of every version: nothing to record
+                self._set_lane_state(conn, {DEFAULT_LANE: 1})
+                return
+            kept = {n: 1 << known[n] for n in wanted if n in known}
+            kept_mask = sum(kept.values())
+            if set(known) != set(kept):
+                # A forgotten lane's bit may serve a new lane: clear it from every row first.
+                conn.execute(
+                    "UPDATE readings SET acked = acked & ? WHERE acked & ~? != 0", (kept_mask, kept_mask)
+                )
+            free = (b for b in range(MAX_LANES) if (1 << b) & kept_mask == 0)
+            lanes = {n: kept.get(n) or 1 << next(free) for n in wanted}
+            mask = sum(lanes.values())
+            conn.execute("DELETE FROM lanes")
+            conn.executemany(
+                "INSERT INTO lanes(name, bit) VALUES (?, ?)",
+                [(n, m.bit_length() - 1) for n, m in lanes.items()],
+            )
+            deleted = 0
+            if set(known) != set(wanted):
+                deleted = int(conn.execute("DELETE FROM readings WHERE acked & ? = ?", (mask, mask)).rowcount)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise self._error("setting the upstream lanes", exc) from exc
+        self._pending -= deleted
+        self._set_lane_state(conn, lanes)
+
+    def _set_lane_state(self, conn: sqlite3.Connection, lanes: dict[str, int]) -> None:
+        self._lanes = lanes
+        self._full_mask = sum(lanes.values())
+        self._lane_pending = {}
+        if len(lanes) > 1:
+            for name, bit in lanes.items():
+                row = conn.execute("SELECT count(*) FROM readings WHERE acked & ? = 0", (bit,)).fetchone()
+                self._lane_pending[name] = int(row[0])
+
+    def lanes(self) -> list[str]:
+        return list(self._lanes)
+
+    def lane_pending(self) -> dict[str, int]:
+        """Rows each lane has not acknowledged yet."""
+        if len(self._lanes) > 1:
+            return dict(self._lane_pending)
+        return dict.fromkeys(self._lanes, self._pending)
+
+    def _count_lane_rows(self, conn: sqlite3.Connection, where: str, args: Sequence[object]) -> None:
+        """Before a delete of `where` rows (several lanes): note how many each lane had not acknowledged."""
+        if len(self._lanes) <= 1:
+            return
+        names = list(self._lanes)
+        columns = ", ".join(f"coalesce(sum((acked & {self._lanes[n]}) = 0), 0)" for n in names)
+        row = conn.execute(f"SELECT {columns} FROM readings WHERE {where}", args).fetchone()
+        for name, count in zip(names, row, strict=True):
+            self._lane_gone[name] = self._lane_gone.get(name, 0) + int(count)
+
+    def _apply_lane_gone(self, added: int) -> None:
+        if len(self._lanes) > 1:
+            for name in self._lane_pending:
+                self._lane_pending[name] += added - self._lane_gone.get(name, 0)
+        self._lane_gone = {}
+
     # -- the hot path ----------------------------------------------------------------------------------
 
     def _require_open(self) -> sqlite3.Connection:
@@ -429,6 +525,7 @@ class Store:
         incoming = int((incoming + _ROW_OVERHEAD * len(params)) * 1.1) + 2 * self._page_size
         evicted = 0
         cutoff = 0
+        self._lane_gone = {}
         try:
             conn.execute("BEGIN IMMEDIATE")
             used = self._used_bytes(conn)
@@ -457,6 +554,7 @@ class Store:
             raise self._error(f"append of {len(params)} readings", exc) from exc
         self._next_seq = seq
         self._pending += len(params) - evicted
+        self._apply_lane_gone(len(params))
         if evicted:
             self._evicted += evicted
             self._note_eviction(evicted)
@@ -481,6 +579,7 @@ class Store:
         count = max(1, math.ceil(excess / max(1.0, used / rows_in_table)))
         row = conn.execute("SELECT seq FROM readings ORDER BY seq LIMIT 1 OFFSET ?", (count - 1,)).fetchone()
         cutoff = min(row[0], max_seq) if row is not None else max_seq
+        self._count_lane_rows(conn, "seq <= ?", (cutoff,))
         return int(conn.execute("DELETE FROM readings WHERE seq <= ?", (cutoff,)).rowcount), cutoff
 
     def _note_eviction(self, count: int) -> None:
@@ -499,13 +598,22 @@ class Store:
         )
         self._evict_unlogged = 0
 
-    def fetch(self, after_seq: int, before_seq: int | None, limit: int) -> list[StoredRow]:
-        """Pending rows with after_seq < seq (< before_seq when given), in seq order, at most `limit`."""
+    def fetch(
+        self, after_seq: int, before_seq: int | None, limit: int, lane: str | None = None
+    ) -> list[StoredRow]:
+        """Pending rows with after_seq < seq (< before_seq when given), in seq order, at most `limit`.
+
+        With several lanes and `lane` given: only the rows that lane has not acknowledged yet.
+        """
         conn = self._require_open()
         if limit <= 0:
             return []
         try:
-            if before_seq is None:
+            if lane is not None and len(self._lanes) > 1:
+                bit = self._lane_bit(lane)
+                before = _SEQ_MAX if before_seq is None else before_seq
+                rows = conn.execute(_FETCH_LANE, (after_seq, before, bit, limit)).fetchall()
+            elif before_seq is None:
                 rows = conn.execute(_FETCH_AFTER, (after_seq, limit)).fetchall()
             else:
                 rows = conn.execute(_FETCH_WINDOW, (after_seq, before_seq, limit)).fetchall()
@@ -513,11 +621,20 @@ class Store:
             raise self._error("fetch", exc) from exc
         return list(starmap(StoredRow, rows))
 
-    def ack(self, seqs: Sequence[int]) -> int:
-        """Delete rows the broker acknowledged; returns how many. Seqs already gone (evicted) are fine."""
+    def _lane_bit(self, lane: str) -> int:
+        try:
+            return self._lanes[lane]
+        except KeyError:
+            raise StoreError(f"unknown upstream lane {lane!r} (lanes: {', '.join(self._lanes)})") from None
+
+    def ack(self, seqs: Sequence[int], lane: str | None = None) -> int:
+        """Rows an upstream acknowledged: deleted (one lane), or marked for `lane` and deleted once every
+        lane has acknowledged them. Returns how many rows were deleted. Seqs already gone are fine."""
         conn = self._require_open()
         if not seqs:
             return 0
+        if lane is not None and len(self._lanes) > 1:
+            return self._ack_lane(conn, seqs, lane)
         ordered = sorted(set(seqs))
         ranges: list[tuple[int, int]] = []
         start = prev = ordered[0]
@@ -536,6 +653,34 @@ class Store:
             raise self._error(f"ack of {len(ordered)} readings", exc) from exc
         self._pending -= deleted
         self._maybe_vacuum(conn)
+        return deleted
+
+    def _ack_lane(self, conn: sqlite3.Connection, seqs: Sequence[int], lane: str) -> int:
+        bit = self._lane_bit(lane)
+        full = self._full_mask
+        ranges = _ranges(seqs)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            marked = int(
+                conn.executemany(
+                    "UPDATE readings SET acked = acked | ? WHERE seq BETWEEN ? AND ? AND (acked & ?) = 0",
+                    [(bit, lo, hi, bit) for lo, hi in ranges],
+                ).rowcount
+            )
+            deleted = int(
+                conn.executemany(
+                    "DELETE FROM readings WHERE seq BETWEEN ? AND ? AND acked = ?",
+                    [(lo, hi, full) for lo, hi in ranges],
+                ).rowcount
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise self._error(f"ack of {len(seqs)} readings for upstream {lane!r}", exc) from exc
+        self._lane_pending[lane] -= marked
+        self._pending -= deleted
+        if deleted:
+            self._maybe_vacuum(conn)
         return deleted
 
     def purge(self, *, device: str | None = None, before_ts: int | None = None) -> int:
@@ -558,8 +703,14 @@ class Store:
         )
         deleted = 0
         while True:
+            self._lane_gone = {}
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                self._count_lane_rows(
+                    conn,
+                    f"seq IN (SELECT seq FROM readings WHERE {where} ORDER BY seq LIMIT ?)",
+                    [*args, chunk],
+                )
                 n = int(conn.execute(sql, [*args, chunk]).rowcount)
                 conn.execute("UPDATE meta SET value = value + ? WHERE key = 'evicted'", (n,))
                 conn.execute("COMMIT")
@@ -567,6 +718,7 @@ class Store:
                 self._rollback(conn)
                 raise self._error(f"purge (after {deleted} readings deleted)", exc) from exc
             self._pending -= n
+            self._apply_lane_gone(0)
             self._evicted += n
             deleted += n
             if n < chunk:
@@ -622,6 +774,7 @@ class Store:
             recovered=self._recovered,
             disk_errors=self._disk_errors,
             last_error=self._last_error,
+            lanes=self.lane_pending(),
         )
 
     def _rollback(self, conn: sqlite3.Connection) -> None:
@@ -668,6 +821,20 @@ class Store:
                 log.warning("closing the buffer %s failed: %s", self.path, exc)
 
 
+def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted seqs as contiguous (first, last) runs: one statement per run instead of one per row."""
+    ordered = sorted(set(seqs))
+    ranges: list[tuple[int, int]] = []
+    start = prev = ordered[0]
+    for s in ordered[1:]:
+        if s != prev + 1:
+            ranges.append((start, prev))
+            start = s
+        prev = s
+    ranges.append((start, prev))
+    return ranges
+
+
 class AsyncStore:
     """Same methods as coroutines, run on ONE dedicated worker thread (fsync never blocks the event loop).
 
@@ -691,11 +858,16 @@ class AsyncStore:
     async def append(self, readings: Sequence[Reading]) -> list[StoredRow]:
         return await self._call(functools.partial(self.store.append, readings))
 
-    async def fetch(self, after_seq: int, before_seq: int | None, limit: int) -> list[StoredRow]:
-        return await self._call(functools.partial(self.store.fetch, after_seq, before_seq, limit))
+    async def fetch(
+        self, after_seq: int, before_seq: int | None, limit: int, lane: str | None = None
+    ) -> list[StoredRow]:
+        return await self._call(functools.partial(self.store.fetch, after_seq, before_seq, limit, lane))
 
-    async def ack(self, seqs: Sequence[int]) -> int:
-        return await self._call(functools.partial(self.store.ack, seqs))
+    async def ack(self, seqs: Sequence[int], lane: str | None = None) -> int:
+        return await self._call(functools.partial(self.store.ack, seqs, lane))
+
+    async def set_lanes(self, names: Sequence[str]) -> None:
+        await self._call(functools.partial(self.store.set_lanes, names))
 
     async def purge(self, *, device: str | None = None, before_ts: int | None = None) -> int:
         return await self._call(functools.partial(self.store.purge, device=device, before_ts=before_ts))

@@ -11,6 +11,11 @@ Rows are deleted from the store only after the broker's PUBACK for the
 message that carried them. Rows in flight when the link drops are sent
 again on the next connection (at-least-once; duplicates are limited to the
 messages in flight: at most `max_inflight` backlog + 2 live messages).
+
+What goes on the wire is the format's (`agent/formats/`: fieldgate JSON, Sparkplug B, ThingsBoard): it
+encodes each batch into messages, gives the will and the birth messages, and handles its platform's
+commands. With several upstreams each uplink has its own lane in the buffer (`lane`): its acks mark rows
+for that lane only, and a row leaves the buffer once every lane has acknowledged it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import aiomqtt
 from agent import payloads
 from agent.config import MqttConfig
 from agent.errors import StoreError
+from agent.formats import Catalog, CommandExecutor, Message, MqttFormat
+from agent.formats.fieldgate import FieldgateFormat
 from agent.reading import now_ms
 from agent.store import AsyncStore, StoredRow
 
@@ -56,6 +63,27 @@ class Subscription:
     retain: bool = False
 
 
+def make_format(
+    cfg: MqttConfig,
+    gateway_id: str,
+    version: str,
+    topics: payloads.Topics,
+    catalog: Catalog | None = None,
+    execute: CommandExecutor | None = None,
+) -> MqttFormat:
+    """The format `cfg.format` names (Sparkplug's protobuf module is imported only when chosen)."""
+    if cfg.format == "sparkplug":
+        from agent.formats.sparkplug import SparkplugFormat
+
+        sp = cfg.sparkplug
+        return SparkplugFormat(sp.group_id, sp.edge_node_id or gateway_id, catalog, execute, version)
+    if cfg.format == "thingsboard":
+        from agent.formats.thingsboard import ThingsBoardFormat
+
+        return ThingsBoardFormat(catalog, execute)
+    return FieldgateFormat(topics, gateway_id, version, cfg.compression)
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     """The first leaf of a TaskGroup's exception group (the error that ended the session)."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
@@ -79,6 +107,11 @@ class Uplink:
         on_command: Handler | None = None,
         next_seq: int = 1,
         explain_error: Callable[[BaseException], str] | None = None,
+        fmt: MqttFormat | None = None,
+        lane: str | None = None,
+        name: str = "mqtt",
+        catalog: Catalog | None = None,
+        execute: CommandExecutor | None = None,
     ) -> None:
         self.cfg = cfg
         self.gateway_id = gateway_id
@@ -88,6 +121,9 @@ class Uplink:
         self.tls_context = tls_context
         self.health_doc = health_doc
         self.topics = payloads.Topics(cfg.topic_prefix, gateway_id)
+        self.fmt: MqttFormat = fmt or make_format(cfg, gateway_id, version, self.topics, catalog, execute)
+        self.lane = lane  # None: the only upstream (acks delete at once)
+        self.name = name
         self.subscriptions: list[Subscription] = []
         if on_command is not None:
             self.subscriptions.append(
@@ -99,6 +135,7 @@ class Uplink:
         self.connected = False
         self.sent = 0  # readings acknowledged by the broker
         self.messages = 0
+        self.rejected = 0  # readings the format could not encode (logged, acknowledged, never sent)
         self.last_error: str | None = None
         self.since_ts: int | None = None
         self.connections = 0
@@ -170,8 +207,11 @@ class Uplink:
         self.since_ts = now_ms()
 
     def _client_for_session(self) -> aiomqtt.Client:
-        will = aiomqtt.Will(
-            self.topics.status, payloads.status("offline", now_ms(), self.version), qos=1, retain=True
+        death = self.fmt.will()
+        will = (
+            aiomqtt.Will(death.topic, death.payload, qos=death.qos, retain=death.retain)
+            if death is not None
+            else None
         )
         return aiomqtt.Client(
             self.cfg.host,
@@ -193,11 +233,14 @@ class Uplink:
             self._client = client
             try:
                 self._on_connected()
-                await client.publish(
-                    self.topics.status, payloads.status("online", now_ms(), self.version), qos=1, retain=True
-                )
+                for message in self.fmt.birth():
+                    await client.publish(
+                        message.topic, message.payload, qos=message.qos, retain=message.retain
+                    )
                 for sub in self.subscriptions:
                     await client.subscribe(sub.topic, qos=1)
+                for topic, _ in self.fmt.inbound():
+                    await client.subscribe(topic, qos=1)
                 async with asyncio.TaskGroup() as tg:
                     # Each lane has its own in-flight slots, so a draining backlog never delays live batches.
                     tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
@@ -213,7 +256,14 @@ class Uplink:
         self.connected = True
         self.last_error = None
         self.since_ts = now_ms()
-        log.info("upstream connected to %s:%d as %s", self.cfg.host, self.cfg.port, self.client_id)
+        log.info(
+            "upstream %s (%s) connected to %s:%d as %s",
+            self.name,
+            self.fmt.name,
+            self.cfg.host,
+            self.cfg.port,
+            self.client_id,
+        )
         # Everything already stored is backlog; what is offered from now on is live.
         self._live.clear()
         self._boundary = self._next_seq
@@ -234,20 +284,43 @@ class Uplink:
         tg: asyncio.TaskGroup,
     ) -> None:
         await slots.acquire()
-        body = payloads.telemetry(self.gateway_id, [r.body for r in rows], backlog=backlog)
-        body = payloads.compress(body, self.cfg.compression)
-        topic = self.topics.telemetry_for(self.cfg.compression)
+        try:
+            messages = self.fmt.encode(rows, backlog)
+        except Exception as exc:
+            # A row this format cannot carry never will: count it and let it go, rather than stall the lane.
+            slots.release()
+            log.error(
+                "upstream %s: %d readings (seq %d..%d) cannot be encoded as %s, skipped: %s",
+                self.name,
+                len(rows),
+                rows[0].seq,
+                rows[-1].seq,
+                self.fmt.name,
+                exc,
+                exc_info=exc,
+            )
+            self.rejected += len(rows)
+            self._acks.extend(r.seq for r in rows)
+            self._ack_event.set()
+            return
 
         async def send() -> None:
             try:
-                await client.publish(topic, body, qos=1)
+                if len(messages) == 1:
+                    m = messages[0]
+                    await client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+                else:
+                    # Handed to the client in order (each publish is queued before its first await).
+                    await asyncio.gather(
+                        *(client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain) for m in messages)
+                    )
             finally:
                 slots.release()
             self._acks.extend(r.seq for r in rows)
             self._ack_event.set()
             self.beat()
             self.sent += len(rows)
-            self.messages += 1
+            self.messages += sum(1 for m in messages if m.seqs)
 
         tg.create_task(send())
 
@@ -276,7 +349,7 @@ class Uplink:
                     self._backlog_event.clear()
                     await self._backlog_event.wait()
                     continue
-                rows = await self.store.fetch(self._cursor, self._boundary, self.cfg.batch_max)
+                rows = await self.store.fetch(self._cursor, self._boundary, self.cfg.batch_max, self.lane)
                 if not rows:
                     self._cursor = self._boundary - 1
                     continue
@@ -292,7 +365,7 @@ class Uplink:
                 continue
             seqs, self._acks = self._acks, []
             try:
-                await self.store.ack(seqs)
+                await self.store.ack(seqs, self.lane)
             except StoreError as exc:
                 # A full disk can refuse even a delete (WAL mode writes it first). Keep the seqs and try
                 # again later, on the same connection: ending the session would send them all once more.
@@ -310,7 +383,7 @@ class Uplink:
         if self._acks:
             seqs, self._acks = self._acks, []
             try:
-                await self.store.ack(seqs)
+                await self.store.ack(seqs, self.lane)
             except StoreError as exc:
                 log.error(
                     "%d acknowledged readings stay in the buffer and will be sent again: %s", len(seqs), exc
@@ -320,20 +393,28 @@ class Uplink:
         if self.health_doc is None:
             return
         while True:
-            await client.publish(self.topics.health, payloads.dumps(self.health_doc()), qos=1)
+            message = self.fmt.health(self.health_doc())
+            if message is None:
+                return
+            await client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
             self.beat()
             await asyncio.sleep(self.cfg.health_interval)
 
     async def _message_loop(self, client: aiomqtt.Client) -> None:
         """Messages from the platform (commands, ...): each handled in its own task, its answer published."""
-        if not self.subscriptions:
+        inbound = self.fmt.inbound()
+        if not self.subscriptions and not inbound:
             return
         async with asyncio.TaskGroup() as tg:
             async for message in client.messages:
+                raw = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+                handler = next((h for t, h in inbound if message.topic.matches(t)), None)
+                if handler is not None:
+                    tg.create_task(self._answer(client, handler, message.topic.value, raw))
+                    continue
                 sub = next((x for x in self.subscriptions if message.topic.matches(x.topic)), None)
                 if sub is None:
                     continue
-                raw = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
 
                 async def handle(raw: bytes = raw, sub: Subscription = sub) -> None:
                     result = await sub.handler(raw)
@@ -341,6 +422,22 @@ class Uplink:
                         await self.publish(sub.result_topic, result, retain=sub.retain)
 
                 tg.create_task(handle())
+
+    async def _answer(
+        self,
+        client: aiomqtt.Client,
+        handler: Callable[[str, bytes], Awaitable[list[Message]]],
+        topic: str,
+        raw: bytes,
+    ) -> None:
+        """A format's platform message: handled (never raises into the session), its answers published."""
+        try:
+            answers = await handler(topic, raw)
+        except Exception as exc:
+            log.error("upstream %s: message on %s not handled: %s", self.name, topic, exc, exc_info=exc)
+            return
+        for m in answers:
+            await client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
 
     async def publish(self, topic: str, doc: dict[str, Any], *, retain: bool = False) -> bool:
         """Publish one JSON document at QoS 1; False when offline."""
@@ -364,13 +461,7 @@ class Uplink:
         client = self._client
         if client is not None and self.connected:
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                await asyncio.wait_for(
-                    client.publish(
-                        self.topics.status,
-                        payloads.status("offline", now_ms(), self.version),
-                        qos=1,
-                        retain=True,
-                    ),
-                    2,
-                )
+                async with asyncio.timeout(2):
+                    for m in self.fmt.goodbye():
+                        await client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
         await self.flush_acks()

@@ -4,7 +4,12 @@ Workload (issue 13's reference): 10 Modbus TCP devices x 20 holding registers po
 forwarded over MQTT QoS 1 through the durable buffer. The simulator runs in its own process so that only the
 daemon's own CPU is counted (read from /proc/PID/stat).
 
-    python -m bench.bench_daemon [--quick] [--seconds N] [--outage N] [--runs N]
+    python -m bench.bench_daemon [--quick] [--seconds N] [--outage N] [--runs N] [--devices N] [--registers N]
+                                 [--poll S] [--log-level LEVEL]
+
+The daemon runs as deployed: `--log-level info` (debug logs every Modbus frame and is not a production
+setting) and `gateway.clock: assume_synced` (this bench host has no NTP; a deployed gateway is synchronised,
+and an unsynchronised one marks every reading `uncertain`, which costs a copy of each reading).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import aiomqtt
 import orjson
 
 from tests.broker import Broker
-from tests.daemon import Daemon
+from tests.daemon import REPO, Daemon
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -58,9 +63,32 @@ def start_simulator(devices: int) -> tuple[subprocess.Popen[str], int]:
     return proc, port
 
 
-def write_config(workdir: Path, broker: Broker, sim_port: int, devices: int, registers: int) -> Path:
+class BenchDaemon(Daemon):
+    """`fieldgate run` at a production log level (the test harness runs it at debug)."""
+
+    def __init__(self, config: Path, log: Path, log_level: str) -> None:
+        super().__init__(config, log)
+        self.log_level = log_level
+
+    def start(self) -> BenchDaemon:
+        out = open(self.log, "ab")  # noqa: SIM115 - owned by the process
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "-c", str(self.config), "--log-level", self.log_level],
+            stdout=out,
+            stderr=out,
+            cwd=REPO,
+            env=env,
+        )
+        out.close()
+        return self
+
+
+def write_config(
+    workdir: Path, broker: Broker, sim_port: int, devices: int, registers: int, poll: float = 1.0
+) -> Path:
     lines = [
-        "gateway: {id: bench}",
+        "gateway: {id: bench, clock: assume_synced}",
         f"storage: {{path: {workdir / 'buffer.db'}, max_size: 512MB}}",
         f"upstream: {{mqtt: {{url: 'mqtt://127.0.0.1:{broker.port}', keepalive: 5s}}}}",
         "local: {listen: ''}",
@@ -69,7 +97,7 @@ def write_config(workdir: Path, broker: Broker, sim_port: int, devices: int, reg
     ]
     for d in range(1, devices + 1):
         points = ", ".join(f"r{i}: {{table: holding, address: {i}}}" for i in range(registers))
-        lines.append(f"  dev{d:02d}: {{bus: lan, unit_id: {d}, poll: 1s, points: {{{points}}}}}")
+        lines.append(f"  dev{d:03d}: {{bus: lan, unit_id: {d}, poll: {poll:g}s, points: {{{points}}}}}")
     cfg = workdir / "fieldgate.yaml"
     cfg.write_text("\n".join(lines) + "\n")
     return cfg
@@ -115,21 +143,29 @@ class Platform:
                 await asyncio.sleep(0.05)
 
 
-async def one_run(seconds: float, outage: float, devices: int, registers: int) -> dict[str, Any]:
+async def one_run(
+    seconds: float,
+    outage: float,
+    devices: int,
+    registers: int,
+    poll: float = 1.0,
+    log_level: str = "info",
+    warmup: float = 3.0,
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fg-bench-"))
     broker = Broker(persistence=True).start()
     sim, sim_port = start_simulator(devices)
     platform = Platform(broker.port)
     watcher = asyncio.create_task(platform.run())
     await platform.ready.wait()
-    cfg = write_config(workdir, broker, sim_port, devices, registers)
+    cfg = write_config(workdir, broker, sim_port, devices, registers, poll)
     t0 = time.monotonic()
-    daemon = Daemon(cfg, workdir / "daemon.log").start()
+    daemon = BenchDaemon(cfg, workdir / "daemon.log", log_level).start()
     try:
         while platform.first_at is None and time.monotonic() - t0 < 30:
             await asyncio.sleep(0.005)
         first_reading_s = (platform.first_at or time.monotonic()) - t0
-        await asyncio.sleep(3)  # warm-up: imports done, caches hot
+        await asyncio.sleep(warmup)  # warm-up: imports done, caches hot, every device polled
         cpu0, w0, live0 = cpu_seconds(daemon.pid), time.monotonic(), platform.live
         samples = []
         while time.monotonic() - w0 < seconds:
@@ -153,7 +189,7 @@ async def one_run(seconds: float, outage: float, devices: int, registers: int) -
         ):
             await asyncio.sleep(0.005)
         resume_s = time.monotonic() - back
-        expected = int(outage * devices * registers)
+        expected = int(outage * devices * registers / poll)
         while platform.backlog - backlog_before < expected * 0.98 and time.monotonic() - back < 60:
             await asyncio.sleep(0.05)
         drained = platform.backlog - backlog_before
@@ -167,6 +203,7 @@ async def one_run(seconds: float, outage: float, devices: int, registers: int) -
         broker.cleanup()
     return {
         "cpu_s_per_min": round((cpu1 - cpu0) / (w1 - w0) * 60, 3),
+        "cpu_pct_of_core": round((cpu1 - cpu0) / (w1 - w0) * 100, 2),
         "rss_mib": round(steady["VmRSS"] / 1024, 1),
         "rss_peak_mib": round(steady["VmHWM"] / 1024, 1),
         "threads": steady["Threads"],
@@ -189,17 +226,34 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--registers", type=int, default=20)
+    ap.add_argument("--poll", type=float, default=1.0, help="poll interval of every device, seconds")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.outage, args.runs = 10, 8, 1
+    report(args, "holding registers")
+
+
+def report(args: argparse.Namespace, what: str) -> None:
+    """Run the workload `args.runs` times; print medians as JSON, then a Markdown table."""
     runs = [
-        asyncio.run(one_run(args.seconds, args.outage, args.devices, args.registers))
+        asyncio.run(
+            one_run(
+                args.seconds,
+                args.outage,
+                args.devices,
+                args.registers,
+                args.poll,
+                args.log_level,
+                warmup=max(3.0, args.poll + 2.0),
+            )
+        )
         for _ in range(args.runs)
     ]
     keys = [k for k in runs[0] if k != "rss_samples_mib"]
     result = {
-        "workload": f"{args.devices} devices x {args.registers} holding registers every 1 s, QoS 1, "
-        f"{args.seconds:g} s measured, {args.outage:g} s outage",
+        "workload": f"{args.devices} devices x {args.registers} {what} every {args.poll:g} s, QoS 1, "
+        f"{args.seconds:g} s measured, {args.outage:g} s outage, log level {args.log_level}",
         "runs": len(runs),
         "median": {k: statistics.median(r[k] for r in runs) for k in keys},
         "all": runs,

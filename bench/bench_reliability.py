@@ -40,7 +40,13 @@ def prefill(db: Path, count: int) -> dict[str, Any]:
             n = min(PREFILL_BATCH, count - done)
             store.append(
                 [
-                    Reading(f"meter-{(done + i) % 8}", f"p{(done + i) % 20}", ts0 + done + i, 230.0 + i % 97 / 10, "V")
+                    Reading(
+                        f"meter-{(done + i) % 8}",
+                        f"p{(done + i) % 20}",
+                        ts0 + done + i,
+                        230.0 + i % 97 / 10,
+                        "V",
+                    )
                     for i in range(n)
                 ]
             )
@@ -71,8 +77,16 @@ async def drain_run(count: int, max_inflight: int, batch_max: int) -> dict[str, 
     broker = Broker(persistence=False).start()
     sim = ModbusSim({u: CounterUnit() for u in (1, 2)})
     await sim.start_tcp("127.0.0.1", 0)
-    cfg = fault_config(tmp, broker.port, sim.port, db=db, poll="100ms", registers=8, batch_max=batch_max,
-                       max_inflight=max_inflight)
+    cfg = fault_config(
+        tmp,
+        broker.port,
+        sim.port,
+        db=db,
+        poll="100ms",
+        registers=8,
+        batch_max=batch_max,
+        max_inflight=max_inflight,
+    )
     daemon = FaultDaemon(cfg, tmp / "daemon.log")
     try:
         async with TimedChecker(broker.port, "gw-faults") as checker:
@@ -94,7 +108,9 @@ async def drain_run(count: int, max_inflight: int, batch_max: int) -> dict[str, 
             last_backlog = max(backlog_arrivals) if backlog_arrivals else t_end
             live = [t - r["ts"] for r, b, t in rows if not b and first_backlog <= t <= last_backlog]
             drain_s = max(0.001, (last_backlog - first_backlog) / 1000)
-            duplicates = len(backlog_arrivals) - len({r["seq"] for r, b, _ in rows if b and r["seq"] <= count})
+            duplicates = len(backlog_arrivals) - len(
+                {r["seq"] for r, b, _ in rows if b and r["seq"] <= count}
+            )
     finally:
         daemon.stop()
         await sim.aclose()
@@ -120,8 +136,8 @@ async def drain_run(count: int, max_inflight: int, batch_max: int) -> dict[str, 
 
 
 async def main(quick: bool) -> dict[str, Any]:
-    big = 30_000 if quick else 1_000_000
-    sweep = 20_000 if quick else 200_000
+    big = 300_000 if quick else 1_000_000
+    sweep = 50_000 if quick else 300_000
     runs = [await drain_run(big, 16, 500)]
     for inflight in (1, 2, 4):
         runs.append(await drain_run(sweep, inflight, 500))

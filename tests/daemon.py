@@ -24,6 +24,33 @@ def fieldgate_exe() -> list[str]:
     return [sys.executable, "-m", "agent.cli"]
 
 
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+async def fieldgate_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> CliResult:
+    """Run one `fieldgate ...` command without blocking the event loop (in-process simulators keep answering)."""
+    proc = await asyncio.create_subprocess_exec(
+        *fieldgate_exe(),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"fieldgate {' '.join(args)} did not finish within {timeout} s") from None
+    assert proc.returncode is not None
+    return CliResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
 class Daemon:
     """One `fieldgate run` process we own; killable with SIGTERM or SIGKILL."""
 

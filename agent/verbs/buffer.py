@@ -43,7 +43,10 @@ def register(
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
+    # -c works before or after the action; SUPPRESS keeps the action's parser from overwriting a value
+    # given before it (`buffer -c FILE stats`) with its own default.
     where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, help="config file")
     where.add_argument(
         "--buffer",
         type=Path,
@@ -53,14 +56,12 @@ def register(
     )
 
     s = actions.add_parser(
-        "stats", parents=[common, where], help="pending readings, their age, evicted, size, per device"
+        "stats", parents=[where], help="pending readings, their age, evicted, size, per device"
     )
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.set_defaults(func=main_stats)
 
-    e = actions.add_parser(
-        "export", parents=[common, where], help="write the pending readings as CSV or JSON Lines"
-    )
+    e = actions.add_parser("export", parents=[where], help="write the pending readings as CSV or JSON Lines")
     e.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="default csv")
     e.add_argument("--device", action="append", help="only this device (repeatable)")
     e.add_argument("--since", help="readings at or after: ISO time (UTC unless an offset is given) or 2h ago")
@@ -70,7 +71,7 @@ def register(
 
     g = actions.add_parser(
         "purge",
-        parents=[common, where],
+        parents=[where],
         help="delete unsent readings (counted as evicted); only with the daemon stopped",
     )
     g.add_argument("--device", help="only this device's readings")
@@ -196,7 +197,9 @@ def collect_stats(path: Path, now_ms: int | None = None) -> dict[str, Any]:
             ).fetchone()
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             devices = dict(
-                conn.execute("SELECT device, count(*) FROM readings GROUP BY device ORDER BY device").fetchall()
+                conn.execute(
+                    "SELECT device, count(*) FROM readings GROUP BY device ORDER BY device"
+                ).fetchall()
             )
         except sqlite3.Error as exc:
             raise BufferError(f"cannot read the buffer {path}: {exc}") from None
@@ -272,7 +275,9 @@ def select_rows(
         params.append(until_ms)
     where = " AND ".join(clauses) or "1"
     # Streamed in seq order: a full buffer (hundreds of MB) never sits in memory.
-    yield from conn.execute(f"SELECT seq, ts, device, point, body FROM readings WHERE {where} ORDER BY seq", params)
+    yield from conn.execute(
+        f"SELECT seq, ts, device, point, body FROM readings WHERE {where} ORDER BY seq", params
+    )
 
 
 def _csv_value(value: Any) -> str:

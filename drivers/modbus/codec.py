@@ -114,6 +114,18 @@ def decode(
         if any(c < 0x20 or c > 0x7E for c in text):
             raise DecodeError(f"string is not printable ASCII: {raw.hex(' ')}")
         return text.decode("ascii")
+    if type_ == "uint16" or type_ == "int16":
+        # The commonest point by far: one register, decoded without a bytes round trip (hot path).
+        if not registers:
+            raise DecodeError(f"{type_} needs 1 registers, got 0")
+        r = registers[0]
+        if not 0 <= r <= 0xFFFF:
+            raise DecodeError(f"register value {r} is not 16-bit")
+        if order == "BADC" or order == "DCBA":
+            r = ((r & 0xFF) << 8) | (r >> 8)
+        if type_ == "int16" and r >= 0x8000:
+            r -= 0x10000
+        return apply_scale(r, scale, offset)
     fmt = _STRUCT.get(type_)
     if fmt is None:
         raise DecodeError(f"unknown type '{type_}'")

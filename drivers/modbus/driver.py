@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from agent.driver import Driver, DriverContext, PointSpec
 from agent.errors import ConfigError, DecodeError, DeviceProtocolError, PointError, WriteRefused
@@ -25,6 +26,46 @@ def bus_for(context: DriverContext, bus_name: str) -> ModbusBus:
     return context.shared.get(("modbus-bus", bus_name), lambda: ModbusBus(bus_name, config))
 
 
+@dataclass(frozen=True, slots=True)
+class _Decoder:
+    """How to turn one point's registers into its value, resolved from its config once."""
+
+    bits: bool  # a coil or discrete input
+    type: str
+    order: str
+    scale: float
+    offset: float
+    bit: int | None
+    length: int | None
+    unit: str | None
+
+    @classmethod
+    def of(cls, point: ModbusPoint) -> _Decoder:
+        return cls(
+            point.table in ("coil", "discrete"),
+            point.effective_type() if point.bit is None else "uint16",
+            point.order,
+            point.scale,
+            point.offset,
+            point.bit,
+            point.length,
+            point.unit,
+        )
+
+    def decode(self, registers: list[int]) -> Value:
+        if self.bits:
+            return bool(registers[0])
+        return codec.decode(
+            registers,
+            self.type,
+            self.order,
+            scale=self.scale,
+            offset=self.offset,
+            bit=self.bit,
+            length=self.length,
+        )
+
+
 class ModbusDriver(Driver[ModbusDeviceConfig]):
     """One Modbus unit on a bus; requests are planned per cycle and merged across small holes."""
 
@@ -38,6 +79,11 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
             n: PlannedPoint(n, p.table, p.address, p.register_count()) for n, p in self._points.items()
         }
         self._limits = Limits(config.max_registers_per_request, config.max_bits_per_request, config.max_gap)
+        # Resolved once: the config models are frozen, and the hot path should not ask them per reading.
+        polls = [p.poll for p in self._points.values() if p.poll is not None]
+        self._cycle = min([config.poll, *polls])
+        self._decoders = {n: _Decoder.of(p) for n, p in self._points.items()}
+        self._every = {n: self._interval(p) for n, p in self._points.items()}
         self.barriers: set[Barrier] = set()  # learned splits (exception 2 on a merged request)
         self._last_read: dict[str, float] = {}
         self._bus: ModbusBus | None = None
@@ -54,8 +100,7 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
         _ = self.bus  # resolves the bus now so a config mistake shows at start; connects lazily
 
     def cycle_interval(self) -> float:
-        polls = [p.poll for p in self._points.values() if p.poll is not None]
-        return min([self.config.poll, *polls])
+        return self._cycle
 
     def points(self) -> dict[str, PointSpec]:
         return {
@@ -68,12 +113,9 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
 
     def _due(self, now: float) -> list[str]:
         # Half a cycle of tolerance so that a point due every 2nd cycle is not pushed to the 3rd by jitter.
-        slack = self.cycle_interval() / 2
-        return [
-            n
-            for n, p in self._points.items()
-            if n not in self._last_read or now - self._last_read[n] >= self._interval(p) - slack
-        ]
+        slack = self._cycle / 2
+        last = self._last_read
+        return [n for n, every in self._every.items() if n not in last or now - last[n] >= every - slack]
 
     async def read(self) -> list[Reading]:
         now = self.clock()
@@ -139,30 +181,21 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
 
     def _decode_request(self, request: ReadRequest, values: list[int] | list[bool], ts: int) -> list[Reading]:
         out: list[Reading] = []
+        device, decoders, base = self.device, self._decoders, request.address
         for pp in request.points:
-            point = self._points[pp.name]
-            chunk = values[pp.address - request.address : pp.end - request.address]
+            dec = decoders[pp.name]
+            chunk = values[pp.address - base : pp.end - base]
             try:
-                value = self._decode(point, [int(v) for v in chunk])
+                value = dec.decode([int(v) for v in chunk])
             except DecodeError as exc:
                 self.point_errors[pp.name] = str(exc)
                 continue
-            out.append(Reading(self.device, pp.name, ts, value, point.unit))
+            out.append(Reading(device, pp.name, ts, value, dec.unit))
         return out
 
     @staticmethod
     def _decode(point: ModbusPoint, registers: list[int]) -> Value:
-        if point.table in ("coil", "discrete"):
-            return bool(registers[0])
-        return codec.decode(
-            registers,
-            point.effective_type() if point.bit is None else "uint16",
-            point.order,
-            scale=point.scale,
-            offset=point.offset,
-            bit=point.bit,
-            length=point.length,
-        )
+        return _Decoder.of(point).decode(registers)
 
     async def write(self, point: str, value: Value) -> Value:
         p = self._points.get(point)

@@ -71,22 +71,37 @@ class TimedChecker(Checker):
     def __init__(self, port: int, gateway: str = GATEWAY) -> None:
         super().__init__(port, gateway)
         self.arrivals: list[int] = []
+        self._seqs: set[int] = set()
 
     def _record(self, topic: str, payload: bytes) -> None:
         before = len(self.data.readings)
         super()._record(topic, payload)
         now = time.time_ns() // 1_000_000
         self.arrivals.extend([now] * (len(self.data.readings) - before))
+        self._seqs.update(r["seq"] for r in self.data.readings[before:])
+
+    async def wait_for(self, predicate: Any, timeout: float = 20, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                rep = self.data.report()
+                lost = rep.pop("lost")
+                span = f"{lost[0]}..{lost[-1]}" if lost else "none"
+                raise AssertionError(f"timed out waiting for {what}; {rep}, {len(lost)} lost ({span})")
+            await asyncio.sleep(0.05)
 
     def seq_set(self) -> set[int]:
-        return {r["seq"] for r in self.data.readings}
+        return self._seqs
 
     async def wait_for_seqs(self, high: int, timeout: float = 60, low: int = 1, missing_ok: int = 0) -> None:
         """Wait until every seq in [low, high] has arrived (but `missing_ok` of them, e.g. evicted ones)."""
         need = high - low + 1 - missing_ok
 
         def done() -> bool:
-            return sum(1 for s in self.seq_set() if low <= s <= high) >= need
+            seqs = self._seqs
+            if len(seqs) < need:
+                return False
+            return sum(1 for s in range(low, high + 1) if s in seqs) >= need
 
         await self.wait_for(done, timeout, what=f"seqs {low}..{high} (missing_ok={missing_ok})")
 
@@ -144,6 +159,15 @@ def audit(checker: Checker, high: int, low: int = 1) -> Audit:
         counter_reused=reused,
         counter_disorder=disorder,
         backlog=sum(checker.data.backlog_flags),
+    )
+
+
+def figures(a: Audit) -> None:
+    """One line per scenario for docs/RELIABILITY.md (shown with `pytest -s`)."""
+    name = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    print(
+        f"\nFIGURES {name}: {a.high} stored, {a.received} received, {a.duplicates} duplicates, "
+        f"{len(a.gaps)} gaps, {a.backlog} via backlog"
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
-from tests.faults.conftest import FaultDaemon, TimedChecker, audit, fault_config, store_high, tail
+from tests.faults.conftest import FaultDaemon, TimedChecker, audit, fault_config, figures, store_high, tail
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(150)
@@ -27,7 +27,9 @@ async def _settle(checker: TimedChecker, quiet: float = 1.0, timeout: float = 20
 
 
 @pytest.mark.parametrize("outage", [1.0, 8.0], ids=["short", "long"])
-async def test_broker_outage_loses_nothing(tmp_path: Path, pbroker: Broker, sim: ModbusSim, outage: float) -> None:
+async def test_broker_outage_loses_nothing(
+    tmp_path: Path, pbroker: Broker, sim: ModbusSim, outage: float
+) -> None:
     cfg = fault_config(tmp_path, pbroker.port, sim.port, poll="100ms")
     daemon = FaultDaemon(cfg, tmp_path / "daemon.log")
     async with TimedChecker(pbroker.port) as checker:
@@ -42,6 +44,7 @@ async def test_broker_outage_loses_nothing(tmp_path: Path, pbroker: Broker, sim:
         finally:
             assert daemon.stop() == 0, tail(daemon)
     a = audit(checker, high)
+    figures(a)
     assert a.gaps == [] and a.conflicting == [] and a.counter_reused == [] and a.counter_disorder == 0, a
     assert a.backlog > 0, "the outage's readings came back marked as backlog"
 
@@ -75,6 +78,7 @@ async def test_broker_restart_losing_sessions(tmp_path: Path, sim: ModbusSim) ->
             finally:
                 assert daemon.stop() == 0, tail(daemon)
         a = audit(checker, high)
+        figures(a)
         assert a.gaps == [] and a.conflicting == [] and a.counter_reused == [], a
         assert len(checker.data.readings) > before
     finally:
@@ -82,7 +86,9 @@ async def test_broker_restart_losing_sessions(tmp_path: Path, sim: ModbusSim) ->
         broker.cleanup()
 
 
-async def test_blackholed_link_is_noticed_and_recovered(tmp_path: Path, pbroker: Broker, sim: ModbusSim) -> None:
+async def test_blackholed_link_is_noticed_and_recovered(
+    tmp_path: Path, pbroker: Broker, sim: ModbusSim
+) -> None:
     proxy = await TcpProxy(pbroker.port).start()
     cfg = fault_config(tmp_path, proxy.port, sim.port, poll="100ms", keepalive="2s")
     daemon = FaultDaemon(cfg, tmp_path / "daemon.log")
@@ -95,8 +101,11 @@ async def test_blackholed_link_is_noticed_and_recovered(tmp_path: Path, pbroker:
                 proxy.blackhole()
                 # The daemon must give up the silent connection by itself (keepalive) and try again: a new
                 # connection reaches the proxy while nothing is forwarded yet.
-                await checker.wait_for(lambda: proxy.connections > connections, timeout=30,
-                                       what="a reconnection attempt after the keepalive expired")
+                await checker.wait_for(
+                    lambda: proxy.connections > connections,
+                    timeout=30,
+                    what="a reconnection attempt after the keepalive expired",
+                )
                 await asyncio.sleep(2)
                 proxy.forward()
                 high = store_high(tmp_path / "buffer.db")
@@ -106,6 +115,7 @@ async def test_blackholed_link_is_noticed_and_recovered(tmp_path: Path, pbroker:
         log = daemon.log_text()
         assert "upstream lost" in log, log[-3000:]
         a = audit(checker, high)
+        figures(a)
         assert a.gaps == [] and a.conflicting == [] and a.counter_reused == [], a
         assert a.backlog > 0
     finally:

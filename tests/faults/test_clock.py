@@ -14,7 +14,7 @@ import pytest
 from agent.clock import detect_synced
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
-from tests.faults.conftest import FaultDaemon, TimedChecker, audit, fault_config, store_high, tail
+from tests.faults.conftest import FaultDaemon, TimedChecker, audit, fault_config, figures, store_high, tail
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,7 +23,9 @@ DAY_MS = 86_400_000
 
 
 @pytest.mark.skipif(not LIBFAKETIME.exists(), reason="libfaketime not installed (apt-get install faketime)")
-async def test_clock_jumps_leave_seq_and_delivery_alone(tmp_path: Path, pbroker: Broker, sim: ModbusSim) -> None:
+async def test_clock_jumps_leave_seq_and_delivery_alone(
+    tmp_path: Path, pbroker: Broker, sim: ModbusSim
+) -> None:
     offset = tmp_path / "faketime"
     offset.write_text("+0\n")
     env = {
@@ -39,17 +41,22 @@ async def test_clock_jumps_leave_seq_and_delivery_alone(tmp_path: Path, pbroker:
         daemon.start()
         try:
             for step in ("-1d", "+1d", "+0"):  # back a day, forward two days, back to the true time
-                await checker.wait_for(lambda: len(checker.data.readings) >= 100 * (len(marks) + 1),
-                                       what=f"readings before the jump to {step}")
+                await checker.wait_for(
+                    lambda: len(checker.data.readings) >= 100 * (len(marks) + 1),
+                    what=f"readings before the jump to {step}",
+                )
                 marks.append(max(r["seq"] for r in checker.data.readings))
                 offset.write_text(step + "\n")
-            await checker.wait_for(lambda: max(r["seq"] for r in checker.data.readings) > marks[-1] + 100,
-                                   what="readings after the last jump")
+            await checker.wait_for(
+                lambda: max(r["seq"] for r in checker.data.readings) > marks[-1] + 100,
+                what="readings after the last jump",
+            )
             high = store_high(tmp_path / "buffer.db")
             await checker.wait_for_seqs(high)
         finally:
             assert daemon.stop() == 0, tail(daemon)
     a = audit(checker, high)
+    figures(a)
     assert a.gaps == [] and a.conflicting == [] and a.counter_reused == [], a
     assert a.counter_disorder == 0, "seq follows the order of the reads, whatever the wall clock says"
     now = time.time_ns() // 1_000_000

@@ -10,7 +10,16 @@ import pytest
 
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
-from tests.faults.conftest import FaultDaemon, TimedChecker, audit, fault_config, store_high, tail, wait_status
+from tests.faults.conftest import (
+    FaultDaemon,
+    TimedChecker,
+    audit,
+    fault_config,
+    figures,
+    store_high,
+    tail,
+    wait_status,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,9 +32,13 @@ async def _start_and_check_recovery(
     async with TimedChecker(broker.port) as checker:
         daemon.start()
         try:
-            doc = await wait_status(local_port, lambda d: d["buffer"]["recovered"] >= 1, what="recovered count")
+            doc = await wait_status(
+                local_port, lambda d: d["buffer"]["recovered"] >= 1, what="recovered count"
+            )
             assert doc["buffer"]["recovered"] == 1
-            await checker.wait_for(lambda: len(checker.data.readings) >= 20, what="readings from a fresh buffer")
+            await checker.wait_for(
+                lambda: len(checker.data.readings) >= 20, what="readings from a fresh buffer"
+            )
             high = store_high(tmp / "buffer.db")
             first = min(r["seq"] for r in checker.data.readings)
             await checker.wait_for_seqs(high, low=first)
@@ -38,6 +51,7 @@ async def _start_and_check_recovery(
     # seq never goes back: the new buffer continues past every seq the old one could have handed out.
     assert first > previous_high
     a = audit(checker, high, low=first)
+    figures(a)
     assert a.gaps == [] and a.conflicting == [], a
 
 
@@ -46,7 +60,9 @@ async def test_garbage_buffer_file(tmp_path: Path, pbroker: Broker, sim: ModbusS
     await _start_and_check_recovery(tmp_path, pbroker, sim, local_port, previous_high=0)
 
 
-async def test_truncated_buffer_file(tmp_path: Path, pbroker: Broker, sim: ModbusSim, local_port: int) -> None:
+async def test_truncated_buffer_file(
+    tmp_path: Path, pbroker: Broker, sim: ModbusSim, local_port: int
+) -> None:
     # A buffer with a backlog (broker down), stopped cleanly, then cut in half as a failing SD card might.
     cfg = fault_config(tmp_path, pbroker.port, sim.port, poll="100ms", registers=60)
     pbroker.stop()

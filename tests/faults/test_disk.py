@@ -17,6 +17,7 @@ from tests.faults.conftest import (
     TimedChecker,
     audit,
     fault_config,
+    figures,
     store_high,
     tail,
     wait_status,
@@ -29,29 +30,36 @@ async def test_max_size_evicts_the_oldest_and_counts_them(
     tmp_path: Path, pbroker: Broker, sim: ModbusSim, local_port: int
 ) -> None:
     # 2 devices x 61 points every 100 ms: ~1200 readings/s, a 1MB buffer fills in a few seconds.
-    cfg = fault_config(tmp_path, pbroker.port, sim.port, poll="100ms", registers=60, max_size="1MB",
-                       local_port=local_port)
+    cfg = fault_config(
+        tmp_path, pbroker.port, sim.port, poll="100ms", registers=60, max_size="1MB", local_port=local_port
+    )
     daemon = FaultDaemon(cfg, tmp_path / "daemon.log")
     async with TimedChecker(pbroker.port) as checker:
         daemon.start()
         try:
             await checker.wait_for(lambda: len(checker.data.readings) >= 500, what="first readings")
             pbroker.stop()
-            await wait_status(local_port, lambda d: d["buffer"]["evicted"] > 2000, timeout=60,
-                              what="eviction at max_size")
+            await wait_status(
+                local_port, lambda d: d["buffer"]["evicted"] > 2000, timeout=60, what="eviction at max_size"
+            )
             pbroker.start()
             await wait_status(local_port, lambda d: d["upstream"]["connected"], what="reconnection")
-            evicted = (await wait_status(local_port, lambda d: True))["buffer"]["evicted"]
+            # Evictions go on until the drain has made room; the status figures are refreshed every second.
+            await wait_status(local_port, lambda d: d["buffer"]["pending"] < 2000, timeout=60, what="drained")
+            await asyncio.sleep(1.5)
+            final = await wait_status(local_port, lambda d: True)
             high = store_high(tmp_path / "buffer.db")
-            await checker.wait_for_seqs(high, timeout=60, missing_ok=evicted)
-            final = await wait_status(local_port, lambda d: d["buffer"]["pending"] < 2000, what="drained")
+            await checker.wait_for_seqs(high, timeout=60, missing_ok=final["buffer"]["evicted"])
             await checker.wait_for(
-                lambda: any(h["buffer"]["evicted"] == final["buffer"]["evicted"] for h in checker.data.health),
+                lambda: any(
+                    h["buffer"]["evicted"] == final["buffer"]["evicted"] for h in checker.data.health
+                ),
                 what="a health message with the final evicted count",
             )
         finally:
             assert daemon.stop() == 0, tail(daemon)
     a = audit(checker, high)
+    figures(a)
     assert a.gaps, "the outage overflowed the buffer: some seqs must be missing"
     assert len(a.gaps) == final["buffer"]["evicted"], (len(a.gaps), final["buffer"])
     assert a.conflicting == [] and a.counter_reused == [] and a.counter_disorder == 0
@@ -91,7 +99,9 @@ async def test_full_filesystem_holds_readings_and_recovers(
     tmp_path: Path, pbroker: Broker, sim: ModbusSim, local_port: int, tiny_fs: Path
 ) -> None:
     db = tiny_fs / "buffer.db"
-    cfg = fault_config(tmp_path, pbroker.port, sim.port, db=db, poll="100ms", registers=30, local_port=local_port)
+    cfg = fault_config(
+        tmp_path, pbroker.port, sim.port, db=db, poll="100ms", registers=30, local_port=local_port
+    )
     daemon = FaultDaemon(cfg, tmp_path / "daemon.log")
     async with TimedChecker(pbroker.port) as checker:
         daemon.start()
@@ -99,19 +109,29 @@ async def test_full_filesystem_holds_readings_and_recovers(
             await checker.wait_for(lambda: len(checker.data.readings) >= 200, what="first readings")
             filler = _fill(tiny_fs, 300_000)
             pbroker.stop()  # an outage makes the buffer grow into the full disk
-            full = await wait_status(local_port, lambda d: "disk is full" in (d["buffer"]["last_error"] or ""),
-                                     timeout=60, what="the buffer saying the disk is full")
+            full = await wait_status(
+                local_port,
+                lambda d: "disk is full" in (d["buffer"]["last_error"] or ""),
+                timeout=60,
+                what="the buffer saying the disk is full",
+            )
             assert full["buffer"]["in_memory"] > 0
             reads = sim.units[1].reads
             await asyncio.sleep(1)
             assert sim.units[1].reads > reads, "polling goes on while the disk is full"
             # Broker back, disk still full: what the buffer holds is forwarded.
             pbroker.start()
-            await checker.wait_for(lambda: any(checker.data.backlog_flags), timeout=30,
-                                   what="the buffered readings forwarded while the disk is full")
+            await checker.wait_for(
+                lambda: any(checker.data.backlog_flags),
+                timeout=30,
+                what="the buffered readings forwarded while the disk is full",
+            )
             filler.unlink()
-            await checker.wait_for(lambda: "buffer writable again" in daemon.log_text(), timeout=60,
-                                   what="the buffer writable again")
+            await checker.wait_for(
+                lambda: "buffer writable again" in daemon.log_text(),
+                timeout=60,
+                what="the buffer writable again",
+            )
             high = store_high(db)
             await checker.wait_for_seqs(high, timeout=60)
         finally:
@@ -121,9 +141,15 @@ async def test_full_filesystem_holds_readings_and_recovers(
     # A delete refused by the full disk is retried on the same connection, not a reason to drop the link.
     assert "upstream session failed" not in log, log[-3000:]
     a = audit(checker, high)
+    figures(a)
     assert a.gaps == [] and a.conflicting == [] and a.counter_reused == [] and a.counter_disorder == 0, a
     # Every read of the counter made while the disk was full reached the platform, in order.
     for device in ("ctr-1", "ctr-2"):
-        counts = sorted({int(r["value"]) for r in checker.data.readings
-                         if r["device"] == device and r["point"] == "count"})
+        counts = sorted(
+            {
+                int(r["value"])
+                for r in checker.data.readings
+                if r["device"] == device and r["point"] == "count"
+            }
+        )
         assert counts == list(range(counts[0], counts[-1] + 1)), device

@@ -10,7 +10,7 @@ import pytest
 
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
-from tests.faults.conftest import FaultDaemon, TimedChecker, audit, fault_config, store_high, tail
+from tests.faults.conftest import FaultDaemon, TimedChecker, audit, fault_config, figures, store_high, tail
 
 BATCH_MAX = 50
 MAX_INFLIGHT = 4
@@ -18,7 +18,9 @@ MAX_INFLIGHT = 4
 
 async def _kill_loop(tmp: Path, broker: Broker, sim: ModbusSim, kills: int, seed: int) -> None:
     rng = random.Random(seed)
-    cfg = fault_config(tmp, broker.port, sim.port, poll="100ms", batch_max=BATCH_MAX, max_inflight=MAX_INFLIGHT)
+    cfg = fault_config(
+        tmp, broker.port, sim.port, poll="100ms", batch_max=BATCH_MAX, max_inflight=MAX_INFLIGHT
+    )
     async with TimedChecker(broker.port) as checker:
         for i in range(kills):
             # The middle third runs offline: the buffer fills, is killed, and must come back intact.
@@ -42,13 +44,13 @@ async def _kill_loop(tmp: Path, broker: Broker, sim: ModbusSim, kills: int, seed
         finally:
             assert daemon.stop() == 0, tail(daemon)
     a = audit(checker, high)
+    figures(a)
     assert a.gaps == [], a.gaps[:20]
     assert a.conflicting == [], f"seqs reused after a kill: {a.conflicting[:20]}"
     assert a.counter_reused == [], f"one read stored under two seqs: {a.counter_reused[:20]}"
     assert a.counter_disorder == 0
     # Duplicates come only from messages in flight at a kill: at most max_inflight batches per kill.
     assert a.duplicates <= kills * MAX_INFLIGHT * BATCH_MAX, a.duplicates
-    print(f"kill9 x{kills}: {a.high} readings, {a.duplicates} duplicates, {a.backlog} via backlog")
 
 
 @pytest.mark.timeout(150)

@@ -1,0 +1,154 @@
+"""Two upstreams at once (MQTT fieldgate + NGSI-LD over HTTP), one down: the other keeps receiving, and the
+down one catches up with nothing lost once it is back. The NGSI-LD side is a strict local stub (no NGSI-LD
+broker is packaged on PyPI or Debian: Orion-LD and Scorpio are not)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import jsonschema
+import orjson
+import pytest
+
+from agent.config import GatewayConfig, MqttConfig, NgsiLdConfig
+from agent.formats.ngsild import UPSERT_PATH, EntityMapper, NgsiLdUplink
+from agent.reading import Reading
+from agent.store import AsyncStore, Store
+from agent.uplink import Uplink
+from tests.broker import Broker, free_port
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "data" / "sdm"
+TS = 1_700_000_000_000
+
+
+class NgsiLdStub:
+    """Accepts `POST /ngsi-ld/v1/entityOperations/upsert` only when the request is exactly right."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.entities: list[dict[str, Any]] = []
+        self.problems: list[str] = []
+        self.server: asyncio.Server | None = None
+        self.schema = json.loads((SCHEMAS / "DeviceMeasurement.schema.json").read_text())
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = (await reader.readline()).decode()
+            headers: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers["content-length"]))
+            status = self._check(request, headers, body)
+            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+        finally:
+            writer.close()
+
+    def _check(self, request: str, headers: dict[str, str], body: bytes) -> int:
+        if request.split()[:2] != ["POST", UPSERT_PATH]:
+            self.problems.append(f"request line {request!r}")
+            return 404
+        if headers.get("content-type") != "application/ld+json":
+            self.problems.append(f"content type {headers.get('content-type')!r}")
+            return 415
+        doc = orjson.loads(body)
+        ids = [e.get("id") for e in doc] if isinstance(doc, list) else []
+        if not ids or len(set(ids)) != len(ids):
+            self.problems.append("not an array of entities with distinct ids")
+            return 400
+        for entity in doc:
+            try:
+                jsonschema.validate(entity, self.schema, format_checker=jsonschema.FormatChecker())
+            except jsonschema.ValidationError as exc:
+                self.problems.append(exc.message)
+                return 400
+            if not entity.get("@context"):
+                self.problems.append("entity without @context")
+                return 400
+        self.entities.extend(doc)
+        return 204
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[AsyncStore]:
+    s = AsyncStore(Store(tmp_path / "buffer.db", 16 * 1024 * 1024))
+    await s.open()
+    await s.set_lanes(["mqtt", "city"])
+    yield s
+    await s.close()
+
+
+async def test_one_upstream_down_does_not_hold_back_the_other_and_catches_up(
+    broker: Broker, store: AsyncStore
+) -> None:
+    port = free_port()
+    gateway = GatewayConfig(id="gw-test", location={"latitude": 45.75, "longitude": 4.83})  # type: ignore[arg-type]
+    ngsi = NgsiLdConfig(url=f"http://127.0.0.1:{port}", batch_max=20, batch_interval="50ms")  # type: ignore[arg-type]
+    city = NgsiLdUplink("city", ngsi, EntityMapper(ngsi, gateway), store, "city")
+    mqtt = Uplink(MqttConfig(url=broker.url, batch_interval="50ms"), "gw-test", store, "test", lane="mqtt")  # type: ignore[arg-type]
+    stub = NgsiLdStub(port)
+    received: set[int] = set()
+    runs = [asyncio.create_task(mqtt.run()), asyncio.create_task(city.run())]
+    try:
+        async with aiomqtt.Client(broker.host, broker.port, identifier="platform") as client:
+            await client.subscribe("fieldgate/gw-test/telemetry", qos=1)
+
+            async def collect() -> None:
+                async for message in client.messages:
+                    received.update(r["seq"] for r in orjson.loads(bytes(message.payload))["readings"])  # type: ignore[arg-type]
+
+            collector = asyncio.create_task(collect())
+            async with asyncio.timeout(10):
+                while not mqtt.connected:
+                    await asyncio.sleep(0.02)
+            stored: list[int] = []
+            for i in range(10):
+                rows = await store.append(
+                    [Reading("tic", "PAPP", TS + i * 10 + k, i * 10 + k, "VA") for k in range(10)]
+                )
+                stored += [r.seq for r in rows]
+                mqtt.offer(rows)
+                city.offer(rows)
+            async with asyncio.timeout(10):
+                while received != set(stored):
+                    await asyncio.sleep(0.02)
+            stats = await store.stats()
+            assert stats.lanes == {"mqtt": 0, "city": 100} and stats.pending == 100  # kept for the city
+            assert not city.connected and city.last_error
+
+            await stub.start()  # the context broker is back
+            async with asyncio.timeout(15):
+                while (await store.stats()).pending:
+                    await asyncio.sleep(0.05)
+            collector.cancel()
+            await asyncio.gather(collector, return_exceptions=True)
+    finally:
+        await mqtt.stop()
+        await city.stop()
+        for run in runs:
+            run.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        await stub.aclose()
+    assert stub.problems == []
+    assert sorted(e["numValue"]["value"] for e in stub.entities) == list(range(100))  # nothing lost
+    assert city.connected and city.sent == 100 and mqtt.sent == 100
+    first = stub.entities[0]
+    assert first["id"] == "urn:ngsi-ld:DeviceMeasurement:gw-test:tic:PAPP"
+    assert first["numValue"]["unitCode"] == "D46" and first["location"]["value"]["coordinates"] == [
+        4.83,
+        45.75,
+    ]
