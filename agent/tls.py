@@ -294,7 +294,7 @@ def explain_tls_error(exc: BaseException, host: str) -> str:
         "timeout": f"no answer from {host} in time (network, firewall, or wrong port)",
         "dns": f"cannot resolve the name {host} (DNS)",
     }
-    sentence = messages.get(kind or "", f"TLS connection to {host} failed")
+    sentence = messages.get(kind or "", f"connection to {host} failed")
     return f"{sentence} [{detail}]"
 
 

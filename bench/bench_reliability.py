@@ -86,6 +86,7 @@ async def drain_run(count: int, max_inflight: int, batch_max: int) -> dict[str, 
         registers=8,
         batch_max=batch_max,
         max_inflight=max_inflight,
+        max_size="4GB",  # the whole backlog must fit: this measures the drain, not eviction
     )
     daemon = FaultDaemon(cfg, tmp / "daemon.log")
     try:

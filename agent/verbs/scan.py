@@ -21,6 +21,10 @@ def register(
         "scan", parents=[common], help="find devices: modbus unit ids, BLE advertisers, serial ports"
     )
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    # -c works before or after the kind; SUPPRESS keeps the kind's parser from overwriting a value
+    # given before it (`scan -c FILE modbus --bus B`) with its own default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, help="config file")
 
     m = kinds.add_parser(
         "modbus", parents=[common], help="sweep Modbus unit ids on a serial line or a TCP host"

@@ -13,6 +13,7 @@ from agent.driver import DriverContext, SharedResources
 from agent.errors import DeviceUnreachable
 from drivers.modbus.config import ModbusDeviceConfig, ModbusRtuBusConfig
 from drivers.modbus.driver import ModbusDriver
+from drivers.modbus.profile import load_profile, merge_profile
 from drivers.modbus.scan import scan_serial
 from tests.modbus_sim import ModbusSim, SimUnit
 from tests.ptybridge import PtyBridge
@@ -39,7 +40,10 @@ async def line(bridge: PtyBridge) -> AsyncIterator[tuple[ModbusSim, DriverContex
 
 
 def make(ctx: DriverContext, unit_id: int, **kw: Any) -> ModbusDriver:
-    return ModbusDriver(f"dev{unit_id}", ModbusDeviceConfig(bus="rs485", unit_id=unit_id, **kw), ctx)
+    config = ModbusDeviceConfig(bus="rs485", unit_id=unit_id, **kw)
+    if config.profile is not None:  # what the config loader does with `profile:`
+        config = merge_profile(config, load_profile(config.profile))
+    return ModbusDriver(f"dev{unit_id}", config, ctx)
 
 
 async def test_sdm120_profile_over_rtu(line: tuple[ModbusSim, DriverContext]) -> None:
