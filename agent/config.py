@@ -13,7 +13,7 @@ from agent import registry
 from agent.commands import CommandsConfig
 from agent.config_base import DeviceConfigBase, Model
 from agent.migrate import CURRENT_VERSION, version_problem
-from agent.schedule import ScheduleConfig
+from agent.schedule import ScheduleConfig, schedule_problems
 from agent.units import Duration, Size
 
 DEFAULT_CONFIG = Path("/etc/fieldgate/fieldgate.yaml")
@@ -265,6 +265,7 @@ class FieldgateConfig(Model):
                 hint = difflib.get_close_matches(bus, list(self.buses), n=1)
                 more = f"; did you mean '{hint[0]}'?" if hint else ""
                 found.append((("devices", name, "bus"), f"unknown bus '{bus}' (buses: {known}){more}"))
+        found.extend(schedule_problems(self))
         return found
 
     def device_items(self) -> list[tuple[str, DeviceConfigBase]]:

@@ -29,3 +29,13 @@ def broker() -> Iterator[Broker]:
         yield b
     finally:
         b.cleanup()
+
+
+@pytest.fixture
+def pbroker() -> Iterator[Broker]:
+    """A broker that keeps the checker's persistent session across its own restarts."""
+    b = Broker(persistence=True).start()
+    try:
+        yield b
+    finally:
+        b.cleanup()

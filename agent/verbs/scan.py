@@ -159,11 +159,28 @@ def scan_ble(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps({"found": found}).decode())
         return 0
-    for e in found:
-        decoded = e.get("decoded") or {}
-        values = ", ".join(f"{k}={v}" for k, v in decoded.get("values", decoded).items()) if decoded else ""
-        print(f"{e.get('address')}  {e.get('rssi', ''):>4} dBm  {e.get('name') or '-':<20} {values}")
+    print(format_ble(found))
     return 0
+
+
+def format_ble(found: list[dict[str, Any]]) -> str:
+    """The table of `scan ble`: one line per advertiser (entries of drivers.ble.scan.describe)."""
+    if not found:
+        return "no BLE advertiser heard (is the adapter up? `bluetoothctl show`)"
+    lines: list[str] = []
+    for e in found:
+        rssi = e.get("rssi")
+        rssi_text = f"{rssi:>4} dBm" if rssi is not None else "   ? dBm"
+        decoder = e.get("decoder")
+        if e.get("encrypted"):
+            detail = f"{decoder}: encrypted (needs its bindkey)"
+        elif decoder:
+            values = ", ".join(f"{k}={v}" for k, v in (e.get("values") or {}).items())
+            detail = f"{decoder}: {values}"
+        else:
+            detail = ""
+        lines.append(f"{e.get('address')}  {rssi_text}  {e.get('name') or '-':<20} {detail}".rstrip())
+    return "\n".join(lines)
 
 
 def serial_ports() -> list[dict[str, Any]]:

@@ -80,6 +80,19 @@ class BleDriver(Driver[BleDeviceConfig]):
         self._wake = asyncio.Event()
         self._failure: DeviceUnreachable | None = None
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """Health counters (the scheduler copies them into /api/status): what the radio brought this device."""
+        if self.config.mode == "gatt":
+            return {}
+        out = {"adverts_decoded": self.accepted, "adverts_rejected": self.decode_errors}
+        scanner = self._scanner
+        if scanner is not None:
+            # Shared by every advertisement device: the scanner's own figures, repeated on each.
+            out["scanner_restarts"] = scanner.restarts
+            out["scanner_adverts"] = scanner.received
+        return out
+
     # -- life cycle -----------------------------------------------------------------------------------
 
     async def open(self) -> None:

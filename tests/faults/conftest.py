@@ -10,7 +10,7 @@ import subprocess
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import pytest
 
 from drivers.modbus import codec
 from drivers.modbus.simulator import ModbusSim, SimUnit
-from tests.broker import Broker, free_port
+from tests.broker import free_port
 from tests.daemon import REPO, Checker, Daemon, fieldgate_exe
 
 GATEWAY = "gw-faults"
@@ -266,16 +266,6 @@ devices:
 """
     )
     return path
-
-
-@pytest.fixture
-def pbroker() -> Iterator[Broker]:
-    """A broker that keeps the checker's persistent session across its own restarts."""
-    b = Broker(persistence=True).start()
-    try:
-        yield b
-    finally:
-        b.cleanup()
 
 
 @pytest.fixture

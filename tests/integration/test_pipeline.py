@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,16 +13,6 @@ from tests.broker import Broker
 from tests.daemon import Checker, Daemon, write_config
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def pbroker() -> Iterator[Broker]:
-    """A broker that keeps the checker's persistent session across its own restarts."""
-    b = Broker(persistence=True).start()
-    try:
-        yield b
-    finally:
-        b.cleanup()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -18,16 +18,6 @@ from tests.broker import Broker
 from tests.daemon import Checker, Daemon, write_config
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def pbroker() -> Iterator[Broker]:
-    """A broker that keeps the checker's persistent session across its own restarts."""
-    b = Broker(persistence=True).start()
-    try:
-        yield b
-    finally:
-        b.cleanup()
 
 
 @pytest.fixture

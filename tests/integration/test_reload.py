@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,6 @@ DEVICES = {
     "regs": "  regs:\n    bus: lan\n    unit_id: 3\n    poll: 300ms\n    points:\n      r0: {table: holding, address: 0}\n",
     "lamp": "  lamp:\n    bus: lan\n    unit_id: 2\n    poll: 300ms\n    points:\n      on: {table: coil, address: 0}\n",
 }
-
-
-@pytest.fixture
-def pbroker() -> Iterator[Broker]:
-    b = Broker(persistence=True).start()
-    try:
-        yield b
-    finally:
-        b.cleanup()
 
 
 @pytest.fixture
