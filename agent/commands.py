@@ -1,9 +1,9 @@
 """Commands from the platform (SPEC §3/§4): validation, at-most-once execution per id, and the audit trail.
 
-Every write that does not come from a technician's one-shot `fieldgate write`
-goes through `CommandProcessor.execute()`: platform commands (MQTT), the
-local API, and the lamp schedules. So the same checks apply to all of them,
-and every action on a device is one row of the audit trail.
+Every write goes through `CommandProcessor.execute()`: platform commands
+(MQTT), the local API, the lamp schedules and the technician's `fieldgate
+write` (source "cli", from its own process). So the same checks apply to all
+of them, and every action on a device is one row of the audit trail.
 
 At most once: before a command touches a device its id is committed to
 `commands.db` as *pending*; the result replaces it once known. A repeated id
@@ -48,6 +48,7 @@ MAX_PAYLOAD = 16 * 1024
 MAX_ID_LENGTH = 200
 INTEGER_TYPES = ("int16", "uint16", "int32", "uint32", "int64", "uint64")
 FLOAT_TYPES = ("float32", "float64")
+BUSY_TIMEOUT_S = 5.0  # how long a statement waits for another process's transaction on commands.db
 
 
 class CommandsConfig(Model):
@@ -133,14 +134,25 @@ class CommandProcessor:
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
-    def open(self) -> None:
+    def open(self, *, recover: bool = True) -> None:
+        """Open (create) the database; `recover=False` for a second process beside a running daemon.
+
+        The `write` verb records its action here while the daemon may be running: WAL lets both write
+        (each statement waits up to BUSY_TIMEOUT_S for the other's short transaction), and it must not
+        recover pending ids, which would be the daemon's commands in flight, not interrupted ones.
+        """
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.db_path, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")  # the `commands` verb reads while the daemon writes
-        db.execute("PRAGMA synchronous=FULL")  # a pending id must survive a power cut
-        db.executescript(_SCHEMA)
+        db = sqlite3.connect(self.db_path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # the `commands` verb reads while the daemon writes
+            db.execute("PRAGMA synchronous=FULL")  # a pending id must survive a power cut
+            db.executescript(_SCHEMA)
+        except sqlite3.Error:
+            db.close()
+            raise
         self._db = db
-        self._recover_interrupted()
+        if recover:
+            self._recover_interrupted()
         self._purge(force=True)
 
     def close(self) -> None:

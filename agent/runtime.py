@@ -224,7 +224,7 @@ class Runtime:
         doc["buffer"].update(
             recovered=st.recovered if st else 0,
             disk_errors=st.disk_errors if st else 0,
-            last_error=(writer.failing if writer else None) or (st.last_error if st else None),
+            last_error=writer.failing if writer else None,  # cleared once the buffer is writable again
             in_memory=len(writer.pending) if writer else 0,
             dropped=writer.dropped if writer else 0,
         )

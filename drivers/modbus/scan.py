@@ -23,6 +23,13 @@ class ScanHit:
     detail: str
 
 
+async def _open(bus: ModbusBus) -> None:
+    """Open the port or connection first: a missing port or refused connection is an error in words,
+    not 247 silent probes ending in "no unit answered". Raises DeviceUnreachable."""
+    async with bus.session():
+        await bus._connected_client()
+
+
 async def _probe(bus: ModbusBus, unit_id: int) -> str | None:
     """What a unit answered to 'read holding register 0', or None if it is not there."""
     try:
@@ -55,6 +62,7 @@ async def scan_tcp(
     bus = ModbusBus("scan", config, timeout=timeout)
     hits: list[ScanHit] = []
     try:
+        await _open(bus)
         for done, unit_id in enumerate(unit_ids, 1):
             detail = await _probe(bus, unit_id)
             if detail is not None:
@@ -93,6 +101,7 @@ async def scan_serial(
             )
             bus = ModbusBus("scan", config, timeout=timeout)
             try:
+                await _open(bus)
                 for unit_id in unit_ids:
                     if unit_id not in found:
                         detail = await _probe(bus, unit_id)

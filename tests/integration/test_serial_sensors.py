@@ -1,8 +1,9 @@
-"""SDS011, MH-Z19 and M-Bus drivers over pseudo-terminals: the test plays the device, noise included."""
+"""SDS011, PMS5003, MH-Z19 and M-Bus drivers over pseudo-terminals: the test plays the device, noise included."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from drivers.mbus.config import MbusDeviceConfig
 from drivers.mbus.driver import MbusDriver
 from drivers.mhz19.config import Mhz19DeviceConfig
 from drivers.mhz19.driver import Mhz19Driver
+from drivers.pms5003.config import Pms5003DeviceConfig
+from drivers.pms5003.driver import Pms5003Driver
 from drivers.sds011 import codec as sds
 from drivers.sds011.config import Sds011DeviceConfig
 from drivers.sds011.driver import Sds011Driver
@@ -136,3 +139,119 @@ async def test_mbus_readout_and_silent_meter() -> None:
     assert "access_number" not in values
     assert meter.meter_id == "11490378"
     assert meter.counters["garbage_bytes"] >= 1
+
+
+async def _play_sequence(master: int, request: bytes, answers: list[bytes], stop: asyncio.Event) -> int:
+    """Answer the n-th `request` read from the master side with answers[n] (the last one repeats)."""
+    loop = asyncio.get_running_loop()
+    buf, served = b"", 0
+    while not stop.is_set():
+        try:
+            buf += await loop.run_in_executor(None, _read_some, master)
+        except OSError:
+            break
+        while (i := buf.find(request)) >= 0:
+            buf = buf[i + len(request) :]
+            os.write(master, answers[min(served, len(answers) - 1)])
+            served += 1
+    return served
+
+
+async def test_pms5003_passive_mode_with_noise_and_a_warming_up_frame() -> None:
+    from drivers.pms5003 import codec as pms
+
+    vectors = {v["id"]: bytes.fromhex(v["input_hex"]) for v in AIR["pms5003_vectors"]}
+    good, warming = vectors["pms5003-pypms-good"], vectors["pms5003-empty-warming-up"]
+    bad = good[:-1] + bytes([good[-1] ^ 0x01])  # one bit flipped in the checksum
+    command_ack = bytes.fromhex("424D0004E1000174")  # the answer to the passive-mode command: not data
+    master, slave = os.openpty()
+    stop = asyncio.Event()
+    player = asyncio.create_task(
+        _play_sequence(
+            master,
+            pms.read_command(),
+            [b"\x42\x00\x13" + bad + command_ack + warming + b"\x4d\x42", b"\xff" + command_ack + good],
+            stop,
+        )
+    )
+    cfg = Pms5003DeviceConfig.model_validate({"driver": "pms5003", "port": os.ttyname(slave)})
+    driver = Pms5003Driver("pm-1", cfg, _ctx())
+    try:
+        await driver.open()
+        readings = await asyncio.wait_for(driver.read(), 10)
+    finally:
+        stop.set()
+        served = await player
+        await driver.close()
+        os.close(master)
+        os.close(slave)
+    values = {r.point: (r.value, r.unit) for r in readings}
+    assert values["pm2_5"] == (13, "µg/m³") and values["pm10"] == (22, "µg/m³")
+    assert values["pm1_0"] == (5, "µg/m³") and values["n0_3"] == (765, "/0.1L")
+    assert len(values) == 12
+    assert served == 2  # the all-zero warm-up frame was not published: the driver asked again
+    assert driver.counters["bad_checksum"] == 1 and driver.counters["malformed"] == 1
+    assert driver.counters["garbage_bytes"] >= 3 and driver.counters["frames_ok"] == 2
+    assert "malformed=1" in driver.point_errors["serial_line"]  # health says what was thrown away
+
+
+async def test_pms5003_active_mode_takes_the_pushed_frame() -> None:
+    vectors = {v["id"]: bytes.fromhex(v["input_hex"]) for v in AIR["pms5003_vectors"]}
+    pushed = vectors["pms5003-capture-02c5"]
+    master, slave = os.openpty()
+    cfg = Pms5003DeviceConfig.model_validate(
+        {"driver": "pms5003", "port": os.ttyname(slave), "reporting": "active"}
+    )
+    driver = Pms5003Driver("pm-2", cfg, _ctx())
+    await driver.open()
+
+    async def push() -> None:
+        while True:  # the sensor pushes a frame about every second, noise included
+            os.write(master, b"\x00" + pushed[:10] + b"\x42\x4d\x00" + pushed)
+            await asyncio.sleep(0.1)
+
+    pusher = asyncio.create_task(push())
+    try:
+        readings = await asyncio.wait_for(driver.read(), 10)
+    finally:
+        pusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pusher
+        await driver.close()
+        os.close(master)
+        os.close(slave)
+    values = {r.point: r.value for r in readings}
+    assert values["pm2_5"] == 8 and values["pm10"] == 8 and values["n0_3"] == 210
+    assert driver.counters["garbage_bytes"] >= 1
+
+
+async def test_pms5003_port_vanishes_and_returns(tmp_path: Path) -> None:
+    good = {v["id"]: bytes.fromhex(v["input_hex"]) for v in AIR["pms5003_vectors"]}["pms5003-capture-0234"]
+    link = tmp_path / "usb-Silicon_Labs_CP2102-if00-port0"
+    first_m, first_s = os.openpty()
+    link.symlink_to(os.ttyname(first_s))
+    cfg = Pms5003DeviceConfig.model_validate({"driver": "pms5003", "port": str(link)})
+    driver = Pms5003Driver("pm-3", cfg, _ctx())
+    await driver.open()
+    os.close(first_m)  # unplugged
+    os.close(first_s)
+    with pytest.raises(DeviceUnreachable, match="port lost|not open"):
+        await asyncio.wait_for(driver.read(), 10)
+    assert driver.counters["port_lost"] == 1
+    link.unlink()
+    second_m, second_s = os.openpty()
+    link.symlink_to(os.ttyname(second_s))  # plugged back, another tty number
+    stop = asyncio.Event()
+    from drivers.pms5003 import codec as pms
+
+    player = asyncio.create_task(_play_sequence(second_m, pms.read_command(), [good], stop))
+    try:
+        await driver.open()
+        readings = await asyncio.wait_for(driver.read(), 10)
+    finally:
+        stop.set()
+        await player
+        await driver.close()
+        os.close(second_m)
+        os.close(second_s)
+    assert {r.point: r.value for r in readings}["pm2_5"] == 5
