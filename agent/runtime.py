@@ -539,12 +539,9 @@ class Runtime:
         await asyncio.gather(*self._schedule_runs, return_exceptions=True)
         self._schedule_runs = []
 
-    def _publish_schedule_result(self, doc: dict[str, Any]) -> None:
-        """Schedule actions are reported upstream like command results (when online)."""
-        if self.uplink is not None and self._tg is not None:
-            task = self._tg.create_task(self.uplink.publish_result(doc))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+    async def _publish_schedule_result(self, doc: dict[str, Any]) -> bool:
+        """Schedule actions are reported upstream like command results; False (kept, retried) when offline."""
+        return self.uplink is not None and await self.uplink.publish_result(doc)
 
     async def _start_local(self) -> None:
         from agent.localapi import LocalServer

@@ -18,8 +18,10 @@ replaces it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
@@ -47,6 +49,10 @@ _AT = re.compile(
 # Longest single sleep: the wall clock may jump (NTP setting the clock of an RTC-less Pi after boot),
 # so the runner wakes at least this often and recomputes from the clock rather than trusting one long sleep.
 MAX_SLEEP_S = 60.0
+# Reports of schedule actions taken while the platform is unreachable wait (in order, the newest kept)
+# and are sent when it is back: the lamps do not wait for the platform, the platform still learns.
+REPORT_RETRY_S = 5.0
+MAX_UNREPORTED = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +287,10 @@ class ScheduleRunner:
         self.targets = [(t.device, t.point) for t in config.all_targets()]
         self.state: dict[tuple[str, str], _TargetState] = {t: _TargetState() for t in self.targets}
         self._wake = asyncio.Event()
+        # An async on_result answers whether the report went out; unsent ones wait here for the reporter.
+        self._report_async = inspect.iscoroutinefunction(on_result)
+        self.unreported: deque[dict[str, Any]] = deque(maxlen=MAX_UNREPORTED)
+        self._report_ready = asyncio.Event()
         processor.add_listener(self._on_command)
 
     @classmethod
@@ -384,13 +394,54 @@ class ScheduleRunner:
             schedule=self.name,
             step=self.config.steps[event.index].at,
         )
+        if self._report_async:
+            if len(self.unreported) == self.unreported.maxlen:
+                log.warning(
+                    "schedule %s: more than %d unreported actions; the oldest dropped",
+                    self.name,
+                    MAX_UNREPORTED,
+                )
+            self.unreported.append(doc)
+            self._report_ready.set()
+            return
         try:
             self.on_result(doc)
         except Exception:  # a broken publisher must not stop the lamps' schedule
             log.exception("schedule %s: the on_result hook failed", self.name)
 
+    async def report_loop(self) -> None:
+        """Sends queued reports in order; one that does not go out (offline) is retried every few seconds."""
+        assert self.on_result is not None
+        while True:
+            await self._report_ready.wait()
+            self._report_ready.clear()
+            while self.unreported:
+                doc = self.unreported[0]
+                try:
+                    sent = await self.on_result(doc)
+                except Exception:  # a broken publisher must not stop the lamps' schedule
+                    log.exception("schedule %s: the on_result hook failed", self.name)
+                    sent = True  # dropped: retrying a hook that raises would repeat the failure forever
+                if sent is False:
+                    await self.sleep(REPORT_RETRY_S)
+                    continue
+                if self.unreported and self.unreported[0] is doc:
+                    self.unreported.popleft()
+
     async def run(self) -> None:
         """Forever: apply, sleep until the next step (or a retry, or an override's end), apply again."""
+        if not self.config.enabled:
+            log.info("schedule %s: disabled (enabled: false)", self.name)
+            return
+        reporter = asyncio.ensure_future(self.report_loop()) if self._report_async else None
+        try:
+            await self._loop()
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+                await asyncio.gather(reporter, return_exceptions=True)
+
+    async def _loop(self) -> None:
         log.info(
             "schedule %s: started (%s), targets %s",
             self.name,

@@ -55,7 +55,12 @@ def bthome_encrypt(key: bytes, address: str, objects: bytes, counter: int, info:
     from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
     counter_bytes = counter.to_bytes(4, "little")
-    nonce = bytes.fromhex(address.replace(":", "")) + (0xFCD2).to_bytes(2, "little") + bytes([info]) + counter_bytes
+    nonce = (
+        bytes.fromhex(address.replace(":", ""))
+        + (0xFCD2).to_bytes(2, "little")
+        + bytes([info])
+        + counter_bytes
+    )
     sealed = AESCCM(key, tag_length=4).encrypt(nonce, objects, None)
     return bytes([info]) + sealed[:-4] + counter_bytes + sealed[-4:]
 
@@ -64,7 +69,7 @@ class VirtualRadio:
     """A LocalLink with one bumble device per address: advertising or GATT sensors, and the gateway."""
 
     def __init__(self) -> None:
-        self.link = LocalLink()
+        self.link = LocalLink()  # type: ignore[no-untyped-call]
         self.devices: dict[str, Device] = {}
 
     async def add(self, address: str) -> Device:
@@ -221,8 +226,13 @@ class BumbleClientBackend(BaseBleakClient):
                 props = [n for n, bit in (("read", 0x02), ("notify", 0x10)) if ch.properties & bit]
                 collection.add_characteristic(
                     BleakGATTCharacteristic(
-                        ch, ch.handle, _bleak_uuid(ch.uuid), props, lambda: 20, bleak_service
-                    )  # type: ignore[arg-type]
+                        ch,
+                        ch.handle,
+                        _bleak_uuid(ch.uuid),
+                        props,  # type: ignore[arg-type]  # bleak types the names as Literals
+                        lambda: 20,
+                        bleak_service,
+                    )
                 )
                 self._proxies[ch.handle] = ch
         self.services = collection

@@ -6,7 +6,11 @@ bytes leave at the line's speed (`bits_per_char` bits each, 10 for 8N1, 11 with
 parity or 2 stop bits), so RTU timing is realistic. `silence()` drops traffic
 (a cut cable) until `resume()`. As on a real line, when the two ends are set to
 different speeds or parities (read from each pty's termios, where pyserial put
-them), the bytes arrive garbled. `tap` records (direction, bytes) when `record`.
+them), the bytes arrive garbled. `tap` records (direction, bytes) when `record`, and
+`tap_times` the monotonic time the bridge read each of those chunks. With `turnaround`
+(paced mode), the b end (the slave) cannot start answering before that many seconds
+after the last byte of a request reached it: a real RTU slave only knows a request has
+ended after the 3.5-character silence, so without it a simulated slave beats the line.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from types import TracebackType
 
 
 class PtyBridge:
-    def __init__(self, baudrate: int | None = None, bits_per_char: int = 10) -> None:
+    def __init__(self, baudrate: int | None = None, bits_per_char: int = 10, turnaround: float = 0.0) -> None:
         self.baudrate = baudrate
         self.bits_per_char = bits_per_char
+        self.turnaround = turnaround
         self._ma, self._sa = os.openpty()
         self._mb, self._sb = os.openpty()
         for fd in (self._sa, self._sb, self._ma, self._mb):
@@ -37,6 +42,7 @@ class PtyBridge:
         self.bytes_relayed = 0
         self.record = False
         self.tap: list[tuple[str, bytes]] = []
+        self.tap_times: list[float] = []
         self._thread = threading.Thread(target=self._run, name="ptybridge", daemon=True)
         self._thread.start()
 
@@ -75,10 +81,13 @@ class PtyBridge:
                     data = bytes(b ^ 0x5A for b in data)
                 if self.record:
                     self.tap.append(("a->b" if fd == self._ma else "b->a", data))
+                    self.tap_times.append(time.monotonic())
                 if self.baudrate:
                     # byte by byte on a schedule: each byte leaves bits_per_char/baud after the previous
                     per_byte = self.bits_per_char / self.baudrate
                     start = max(time.monotonic(), line_free_at[fd])
+                    if fd == self._mb:  # the slave answers a request only after its end-of-frame silence
+                        start = max(start, line_free_at[self._ma] + self.turnaround)
                     for i, byte in enumerate(data):
                         due = start + (i + 1) * per_byte
                         delay = due - time.monotonic()

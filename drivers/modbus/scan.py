@@ -24,8 +24,11 @@ class ScanHit:
 
 
 async def _open(bus: ModbusBus) -> None:
-    """Open the port or connection first: a missing port or refused connection is an error in words,
-    not 247 silent probes ending in "no unit answered". Raises DeviceUnreachable."""
+    """Open the port or connection before the sweep; DeviceUnreachable if it cannot be opened.
+
+    Without this, a missing port or a refused connection would look like 247 silent units
+    ("no unit answered") instead of an error in words.
+    """
     async with bus.session():
         await bus._connected_client()
 

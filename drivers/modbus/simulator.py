@@ -16,7 +16,7 @@ import math
 import random
 import signal
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -129,7 +129,10 @@ class _ServerContext(ModbusServerContext):
 
 
 class ModbusSim:
-    """A pymodbus server holding several SimUnits; `requests` counts (unit_id, function_code) seen."""
+    """A pymodbus server holding several SimUnits; `requests` counts (unit_id, function_code) seen.
+
+    `sequence` keeps the order of the last requests (unit_id, function_code), for fairness tests.
+    """
 
     def __init__(self, units: Mapping[int, SimUnit | str] | Iterable[int] = (1,)) -> None:
         items = units.items() if isinstance(units, Mapping) else ((u, "plain") for u in units)
@@ -137,6 +140,7 @@ class ModbusSim:
             uid: (u if isinstance(u, SimUnit) else SimUnit(kind=u)) for uid, u in items
         }
         self.requests: Counter[tuple[int, int]] = Counter()
+        self.sequence: deque[tuple[int, int]] = deque(maxlen=10_000)  # bounded: the demo runs for days
         self.port = 0
         self._server: ModbusTcpServer | ModbusSerialServer | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -145,7 +149,9 @@ class ModbusSim:
 
     def _trace_pdu(self, sending: bool, pdu: Any) -> Any:
         if not sending:
-            self.requests[(int(pdu.dev_id), int(pdu.function_code))] += 1
+            key = (int(pdu.dev_id), int(pdu.function_code))
+            self.requests[key] += 1
+            self.sequence.append(key)
         return pdu
 
     def count(self, unit_id: int | None = None, function_code: int | None = None) -> int:

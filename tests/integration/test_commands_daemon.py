@@ -210,6 +210,9 @@ async def test_commands_and_schedule_through_the_daemon(
             assert off["ok"] is True and off["device"] == "lamp-1" and off["point"] == "on", off
             assert off["schedule"] == "switching" and off["step"] == step_at.strftime("%H:%M:%S")
             assert sim.units[LAMP].get("coil", 0) == [False]
+            # The action taken at start (maybe before the upstream was connected) was reported too.
+            scheduled = [r["value"] for r in checker.data.results if r.get("source") == "schedule"]
+            assert scheduled[:2] == [True, False], scheduled
             assert count(sim, LAMP, COIL_WRITES) == 2  # on at start, off at the step
 
         # The technician's one-shot write beside the running daemon: same checks, same audit trail.

@@ -143,3 +143,32 @@ async def test_scan_serial_finds_units_and_the_right_baud_rate(bridge: PtyBridge
     assert [(h.unit_id, h.baudrate, h.parity) for h in hits] == [(4, 19200, "N"), (17, 19200, "N")]
     assert hits[1].detail == "answers (exception 2: illegal data address)"
     assert progress[-1] == (40, 40)
+
+
+async def test_the_master_keeps_the_inter_frame_silence(bridge: PtyBridge) -> None:
+    # 1200 baud: 3.5 characters of 10 bits = 29 ms, far above the master's own turnaround without the wait
+    sim = ModbusSim({1: SimUnit(), 2: SimUnit()})
+    await sim.start_rtu(bridge.path_b, baudrate=1200)
+    bus = ModbusRtuBusConfig(type="modbus-rtu", port=bridge.path_a, baudrate=1200, timeout="500ms")
+    ctx = DriverContext(SharedResources(), {"rs485": bus}, Path("."))
+    try:
+        points = {"h": {"address": 0}, "i": {"table": "input", "address": 0}}  # two requests per cycle
+        drivers = [make(ctx, uid, points=points) for uid in (1, 2)]
+        bridge.record = True
+        for _ in range(2):
+            await asyncio.gather(*(d.read_points([]) for d in drivers))
+        bridge.record = False
+    finally:
+        await ctx.shared.aclose()
+        await sim.aclose()
+    # The gap from the bridge relaying an answer to it seeing the next request is a lower bound of the
+    # line's silence (the master received the answer after the relay): causal, not a timing guess.
+    gaps = [
+        t - t_prev
+        for (d_prev, _), t_prev, (d, _), t in zip(
+            bridge.tap, bridge.tap_times, bridge.tap[1:], bridge.tap_times[1:], strict=False
+        )
+        if d_prev == "b->a" and d == "a->b"
+    ]
+    assert len(gaps) == 7 and sim.count() == 8
+    assert min(gaps) >= 3.5 * 10 / 1200, gaps

@@ -14,8 +14,9 @@ from agent.errors import DeviceProtocolError, DeviceUnreachable, PointError, Wri
 from drivers.modbus.config import ModbusDeviceConfig, ModbusRtuTcpBusConfig, ModbusTcpBusConfig
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.profile import load_profile, merge_profile
-from drivers.modbus.scan import scan_tcp
+from drivers.modbus.scan import scan_serial, scan_tcp
 from drivers.modbus.simulator import step_behaviour
+from tests.daemon import fieldgate_cli
 from tests.modbus_sim import ModbusSim, SimUnit, start_tcp_simulator
 from tests.vectors import load_vectors
 
@@ -351,3 +352,29 @@ async def test_demo_simulator_matches_the_bundled_profiles() -> None:
     finally:
         await context.shared.aclose()
         await handle.aclose()
+
+
+async def test_a_busy_device_does_not_starve_another_on_the_bus(sim: ModbusSim, ctx: DriverContext) -> None:
+    # 100 requests per cycle (one register per request) against one: the bus lock is taken per request, FIFO
+    busy = make(ctx, 1, {f"r{i}": {"address": i} for i in range(100)}, max_registers_per_request=1)
+    quiet = make(ctx, 2, {"a": {"address": 0}})
+    busy_cycle = asyncio.create_task(busy.read_points([]))
+    while sim.count(1) == 0:  # the busy device is on the bus
+        await asyncio.sleep(0)
+    queued_at = sim.count(1)
+    assert queued_at < 90  # the busy cycle still has many requests to go
+    assert len(await quiet.read_points([])) == 1
+    assert len(await busy_cycle) == 100 and busy.requests_last_cycle == 100
+    order = [unit for unit, _ in sim.sequence]
+    # the quiet device waited for the request in flight (and at most one more), not the rest of the cycle
+    assert order.index(2) <= queued_at + 2, order
+
+
+async def test_scan_of_a_closed_port_is_an_error_in_words_not_an_empty_result(tmp_path: Path) -> None:
+    with pytest.raises(DeviceUnreachable, match="cannot connect to 127.0.0.1:1"):
+        await scan_tcp("127.0.0.1", 1, range(1, 248), 0.2)
+    missing = tmp_path / "ttyUSB9"
+    with pytest.raises(DeviceUnreachable, match="cannot open serial port"):
+        await scan_serial(str(missing), range(1, 248), [9600, 19200], ["N"], 0.2)
+    res = await fieldgate_cli("scan", "modbus", "--port", str(missing), "--units", "1-5", "--json")
+    assert res.code == 1 and "cannot open serial port" in res.err and res.out == ""

@@ -260,7 +260,8 @@ async def test_daemon_forwards_exactly_the_valid_serial_readings(tmp_path: Path,
             status = await wait_status(
                 api,
                 lambda d: all(
-                    d["devices"][n]["counters"].get("bad_checksum", 0) >= 2 for n in ("linky-h", "linky-s", "co2")
+                    d["devices"][n]["counters"].get("bad_checksum", 0) >= 2
+                    for n in ("linky-h", "linky-s", "co2")
                 ),
                 "bad checksums counted for each device",
             )
@@ -305,7 +306,9 @@ async def test_daemon_forwards_exactly_the_valid_serial_readings(tmp_path: Path,
             )
             # The other devices are not disturbed by one adapter going away.
             co2_before = len(_values(checker, "co2", "co2"))
-            await checker.wait_for(lambda: len(_values(checker, "co2", "co2")) > co2_before, what="CO2 goes on")
+            await checker.wait_for(
+                lambda: len(_values(checker, "co2", "co2")) > co2_before, what="CO2 goes on"
+            )
 
             # Plugged back: a new tty behind the same by-id name.
             replugged = Pty()
@@ -319,7 +322,9 @@ async def test_daemon_forwards_exactly_the_valid_serial_readings(tmp_path: Path,
             assert status["devices"]["linky-h"]["counters"]["port_lost"] >= 1
             assert _values(checker, "linky-h", "_state") == ["failing", "ok"]
             _only_valid(checker, "linky-h", _allowed([HIST_A, HIST_B, HIST_AFTER_REPLUG], "historic"))
-            assert not [r for r in checker.data.readings if r["device"] != "linky-h" and r["point"] == "_state"]
+            assert not [
+                r for r in checker.data.readings if r["device"] != "linky-h" and r["point"] == "_state"
+            ]
     finally:
         code = daemon.stop()
         for m in meters:

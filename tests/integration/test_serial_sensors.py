@@ -235,7 +235,7 @@ async def test_pms5003_port_vanishes_and_returns(tmp_path: Path) -> None:
     await driver.open()
     os.close(first_m)  # unplugged
     os.close(first_s)
-    with pytest.raises(DeviceUnreachable, match="port lost|not open"):
+    with pytest.raises(DeviceUnreachable, match=r"port lost|not open"):
         await asyncio.wait_for(driver.read(), 10)
     assert driver.counters["port_lost"] == 1
     link.unlink()

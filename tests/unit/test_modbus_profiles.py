@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent import loader
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
 from drivers.modbus.profile import BUNDLED_PROFILES, NOT_IN_PROFILE, load_profile, merge_profile
 
@@ -61,3 +62,29 @@ def test_device_fields_win_over_profile_defaults() -> None:
 def test_unknown_profile_names_the_bundled_ones() -> None:
     with pytest.raises(ValueError, match="eastron-sdm120"):
         load_profile("eastron-sdm999")
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_the_config_loader_merges_each_profile_as_documented(path: Path, tmp_path: Path) -> None:
+    # The daemon and `fieldgate check` merge profiles in agent/loader.py, not the driver: check that path too.
+    config_file = tmp_path / "fieldgate.yaml"
+    config_file.write_text(
+        f"""gateway: {{id: gw-1}}
+upstream: {{mqtt: {{url: "mqtt://127.0.0.1:1883"}}}}
+buses:
+  rs485: {{type: modbus-rtu, port: /dev/ttyUSB0}}
+devices:
+  dev:
+    bus: rs485
+    profile: {path.stem}
+    points: {{extra: {{address: 9999, unit: V}}}}
+"""
+    )
+    device = loader.load_config(config_file).devices["dev"]
+    assert isinstance(device, ModbusDeviceConfig)
+    expected = merge_profile(
+        ModbusDeviceConfig(bus="rs485", profile=path.stem, points={"extra": {"address": 9999, "unit": "V"}}),
+        load_profile(path.stem),
+    )
+    assert device.points == expected.points
+    assert device.max_registers_per_request == expected.max_registers_per_request

@@ -339,3 +339,53 @@ async def test_run_loop_applies_then_sleeps_until_the_next_step(rig_factory: Any
             await task
     assert rig.dims() == [100, 50]
     assert rig.results[1]["ts"] == local_ms(2026, 1, 15, 23, 0)  # sleeps are capped but land on the step
+
+
+async def test_actions_taken_offline_are_reported_in_order_once_the_platform_is_back(
+    rig_factory: Any,
+) -> None:
+    rig = rig_factory(local_ms(2026, 1, 15, 22, 0))
+    online: list[bool] = []  # empty: the platform is unreachable
+    sent: list[dict[str, Any]] = []
+
+    async def publish(doc: dict[str, Any]) -> bool:
+        if not online:
+            return False
+        sent.append(doc)
+        return True
+
+    runner = ScheduleRunner(
+        "night",
+        ScheduleConfig.model_validate(NIGHT),
+        rig.proc,
+        latitude=LYON[0],
+        longitude=LYON[1],
+        clock=rig.time,
+        sleep=rig.time.sleep,
+        on_result=publish,
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        for _ in range(10_000):
+            await asyncio.sleep(0)
+            if len(rig.dims()) >= 2:
+                break
+        assert rig.dims()[:2] == [100, 50]  # the lamps did not wait for the platform
+        assert sent == [] and [d["value"] for d in runner.unreported][:2] == [100, 50]
+        online.append(True)
+        for _ in range(10_000):
+            await asyncio.sleep(0)
+            if len(sent) >= 2:
+                break
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert [d["value"] for d in sent][:2] == [100, 50]
+    assert all(d["source"] == "schedule" and d["ok"] is True for d in sent)
+
+
+async def test_a_disabled_schedule_does_nothing(rig_factory: Any) -> None:
+    rig = rig_factory(local_ms(2026, 1, 15, 22, 0), {**NIGHT, "enabled": False})
+    await asyncio.wait_for(rig.runner.run(), 5)
+    assert rig.dims() == [] and rig.results == []
