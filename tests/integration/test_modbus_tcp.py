@@ -16,6 +16,7 @@ from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.profile import load_profile, merge_profile
 from drivers.modbus.scan import scan_serial, scan_tcp
 from drivers.modbus.simulator import step_behaviour
+from tests.broker import free_port
 from tests.daemon import fieldgate_cli
 from tests.modbus_sim import ModbusSim, SimUnit, start_tcp_simulator
 from tests.vectors import load_vectors
@@ -371,8 +372,9 @@ async def test_a_busy_device_does_not_starve_another_on_the_bus(sim: ModbusSim, 
 
 
 async def test_scan_of_a_closed_port_is_an_error_in_words_not_an_empty_result(tmp_path: Path) -> None:
-    with pytest.raises(DeviceUnreachable, match="cannot connect to 127.0.0.1:1"):
-        await scan_tcp("127.0.0.1", 1, range(1, 248), 0.2)
+    closed = free_port()  # nothing listens there
+    with pytest.raises(DeviceUnreachable, match=rf"cannot connect to 127\.0\.0\.1:{closed}"):
+        await scan_tcp("127.0.0.1", closed, range(1, 248), 0.2)
     missing = tmp_path / "ttyUSB9"
     with pytest.raises(DeviceUnreachable, match="cannot open serial port"):
         await scan_serial(str(missing), range(1, 248), [9600, 19200], ["N"], 0.2)
