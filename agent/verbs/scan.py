@@ -94,12 +94,14 @@ def scan_modbus(args: argparse.Namespace) -> int:
     try:
         units = parse_units(args.units)
         timeout = parse_duration(args.timeout)
+        baudrates = [int(x) for x in args.baudrates.split(",")]
+        parities = [x.strip().upper() for x in args.parities.split(",")]
+        if not set(parities) <= {"N", "E", "O"}:
+            raise ValueError(f"parities are N, E or O (got {args.parities})")
     except ValueError as exc:
         print(f"scan modbus: {exc}", file=sys.stderr)
         return 2
     host, port, serial, rtu_tcp = args.host, 502, args.port, args.rtu_over_tcp
-    baudrates = [int(x) for x in args.baudrates.split(",")]
-    parities = [x.strip().upper() for x in args.parities.split(",")]
     if args.bus:
         from agent.loader import load_config
 

@@ -136,7 +136,7 @@ async def test_a_dead_unit_on_a_shared_rtu_line_isolated_end_to_end(
 
             # The unit comes back: the backoff's next probe finds it, readings and health follow.
             sim.units[2].dead = False
-            await checker.wait_for(lambda: values_of(checker, "dev2", "r0"), timeout=30, what="dev2 back")
+            await checker.wait_for(lambda: values_of(checker, "dev2", "r0"), timeout=45, what="dev2 back")
             assert set(values_of(checker, "dev2", "r0")) == {200}
             assert values_of(checker, "dev2", "_state")[-1] == "ok"
             await checker.wait_for(
