@@ -164,3 +164,124 @@ async def test_sparkplug_session_rules_history_rebirth_death_and_writes(
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
     assert platform.kinds()[-1] == "NDEATH"
+
+
+class ReconnectingHost:
+    """A host application with a persistent session that survives its broker's restarts (records in order)."""
+
+    def __init__(self, port: int, group: str) -> None:
+        self.port = port
+        self.group = group
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.subscribed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ReconnectingHost:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self.subscribed.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    "127.0.0.1", self.port, identifier="host-app-daemon", clean_session=False, keepalive=5
+                ) as client:
+                    await client.subscribe(f"spBv1.0/{self.group}/#", qos=1)
+                    self.subscribed.set()
+                    async for message in client.messages:
+                        self.seen.append((message.topic.value, wire.payload(bytes(message.payload))))  # type: ignore[arg-type]
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.1)
+
+    def kinds(self, start: int = 0) -> list[str]:
+        return [t.split("/")[2] for t, _ in self.seen[start:]]
+
+    async def wait_for(self, predicate: Any, what: str, timeout: float = 20) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.05)
+
+
+def bd_seq_of(payload: dict[str, Any]) -> int:
+    value: int = next(m["value"] for m in payload["metrics"] if m.get("name") == "bdSeq")
+    return value
+
+
+@pytest.mark.timeout(120)
+async def test_sparkplug_through_the_daemon_birth_history_after_outage_and_death_on_kill(
+    tmp_path: Path,
+    pbroker: Broker,
+    sim: ModbusSim,  # noqa: F811
+) -> None:
+    from tests.daemon import Daemon, write_config
+
+    sim.units[UNIT].set("holding", 0, [30])
+    cfg = write_config(
+        tmp_path / "fieldgate.yaml",
+        gateway="gw-spb",
+        broker_port=pbroker.port,
+        db=tmp_path / "buffer.db",
+        mqtt_extra="    format: sparkplug\n    sparkplug: {group_id: city}",
+        buses=f"  lan: {{type: modbus-tcp, host: 127.0.0.1, port: {sim.port}, timeout: 300ms}}",
+        devices=f"  lamp-1: {{bus: lan, unit_id: {UNIT}, profile: streetlamp-controller, poll: 300ms}}\n",
+    )
+    async with ReconnectingHost(pbroker.port, "city") as host:
+        daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+        try:
+            await host.wait_for(lambda: "DDATA" in host.kinds(), "the first DDATA")
+            kinds = host.kinds()
+            assert kinds[0] == "NBIRTH" and kinds.index("DBIRTH") < kinds.index("DDATA")
+            assert host.seen[0][0] == "spBv1.0/city/NBIRTH/gw-spb"
+            dbirth = host.seen[kinds.index("DBIRTH")]
+            assert dbirth[0] == "spBv1.0/city/DBIRTH/gw-spb/lamp-1"
+            aliases = {m["name"]: m["alias"] for m in dbirth[1]["metrics"]}
+            assert {"dim", "power", "on", "voltage"} <= set(aliases)
+            assert dbirth[1]["metrics"][list(aliases).index("dim")]["properties"]["engUnit"] == "%"
+            first_bd = bd_seq_of(host.seen[0][1])
+            live = [m for t, p in host.seen if "/DDATA/" in t for m in p["metrics"]]
+            assert live and not any(m.get("is_historical") for m in live)
+            assert all("name" not in m and m["alias"] in aliases.values() for m in live)
+
+            # The broker goes away; the gateway keeps polling into its buffer. Back: a new session (NBIRTH,
+            # next bdSeq), then the outage's readings replayed with is_historical, in time order.
+            pbroker.stop()
+            await asyncio.sleep(3.0)
+            n = len(host.seen)
+            pbroker.start()
+            await host.wait_for(
+                lambda: any(
+                    m.get("is_historical") for t, p in host.seen[n:] if "/DDATA/" in t for m in p["metrics"]
+                ),
+                "historical DDATA after the outage",
+            )
+            after = host.kinds(n)
+            assert "NBIRTH" in after
+            first_ddata = next(i for i, k in enumerate(after) if k == "DDATA")
+            assert after.index("NBIRTH") < after.index("DBIRTH") < first_ddata
+            reborn = host.seen[n + after.index("NBIRTH")][1]
+            # bdSeq moves with every CONNECT attempt (each carries a new will), so only "later" is certain
+            assert reborn["seq"] == 0 and bd_seq_of(reborn) > first_bd
+            history = [
+                m for t, p in host.seen[n:] if "/DDATA/" in t for m in p["metrics"] if m.get("is_historical")
+            ]
+            dims = [m for m in history if m["alias"] == aliases["dim"]]
+            assert len(dims) >= 5 and all(m["value"] == 30 for m in dims)  # ~10 poll cycles of the outage
+            stamps = [m["timestamp"] for m in dims]
+            assert stamps == sorted(stamps)
+
+            # kill -9: no clean NDEATH from the gateway, the broker publishes the will (same bdSeq).
+            n = len(host.seen)
+            daemon.kill9()
+            await host.wait_for(lambda: "NDEATH" in host.kinds(n), "NDEATH from the will")
+            death_topic, death = host.seen[n + host.kinds(n).index("NDEATH")]
+            assert death_topic == "spBv1.0/city/NDEATH/gw-spb"
+            assert bd_seq_of(death) == bd_seq_of(reborn)  # the will of the session that NBIRTH opened
+        finally:
+            if daemon.alive():
+                daemon.stop()

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiomqtt
 import orjson
+import pytest
 
 from agent.commands import CommandProcessor
 from agent.config import MqttConfig
@@ -44,10 +45,12 @@ async def test_thingsboard_telemetry_and_rpc(
         execute=proc.execute,
     )
     seen: list[tuple[str, Any]] = []
-    run = asyncio.create_task(uplink.run())
+    run: asyncio.Task[None] | None = None
     try:
         async with aiomqtt.Client(broker.host, broker.port, identifier="thingsboard") as tb:
             await tb.subscribe("v1/gateway/#", qos=1)
+            # started once subscribed: the connect message would otherwise race the subscription
+            run = asyncio.create_task(uplink.run())
 
             async def until(predicate: Any) -> None:
                 async with asyncio.timeout(10):
@@ -74,7 +77,69 @@ async def test_thingsboard_telemetry_and_rpc(
             assert sim.units[UNIT].get("holding", 0) == [70]
     finally:
         await uplink.stop()
-        run.cancel()
-        await asyncio.gather(run, return_exceptions=True)
+        if run is not None:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
         assert (await store.stats()).pending == 0
         await store.close()
+
+
+@pytest.mark.timeout(120)
+async def test_thingsboard_rpc_through_the_daemon_reaches_the_simulator(
+    broker: Broker,
+    sim: ModbusSim,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from tests.daemon import Daemon, write_config
+
+    sim.units[UNIT].set("holding", 0, [40])
+    cfg = write_config(
+        tmp_path / "fieldgate.yaml",
+        gateway="gw-tb",
+        broker_port=broker.port,
+        db=tmp_path / "buffer.db",
+        mqtt_extra="    format: thingsboard\n    username: GATEWAY_TOKEN",
+        buses=f"  lan: {{type: modbus-tcp, host: 127.0.0.1, port: {sim.port}, timeout: 300ms}}",
+        devices=f"  lamp-1: {{bus: lan, unit_id: {UNIT}, profile: streetlamp-controller, poll: 300ms}}\n",
+    )
+    seen: list[tuple[str, Any]] = []
+    async with aiomqtt.Client(broker.host, broker.port, identifier="thingsboard") as tb:
+        await tb.subscribe("v1/gateway/#", qos=1)
+
+        async def until(predicate: Any) -> None:
+            async with asyncio.timeout(20):
+                async for message in tb.messages:
+                    seen.append((message.topic.value, orjson.loads(bytes(message.payload))))  # type: ignore[arg-type]
+                    if predicate():
+                        return
+
+        daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+        try:
+
+            def entries() -> list[dict[str, Any]]:
+                return [e for t, d in seen if t == "v1/gateway/telemetry" for e in d.get("lamp-1", [])]
+
+            await until(lambda: any("dim" in e["values"] for e in entries()))
+            assert seen[0] == ("v1/gateway/connect", {"device": "lamp-1"})
+            assert all(isinstance(e["ts"], int) and e["values"] for e in entries())
+            assert next(e["values"]["dim"] for e in entries() if "dim" in e["values"]) == 40
+
+            rpc = {"device": "lamp-1", "data": {"id": 7, "method": "set_dim", "params": 55}}
+            await tb.publish("v1/gateway/rpc", orjson.dumps(rpc), qos=1)
+            await until(lambda: any(t == "v1/gateway/rpc" and "method" not in d["data"] for t, d in seen))
+            reply = next(d for t, d in seen if t == "v1/gateway/rpc" and "method" not in d["data"])
+            assert reply["device"] == "lamp-1" and reply["id"] == 7
+            assert reply["data"]["ok"] is True and reply["data"]["value"] == 55
+            assert sim.units[UNIT].get("holding", 0) == [55]
+            # the read-back is in the next telemetry with the new value
+            await until(lambda: any(e["values"].get("dim") == 55 for e in entries()))
+            # out of range: refused by the commands path, the register is untouched
+            bad = {"device": "lamp-1", "data": {"id": 8, "method": "set_dim", "params": 150}}
+            await tb.publish("v1/gateway/rpc", orjson.dumps(bad), qos=1)
+            await until(lambda: any(t == "v1/gateway/rpc" and d.get("id") == 8 for t, d in seen))
+            refused = next(d for t, d in seen if t == "v1/gateway/rpc" and d.get("id") == 8)
+            assert refused["data"]["ok"] is False
+            assert sim.units[UNIT].get("holding", 0) == [55]
+        finally:
+            code = daemon.stop()
+    assert code == 0, daemon.log_text()[-3000:]

@@ -20,6 +20,7 @@ from agent.formats.thingsboard import ThingsBoardFormat
 from agent.reading import Reading
 from agent.store import StoredRow
 from tests import sparkplug_wire as wire
+from tests.vectors import load_vectors
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TS = 1_700_000_000_000
@@ -268,3 +269,30 @@ def test_ngsild_one_entity_per_request_in_time_order_and_required_attributes_kep
         jsonschema.validate(body[0], schema("StreetlightControlCabinet"))
         assert body[0]["workingMode"]["value"] == "automatic"
     assert iso(TS) == "2023-11-14T22:13:20.000Z"
+
+
+SDM_VECTORS = "fiware_smart_data_models.json"
+
+
+@pytest.mark.parametrize("index", range(len(load_vectors(SDM_VECTORS)["official_examples"])))
+def test_our_sdm_schemas_accept_the_official_normalized_examples(index: int) -> None:
+    """The vendored schemas were written by hand: the official examples prove they are not stricter than the
+    Smart Data Models themselves (a failure here means our schema is wrong, not the example)."""
+    vector = load_vectors(SDM_VECTORS)["official_examples"][index]
+    example = vector["official_normalized_example"]
+    assert example["type"] == vector["entity_type"]
+    jsonschema.validate(example, schema(vector["entity_type"]), format_checker=jsonschema.FormatChecker())
+    for name in vector["required_attributes"]:
+        assert name in example, f"{vector['id']}: the official example lacks required {name!r}"
+    assert set(vector["required_attributes"]) <= set(schema(vector["entity_type"])["required"])
+
+
+@pytest.mark.parametrize("index", range(len(load_vectors(SDM_VECTORS)["minimal_valid_entities_built_by_us"])))
+def test_our_sdm_schemas_accept_the_minimal_entities_and_refuse_them_broken(index: int) -> None:
+    entity = load_vectors(SDM_VECTORS)["minimal_valid_entities_built_by_us"][index]
+    checker = schema(entity["type"])
+    jsonschema.validate(entity, checker, format_checker=jsonschema.FormatChecker())
+    for name in checker["required"]:  # each required attribute is really enforced
+        broken = {k: v for k, v in entity.items() if k != name}
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, checker)
