@@ -228,7 +228,8 @@ class RemoteConfig:
                 if await self.host.publish(self.topic("state"), doc, retain=True):
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._dirty.wait(), PUBLISH_RETRY)
+                    async with asyncio.timeout(PUBLISH_RETRY):
+                        await self._dirty.wait()
                 if self._dirty.is_set():
                     self._dirty.clear()
                     doc = self.state

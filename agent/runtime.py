@@ -94,7 +94,8 @@ class StoreWriter:
     async def run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), self.interval)
+                async with asyncio.timeout(self.interval):
+                    await self._event.wait()
             self._event.clear()
             await self.flush()
             self.beat()

@@ -99,7 +99,8 @@ class DeviceTask:
         if self._opened:
             self._opened = False
             try:
-                await asyncio.wait_for(self.driver.close(), 5)
+                async with asyncio.timeout(5):
+                    await self.driver.close()
             except (DeviceError, TimeoutError, OSError) as exc:
                 log.debug("%s: close: %s", self.name, exc)
 
@@ -206,7 +207,8 @@ class DeviceTask:
             message: str | None = None
             try:
                 if not self._opened:
-                    await asyncio.wait_for(self.driver.open(), 30)
+                    async with asyncio.timeout(30):
+                        await self.driver.open()
                     self._opened = True
                 stream = self.driver.stream()
                 assert stream is not None

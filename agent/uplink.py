@@ -336,7 +336,8 @@ class Uplink:
                 if len(self._live) < self.cfg.batch_max and wait > 0:
                     self._live_event.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._live_event.wait(), wait)
+                        async with asyncio.timeout(wait):
+                            await self._live_event.wait()
                     continue
                 n = min(len(self._live), self.cfg.batch_max)
                 rows = [self._live.popleft()[1] for _ in range(n)]

@@ -410,7 +410,8 @@ class NgsiLdUplink:
                 continue
             if not rows:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._event.wait(), 30)
+                    async with asyncio.timeout(30):
+                        await self._event.wait()
                 continue
             wait = self.cfg.batch_interval - (time.monotonic() - last_send)
             if len(rows) < self._limit and wait > 0:

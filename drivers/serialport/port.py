@@ -126,7 +126,8 @@ class SerialPort:
         if not self._buffer:
             self._data.clear()
             try:
-                await asyncio.wait_for(self._data.wait(), wait)
+                async with asyncio.timeout(wait):  # not wait_for: on 3.11 it can swallow a cancellation
+                    await self._data.wait()
             except TimeoutError:
                 self._check()
                 return b""
