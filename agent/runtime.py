@@ -35,6 +35,7 @@ from agent.watchdog import ProgressWatchdog
 log = logging.getLogger("fieldgate.runtime")
 
 MEMORY_LIMIT = 200_000  # readings held in memory while the store cannot write (disk full)
+IDLE_BEAT = 5.0  # seconds: with nothing to commit, the store writer still beats the watchdog this often
 
 
 def make_driver(name: str, cfg: DeviceConfigBase, context: DriverContext) -> Driver[Any]:
@@ -85,19 +86,35 @@ class StoreWriter:
         self._event = asyncio.Event()
         self.failing: str | None = None
         self.beat: Callable[[], None] = lambda: None
+        self._last_flush = 0.0
 
     def put(self, readings: list[Reading]) -> None:
+        was_empty = not self.pending
         self.pending.extend(readings)
-        if len(self.pending) >= 2000:
+        if was_empty or len(self.pending) >= 2000:
             self._event.set()
 
     async def run(self) -> None:
+        """Commit at most every `interval`; readings arriving after a quiet spell are committed at once.
+
+        Leading edge rather than a fixed tick: the first reading after start (or after a pause) is not
+        held for up to `interval`, and an idle gateway does not wake up five times a second for nothing.
+        """
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
-                    await self._event.wait()
+            if not self.pending:
+                self._event.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(IDLE_BEAT):  # woken by the first put()
+                        await self._event.wait()
+            wait = self._last_flush + self.interval - time.monotonic()
+            if wait > 0 and len(self.pending) < 2000:
+                self._event.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):  # woken early only when 2000 readings wait
+                        await self._event.wait()
             self._event.clear()
             await self.flush()
+            self._last_flush = time.monotonic()
             self.beat()
             if self.failing:
                 await asyncio.sleep(1.0)  # back off while the disk is full
@@ -545,11 +562,11 @@ class Runtime:
         return self.uplink is not None and await self.uplink.publish_result(doc)
 
     async def _start_local(self) -> None:
-        from agent.localapi import LocalServer
-
         local = self.config.local
         if not local.listen:
             return
+        from agent.localapi import LocalServer  # only when enabled: its imports cost about 0.6 MiB
+
         server = LocalServer(self, local.listen, local.token_file)
         try:
             await server.start()
