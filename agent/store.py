@@ -44,6 +44,7 @@ from typing import Literal, TypeVar
 import orjson
 
 from agent.errors import StoreError
+from agent.payloads import reading_body
 from agent.reading import Reading
 
 log = logging.getLogger("fieldgate.store")
@@ -497,21 +498,9 @@ class Store:
         seq = first
         params: list[tuple[int, int, str, str, bytes]] = []
         incoming = 0
-        dumps = orjson.dumps
         for r in readings:
-            obj: dict[str, object] = {
-                "seq": seq,
-                "device": r.device,
-                "point": r.point,
-                "ts": r.ts,
-                "value": r.value,
-            }
-            if r.unit is not None:
-                obj["unit"] = r.unit
-            if r.quality is not None:
-                obj["quality"] = r.quality
             try:
-                body = dumps(obj)
+                body = reading_body(seq, r)
             except orjson.JSONEncodeError as exc:
                 log.warning(
                     "reading %s/%s at %s not stored: cannot encode it as JSON (%s)",
