@@ -16,7 +16,7 @@ and NOAA states its method is good to about a minute at these latitudes.
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -83,3 +83,26 @@ def test_the_dst_change_moves_the_clock_not_the_sun() -> None:
 def test_polar_night_and_day_have_no_event() -> None:
     assert sun_event(date(2026, 12, 21), 78.22, 15.65, "sunrise") is None  # Longyearbyen, polar night
     assert sun_event(date(2026, 6, 21), 78.22, 15.65, "sunset") is None  # midnight sun
+
+
+# Published sunset times (local time, Europe/Paris) for the days after the end of summer time on
+# 29 October 2023: ephemeride.com, as printed by Centre Presse Aveyron on 28 October 2023
+# ("Horaire d'hiver : Paris, Toulouse, Rodez... à quelle heure le soleil va se coucher ces prochains jours").
+PUBLISHED_SUNSETS_2023 = {
+    "Paris": ((48.8566, 2.3522), ["17:36", "17:34", "17:32", "17:30", "17:29", "17:27"]),
+    "Toulouse": ((43.6047, 1.4442), ["17:50", "17:48", "17:46", "17:45", "17:44", "17:42"]),
+}
+
+
+@pytest.mark.parametrize("city", sorted(PUBLISHED_SUNSETS_2023))
+def test_sunset_matches_a_published_table_across_the_autumn_dst_change(city: str) -> None:
+    (lat, lon), published = PUBLISHED_SUNSETS_2023[city]
+    paris = ZoneInfo("Europe/Paris")
+    for offset, hhmm in enumerate(published):
+        day = date(2023, 10, 29) + timedelta(days=offset)
+        ours = sun_event(day, lat, lon, "sunset")
+        assert ours is not None
+        hour, minute = map(int, hhmm.split(":"))
+        expected = datetime(day.year, day.month, day.day, hour, minute, tzinfo=paris)
+        # A published time is rounded to the minute: ours must be within a minute of it.
+        assert abs((ours - expected).total_seconds()) <= 60, (city, day, ours.astimezone(paris), hhmm)
