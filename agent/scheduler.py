@@ -52,6 +52,17 @@ class _PlainReporter:
             log.info("%s: recovered", device)
 
 
+def _raise_if_cancelled() -> None:
+    """Give back a cancellation a protocol library swallowed (pymodbus turns it into "cannot connect").
+
+    Without this, a device task stopped while connecting would take the stop for a device error, back
+    off and poll on: the daemon would never finish stopping.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def backoff_delay(consecutive_errors: int, poll: float, rng: random.Random | None = None) -> float:
     """Delay before the next attempt: the poll interval at first, doubling, capped, with ±20 % jitter."""
     base = max(poll, 1.0) * (2 ** max(consecutive_errors - 1, 0))
@@ -187,6 +198,7 @@ class DeviceTask:
             except Exception as exc:  # a driver bug must not kill the device task silently
                 log.exception("%s: unexpected error in driver %s", self.name, self.driver.name)
                 message = f"internal error: {type(exc).__name__}: {exc}"
+            _raise_if_cancelled()
             if message is None:
                 self._ok(readings)
                 next_due += interval
@@ -224,6 +236,7 @@ class DeviceTask:
             except Exception as exc:
                 log.exception("%s: unexpected error in driver %s", self.name, self.driver.name)
                 message = f"internal error: {type(exc).__name__}: {exc}"
+            _raise_if_cancelled()
             await self._close()
             delay = backoff_delay(self.health.consecutive_errors + 1, min(interval, 5.0))
             self._failed(message, delay)

@@ -9,7 +9,6 @@ import signal
 import sys
 
 from agent.errors import ConfigError
-from agent.loader import load_config
 
 
 def register(
@@ -29,19 +28,49 @@ def setup_logging(level: str) -> None:
 async def serve(config_path: str) -> int:
     from pathlib import Path
 
+    # The loop takes the signals over first thing: a stop or a reload asked while the config loads is
+    # remembered, not lost, and never kills the process half-way.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    runtime = None
+
+    def reload() -> None:
+        if runtime is not None:
+            runtime.request_reload()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+    from agent.loader import load_config
     from agent.runtime import Runtime
 
     config = load_config(Path(config_path))
+    if stop.is_set():
+        return 0
     runtime = Runtime(config, Path(config_path))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, runtime.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, runtime.request_reload)
-    await runtime.run()
+
+    async def stop_when_asked() -> None:
+        await stop.wait()
+        runtime.request_stop()
+
+    watcher = asyncio.create_task(stop_when_asked())
+    try:
+        await runtime.run()
+    finally:
+        watcher.cancel()
     return 0
 
 
+def _stop_during_startup(signum: int, frame: object) -> None:
+    raise SystemExit(0)  # nothing polled or stored yet: a stop now is a clean stop
+
+
 def main(args: argparse.Namespace) -> int:
+    # Until the event loop takes the signals over: SIGTERM stops cleanly, and a SIGHUP (`systemctl reload`
+    # during start-up) must not kill the daemon (its default action would).
+    signal.signal(signal.SIGTERM, _stop_during_startup)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(args.log_level)
     faulthandler.enable()  # a watchdog kill (SIGABRT) prints every thread's traceback to the journal
     try:
