@@ -69,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next((a for a in args_in if not a.startswith("-")), None)
     # `fieldgate run ...` imports the run verb only; `--help`, `--version` or a typo build every verb.
     only = first if first in VERBS and "--version" not in args_in else None
+    if first == "run":
+        from agent.verbs.run import take_signals_for_start_up
+
+        take_signals_for_start_up()  # before anything slow: a stop during start-up is a clean stop
     parser = build_parser(only)
     try:
         args = parser.parse_args(args_in)

@@ -66,11 +66,15 @@ def _stop_during_startup(signum: int, frame: object) -> None:
     raise SystemExit(0)  # nothing polled or stored yet: a stop now is a clean stop
 
 
-def main(args: argparse.Namespace) -> int:
-    # Until the event loop takes the signals over: SIGTERM stops cleanly, and a SIGHUP (`systemctl reload`
-    # during start-up) must not kill the daemon (its default action would).
+def take_signals_for_start_up() -> None:
+    """Until the event loop takes the signals over: SIGTERM stops cleanly, and a SIGHUP (`systemctl reload`
+    during start-up) must not kill the daemon, as its default action would."""
     signal.signal(signal.SIGTERM, _stop_during_startup)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def main(args: argparse.Namespace) -> int:
+    take_signals_for_start_up()
     setup_logging(args.log_level)
     faulthandler.enable()  # a watchdog kill (SIGABRT) prints every thread's traceback to the journal
     try:

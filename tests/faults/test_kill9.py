@@ -36,9 +36,13 @@ async def _kill_loop(tmp: Path, broker: Broker, sim: ModbusSim, kills: int, seed
             daemon.kill9()
         if broker.proc is None:
             broker.start()
+        before = store_high(tmp / "buffer.db")
         daemon = FaultDaemon(cfg, tmp / "daemon-final.log").start()
         try:
-            await checker.wait_for(lambda: len(checker.data.readings) > 0, timeout=30, what="readings")
+            # A reading stored by this last daemon has arrived: it is up, and its backlog is flowing.
+            await checker.wait_for(
+                lambda: any(r["seq"] > before for r in checker.data.readings), timeout=30, what="readings"
+            )
             high = store_high(tmp / "buffer.db")
             await checker.wait_for_seqs(high, timeout=60)
         finally:
