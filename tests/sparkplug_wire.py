@@ -1,5 +1,5 @@
 """An independent Sparkplug B decoder for the tests: raw protobuf wire parsing, field numbers from
-tests/data/sparkplug_b.proto (Payload: 1 timestamp, 2 metrics, 3 seq; Metric: 1 name, 2 alias, 3 timestamp,
+agent/formats/sparkplug_b.proto (Payload: 1 timestamp, 2 metrics, 3 seq; Metric: 1 name, 2 alias, 3 timestamp,
 4 datatype, 5 is_historical, 7 is_null, 9 properties, 10 int, 11 long, 12 float, 13 double, 14 boolean,
 15 string). It shares no code with the gateway (which uses the protobuf package's generated module)."""
 

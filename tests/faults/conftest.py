@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import sqlite3
-import subprocess
 import time
 import urllib.request
 from collections import defaultdict
@@ -21,7 +20,7 @@ import pytest
 from drivers.modbus import codec
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import free_port
-from tests.daemon import REPO, Checker, Daemon, fieldgate_exe
+from tests.daemon import Checker, Daemon
 
 GATEWAY = "gw-faults"
 
@@ -44,25 +43,7 @@ class CounterUnit(SimUnit):
         return super().get(table, address, count)
 
 
-class FaultDaemon(Daemon):
-    """`fieldgate run` with extra environment variables (libfaketime) for the subprocess."""
-
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
-        super().__init__(config, log)
-        self.env = env or {}
-
-    def start(self) -> FaultDaemon:
-        out = open(self.log, "ab")  # noqa: SIM115 - owned by the process
-        env = dict(os.environ, PYTHONPATH=str(REPO), **self.env)
-        self.proc = subprocess.Popen(
-            [*fieldgate_exe(), "run", "-c", str(self.config), "--log-level", "debug"],
-            stdout=out,
-            stderr=out,
-            cwd=REPO,
-            env=env,
-        )
-        out.close()
-        return self
+FaultDaemon = Daemon  # `fieldgate run`; takes extra environment variables (libfaketime) through `env=`
 
 
 class TimedChecker(Checker):

@@ -1,7 +1,7 @@
 """Sparkplug B against Mosquitto: births before data, NDEATH as the will, rebirth, history, DCMD to Modbus.
 
 The platform side decodes with tests/sparkplug_wire.py (raw protobuf wire parsing, field numbers from
-tests/data/sparkplug_b.proto), not with the gateway's generated module.
+agent/formats/sparkplug_b.proto), not with the gateway's generated module.
 """
 
 from __future__ import annotations
