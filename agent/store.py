@@ -65,7 +65,6 @@ _SQLITE_READONLY = 8
 _SQLITE_CANTOPEN = 14
 
 _EVICT_FRACTION = 0.05
-_EVICTED_RANGES_KEPT = 4096  # evicted seq runs remembered for late acks (in-flight messages)
 """An eviction burst frees this fraction of the bound (at most a WAL step), not just the bytes needed."""
 _EVICT_LOG_INTERVAL = 10.0
 _ROW_OVERHEAD = 16
@@ -200,10 +199,6 @@ class Store:
         self._last_error: str | None = None
         self._evict_unlogged = 0
         self._evict_logged_at: float | None = None
-        # Seqs evicted while their message may still have been in flight: an ack for one of them means it was
-        # delivered after all, and it is taken back out of `evicted` (which counts exactly the gaps in seq).
-        self._evicted_ranges: list[tuple[int, int]] = []
-        self._evicting: list[tuple[int, int]] = []
         self._lanes: dict[str, int] = {DEFAULT_LANE: 1}  # name -> bit mask; one lane: ack deletes at once
         self._full_mask = 1
         self._lane_pending: dict[str, int] = {}  # several lanes only (one lane: `_pending`)
@@ -520,7 +515,6 @@ class Store:
         evicted = 0
         cutoff = 0
         self._lane_gone = {}
-        self._evicting = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             used = self._used_bytes(conn)
@@ -553,7 +547,6 @@ class Store:
         if evicted:
             self._evicted += evicted
             self._note_eviction(evicted)
-            self._evicted_ranges = (self._evicted_ranges + self._evicting)[-_EVICTED_RANGES_KEPT:]
             if cutoff >= first:
                 params = params[cutoff - first + 1 :]
         return [StoredRow(p[0], p[1], p[4]) for p in params]
@@ -576,9 +569,6 @@ class Store:
         row = conn.execute("SELECT seq FROM readings ORDER BY seq LIMIT 1 OFFSET ?", (count - 1,)).fetchone()
         cutoff = min(row[0], max_seq) if row is not None else max_seq
         self._count_lane_rows(conn, "seq <= ?", (cutoff,))
-        gone = [r[0] for r in conn.execute("SELECT seq FROM readings WHERE seq <= ?", (cutoff,))]
-        if gone:
-            self._evicting.extend(_ranges(gone))
         return int(conn.execute("DELETE FROM readings WHERE seq <= ?", (cutoff,)).rowcount), cutoff
 
     def _note_eviction(self, count: int) -> None:
@@ -635,32 +625,16 @@ class Store:
         if lane is not None and len(self._lanes) > 1:
             return self._ack_lane(conn, seqs, lane)
         ranges = _ranges(seqs)
-        delivered_anyway = self._delivered_after_eviction(ranges)
         try:
             conn.execute("BEGIN IMMEDIATE")
             deleted = int(conn.executemany("DELETE FROM readings WHERE seq BETWEEN ? AND ?", ranges).rowcount)
-            if delivered_anyway:
-                conn.execute("UPDATE meta SET value = value - ? WHERE key = 'evicted'", (delivered_anyway,))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(conn)
             raise self._error(f"ack of {len(seqs)} readings", exc) from exc
-        if delivered_anyway:
-            self._evicted -= delivered_anyway
-            self._evicted_ranges = _subtract(self._evicted_ranges, ranges)
         self._pending -= deleted
         self._maybe_vacuum(conn)
         return deleted
-
-    def _delivered_after_eviction(self, acked: list[tuple[int, int]]) -> int:
-        """How many acknowledged seqs had been evicted while in flight (delivered after all)."""
-        er = self._evicted_ranges
-        # Evictions take the oldest rows, so the runs are in seq order; most acks lie past the last one.
-        if not er or acked[0][0] > er[-1][1] or acked[-1][1] < er[0][0]:
-            return 0
-        return sum(
-            max(0, min(hi, ehi) - max(lo, elo) + 1) for lo, hi in acked for elo, ehi in self._evicted_ranges
-        )
 
     def _ack_lane(self, conn: sqlite3.Connection, seqs: Sequence[int], lane: str) -> int:
         bit = self._lane_bit(lane)
@@ -826,23 +800,6 @@ class Store:
                 conn.close()
             except sqlite3.Error as exc:
                 log.warning("closing the buffer %s failed: %s", self.path, exc)
-
-
-def _subtract(ranges: list[tuple[int, int]], remove: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """`ranges` without the seqs of `remove` (both lists of inclusive (first, last) runs)."""
-    out = ranges
-    for lo, hi in remove:
-        nxt: list[tuple[int, int]] = []
-        for a, b in out:
-            if b < lo or a > hi:
-                nxt.append((a, b))
-                continue
-            if a < lo:
-                nxt.append((a, lo - 1))
-            if b > hi:
-                nxt.append((hi + 1, b))
-        out = nxt
-    return out
 
 
 def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:

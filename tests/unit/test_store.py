@@ -499,25 +499,3 @@ async def test_async_store_round_trip(db: Path) -> None:
     assert store_threads() == []
     with pytest.raises(StoreError, match="closed"):
         await astore.stats()
-
-
-def test_rows_evicted_while_in_flight_and_then_acked_are_not_counted_as_lost(tmp_path: Path) -> None:
-    """`evicted` counts exactly the gaps a platform sees: a row evicted while its message was in flight,
-    then acknowledged by the broker, was delivered after all."""
-    store = Store(tmp_path / "b.db", 300 * 1024)
-    store.open()
-    in_flight = store.append([Reading("d", "p", 1_000 + i, i) for i in range(200)])  # handed to the uplink
-    while store.stats().evicted == 0:
-        store.append([Reading("d", "p", 2_000 + i, "x" * 200) for i in range(200)])
-    evicted = store.stats().evicted
-    first_kept = store.fetch(0, None, 1)[0].seq
-    assert first_kept > in_flight[-1].seq  # all 200 in-flight rows were among the evicted ones
-    store.ack([r.seq for r in in_flight])  # ... and their PUBACK arrives now
-    assert store.stats().evicted == evicted - 200
-    store.ack([r.seq for r in in_flight])  # a second ack of the same rows changes nothing
-    assert store.stats().evicted == evicted - 200
-    store.close()
-    store = Store(tmp_path / "b.db", 300 * 1024)
-    store.open()
-    assert store.stats().evicted == evicted - 200  # persisted
-    store.close()
