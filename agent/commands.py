@@ -215,6 +215,10 @@ class CommandProcessor:
             )
         key = _id_key(command_id)
         known = self._known_result(key, received)
+        if known is None and (waiting := self._inflight.get(key)) is not None:
+            known = await asyncio.shield(
+                waiting
+            )  # the same id twice in flight: the second gets the first's result
         if known is not None:
             self._audit(
                 received,
@@ -228,21 +232,6 @@ class CommandProcessor:
                 known.get("value"),
             )
             return known
-        waiting = self._inflight.get(key)
-        if waiting is not None:  # the same id twice in flight: the second gets the first's result
-            result = await asyncio.shield(waiting)
-            self._audit(
-                received,
-                source,
-                key,
-                device,
-                point,
-                value,
-                "duplicate",
-                result.get("error"),
-                result.get("value"),
-            )
-            return result
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from agent.errors import DecodeError
 from agent.reading import Value
-from drivers.serialport.counters import ScanStats
+from drivers.serialport.counters import ScanStats, align
 
 START, SENSOR, CMD_READ_CO2 = 0xFF, 0x01, 0x86
 FRAME_LEN = 9
@@ -57,20 +57,8 @@ def decode_cli(data: bytes, options: dict[str, str]) -> dict[str, Value]:
 def scan(buf: bytearray, stats: ScanStats) -> bytes | None:
     """Take the first valid CO2 answer out of `buf`; resynchronise byte by byte on noise."""
     while True:
-        start = buf.find(bytes([START]))
-        if start < 0:
-            stats.garbage_bytes += len(buf)
-            buf.clear()
+        if not align(buf, START, (CMD_READ_CO2,), stats):
             return None
-        if start:
-            stats.garbage_bytes += start
-            del buf[:start]
-        if len(buf) < 2:
-            return None
-        if buf[1] != CMD_READ_CO2:
-            stats.garbage_bytes += 1
-            del buf[:1]
-            continue
         if len(buf) < FRAME_LEN:
             return None
         frame = bytes(buf[:FRAME_LEN])

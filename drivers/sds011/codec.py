@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from agent.errors import DecodeError
 from agent.reading import Value
-from drivers.serialport.counters import ScanStats
+from drivers.serialport.counters import ScanStats, align
 
 HEAD, TAIL, DATA, REPLY, COMMAND = 0xAA, 0xAB, 0xC0, 0xC5, 0xB4
 FRAME_LEN, COMMAND_LEN = 10, 19
@@ -110,20 +110,8 @@ def decode_cli(data: bytes, options: dict[str, str]) -> dict[str, Value]:
 def scan(buf: bytearray, stats: ScanStats) -> bytes | None:
     """Take the first valid 10-byte frame out of `buf`, dropping (and counting) what precedes it."""
     while True:
-        start = buf.find(bytes([HEAD]))
-        if start < 0:
-            stats.garbage_bytes += len(buf)
-            buf.clear()
+        if not align(buf, HEAD, (DATA, REPLY), stats):
             return None
-        if start:
-            stats.garbage_bytes += start
-            del buf[:start]
-        if len(buf) < 2:
-            return None
-        if buf[1] not in (DATA, REPLY):
-            stats.garbage_bytes += 1
-            del buf[:1]
-            continue
         if len(buf) < FRAME_LEN:
             return None
         frame = bytes(buf[:FRAME_LEN])

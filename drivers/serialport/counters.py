@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 
@@ -84,3 +84,27 @@ class LineCounters:
             return None
         parts = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
         return f"{parts} (last: {self.last_problem})" if self.last_problem else parts
+
+
+def align(buf: bytearray, head: int, second: Container[int], stats: ScanStats) -> bool:
+    """Drop (and count as garbage) bytes until `buf` starts with `head` followed by an accepted second byte.
+
+    True when it does; False when more bytes are needed. Shared by the fixed-frame sensors (SDS011, MH-Z19):
+    resynchronising byte by byte on noise is the same for both, only their two header bytes differ.
+    """
+    marker = bytes([head])
+    while True:
+        start = buf.find(marker)
+        if start < 0:
+            stats.garbage_bytes += len(buf)
+            buf.clear()
+            return False
+        if start:
+            stats.garbage_bytes += start
+            del buf[:start]
+        if len(buf) < 2:
+            return False
+        if buf[1] in second:
+            return True
+        stats.garbage_bytes += 1
+        del buf[:1]

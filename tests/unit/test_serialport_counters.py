@@ -53,3 +53,15 @@ def test_summary_names_the_problems_and_is_none_when_clean() -> None:
     line.add("bad_checksum", problem="bad checksum: got 87, expected 86")
     line.add("garbage_bytes", 0)  # nothing counted, nothing said
     assert line.summary() == "bad_checksum=1 (last: bad checksum: got 87, expected 86)"
+
+
+def test_align_drops_and_counts_noise_before_a_two_byte_header() -> None:
+    from drivers.serialport.counters import ScanStats, align
+
+    stats = ScanStats()
+    buf = bytearray(b"\x01\x02\xaa\x00\xaa")  # noise, a false start (AA 00), then a lone AA
+    assert align(buf, 0xAA, (0xC0,), stats) is False  # needs the byte after the last AA
+    assert buf == bytearray(b"\xaa") and stats.garbage_bytes == 4
+    buf += b"\xc0\x01"
+    assert align(buf, 0xAA, (0xC0,), stats) is True
+    assert buf[:2] == b"\xaa\xc0" and stats.garbage_bytes == 4
