@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import time
 from collections.abc import Callable
@@ -37,50 +35,49 @@ class FixedClock:
         return self.is_synced
 
 
-class _Timex(ctypes.Structure):
-    """struct timex of <sys/timex.h> (Linux): natural alignment gives the kernel's layout."""
-
-    _fields_ = [
-        ("modes", ctypes.c_uint),
-        ("offset", ctypes.c_long),
-        ("freq", ctypes.c_long),
-        ("maxerror", ctypes.c_long),
-        ("esterror", ctypes.c_long),
-        ("status", ctypes.c_int),
-        ("constant", ctypes.c_long),
-        ("precision", ctypes.c_long),
-        ("tolerance", ctypes.c_long),
-        ("time_sec", ctypes.c_long),
-        ("time_usec", ctypes.c_long),
-        ("tick", ctypes.c_long),
-        ("ppsfreq", ctypes.c_long),
-        ("jitter", ctypes.c_long),
-        ("shift", ctypes.c_int),
-        ("stabil", ctypes.c_long),
-        ("jitcnt", ctypes.c_long),
-        ("calcnt", ctypes.c_long),
-        ("errcnt", ctypes.c_long),
-        ("stbcnt", ctypes.c_long),
-        ("tai", ctypes.c_int),
-        ("_reserved", ctypes.c_int * 11),  # padding the kernel declares; also a margin for larger layouts
-    ]
-
-
 def kernel_synced() -> bool | None:
     """The kernel's view (read-only ntp_adjtime, modes = 0: no privilege needed); None when unavailable."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    import ctypes  # here: a gateway with `clock: assume_synced` never loads it
+
+    class Timex(ctypes.Structure):
+        """struct timex of <sys/timex.h> (Linux): natural alignment gives the kernel's layout."""
+
+        _fields_ = [
+            ("modes", ctypes.c_uint),
+            ("offset", ctypes.c_long),
+            ("freq", ctypes.c_long),
+            ("maxerror", ctypes.c_long),
+            ("esterror", ctypes.c_long),
+            ("status", ctypes.c_int),
+            ("constant", ctypes.c_long),
+            ("precision", ctypes.c_long),
+            ("tolerance", ctypes.c_long),
+            ("time_sec", ctypes.c_long),
+            ("time_usec", ctypes.c_long),
+            ("tick", ctypes.c_long),
+            ("ppsfreq", ctypes.c_long),
+            ("jitter", ctypes.c_long),
+            ("shift", ctypes.c_int),
+            ("stabil", ctypes.c_long),
+            ("jitcnt", ctypes.c_long),
+            ("calcnt", ctypes.c_long),
+            ("errcnt", ctypes.c_long),
+            ("stbcnt", ctypes.c_long),
+            ("tai", ctypes.c_int),
+            ("_reserved", ctypes.c_int * 11),  # padding the kernel declares; also a margin for larger layouts
+        ]
+
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
+        # The process's own symbols (libc among them): ctypes.util.find_library would run ldconfig.
+        libc = ctypes.CDLL(None, use_errno=True)
         call = getattr(libc, "ntp_adjtime", None) or libc.adjtimex
     except (OSError, AttributeError):
         return None
-    tx = _Timex()
+    tx = Timex()
     state = call(ctypes.byref(tx))
     if state < 0:
         return None
-    return state != TIME_ERROR and not (tx.status & STA_UNSYNC) and tx.maxerror < MAXERROR_LIMIT_US
+    return bool(state != TIME_ERROR and not (tx.status & STA_UNSYNC) and tx.maxerror < MAXERROR_LIMIT_US)
 
 
 def timesyncd_synced(flag: Path = TIMESYNCD_FLAG) -> bool:

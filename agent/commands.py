@@ -21,7 +21,6 @@ run on the event loop; each is one short transaction.
 from __future__ import annotations
 
 import asyncio
-import difflib
 import logging
 import math
 import sqlite3
@@ -31,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import Field
 
 from agent.config_base import Model
 from agent.driver import Driver, PointSpec
 from agent.errors import DeviceError, WriteRefused
 from agent.health import DeviceHealth
+from agent.modelkit import Field
 from agent.reading import Value, now_ms
 from agent.units import Duration, parse_duration
 
@@ -381,6 +380,8 @@ class CommandProcessor:
         points = driver.points()
         spec = points.get(point)
         if spec is None:
+            import difflib  # only for this message
+
             hint = difflib.get_close_matches(point, list(points), n=1)
             more = f"; did you mean '{hint[0]}'?" if hint else ""
             raise _Refused(f"unknown point '{point}' on device '{device}'{more}")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
-
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from agent import registry
 from agent.commands import CommandsConfig
 from agent.config_base import DeviceConfigBase, Model
 from agent.migrate import CURRENT_VERSION, version_problem
+from agent.modelkit import Discriminator, Field, Tag, field_validator, model_validator
 from agent.schedule import ScheduleConfig, schedule_problems
 from agent.units import Duration, Size
 
@@ -262,6 +260,8 @@ class FieldgateConfig(Model):
             bus = getattr(device, "bus", None)
             if bus is not None and bus not in self.buses:
                 known = ", ".join(sorted(self.buses)) or "none defined"
+                import difflib  # only for this message
+
                 hint = difflib.get_close_matches(bus, list(self.buses), n=1)
                 more = f"; did you mean '{hint[0]}'?" if hint else ""
                 found.append((("devices", name, "bus"), f"unknown bus '{bus}' (buses: {known}){more}"))

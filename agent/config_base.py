@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
-
+from agent.modelkit import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 from agent.units import Duration
 
 

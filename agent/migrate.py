@@ -17,8 +17,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import yaml
-
 CURRENT_VERSION = 1
 
 Migration = Callable[[str], str]
@@ -83,6 +81,8 @@ class Migrated:
 
 def file_version(text: str) -> int:
     """The `version:` of a config text (1 when absent, as the loader reads it)."""
+    import yaml  # here: the daemon imports this module (CURRENT_VERSION) but never parses YAML
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

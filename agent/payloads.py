@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +58,8 @@ def telemetry(gateway_id: str, bodies: Sequence[bytes], *, backlog: bool = False
 def compress(body: bytes, compression: str) -> bytes:
     """A telemetry body as sent with `upstream.mqtt.compression` (gzip, mtime 0: same input, same output)."""
     if compression == "gzip":
+        import gzip  # only where compression is configured
+
         return gzip.compress(body, compresslevel=6, mtime=0)
     return body
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent import validate
 from agent.config import FieldgateConfig
 from agent.errors import ConfigError
-from agent.loader import load_config
 from agent.reading import now_ms
 
 log = logging.getLogger("fieldgate.remoteconfig")
@@ -269,7 +269,7 @@ class RemoteConfig:
     async def _process(self, request: Request) -> None:
         async with self._lock:
             try:
-                new = self._validate(request)
+                new = await self._validate(request)
             except Refused as exc:
                 log.error("remote config %s refused, nothing changed: %s", request.id, exc)
                 for line in exc.problems:
@@ -283,7 +283,7 @@ class RemoteConfig:
                 return
             await self._install(request, new)
 
-    def _validate(self, request: Request) -> FieldgateConfig:
+    async def _validate(self, request: Request) -> FieldgateConfig:
         settings = self.host.config.remote_config
         if settings.public_key_file is not None:
             verify_signature(settings.public_key_file, request.data, request.signature)
@@ -300,7 +300,7 @@ class RemoteConfig:
                 "the daemon for remote configuration)"
             ) from None
         try:
-            new = load_config(staged)
+            new = await validate.load(staged)
         except ConfigError as exc:
             problems = [line.replace(str(staged), "config", 1) for line in exc.problems]
             with contextlib.suppress(OSError):
@@ -369,7 +369,7 @@ class RemoteConfig:
             with contextlib.suppress(OSError):
                 write_atomic(self._path("rejected"), path.read_bytes())
             write_atomic(path, previous)
-            old = load_config(path)
+            old = await validate.load(path)
             await self.host.apply_config(old, previous, source="rollback")
         except Exception as exc:  # OSError, ConfigError, a failing apply: say it, keep what runs
             log.error("remote config %s: ROLLBACK FAILED, the new config keeps running: %s", request_id, exc)

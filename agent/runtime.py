@@ -13,14 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, registry
+from agent import __version__, registry, validate
 from agent.commands import CommandProcessor, commands_db_path
 from agent.config import FieldgateConfig
 from agent.config_base import DeviceConfigBase
 from agent.driver import Driver, DriverContext, SharedResources
 from agent.errors import ConfigError, FieldgateError, StoreError
 from agent.health import DeviceHealth
-from agent.loader import load_config
 from agent.logsetup import ErrorReporter
 from agent.processing import processor_for
 from agent.reading import Reading, now_ms
@@ -175,7 +174,7 @@ class Runtime:
         self.config_hash = _hash_of(config_path)
         self.config_applied_ts = now_ms()
         self.config_source = "file"
-        self.reloads = 0  # reload attempts (SIGHUP): `fieldgate reload` waits for this to move
+        self.reloads = 0  # finished reload attempts (SIGHUP): `fieldgate reload` waits for this to move
         self.reload_ts: int | None = None
         self.remote = RemoteConfig(self)
         self._secrets = secrets_fingerprint(config)
@@ -649,31 +648,37 @@ class Runtime:
 
     async def reload_from_file(self) -> bool:
         self.notifier.reloading()
-        self.reloads += 1
-        self.reload_ts = now_ms()
+        try:
+            ok = await self._reload_from_file()
+        finally:
+            # Counted when the outcome is known: `fieldgate reload` reads `reload_error` and the hash as soon
+            # as this moves, and the validation (a child process) and the apply both take time.
+            self.reloads += 1
+            self.reload_ts = now_ms()
+        self.notifier.ready(status=self.summary())
+        return ok
+
+    async def _reload_from_file(self) -> bool:
         try:
             data = self.config_path.read_bytes()
-            new = load_config(self.config_path)
+            new = await validate.load(self.config_path)
         except (ConfigError, OSError) as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [f"{self.config_path}: {exc}"]
             self.reload_error = "; ".join(problems)
             log.error("reload refused, the running configuration is unchanged:")
             for line in problems:
                 log.error("  %s", line)
-            self.notifier.ready(status=self.summary())
             return False
         try:
             changes = await self.apply_config(new, data, source="file")
         except Exception as exc:  # a secret or certificate that cannot be used: nothing was changed
             self.reload_error = f"reload refused: {exc}"
             log.error("reload refused, the running configuration is unchanged: %s", exc)
-            self.notifier.ready(status=self.summary())
             return False
         self.reload_error = None
         log.info("reloaded %s: %s", self.config_path, "; ".join(changes) or "no change")
         if self.config.remote_config.enabled:
             self.remote.running_changed()
-        self.notifier.ready(status=self.summary())
         return True
 
     async def apply_config(self, new: FieldgateConfig, data: bytes, source: str) -> list[str]:

@@ -28,10 +28,9 @@ from datetime import date, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator, model_validator
-
 from agent.commands import CommandEvent, CommandProcessor
 from agent.config_base import Model
+from agent.modelkit import Field, field_validator, model_validator
 from agent.reading import now_ms
 from agent.suntimes import sun_event
 from agent.units import Duration, parse_duration

@@ -63,6 +63,17 @@ def start_simulator(devices: int) -> tuple[subprocess.Popen[str], int]:
     return proc, port
 
 
+def precompile() -> None:
+    """Byte-compile the daemon's modules, as `pip install` does on a gateway. The bench runs from the source
+    tree, and where PYTHONDONTWRITEBYTECODE is set (this machine) every start would compile them again:
+    +0.4 MiB of RSS and about 0.1 s of start-up that a deployed daemon does not pay."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(REPO / "agent"), str(REPO / "drivers")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
 class BenchDaemon(Daemon):
     """`fieldgate run` at a production log level (the test harness runs it at debug)."""
 
@@ -71,6 +82,7 @@ class BenchDaemon(Daemon):
         self.log_level = log_level
 
     def start(self) -> BenchDaemon:
+        precompile()
         out = open(self.log, "ab")  # noqa: SIM115 - owned by the process
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(

@@ -100,6 +100,15 @@ class Daemon:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def mapped_files(self) -> set[str]:
+        """The file names mapped into the process (its shared libraries and extension modules)."""
+        lines = Path(f"/proc/{self.pid}/maps").read_text().splitlines()
+        return {Path(f.split(maxsplit=5)[5]).name for f in lines if len(f.split(maxsplit=5)) == 6}
+
+    def loads_pydantic(self) -> bool:
+        """Whether pydantic's core is mapped: the daemon validates in a child and must not (agent/validate.py)."""
+        return any(name.startswith("_pydantic_core") for name in self.mapped_files())
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 

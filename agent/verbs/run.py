@@ -42,10 +42,14 @@ async def serve(config_path: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
 
-    from agent.loader import load_config
+    from agent import validate
+
+    # The file is validated in a child process (pydantic) while this one imports the runtime, which runs on
+    # plain models (agent/validate.py).
+    pending = await validate.start(Path(config_path))
     from agent.runtime import Runtime
 
-    config = load_config(Path(config_path))
+    config = await pending.result()
     if stop.is_set():
         return 0
     runtime = Runtime(config, Path(config_path))
@@ -74,6 +78,9 @@ def take_signals_for_start_up() -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from agent import plainmodel
+
+    plainmodel.use()  # before any config model is imported: the daemon never imports pydantic
     take_signals_for_start_up()
     setup_logging(args.log_level)
     faulthandler.enable()  # a watchdog kill (SIGABRT) prints every thread's traceback to the journal

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
-
 from agent.config_base import DeviceConfigBase, Model
+from agent.modelkit import Field, model_validator
 from agent.units import Duration
 
 Decoder = Literal["bthome", "ruuvi", "pvvx", "atc"]

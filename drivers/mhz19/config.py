@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
-
+from agent.modelkit import Field
 from agent.units import Duration
 from drivers.serialport.config import SerialDeviceConfig
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from decimal import ROUND_HALF_UP, Decimal
 
 from agent.errors import DecodeError, WriteRefused
 from agent.reading import Value
@@ -190,6 +189,8 @@ def coerce_number(value: Value) -> int | float:
 
 def round_half_away(x: float) -> int:
     """Round to the nearest integer, halves away from zero (2.5 -> 3, -2.5 -> -3), as a technician expects."""
+    from decimal import ROUND_HALF_UP, Decimal  # writes only: the polling daemon need not load it
+
     return int(Decimal(repr(x)).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 

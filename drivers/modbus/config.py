@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
-
 from agent.config_base import AggregateConfig, Deadband, DeviceConfigBase, Model, ReportMode
+from agent.modelkit import Field, model_validator
 from agent.units import Duration
 
 Table = Literal["coil", "discrete", "input", "holding"]

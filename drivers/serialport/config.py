@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
-
 from agent.config_base import DeviceConfigBase
+from agent.modelkit import Field
 
 Parity = Literal["N", "E", "O"]
 

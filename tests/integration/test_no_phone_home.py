@@ -127,6 +127,9 @@ async def test_only_configured_peers(tmp_path: Path, sim: ModbusSim, broker: Bro
                     page.sendall(b"Host: x\r\n\r\n")
                     page.recv(65536)
                 await asyncio.sleep(0.1)
+            # The config was validated in a child process: pydantic never loaded here (docs/PERFORMANCE.md).
+            assert any(n.startswith("_sqlite3") for n in daemon.mapped_files())
+            assert not daemon.loads_pydantic()
         finally:
             assert daemon.stop() == 0, daemon.log_text()[-3000:]
 

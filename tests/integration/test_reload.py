@@ -137,6 +137,9 @@ async def test_reload_while_polling(tmp_path: Path, pbroker: Broker, sim: Modbus
             assert ok.returncode == 0, ok.stdout + ok.stderr
             assert "reloaded" in ok.stdout
             await checker.wait_for(lambda: count(checker, "regs") > regs_after, what="regs back")
+            # Every reload was validated in a child process: the daemon itself never loaded pydantic.
+            assert any(n.startswith("_sqlite3") for n in daemon.mapped_files())  # the check sees modules
+            assert not daemon.loads_pydantic()
         finally:
             assert daemon.stop() == 0, daemon.log_text()[-3000:]
         await asyncio.sleep(0.5)
