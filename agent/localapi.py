@@ -46,6 +46,10 @@ class StatusSource(Protocol):
         """The /api/status document (a superset of SPEC §3 health); never holds secrets."""
         ...
 
+    async def refresh(self) -> None:
+        """Bring the figures `status()` reports up to date (called before each status request)."""
+        ...
+
     async def poll_now(self, device: str) -> None:
         """Re-poll `device` now; raises KeyError for an unknown device."""
         ...
@@ -286,6 +290,7 @@ class LocalServer:
             if path == "/":
                 return 200, self._page, dict(_PAGE_HEADERS)
             try:
+                await self._source.refresh()
                 # encoded here so that an unencodable document is this request's 500, not a dropped connection
                 return 200, _dumps(self._source.status()), {}
             except Exception:

@@ -35,6 +35,9 @@ log = logging.getLogger("fieldgate.runtime")
 
 MEMORY_LIMIT = 200_000  # readings held in memory while the store cannot write (disk full)
 IDLE_BEAT = 5.0  # seconds: with nothing to commit, the store writer still beats the watchdog this often
+GATHER = 0.05  # seconds: the readings of one poll tick (devices poll together) are committed together
+STATS_EVERY = 5.0  # seconds between two background reads of the buffer's figures (systemd STATUS=, health)
+STATS_FRESH = 0.5  # seconds: a status request reads them again when they are older than this
 
 
 def make_driver(name: str, cfg: DeviceConfigBase, context: DriverContext) -> Driver[Any]:
@@ -42,6 +45,25 @@ def make_driver(name: str, cfg: DeviceConfigBase, context: DriverContext) -> Dri
     cls = registry.driver_class(cfg.driver)
     driver: Driver[Any] = cls(name, cfg, context)
     return driver
+
+
+def prefetch(config_path: Path) -> None:
+    """Import what the daemon will need for this file while its validation runs in the child: the uplink
+    (aiomqtt) and the drivers the text names (`driver: NAME`, or a Modbus bus type). A guess, from the text
+    without its comments: a driver missed is imported when its device starts, as without this."""
+    import re
+
+    from agent import uplink as _  # noqa: F401 - imported for its cost, now
+
+    try:
+        text = "\n".join(line.split("#", 1)[0] for line in config_path.read_text("utf-8").splitlines())
+    except (OSError, UnicodeError):
+        return
+    for name in registry.DRIVERS:
+        wanted = rf"\bdriver:\s*['\"]?{re.escape(name)}\b" if name != "modbus" else r"\btype:\s*['\"]?modbus-"
+        if re.search(wanted, text):
+            with contextlib.suppress(Exception):  # a broken install is reported when the device starts
+                registry.driver_class(name)
 
 
 def _hash_of(path: Path) -> str:
@@ -98,6 +120,8 @@ class StoreWriter:
 
         Leading edge rather than a fixed tick: the first reading after start (or after a pause) is not
         held for up to `interval`, and an idle gateway does not wake up five times a second for nothing.
+        After the very first commit, readings arriving after a pause wait GATHER (50 ms) for the rest of
+        their poll tick, so that the devices polled together are committed in one transaction.
         """
         while True:
             if not self.pending:
@@ -106,6 +130,8 @@ class StoreWriter:
                     async with asyncio.timeout(IDLE_BEAT):  # woken by the first put()
                         await self._event.wait()
             wait = self._last_flush + self.interval - time.monotonic()
+            if self._last_flush and self.pending:  # after the first commit: the rest of the tick's readings
+                wait = max(wait, min(GATHER, self.interval))
             if wait > 0 and len(self.pending) < 2000:
                 self._event.clear()
                 with contextlib.suppress(TimeoutError):
@@ -164,6 +190,7 @@ class Runtime:
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.last_stats: StoreStats | None = None
+        self._stats_at = 0.0
         self.commands: CommandProcessor | None = None
         self.local: Any = None
         self.reporter = ErrorReporter()
@@ -577,9 +604,20 @@ class Runtime:
 
     async def _refresh_stats(self) -> None:
         while True:
-            self.last_stats = await self.store.stats()
+            await self.refresh()
             self.notifier.status(self.summary())
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(STATS_EVERY)
+
+    async def refresh(self) -> None:
+        """Read the buffer's figures again unless they are fresh: every STATS_EVERY in the background, and
+        before each status request (the local API), so the status page is never older than STATS_FRESH
+        while an idle gateway does not ask its store thread every second."""
+        if self.last_stats is None or time.monotonic() - self._stats_at >= STATS_FRESH:
+            try:
+                self.last_stats = await self.store.stats()
+            except StoreError as exc:  # the figures stay the last known; the writer reports the disk
+                log.debug("buffer figures not refreshed: %s", exc)
+            self._stats_at = time.monotonic()
 
     def _uplink_secrets(self, config: FieldgateConfig) -> tuple[str | None, Any]:
         """Password and TLS context for `config`; raises (SecretError, TlsSetupError) before anything changes."""

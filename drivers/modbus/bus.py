@@ -118,12 +118,23 @@ class ModbusBus:
         if self._client is not None:
             self._client.close()
         self._client = self._make_client()
-        if not await self._client.connect():
+        if not await self._connect(self._client):
             self._client.close()
             self._client = None
             what = "open serial port" if isinstance(self.config, ModbusRtuBusConfig) else "connect to"
             raise DeviceUnreachable(f"bus {self.name}: cannot {what} {self.describe()}")
         return self._client
+
+    async def _connect(self, client: AsyncModbusTcpClient | AsyncModbusSerialClient) -> bool:
+        """Open the connection. pymodbus's `connect()` sleeps 0.1 s once the transport is up, for serial
+        adapters that need a moment; a TCP connection is usable at once, so for TCP the transport is opened
+        directly (`client.ctx`, pymodbus 3.11, pinned): 0.1 s less to the first reading and on every
+        reconnection. Serial lines keep pymodbus's pause."""
+        ctx = getattr(client, "ctx", None)
+        if isinstance(client, AsyncModbusTcpClient) and ctx is not None and hasattr(ctx, "connect"):
+            ctx.reset_delay()
+            return bool(await ctx.connect())
+        return bool(await client.connect())
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[BusSession]:

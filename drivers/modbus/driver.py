@@ -84,7 +84,8 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
         self._cycle = min([config.poll, *polls])
         self._decoders = {n: _Decoder.of(p) for n, p in self._points.items()}
         self._every = {n: self._interval(p) for n, p in self._points.items()}
-        self.barriers: set[Barrier] = set()  # learned splits (exception 2 on a merged request)
+        self.barriers: set[Barrier] = set()  # learned splits (exception 2 on a merged request); only grows
+        self._plans: dict[tuple[tuple[str, ...], int], list[ReadRequest]] = {}
         self._last_read: dict[str, float] = {}
         self._bus: ModbusBus | None = None
         self.clock = time.monotonic  # replaceable in tests (per-point poll due times)
@@ -136,7 +137,7 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
     async def _read_names(self, names: Iterable[str]) -> list[Reading]:
         self.point_errors = {}
         self.requests_last_cycle = 0
-        requests = plan((self._planned[n] for n in names), self._limits, self.barriers)
+        requests = self._plan(tuple(names))
         readings: list[Reading] = []
         answered = [0]
         for request in requests:
@@ -146,6 +147,17 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
             first = next(iter(self.point_errors.values()), "no answer")
             raise DeviceProtocolError(f"{self.device}: every request failed: {first}")
         return readings
+
+    def _plan(self, names: tuple[str, ...]) -> list[ReadRequest]:
+        """The requests for these points, planned once per set of points (and again when a barrier is
+        learned): a device whose points share one interval asks the same plan every cycle."""
+        key = (names, len(self.barriers))
+        requests = self._plans.get(key)
+        if requests is None:
+            if len(self._plans) >= 64:  # points with many intervals: bounded, the oldest plans go first
+                del self._plans[next(iter(self._plans))]
+            requests = self._plans[key] = plan((self._planned[n] for n in names), self._limits, self.barriers)
+        return requests
 
     async def _run(self, request: ReadRequest, readings: list[Reading], answered: list[int]) -> bool:
         """Run one request; on exception 2, split it in halves (recursively). True if it went through whole.

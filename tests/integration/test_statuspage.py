@@ -42,6 +42,9 @@ class ChangingSource:
         self.polls: list[str] = []
         self.writes: list[tuple[str, str, Any]] = []
 
+    async def refresh(self) -> None:
+        pass
+
     def status(self) -> dict[str, Any]:
         return {
             "ts": T0,

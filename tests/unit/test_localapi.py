@@ -48,6 +48,10 @@ class FakeSource:
         self.doc = status_doc()
         self.polls: list[str] = []
         self.writes: list[tuple[str, str, Any]] = []
+        self.refreshed = 0
+
+    async def refresh(self) -> None:
+        self.refreshed += 1
 
     def status(self) -> dict[str, Any]:
         return self.doc
@@ -120,6 +124,7 @@ async def test_status_json(served: tuple[LocalServer, FakeSource]) -> None:
     assert headers["connection"] == "close"
     assert json.loads(body) == source.doc
     assert TOKEN.encode() not in body
+    assert source.refreshed == 1  # the figures were brought up to date for this request
 
 
 async def test_page_is_served_self_contained(served: tuple[LocalServer, FakeSource]) -> None:
