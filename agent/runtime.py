@@ -35,7 +35,6 @@ log = logging.getLogger("fieldgate.runtime")
 
 MEMORY_LIMIT = 200_000  # readings held in memory while the store cannot write (disk full)
 IDLE_BEAT = 5.0  # seconds: with nothing to commit, the store writer still beats the watchdog this often
-GATHER = 0.05  # seconds: the readings of one poll tick (devices poll together) are committed together
 STATS_EVERY = 5.0  # seconds between two background reads of the buffer's figures (systemd STATUS=, health)
 STATS_FRESH = 0.5  # seconds: a status request reads them again when they are older than this
 
@@ -108,6 +107,13 @@ class StoreWriter:
         self.failing: str | None = None
         self.beat: Callable[[], None] = lambda: None
         self._last_flush = 0.0
+        self._polls = 0  # device polls under way: readings of the same tick are still coming
+
+    def polling(self, started: bool) -> None:
+        """A device poll starts or ends (scheduler): the last one of a tick lets the tick's readings go."""
+        self._polls += 1 if started else -1
+        if not started and self._polls == 0 and self.pending:
+            self._event.set()
 
     def put(self, readings: list[Reading]) -> None:
         was_empty = not self.pending
@@ -120,8 +126,8 @@ class StoreWriter:
 
         Leading edge rather than a fixed tick: the first reading after start (or after a pause) is not
         held for up to `interval`, and an idle gateway does not wake up five times a second for nothing.
-        After the very first commit, readings arriving after a pause wait GATHER (50 ms) for the rest of
-        their poll tick, so that the devices polled together are committed in one transaction.
+        After the very first commit, readings arriving after a pause wait while other devices are still
+        being polled (at most `interval`): the devices of one poll tick are committed in one transaction.
         """
         while True:
             if not self.pending:
@@ -130,13 +136,20 @@ class StoreWriter:
                     async with asyncio.timeout(IDLE_BEAT):  # woken by the first put()
                         await self._event.wait()
             wait = self._last_flush + self.interval - time.monotonic()
-            if self._last_flush and self.pending:  # after the first commit: the rest of the tick's readings
-                wait = max(wait, min(GATHER, self.interval))
             if wait > 0 and len(self.pending) < 2000:
                 self._event.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):  # woken early only when 2000 readings wait
                         await self._event.wait()
+            elif self._last_flush and self._polls > 0 and len(self.pending) < 2000:
+                # Other devices of the same tick are still being read: commit when the last one is done
+                # (polling(False)), or after `interval` at most.
+                self._event.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.interval):
+                        while self._polls > 0 and len(self.pending) < 2000:
+                            await self._event.wait()
+                            self._event.clear()
             self._event.clear()
             await self.flush()
             self._last_flush = time.monotonic()
@@ -317,7 +330,12 @@ class Runtime:
             self.watchdog.register(name, self.watchdog_period(cfg))
             beat = functools.partial(self.watchdog.beat, name)
         task = DeviceTask(
-            driver, health, processor_for(driver, self.config, self.writer.put), self.reporter, beat
+            driver,
+            health,
+            processor_for(driver, self.config, self.writer.put),
+            self.reporter,
+            beat,
+            self.writer.polling,
         )
         self.drivers[name] = driver
         self.tasks[name] = task

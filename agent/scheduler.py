@@ -97,9 +97,11 @@ class DeviceTask:
         sink: Callable[[list[Reading]], None],
         reporter: FailureReporter | None = None,
         beat: Callable[[], None] | None = None,
+        polling: Callable[[bool], None] | None = None,
     ) -> None:
         self.driver = driver
         self.beat = beat  # the progress watchdog's heartbeat for this device
+        self.polling = polling  # told when a poll starts (True) and ends (False): the store writer's cue
         self.health = health
         self.sink = sink
         self.reporter = reporter or _PlainReporter()
@@ -204,8 +206,14 @@ class DeviceTask:
                     async with asyncio.timeout(timeout):
                         await self.driver.open()
                     self._opened = True
-                async with asyncio.timeout(timeout):  # a timer, where wait_for would add a task per cycle
-                    readings = await self.driver.read()
+                if self.polling is not None:
+                    self.polling(True)
+                try:
+                    async with asyncio.timeout(timeout):  # a timer, where wait_for would add a task per cycle
+                        readings = await self.driver.read()
+                finally:
+                    if self.polling is not None:
+                        self.polling(False)
             except TimeoutError:
                 message = f"no answer within {timeout:g}s"
             except DeviceError as exc:
