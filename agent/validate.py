@@ -17,6 +17,7 @@ child, through a pipe, to the daemon.
 from __future__ import annotations
 
 import contextlib
+import logging
 import marshal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from agent.errors import ConfigError
 
 if TYPE_CHECKING:
     from agent.config import FieldgateConfig
+
+log = logging.getLogger("fieldgate.config")
 
 RESULT_OK, RESULT_PROBLEMS = "ok", "problems"
 
@@ -117,6 +120,9 @@ def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> Field
         raise ConfigError(
             [f"{path}: the config could not be validated (validator exited {returncode}: {last[0]})"]
         ) from None
+    for line in err.decode("utf-8", "replace").splitlines():  # what the loader said besides its result
+        if line.strip():
+            log.warning("config validation: %s", line)
     if kind == RESULT_PROBLEMS:
         raise ConfigError([str(p) for p in payload])
     config = plainmodel.rebuild(payload)

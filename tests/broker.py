@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -49,6 +50,11 @@ class Broker:
             "allow_anonymous true",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.dir}/",
+            # Started as root (CI), mosquitto drops to the `mosquitto` user, which cannot write the
+            # persistence file in our directory: sessions were silently lost across a restart ("Error:
+            # Permission denied" in its log), and a subscriber missed what was published before it came
+            # back. Staying the user we are keeps persistence real; as another user the line changes nothing.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
