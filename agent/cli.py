@@ -11,7 +11,7 @@ from pathlib import Path
 
 from agent import __version__
 
-DEFAULT_CONFIG = Path("/etc/fieldgate/fieldgate.yaml")  # agent.config has the same; importing it costs 300 ms
+DEFAULT_CONFIG = Path("/etc/fieldgate/fieldgate.yaml")
 
 
 # One line per verb, in the order `--help` lists them. Each module defines

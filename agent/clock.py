@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 log = logging.getLogger("fieldgate.clock")
 
@@ -35,13 +36,13 @@ class FixedClock:
         return self.is_synced
 
 
-def kernel_synced() -> bool | None:
-    """The kernel's view (read-only ntp_adjtime, modes = 0: no privilege needed); None when unavailable."""
-    import ctypes  # here: a gateway with `clock: assume_synced` never loads it
+@functools.cache
+def _timex() -> Any:
+    """struct timex of <sys/timex.h> (Linux), built on first use: a gateway with `clock: assume_synced` never
+    loads ctypes. Natural alignment gives the kernel's layout."""
+    import ctypes
 
     class Timex(ctypes.Structure):
-        """struct timex of <sys/timex.h> (Linux): natural alignment gives the kernel's layout."""
-
         _fields_ = [
             ("modes", ctypes.c_uint),
             ("offset", ctypes.c_long),
@@ -67,13 +68,20 @@ def kernel_synced() -> bool | None:
             ("_reserved", ctypes.c_int * 11),  # padding the kernel declares; also a margin for larger layouts
         ]
 
+    return Timex
+
+
+def kernel_synced() -> bool | None:
+    """The kernel's view (read-only ntp_adjtime, modes = 0: no privilege needed); None when unavailable."""
+    import ctypes
+
     try:
         # The process's own symbols (libc among them): ctypes.util.find_library would run ldconfig.
         libc = ctypes.CDLL(None, use_errno=True)
         call = getattr(libc, "ntp_adjtime", None) or libc.adjtimex
     except (OSError, AttributeError):
         return None
-    tx = Timex()
+    tx = _timex()()
     state = call(ctypes.byref(tx))
     if state < 0:
         return None

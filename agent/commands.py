@@ -215,9 +215,8 @@ class CommandProcessor:
         key = _id_key(command_id)
         known = self._known_result(key, received)
         if known is None and (waiting := self._inflight.get(key)) is not None:
-            known = await asyncio.shield(
-                waiting
-            )  # the same id twice in flight: the second gets the first's result
+            # the same id twice in flight: the second gets the first's result
+            known = await asyncio.shield(waiting)
         if known is not None:
             self._audit(
                 received,

@@ -14,8 +14,6 @@ from agent.modelkit import Discriminator, Field, Tag, field_validator, model_val
 from agent.schedule import ScheduleConfig, schedule_problems
 from agent.units import Duration, Size
 
-DEFAULT_CONFIG = Path("/etc/fieldgate/fieldgate.yaml")
-
 
 class Location(Model):
     latitude: float = Field(ge=-90, le=90)

@@ -12,50 +12,21 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+PLAIN = not TYPE_CHECKING and bool(getattr(sys.modules.get("agent.plainmodel"), "requested", False))
 
-def _plain_requested() -> bool:
-    return bool(getattr(sys.modules.get("agent.plainmodel"), "requested", False))
-
-
-if TYPE_CHECKING or not _plain_requested():
-    from pydantic import (
-        BaseModel,
-        BeforeValidator,
-        ConfigDict,
-        Discriminator,
-        Field,
-        PlainSerializer,
-        Tag,
-        WithJsonSchema,
-        field_validator,
-        model_validator,
-    )
+if TYPE_CHECKING or not PLAIN:
+    import pydantic as _kit
 else:
-    from agent.plainmodel import (
-        BaseModel,
-        BeforeValidator,
-        ConfigDict,
-        Discriminator,
-        Field,
-        PlainSerializer,
-        Tag,
-        WithJsonSchema,
-        field_validator,
-        model_validator,
-    )
+    from agent import plainmodel as _kit
 
-PLAIN = not TYPE_CHECKING and _plain_requested()
-
-__all__ = [
-    "PLAIN",
-    "BaseModel",
-    "BeforeValidator",
-    "ConfigDict",
-    "Discriminator",
-    "Field",
-    "PlainSerializer",
-    "Tag",
-    "WithJsonSchema",
-    "field_validator",
-    "model_validator",
-]
+# The names the config modules use; agent.plainmodel defines each of them.
+BaseModel = _kit.BaseModel
+BeforeValidator = _kit.BeforeValidator
+ConfigDict = _kit.ConfigDict
+Discriminator = _kit.Discriminator
+Field = _kit.Field
+PlainSerializer = _kit.PlainSerializer
+Tag = _kit.Tag
+WithJsonSchema = _kit.WithJsonSchema
+field_validator = _kit.field_validator
+model_validator = _kit.model_validator

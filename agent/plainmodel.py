@@ -15,14 +15,12 @@ against pydantic's.
 
 from __future__ import annotations
 
-import enum
 import importlib
 import inspect
 import sys
 import types
 import typing
 from collections.abc import Callable
-from datetime import date, datetime, time, timedelta
 from pathlib import Path, PurePath
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -208,25 +206,12 @@ def _json(value: Any, hint: Any) -> Any:
     if isinstance(value, dict):
         inner = args[1] if origin is dict and len(args) == 2 else None
         return {_json(k, None): _json(v, inner) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
+    if isinstance(value, list | tuple):
         inner = args[0] if args and origin is not tuple else None
         return [_json(v, inner) for v in value]
     if isinstance(value, PurePath):
         return str(value)
-    if isinstance(value, enum.Enum):
-        return _json(value.value, None)
-    if isinstance(value, datetime | date | time):
-        return value.isoformat()
-    if isinstance(value, timedelta):
-        return _iso_duration(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
-
-
-def _iso_duration(value: timedelta) -> str:
-    seconds = value.total_seconds()
-    return f"{'-' if seconds < 0 else ''}PT{abs(seconds):g}S"
+    return value  # str, int, float, bool: what else a snapshot carries (agent.validate.snapshot)
 
 
 # --- the snapshot the validating child sends -----------------------------------------------------------------
@@ -286,9 +271,3 @@ def use() -> bool:
         return False
     requested = True
     return True
-
-
-def active() -> bool:
-    """Whether this process's config models are built on this module."""
-    kit = sys.modules.get("agent.modelkit")
-    return kit is not None and bool(kit.PLAIN)

@@ -101,7 +101,8 @@ class DeviceTask:
     ) -> None:
         self.driver = driver
         self.beat = beat  # the progress watchdog's heartbeat for this device
-        self.polling = polling  # told when a poll starts (True) and ends (False): the store writer's cue
+        # told when a poll starts (True) and ends (False): the store writer's cue to commit a tick at once
+        self.polling: Callable[[bool], None] = polling or (lambda started: None)
         self.health = health
         self.sink = sink
         self.reporter = reporter or _PlainReporter()
@@ -206,14 +207,12 @@ class DeviceTask:
                     async with asyncio.timeout(timeout):
                         await self.driver.open()
                     self._opened = True
-                if self.polling is not None:
-                    self.polling(True)
+                self.polling(True)
                 try:
                     async with asyncio.timeout(timeout):  # a timer, where wait_for would add a task per cycle
                         readings = await self.driver.read()
                 finally:
-                    if self.polling is not None:
-                        self.polling(False)
+                    self.polling(False)
             except TimeoutError:
                 message = f"no answer within {timeout:g}s"
             except DeviceError as exc:

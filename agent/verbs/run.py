@@ -87,8 +87,8 @@ def main(args: argparse.Namespace) -> int:
 
     from agent import plainmodel, validate
 
+    # The signals were taken over by agent.cli before anything slow (take_signals_for_start_up).
     plainmodel.use()  # before any config model is imported: the daemon never imports pydantic
-    take_signals_for_start_up()
     # The child that validates the file starts first: its work (about 0.3 s, mostly importing pydantic)
     # overlaps this process's own start-up.
     pending = validate.spawn(Path(args.config))

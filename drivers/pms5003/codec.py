@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from agent.errors import DecodeError
 from agent.reading import Value
-from drivers.serialport.counters import ScanStats
+from drivers.serialport.counters import ScanStats, align
 
 HEADER = b"BM"  # 42 4D
 DATA_LENGTH = 28
@@ -116,15 +116,8 @@ def decode_cli(data: bytes, options: dict[str, str]) -> dict[str, Value]:
 def scan(buf: bytearray, stats: ScanStats) -> bytes | None:
     """Take the first checksum-valid data frame out of `buf`; skip command answers, count noise."""
     while True:
-        start = buf.find(HEADER)
-        if start < 0:
-            keep = 1 if buf[-1:] == HEADER[:1] else 0  # a frame may start with the last byte
-            stats.garbage_bytes += len(buf) - keep
-            del buf[: len(buf) - keep]
+        if not align(buf, HEADER[0], (HEADER[1],), stats):
             return None
-        if start:
-            stats.garbage_bytes += start
-            del buf[:start]
         if len(buf) < 4:
             return None
         length = int.from_bytes(buf[2:4], "big")

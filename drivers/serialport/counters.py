@@ -89,8 +89,8 @@ class LineCounters:
 def align(buf: bytearray, head: int, second: Container[int], stats: ScanStats) -> bool:
     """Drop (and count as garbage) bytes until `buf` starts with `head` followed by an accepted second byte.
 
-    True when it does; False when more bytes are needed. Shared by the fixed-frame sensors (SDS011, MH-Z19):
-    resynchronising byte by byte on noise is the same for both, only their two header bytes differ.
+    True when it does; False when more bytes are needed. Shared by the fixed-frame sensors (SDS011, MH-Z19,
+    PMS5003): resynchronising byte by byte on noise is the same for all, only their two header bytes differ.
     """
     marker = bytes([head])
     while True:

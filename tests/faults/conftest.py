@@ -43,9 +43,6 @@ class CounterUnit(SimUnit):
         return super().get(table, address, count)
 
 
-FaultDaemon = Daemon  # `fieldgate run`; takes extra environment variables (libfaketime) through `env=`
-
-
 class TimedChecker(Checker):
     """The tests' platform, also noting when each reading arrived (wall clock, ms) for latency figures."""
 

@@ -9,7 +9,8 @@ import pytest
 
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
-from tests.faults.conftest import FaultDaemon, TimedChecker, audit, fault_config, figures, store_high, tail
+from tests.daemon import Daemon
+from tests.faults.conftest import TimedChecker, audit, fault_config, figures, store_high, tail
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(150)
@@ -31,7 +32,7 @@ async def test_broker_outage_loses_nothing(
     tmp_path: Path, pbroker: Broker, sim: ModbusSim, outage: float
 ) -> None:
     cfg = fault_config(tmp_path, pbroker.port, sim.port, poll="100ms")
-    daemon = FaultDaemon(cfg, tmp_path / "daemon.log")
+    daemon = Daemon(cfg, tmp_path / "daemon.log")
     async with TimedChecker(pbroker.port) as checker:
         daemon.start()
         try:
@@ -59,7 +60,7 @@ async def test_broker_restart_losing_sessions(tmp_path: Path, sim: ModbusSim) ->
     broker = Broker(persistence=False).start()
     proxy = await TcpProxy(broker.port).start()
     cfg = fault_config(tmp_path, proxy.port, sim.port, poll="100ms")
-    daemon = FaultDaemon(cfg, tmp_path / "daemon.log")
+    daemon = Daemon(cfg, tmp_path / "daemon.log")
     try:
         async with TimedChecker(broker.port) as checker:
             daemon.start()
@@ -91,7 +92,7 @@ async def test_blackholed_link_is_noticed_and_recovered(
 ) -> None:
     proxy = await TcpProxy(pbroker.port).start()
     cfg = fault_config(tmp_path, proxy.port, sim.port, poll="100ms", keepalive="2s")
-    daemon = FaultDaemon(cfg, tmp_path / "daemon.log")
+    daemon = Daemon(cfg, tmp_path / "daemon.log")
     try:
         async with TimedChecker(pbroker.port) as checker:
             daemon.start()

@@ -14,7 +14,8 @@ import pytest
 from agent.clock import detect_synced
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
-from tests.faults.conftest import FaultDaemon, TimedChecker, audit, fault_config, figures, store_high, tail
+from tests.daemon import Daemon
+from tests.faults.conftest import TimedChecker, audit, fault_config, figures, store_high, tail
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,7 +36,7 @@ async def test_clock_jumps_leave_seq_and_delivery_alone(
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",
     }
     cfg = fault_config(tmp_path, pbroker.port, sim.port, poll="100ms")
-    daemon = FaultDaemon(cfg, tmp_path / "daemon.log", env=env)
+    daemon = Daemon(cfg, tmp_path / "daemon.log", env=env)
     marks: list[int] = []
     async with TimedChecker(pbroker.port) as checker:
         daemon.start()

@@ -10,8 +10,8 @@ import pytest
 
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
+from tests.daemon import Daemon
 from tests.faults.conftest import (
-    FaultDaemon,
     TimedChecker,
     audit,
     fault_config,
@@ -28,7 +28,7 @@ async def _start_and_check_recovery(
     tmp: Path, broker: Broker, sim: ModbusSim, local_port: int, previous_high: int
 ) -> None:
     cfg = fault_config(tmp, broker.port, sim.port, local_port=local_port)
-    daemon = FaultDaemon(cfg, tmp / "daemon.log")
+    daemon = Daemon(cfg, tmp / "daemon.log")
     async with TimedChecker(broker.port) as checker:
         daemon.start()
         try:
@@ -66,7 +66,7 @@ async def test_truncated_buffer_file(
     # A buffer with a backlog (broker down), stopped cleanly, then cut in half as a failing SD card might.
     cfg = fault_config(tmp_path, pbroker.port, sim.port, poll="100ms", registers=60)
     pbroker.stop()
-    daemon = FaultDaemon(cfg, tmp_path / "first.log").start()
+    daemon = Daemon(cfg, tmp_path / "first.log").start()
     try:
         db = tmp_path / "buffer.db"
         for _ in range(200):

@@ -12,8 +12,8 @@ import pytest
 
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
+from tests.daemon import Daemon
 from tests.faults.conftest import (
-    FaultDaemon,
     TimedChecker,
     audit,
     fault_config,
@@ -33,7 +33,7 @@ async def test_max_size_evicts_the_oldest_and_counts_them(
     cfg = fault_config(
         tmp_path, pbroker.port, sim.port, poll="100ms", registers=60, max_size="1MB", local_port=local_port
     )
-    daemon = FaultDaemon(cfg, tmp_path / "daemon.log")
+    daemon = Daemon(cfg, tmp_path / "daemon.log")
     async with TimedChecker(pbroker.port) as checker:
         daemon.start()
         try:
@@ -102,7 +102,7 @@ async def test_full_filesystem_holds_readings_and_recovers(
     cfg = fault_config(
         tmp_path, pbroker.port, sim.port, db=db, poll="100ms", registers=30, local_port=local_port
     )
-    daemon = FaultDaemon(cfg, tmp_path / "daemon.log")
+    daemon = Daemon(cfg, tmp_path / "daemon.log")
     async with TimedChecker(pbroker.port) as checker:
         daemon.start()
         try:

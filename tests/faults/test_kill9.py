@@ -10,7 +10,8 @@ import pytest
 
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
-from tests.faults.conftest import FaultDaemon, TimedChecker, audit, fault_config, figures, store_high, tail
+from tests.daemon import Daemon
+from tests.faults.conftest import TimedChecker, audit, fault_config, figures, store_high, tail
 
 BATCH_MAX = 50
 MAX_INFLIGHT = 4
@@ -29,7 +30,7 @@ async def _kill_loop(tmp: Path, broker: Broker, sim: ModbusSim, kills: int, seed
                 broker.stop()
             if not offline and broker.proc is None:
                 broker.start()
-            daemon = FaultDaemon(cfg, tmp / f"daemon-{i}.log").start()
+            daemon = Daemon(cfg, tmp / f"daemon-{i}.log").start()
             # Random moments: during start-up, the first connection, the backlog replay, steady state.
             await asyncio.sleep(rng.uniform(0.2, 2.0))
             assert daemon.alive(), tail(daemon)
@@ -37,7 +38,7 @@ async def _kill_loop(tmp: Path, broker: Broker, sim: ModbusSim, kills: int, seed
         if broker.proc is None:
             broker.start()
         before = store_high(tmp / "buffer.db")
-        daemon = FaultDaemon(cfg, tmp / "daemon-final.log").start()
+        daemon = Daemon(cfg, tmp / "daemon-final.log").start()
         try:
             # A reading stored by this last daemon has arrived: it is up, and its backlog is flowing.
             await checker.wait_for(

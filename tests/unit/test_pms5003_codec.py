@@ -59,3 +59,14 @@ def test_pms5003_bad_checksum_length_and_scanner() -> None:
     buf = bytearray(b"\x42\x42" + corrupt + ack + good)
     assert pms.scan(buf, stats) == good
     assert stats.bad_checksum == 1
+
+
+def test_pms5003_scanner_counts_noise_and_keeps_a_header_split_across_reads() -> None:
+    good = bytes.fromhex(V["pms5003_vectors"][0]["input_hex"])
+    stats = ScanStats()
+    buf = bytearray(b"\x00B\x01" + good[:1])  # noise, a lone 'B', noise, then the first byte of a frame
+    assert pms.scan(buf, stats) is None
+    assert bytes(buf) == good[:1] and stats.garbage_bytes == 3  # the frame's 'B' waits for the next read
+    buf += good[1:]
+    assert pms.scan(buf, stats) == good
+    assert stats.garbage_bytes == 3 and not buf
