@@ -23,7 +23,8 @@ from agent.reading import Reading
 from agent.store import Store
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
-from tests.faults.conftest import CounterUnit, FaultDaemon, TimedChecker, fault_config
+from tests.daemon import Daemon
+from tests.faults.conftest import CounterUnit, TimedChecker, fault_config
 
 PREFILL_BATCH = 5000
 
@@ -88,7 +89,7 @@ async def drain_run(count: int, max_inflight: int, batch_max: int) -> dict[str, 
         max_inflight=max_inflight,
         max_size="4GB",  # the whole backlog must fit: this measures the drain, not eviction
     )
-    daemon = FaultDaemon(cfg, tmp / "daemon.log")
+    daemon = Daemon(cfg, tmp / "daemon.log")
     try:
         async with TimedChecker(broker.port, "gw-faults") as checker:
             t_start = time.time_ns() // 1_000_000
