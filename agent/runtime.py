@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, registry, validate
+from agent.aio import TaskGroup
 from agent.commands import CommandProcessor, commands_db_path
 from agent.config import FieldgateConfig
 from agent.config_base import DeviceConfigBase
@@ -391,7 +392,7 @@ class Runtime:
             self.config.upstream.mqtt.url,
         )
         try:
-            async with asyncio.TaskGroup() as tg:
+            async with TaskGroup() as tg:
                 self._tg = tg
                 self.writer = StoreWriter(self.store, self.config.storage.commit_interval, self._offer)
                 self._start_uplink(stats.next_seq)
@@ -522,7 +523,7 @@ class Runtime:
             except StoreError as exc:
                 log.error("upstream lanes not set in the buffer, retrying: %s", exc)
                 await asyncio.sleep(1.0)
-        async with asyncio.TaskGroup() as tg:
+        async with TaskGroup() as tg:
             for up in uplinks:
                 tg.create_task(up.run(), name=f"uplink:{up.name}")
 

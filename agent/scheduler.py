@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from agent.aio import raise_if_cancelled
 from agent.driver import Driver
 from agent.errors import DeviceError
 from agent.health import DeviceHealth
@@ -50,17 +51,6 @@ class _PlainReporter:
         if device in self._failing:
             self._failing.discard(device)
             log.info("%s: recovered", device)
-
-
-def _raise_if_cancelled() -> None:
-    """Give back a cancellation a protocol library swallowed (pymodbus turns it into "cannot connect").
-
-    Without this, a device task stopped while connecting would take the stop for a device error, back
-    off and poll on: the daemon would never finish stopping.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def next_tick(
@@ -222,7 +212,7 @@ class DeviceTask:
             except Exception as exc:  # a driver bug must not kill the device task silently
                 log.exception("%s: unexpected error in driver %s", self.name, self.driver.name)
                 message = f"internal error: {type(exc).__name__}: {exc}"
-            _raise_if_cancelled()
+            raise_if_cancelled()  # a stop a driver's library swallowed is not a device error (agent/aio.py)
             if message is None:
                 self._ok(readings)
                 # A cycle longer than the interval skips the ticks it missed rather than bursting.
@@ -256,7 +246,7 @@ class DeviceTask:
             except Exception as exc:
                 log.exception("%s: unexpected error in driver %s", self.name, self.driver.name)
                 message = f"internal error: {type(exc).__name__}: {exc}"
-            _raise_if_cancelled()
+            raise_if_cancelled()  # a stop a driver's library swallowed is not a device error (agent/aio.py)
             await self._close()
             delay = backoff_delay(self.health.consecutive_errors + 1, min(interval, 5.0))
             self._failed(message, delay)

@@ -34,6 +34,7 @@ from typing import Any
 import aiomqtt
 
 from agent import payloads
+from agent.aio import TaskGroup, raise_if_cancelled, settled
 from agent.config import MqttConfig
 from agent.errors import StoreError
 from agent.formats import Catalog, CommandExecutor, Message, MqttFormat
@@ -188,6 +189,7 @@ class Uplink:
                 if not isinstance(cause, aiomqtt.MqttError | OSError | TimeoutError):
                     log.error("upstream session failed: %s: %s", type(cause).__name__, cause, exc_info=cause)
                 self._disconnected(self.explain_error(cause))
+            raise_if_cancelled()  # a stop that aiomqtt swallowed (agent/aio.py) must not start a new session
             if self._stopping:
                 break
             if time.monotonic() - started > 10:
@@ -233,16 +235,17 @@ class Uplink:
         async with client:
             self._client = client
             try:
+                raise_if_cancelled()  # the connect (wait_for inside aiomqtt) may have swallowed a stop
                 self._on_connected()
                 for message in self.fmt.birth():
-                    await client.publish(
-                        message.topic, message.payload, qos=message.qos, retain=message.retain
+                    await settled(
+                        client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
                     )
                 for sub in self.subscriptions:
-                    await client.subscribe(sub.topic, qos=1)
+                    await settled(client.subscribe(sub.topic, qos=1))
                 for topic, _ in self.fmt.inbound():
-                    await client.subscribe(topic, qos=1)
-                async with asyncio.TaskGroup() as tg:
+                    await settled(client.subscribe(topic, qos=1))
+                async with TaskGroup() as tg:
                     # Each lane has its own in-flight slots, so a draining backlog never delays live batches.
                     tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
                     tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
@@ -335,7 +338,7 @@ class Uplink:
         # rows (commits every 200 ms) leaves at most once per 0.8 x batch_interval.
         spacing = self.cfg.batch_interval * (1 - LIVE_EARLY)
         last_publish = -float("inf")
-        async with asyncio.TaskGroup() as tg:
+        async with TaskGroup() as tg:
             while True:
                 if not self._live:
                     self._live_event.clear()
@@ -354,7 +357,7 @@ class Uplink:
                 await self._publish_rows(client, rows, False, slots, tg)
 
     async def _backlog_lane(self, client: aiomqtt.Client, slots: asyncio.Semaphore) -> None:
-        async with asyncio.TaskGroup() as tg:
+        async with TaskGroup() as tg:
             while True:
                 if self._cursor + 1 >= self._boundary:
                     self._backlog_event.clear()
@@ -407,7 +410,9 @@ class Uplink:
             message = self.fmt.health(self.health_doc())
             if message is None:
                 return
-            await client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            await settled(
+                client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            )
             self.beat()
             await asyncio.sleep(self.cfg.health_interval)
 
@@ -416,7 +421,7 @@ class Uplink:
         inbound = self.fmt.inbound()
         if not self.subscriptions and not inbound:
             return
-        async with asyncio.TaskGroup() as tg:
+        async with TaskGroup() as tg:
             async for message in client.messages:
                 raw = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
                 handler = next((h for t, h in inbound if message.topic.matches(t)), None)
@@ -448,7 +453,7 @@ class Uplink:
             log.error("upstream %s: message on %s not handled: %s", self.name, topic, exc, exc_info=exc)
             return
         for m in answers:
-            await client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+            await settled(client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain))
 
     async def publish(self, topic: str, doc: dict[str, Any], *, retain: bool = False) -> bool:
         """Publish one JSON document at QoS 1; False when offline."""
@@ -456,7 +461,7 @@ class Uplink:
         if client is None or not self.connected:
             return False
         try:
-            await client.publish(topic, payloads.dumps(doc), qos=1, retain=retain)
+            await settled(client.publish(topic, payloads.dumps(doc), qos=1, retain=retain))
         except aiomqtt.MqttError as exc:
             log.warning("%s not published: %s", topic, exc)
             return False

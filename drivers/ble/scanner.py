@@ -20,6 +20,7 @@ from bleak.exc import (
     BleakError,
 )
 
+from agent.aio import settled
 from agent.errors import DeviceUnreachable
 from drivers.ble.advert import (
     BTHOME_UUID16,
@@ -212,7 +213,7 @@ class BleScanner:
             async with self._lock:
                 await self._stop()
                 try:
-                    await self._start()
+                    await settled(self._start())
                 except DeviceUnreachable as err:
                     self._fail(err)
                     return

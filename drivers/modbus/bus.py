@@ -13,6 +13,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 
+from agent.aio import settled
 from agent.errors import DeviceProtocolError, DeviceUnreachable
 from drivers.modbus.codec import exception_text
 from drivers.modbus.config import ModbusRtuBusConfig, ModbusRtuTcpBusConfig, ModbusTcpBusConfig
@@ -133,8 +134,8 @@ class ModbusBus:
         ctx = getattr(client, "ctx", None)
         if isinstance(client, AsyncModbusTcpClient) and ctx is not None and hasattr(ctx, "connect"):
             ctx.reset_delay()
-            return bool(await ctx.connect())
-        return bool(await client.connect())
+            return bool(await settled(ctx.connect()))
+        return bool(await settled(client.connect()))
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[BusSession]:
@@ -156,7 +157,7 @@ class ModbusBus:
         self._rx_bytes = 0
         self.requests += 1
         try:
-            response = await getattr(client, method)(*args, device_id=unit_id, **kwargs)
+            response = await settled(getattr(client, method)(*args, device_id=unit_id, **kwargs))
         except ConnectionException as exc:
             self.failures += 1
             self._drop_client()
@@ -164,10 +165,6 @@ class ModbusBus:
                 f"bus {self.name}: connection to {self.describe()} lost ({exc.string})"
             ) from None
         except ModbusIOException as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # pymodbus turns our cancellation (a cycle timeout, a stop) into an I/O error: give it back.
-                raise asyncio.CancelledError from None
             self.failures += 1
             return self._no_answer(unit_id, exc)
         except ModbusException as exc:

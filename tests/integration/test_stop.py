@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import signal
 import subprocess
 import sys
@@ -15,6 +16,15 @@ from agent.loader import load_config
 from agent.runtime import Runtime
 from tests.broker import Broker, free_port
 from tests.daemon import REPO, write_config
+
+
+def task_stacks() -> str:
+    """Where every other task of the loop is waiting: what a hang's report needs."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            task.print_stack(limit=12, file=out)
+    return out.getvalue()
 
 
 def dead_end_config(tmp: Path, broker: Broker) -> Path:
@@ -47,7 +57,7 @@ async def test_runtime_stops_while_devices_are_connecting(
         await asyncio.sleep(after)
         runtime.request_stop()
     done, _ = await asyncio.wait([run], timeout=20)
-    assert run in done, "the runtime did not stop: a cancellation was swallowed somewhere"
+    assert run in done, "the runtime did not stop: a cancellation was swallowed somewhere\n" + task_stacks()
     run.result()
 
 
