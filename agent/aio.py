@@ -70,4 +70,3 @@ class TaskGroup(asyncio.TaskGroup):
                 and parent.cancelling() > count
             ):
                 parent.uncancel()
-

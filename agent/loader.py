@@ -138,13 +138,25 @@ def profile_dirs(config_path: Path) -> list[Path]:
     return dirs
 
 
+# Every file the last load_config read or looked for, in order (the config, then each profile candidate,
+# found or not): what its result depends on besides the code and FIELDGATE_PROFILES (agent/validate.py's
+# snapshot of the last validated config is keyed on their contents).
+_consulted: list[Path] = []
+
+
+def consulted() -> list[Path]:
+    return list(_consulted)
+
+
 def find_profile(name: str, config_path: Path) -> Path | None:
     if "/" in name or name.endswith((".yaml", ".yml")):
         p = Path(name)
         p = p if p.is_absolute() else config_path.parent / p
+        _consulted.append(p)
         return p if p.exists() else None
     for d in profile_dirs(config_path):
         candidate = d / f"{name}.yaml"
+        _consulted.append(candidate)
         if candidate.exists():
             return candidate
     return None
@@ -390,6 +402,7 @@ def _line_order(line: str) -> tuple[str, int, int]:
 
 def load_config(path: Path) -> FieldgateConfig:
     """Load and validate a config file; raise ConfigError with every problem, positioned."""
+    _consulted[:] = [path]
     pos = Positions()
     data, problems = load_yaml(path, pos)
     if data is None or problems:

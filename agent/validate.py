@@ -12,19 +12,30 @@ same `load()`.
 The snapshot travels in the `marshal` format (built in: no module to load in the daemon; it carries dicts,
 lists, tuples and scalars only, so models and paths are tagged tuples, see `snapshot`), from the daemon's own
 child, through a pipe, to the daemon.
+
+A restart with an unchanged config need not wait for the child. When a cache directory is given
+($FIELDGATE_CACHE_DIR, or systemd's $CACHE_DIRECTORY from the unit's CacheDirectory=), the daemon keeps the
+snapshot of its last successful validation there, keyed on what the result depends on: the fieldgate and
+Python versions, $FIELDGATE_PROFILES, and the contents of every file the loader read or looked for (the
+config, each profile candidate in search order, found or absent). A start whose key matches runs on that
+snapshot at once, then validates the file for real in a background child a few seconds later: a difference
+(code changed under an unchanged version, a file changed in between) is applied as a reload would apply it,
+and a file that no longer validates is reported and its snapshot dropped. docs/CONFIG_LIFECYCLE.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import marshal
+import os
 import subprocess
 import sys
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
-from agent import plainmodel
+from agent import __version__, plainmodel
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -33,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fieldgate.config")
 
 RESULT_OK, RESULT_PROBLEMS = "ok", "problems"
+CACHE_FORMAT = 1
+VERIFY_AFTER_S = 3.0  # a start from the snapshot validates the file for real this long after it is up
 
 
 def snapshot(value: Any) -> Any:
@@ -63,15 +76,42 @@ def in_child() -> bool:
 
 
 class Pending:
-    """A validation under way; `result()` gives the config or raises ConfigError."""
+    """A validation under way; `result()` gives the config or raises ConfigError.
 
-    def __init__(self, path: Path, proc: subprocess.Popen[bytes] | None) -> None:
+    `cached` holds the snapshot of an earlier validation when the cache's key matched (no child is running
+    then); `payload` the snapshot the result was rebuilt from, once there is one."""
+
+    def __init__(self, path: Path, proc: subprocess.Popen[bytes] | None, cached: Any = None) -> None:
         self.path = path
         self.proc = proc
+        self.cached = cached
+        self.payload: Any = None
+
+    @property
+    def from_cache(self) -> bool:
+        return self.cached is not None
 
     async def result(self) -> FieldgateConfig:
         import asyncio  # here: the daemon starts the child before its own imports, asyncio's included
 
+        if self.cached is not None:
+            try:
+                config = _config_of(self.path, self.cached)
+            except Exception as exc:  # classes or fields changed under the same version: validate for real
+                log.warning(
+                    "the snapshot of an earlier validation is unusable (%s): validating the file", exc
+                )
+                self.cached = None
+                self.proc = _child(self.path)
+            else:
+                log.info(
+                    "config %s: unchanged since its last validation, started from its snapshot "
+                    "(validated again in the background in %gs)",
+                    self.path,
+                    VERIFY_AFTER_S,
+                )
+                self.payload = self.cached
+                return config
         if self.proc is None:
             from agent.loader import load_config
 
@@ -82,7 +122,23 @@ class Pending:
         except asyncio.CancelledError:
             self.kill()
             raise
-        return _decode(self.path, self.proc.returncode, out, err)
+        config, self.payload, inputs = _decode(self.path, self.proc.returncode, out, err)
+        _save(self.path, self.payload, inputs)
+        return config
+
+    async def verify(self) -> FieldgateConfig | None:
+        """After a start from the snapshot: validate the file for real, in a child at low priority. The
+        fresh config when it differs from the snapshot's, else None; ConfigError (and the snapshot dropped)
+        when the file does not validate any more."""
+        fresh = Pending(self.path, _child(self.path, background=True))
+        try:
+            config = await fresh.result()  # renews the snapshot
+        except ConfigError:
+            forget(self.path)
+            raise
+        finally:
+            fresh.kill()
+        return None if fresh.payload == self.cached else config
 
     def kill(self) -> None:
         """Stop the child if it still runs (a stop during start-up, a cancelled reload)."""
@@ -91,18 +147,26 @@ class Pending:
                 self.proc.kill()
 
 
-def spawn(path: Path) -> Pending:
-    """Start validating `path`: in a child when this process runs on plain models, else in-process on
-    `result()`. Synchronous, so that `fieldgate run` starts the child before its own imports."""
-    if not in_child():
-        return Pending(path, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.validate", str(path)],
+def _child(path: Path, background: bool = False) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.validate", *(["--background"] if background else []), str(path)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    return Pending(path, proc)
+
+
+def spawn(path: Path, use_snapshot: bool = False) -> Pending:
+    """Start validating `path`: in a child when this process runs on plain models, else in-process on
+    `result()`. With `use_snapshot` (the daemon's start), an unchanged file's last snapshot is taken instead
+    of a child. Synchronous, so that `fieldgate run` starts the child before its own imports."""
+    if not in_child():
+        return Pending(path, None)
+    if use_snapshot:
+        cached = _cached(path)
+        if cached is not None:
+            return Pending(path, None, cached)
+    return Pending(path, _child(path))
 
 
 async def load(path: Path) -> FieldgateConfig:
@@ -110,11 +174,10 @@ async def load(path: Path) -> FieldgateConfig:
     return await spawn(path).result()
 
 
-def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> FieldgateConfig:
-    from agent.config import FieldgateConfig
-
+def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> tuple[FieldgateConfig, Any, Any]:
+    """The child's answer: (the config, its snapshot, the inputs it depends on), or ConfigError."""
     try:
-        kind, payload = marshal.loads(out)
+        kind, payload, inputs = marshal.loads(out)
     except Exception:
         last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
         raise ConfigError(
@@ -125,24 +188,109 @@ def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> Field
             log.warning("config validation: %s", line)
     if kind == RESULT_PROBLEMS:
         raise ConfigError([str(p) for p in payload])
+    return _config_of(path, payload), payload, inputs
+
+
+def _config_of(path: Path, payload: Any) -> FieldgateConfig:
+    from agent.config import FieldgateConfig
+
     config = plainmodel.rebuild(payload)
     if not isinstance(config, FieldgateConfig):
         raise ConfigError([f"{path}: the validator sent {type(config).__name__}, not a configuration"])
     return config
 
 
+# --- the snapshot of the last validation ----------------------------------------------------------------
+
+
+def cache_file(path: Path) -> Path | None:
+    """Where the snapshot of `path`'s last validation is kept; None (no snapshot) without a cache directory."""
+    base = os.environ.get("FIELDGATE_CACHE_DIR") or os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    if not base:
+        return None
+    name = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
+    return Path(base) / f"config-{name}.snapshot"
+
+
+def _digest(path: str) -> str | None:
+    """A file's content digest; None for a file that does not exist (it was looked for, not found)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # unreadable now: never equal to what was read then
+        return f"unreadable: {exc.errno}"
+
+
+def _key(inputs: list[tuple[str, str | None]]) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "fieldgate": __version__,
+        "python": sys.version,
+        "profiles_env": os.environ.get("FIELDGATE_PROFILES", ""),
+        "inputs": inputs,
+    }
+
+
+def _cached(path: Path) -> Any:
+    """The snapshot of `path`'s last validation if nothing it depends on has changed since, else None."""
+    file = cache_file(path)
+    if file is None:
+        return None
+    try:
+        entry = marshal.loads(file.read_bytes())
+        inputs = [(name, _digest(name)) for name, _ in entry["key"]["inputs"]]
+        if entry["key"] != _key(inputs):
+            return None
+        return entry["snapshot"]
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # a damaged file is a cache miss, never a failed start
+        log.warning("config snapshot %s unreadable, ignored: %s", file, exc)
+        return None
+
+
+def _save(path: Path, payload: Any, inputs: Any) -> None:
+    """Keep the snapshot of a successful validation (written whole, readable by the daemon's user only)."""
+    file = cache_file(path)
+    if file is None or not inputs:
+        return
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the config may hold a password
+        with os.fdopen(fd, "wb") as f:
+            f.write(marshal.dumps({"key": _key([tuple(i) for i in inputs]), "snapshot": payload}))
+        os.replace(tmp, file)
+    except OSError as exc:  # a read-only or full cache directory costs the next start its head start, no more
+        log.warning("config snapshot not kept in %s: %s", file.parent, exc)
+
+
+def forget(path: Path) -> None:
+    file = cache_file(path)
+    if file is not None:
+        with contextlib.suppress(OSError):
+            file.unlink()
+
+
 def main(argv: list[str] | None = None) -> int:
     """The child: validate one file, write the result to stdout (marshal), exit 0 (problems are a result)."""
-    from agent.loader import load_config
-
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--background"]:  # a check of a running config: leave the CPU to the daemon's work
+        args = args[1:]
+        with contextlib.suppress(OSError):
+            os.nice(10)
     if len(args) != 1:
-        print("usage: python -m agent.validate CONFIG", file=sys.stderr)
+        print("usage: python -m agent.validate [--background] CONFIG", file=sys.stderr)
         return 2
+    from agent import loader
+
     try:
-        result: tuple[str, Any] = (RESULT_OK, snapshot(load_config(Path(args[0]))))
+        config = snapshot(loader.load_config(Path(args[0])))
+        inputs = [(os.path.abspath(p), _digest(str(p))) for p in loader.consulted()]
+        result: tuple[str, Any, Any] = (RESULT_OK, config, inputs)
     except ConfigError as exc:
-        result = (RESULT_PROBLEMS, list(exc.problems))
+        result = (RESULT_PROBLEMS, list(exc.problems), None)
     sys.stdout.buffer.write(marshal.dumps(result))
     sys.stdout.buffer.flush()
     return 0

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
+    from agent.runtime import Runtime
     from agent.validate import Pending
 
 
@@ -49,7 +50,7 @@ async def serve(config_path: str, pending: Pending | None = None) -> int:
     from agent import validate
 
     if pending is None:
-        pending = validate.spawn(Path(config_path))
+        pending = validate.spawn(Path(config_path), use_snapshot=True)
     # While the child validates the file (agent/validate.py), this process imports what it will run.
     from agent.runtime import Runtime, prefetch
 
@@ -64,11 +65,48 @@ async def serve(config_path: str, pending: Pending | None = None) -> int:
         runtime.request_stop()
 
     watcher = asyncio.create_task(stop_when_asked())
+    checker = asyncio.create_task(verify_snapshot(runtime, pending)) if pending.from_cache else None
     try:
         await runtime.run()
     finally:
         watcher.cancel()
+        if checker is not None:
+            checker.cancel()
+            await asyncio.gather(checker, return_exceptions=True)
     return 0
+
+
+async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
+    """The daemon started from the snapshot of an earlier validation (agent/validate.py): once it is up,
+    validate the file for real and put right whatever differs."""
+    import asyncio
+    import logging
+
+    from agent.validate import VERIFY_AFTER_S
+
+    log = logging.getLogger("fieldgate.config")
+    await runtime.ready.wait()
+    await asyncio.sleep(VERIFY_AFTER_S)
+    try:
+        data = runtime.config_path.read_bytes()
+        fresh = await pending.verify()
+    except (ConfigError, OSError) as exc:
+        problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+        runtime.reload_error = "; ".join(problems)
+        log.error("%s no longer validates; the daemon keeps its running configuration:", runtime.config_path)
+        for line in problems:
+            log.error("  %s", line)
+        return
+    if fresh is None:
+        log.info("config %s: validated again, same as its snapshot", runtime.config_path)
+        return
+    log.warning(
+        "config %s: the snapshot it started from was out of date; applying the file", runtime.config_path
+    )
+    changes = await runtime.apply_config(fresh, data, source="file")
+    log.info("config %s applied: %s", runtime.config_path, "; ".join(changes) or "no change")
+    if runtime.config.remote_config.enabled:
+        runtime.remote.running_changed()
 
 
 def _stop_during_startup(signum: int, frame: object) -> None:
@@ -90,8 +128,8 @@ def main(args: argparse.Namespace) -> int:
     # The signals were taken over by agent.cli before anything slow (take_signals_for_start_up).
     plainmodel.use()  # before any config model is imported: the daemon never imports pydantic
     # The child that validates the file starts first: its work (about 0.3 s, mostly importing pydantic)
-    # overlaps this process's own start-up.
-    pending = validate.spawn(Path(args.config))
+    # overlaps this process's own start-up. An unchanged file whose snapshot is kept needs no child now.
+    pending = validate.spawn(Path(args.config), use_snapshot=True)
     try:
         import asyncio
 
