@@ -78,29 +78,28 @@ def in_child() -> bool:
 class Pending:
     """A validation under way; `result()` gives the config or raises ConfigError.
 
-    `cached` holds the snapshot of an earlier validation when the cache's key matched (no child is running
-    then); `payload` the snapshot the result was rebuilt from, once there is one."""
+    `cached` holds the snapshot of an earlier validation when the cache's key matched (no child runs then),
+    until `verify()` has compared it with the file's validation."""
 
     def __init__(self, path: Path, proc: subprocess.Popen[bytes] | None, cached: Any = None) -> None:
         self.path = path
         self.proc = proc
         self.cached = cached
-        self.payload: Any = None
-
-    @property
-    def from_cache(self) -> bool:
-        return self.cached is not None
+        self.from_cache = False  # whether result() gave the snapshot's config
 
     async def result(self) -> FieldgateConfig:
+        config, _ = await self._result()
+        return config
+
+    async def _result(self) -> tuple[FieldgateConfig, Any]:
+        """The config and the snapshot it was rebuilt from (None when validated in-process)."""
         import asyncio  # here: the daemon starts the child before its own imports, asyncio's included
 
         if self.cached is not None:
             try:
                 config = _config_of(self.path, self.cached)
             except Exception as exc:  # classes or fields changed under the same version: validate for real
-                log.warning(
-                    "the snapshot of an earlier validation is unusable (%s): validating the file", exc
-                )
+                log.warning("the snapshot of an earlier validation is unusable (%s): validating the file", exc)
                 self.cached = None
                 self.proc = _child(self.path)
             else:
@@ -110,21 +109,21 @@ class Pending:
                     self.path,
                     VERIFY_AFTER_S,
                 )
-                self.payload = self.cached
-                return config
+                self.from_cache = True
+                return config, self.cached
         if self.proc is None:
             from agent.loader import load_config
 
-            return load_config(self.path)
+            return load_config(self.path), None
         try:
             # A thread waits for the child (the loop's default executor, which the daemon has anyway).
             out, err = await asyncio.to_thread(self.proc.communicate)
         except asyncio.CancelledError:
             self.kill()
             raise
-        config, self.payload, inputs = _decode(self.path, self.proc.returncode, out, err)
-        _save(self.path, self.payload, inputs)
-        return config
+        config, payload, inputs = _decode(self.path, self.proc.returncode, out, err)
+        _save(self.path, payload, inputs)
+        return config, payload
 
     async def verify(self) -> FieldgateConfig | None:
         """After a start from the snapshot: validate the file for real, in a child at low priority. The
@@ -132,13 +131,14 @@ class Pending:
         when the file does not validate any more."""
         fresh = Pending(self.path, _child(self.path, background=True))
         try:
-            config = await fresh.result()  # renews the snapshot
+            config, payload = await fresh._result()  # renews the snapshot
         except ConfigError:
             forget(self.path)
             raise
         finally:
             fresh.kill()
-        return None if fresh.payload == self.cached else config
+        same, self.cached = payload == self.cached, None  # the snapshot is not kept in memory beyond this
+        return None if same else config
 
     def kill(self) -> None:
         """Stop the child if it still runs (a stop during start-up, a cancelled reload)."""
