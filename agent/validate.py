@@ -99,7 +99,9 @@ class Pending:
             try:
                 config = _config_of(self.path, self.cached)
             except Exception as exc:  # classes or fields changed under the same version: validate for real
-                log.warning("the snapshot of an earlier validation is unusable (%s): validating the file", exc)
+                log.warning(
+                    "the snapshot of an earlier validation is unusable (%s): validating the file", exc
+                )
                 self.cached = None
                 self.proc = _child(self.path)
             else:
@@ -255,15 +257,17 @@ def _save(path: Path, payload: Any, inputs: Any) -> None:
     file = cache_file(path)
     if file is None or not inputs:
         return
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the config may hold a password
         with os.fdopen(fd, "wb") as f:
             f.write(marshal.dumps({"key": _key([tuple(i) for i in inputs]), "snapshot": payload}))
         os.replace(tmp, file)
     except OSError as exc:  # a read-only or full cache directory costs the next start its head start, no more
         log.warning("config snapshot not kept in %s: %s", file.parent, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def forget(path: Path) -> None:

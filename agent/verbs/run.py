@@ -87,6 +87,7 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
     log = logging.getLogger("fieldgate.config")
     await runtime.ready.wait()
     await asyncio.sleep(VERIFY_AFTER_S)
+    applied_ts = runtime.config_applied_ts
     try:
         data = runtime.config_path.read_bytes()
         fresh = await pending.verify()
@@ -100,10 +101,20 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
     if fresh is None:
         log.info("config %s: validated again, same as its snapshot", runtime.config_path)
         return
+    if runtime.config_applied_ts != applied_ts:  # a reload or a remote config came meanwhile: it is newer
+        log.info("config %s: replaced while it was checked; the check is moot", runtime.config_path)
+        return
     log.warning(
         "config %s: the snapshot it started from was out of date; applying the file", runtime.config_path
     )
-    changes = await runtime.apply_config(fresh, data, source="file")
+    try:
+        changes = await runtime.apply_config(fresh, data, source="file")
+    except Exception as exc:  # a secret that cannot be used, as a reload would refuse it: nothing was changed
+        runtime.reload_error = f"reload refused: {exc}"
+        log.error(
+            "config %s not applied, the running configuration is unchanged: %s", runtime.config_path, exc
+        )
+        return
     log.info("config %s applied: %s", runtime.config_path, "; ".join(changes) or "no change")
     if runtime.config.remote_config.enabled:
         runtime.remote.running_changed()
@@ -127,13 +138,13 @@ def main(args: argparse.Namespace) -> int:
 
     # The signals were taken over by agent.cli before anything slow (take_signals_for_start_up).
     plainmodel.use()  # before any config model is imported: the daemon never imports pydantic
+    setup_logging(args.log_level)  # 2 ms; what the snapshot lookup says is then logged as the rest
     # The child that validates the file starts first: its work (about 0.3 s, mostly importing pydantic)
     # overlaps this process's own start-up. An unchanged file whose snapshot is kept needs no child now.
     pending = validate.spawn(Path(args.config), use_snapshot=True)
     try:
         import asyncio
 
-        setup_logging(args.log_level)
         faulthandler.enable()  # a watchdog kill (SIGABRT) prints every thread's traceback to the journal
         return asyncio.run(serve(str(args.config), pending))
     except ConfigError as exc:

@@ -180,3 +180,30 @@ def test_the_cache_directory_defaults_to_systemds(tmp_path: Path) -> None:
             os.environ.pop(k, None)
             if v is not None:
                 os.environ[k] = v
+
+
+async def test_an_unusable_cache_directory_costs_only_the_head_start(
+    tmp_path: Path, broker: Broker, sim: ModbusSim
+) -> None:
+    """A cache directory that cannot be written (a file in its place) and a damaged snapshot: the daemon
+    says so and starts as without a cache."""
+    cfg, env = setup(tmp_path, broker, sim)
+    (tmp_path / "blocked").write_text("not a directory")
+    blocked = dict(env, FIELDGATE_CACHE_DIR=str(tmp_path / "blocked"))
+    daemon = Daemon(cfg, tmp_path / "blocked.log", blocked).start()
+    try:
+        log = await run_until(daemon, "connected to")
+        assert "config snapshot not kept" in log
+    finally:
+        assert daemon.stop() == 0
+
+    await first_start(cfg, tmp_path, env)
+    [file] = snapshot_files(tmp_path)
+    file.write_bytes(b"\x00garbage")
+    damaged = Daemon(cfg, tmp_path / "damaged.log", env).start()
+    try:
+        log = await run_until(damaged, "connected to")
+        assert "unreadable, ignored" in log and FROM_SNAPSHOT not in log
+    finally:
+        assert damaged.stop() == 0
+    assert marshal.loads(file.read_bytes())["key"]["inputs"][0][0] == str(cfg)  # renewed by that start
