@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from agent.aio import TaskGroup, raise_if_cancelled, settled
 
 
-async def _race(use_settled: bool) -> tuple[asyncio.Task[None], bool]:
+async def _race(use_settled: bool, error: bool = False) -> tuple[asyncio.Task[None], bool]:
     """A task awaits a wait_for (as pymodbus and aiomqtt do) whose result arrives with a stop, then would
     go on working. Returns the task once it has ended (cancelled again after 1 s if need be), and whether it
     went on past the stop."""
@@ -19,13 +20,17 @@ async def _race(use_settled: bool) -> tuple[asyncio.Task[None], bool]:
 
     async def body() -> None:
         operation = asyncio.wait_for(fut, 10)
-        await (settled(operation) if use_settled else operation)
+        with contextlib.suppress(OSError):  # as a driver takes "cannot connect" for a device error, polls on
+            await (settled(operation) if use_settled else operation)
         went_on.set()
         await asyncio.sleep(3600)  # a poll loop's next sleep: only a cancellation ends it
 
     task = asyncio.create_task(body())
     await asyncio.sleep(0)  # the task now waits inside wait_for
-    fut.set_result(1)  # the answer and the stop land in the same loop iteration
+    if error:  # pymodbus: the connect failed at the instant of the stop
+        fut.set_exception(OSError("connection refused"))
+    else:  # the answer and the stop land in the same loop iteration
+        fut.set_result(1)
     task.cancel()
     await asyncio.wait([task], timeout=1)
     if not task.done():
@@ -34,15 +39,17 @@ async def _race(use_settled: bool) -> tuple[asyncio.Task[None], bool]:
     return task, went_on.is_set()
 
 
-async def test_settled_gives_back_the_cancellation() -> None:
-    task, went_on = await _race(use_settled=True)
+@pytest.mark.parametrize("error", [False, True], ids=["result", "error"])
+async def test_settled_gives_back_the_cancellation(error: bool) -> None:
+    task, went_on = await _race(use_settled=True, error=error)
     assert task.cancelled() and not went_on
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="wait_for keeps the cancellation from 3.12 on")
-async def test_wait_for_alone_loses_it_on_311() -> None:
+@pytest.mark.parametrize("error", [False, True], ids=["result", "error"])
+async def test_wait_for_alone_loses_it_on_311(error: bool) -> None:
     """The bug the helper exists for: without it the stopped task runs on."""
-    _, went_on = await _race(use_settled=False)
+    _, went_on = await _race(use_settled=False, error=error)
     assert went_on  # and was ended only by the second cancel, a second later
 
 
