@@ -82,7 +82,9 @@ async def start_broker(workdir: Path, port: int) -> asyncio.subprocess.Process:
         )
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n")
-    proc = await asyncio.create_subprocess_exec(exe, "-c", str(conf))
+    # Its own session: Ctrl-C reaches the whole foreground group, and the broker must outlive the agent's
+    # clean stop (its last messages), then be stopped by us.
+    proc = await asyncio.create_subprocess_exec(exe, "-c", str(conf), start_new_session=True)
     for _ in range(200):
         with contextlib.suppress(OSError):
             _r, w = await asyncio.open_connection("127.0.0.1", port)
@@ -174,7 +176,8 @@ async def demo(args: argparse.Namespace) -> int:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await sim.aclose()
-        broker.terminate()
+        with contextlib.suppress(ProcessLookupError):  # already gone (someone else stopped it)
+            broker.terminate()
         await broker.wait()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
