@@ -367,6 +367,10 @@ class Runtime:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def request_reload(self) -> None:
         """SIGHUP: re-read the config file; a bad file changes nothing."""
         if self._tg is not None:

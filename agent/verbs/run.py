@@ -104,6 +104,8 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
     if runtime.config_applied_ts != applied_ts:  # a reload or a remote config came meanwhile: it is newer
         log.info("config %s: replaced while it was checked; the check is moot", runtime.config_path)
         return
+    if runtime.stopping:  # nothing to restart now; the next start runs on the renewed snapshot
+        return
     log.warning(
         "config %s: the snapshot it started from was out of date; applying the file", runtime.config_path
     )
