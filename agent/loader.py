@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent.config import FieldgateConfig
 from agent.errors import ConfigError
+from agent.validate import file_hash
 
 Loc = tuple[str | int, ...]
 
@@ -101,9 +102,11 @@ def load_yaml(path: Path, pos: Positions, base: Loc = ()) -> tuple[Any, list[str
     """Parse one YAML file, recording positions under `base`. Returns (data, problems)."""
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         return None, [f"{file}:1:1: (file): cannot read: {exc.strerror or exc}"]
+    _consulted[os.path.abspath(path)] = file_hash(raw)  # the bytes this result comes from
+    text = raw.decode("utf-8")
     try:
         try:
             node = yaml.compose(text, Loader=_FastLoader)
@@ -138,27 +141,29 @@ def profile_dirs(config_path: Path) -> list[Path]:
     return dirs
 
 
-# Every file the last load_config read or looked for, in order (the config, then each profile candidate,
-# found or not): what its result depends on besides the code and FIELDGATE_PROFILES (agent/validate.py's
-# snapshot of the last validated config is keyed on their contents).
-_consulted: list[Path] = []
+# Every file the last load_config read or looked for, in order: absolute path -> SHA-256 of the bytes it read,
+# or None for a profile candidate looked for and absent. What the result depends on besides the code and
+# FIELDGATE_PROFILES: agent/validate.py keys the snapshot of the last validated config on it.
+_consulted: dict[str, str | None] = {}
 
 
-def consulted() -> list[Path]:
-    return list(_consulted)
+def consulted() -> list[tuple[str, str | None]]:
+    return list(_consulted.items())
 
 
 def find_profile(name: str, config_path: Path) -> Path | None:
     if "/" in name or name.endswith((".yaml", ".yml")):
         p = Path(name)
         p = p if p.is_absolute() else config_path.parent / p
-        _consulted.append(p)
-        return p if p.exists() else None
+        if p.exists():
+            return p  # recorded when read
+        _consulted.setdefault(os.path.abspath(p), None)
+        return None
     for d in profile_dirs(config_path):
         candidate = d / f"{name}.yaml"
-        _consulted.append(candidate)
         if candidate.exists():
             return candidate
+        _consulted.setdefault(os.path.abspath(candidate), None)
     return None
 
 
@@ -402,7 +407,7 @@ def _line_order(line: str) -> tuple[str, int, int]:
 
 def load_config(path: Path) -> FieldgateConfig:
     """Load and validate a config file; raise ConfigError with every problem, positioned."""
-    _consulted[:] = [path]
+    _consulted.clear()
     pos = Positions()
     data, problems = load_yaml(path, pos)
     if data is None or problems:

@@ -19,7 +19,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -33,15 +32,12 @@ from agent import validate
 from agent.config import FieldgateConfig
 from agent.errors import ConfigError
 from agent.reading import now_ms
+from agent.validate import file_hash
 
 log = logging.getLogger("fieldgate.remoteconfig")
 
 MAX_CONFIG_BYTES = 1_000_000  # a config of a thousand devices is ~200 kB
 PUBLISH_RETRY = 1.0  # seconds between attempts to publish the state while offline
-
-
-def file_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def canonical_json(obj: Any) -> bytes:

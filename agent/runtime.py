@@ -24,12 +24,13 @@ from agent.health import DeviceHealth
 from agent.logsetup import ErrorReporter
 from agent.processing import processor_for
 from agent.reading import Reading, now_ms
-from agent.remoteconfig import RemoteConfig, file_hash
+from agent.remoteconfig import RemoteConfig
 from agent.schedule import ScheduleRunner
 from agent.scheduler import MAX_BACKOFF, DeviceTask
 from agent.sdnotify import Notifier
 from agent.store import AsyncStore, Store, StoreStats
 from agent.tls import build_ssl_context, credential_path, explain_tls_error, read_secret
+from agent.validate import file_hash
 from agent.watchdog import ProgressWatchdog
 
 log = logging.getLogger("fieldgate.runtime")

@@ -137,8 +137,6 @@ class Pending:
         except ConfigError:
             forget(self.path)
             raise
-        finally:
-            fresh.kill()
         same, self.cached = payload == self.cached, None  # the snapshot is not kept in memory beyond this
         return None if same else config
 
@@ -214,10 +212,14 @@ def cache_file(path: Path) -> Path | None:
     return Path(base) / f"config-{name}.snapshot"
 
 
+def file_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _digest(path: str) -> str | None:
-    """A file's content digest; None for a file that does not exist (it was looked for, not found)."""
+    """A file's content digest, as the loader records it; None for a file that does not exist."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return file_hash(Path(path).read_bytes())
     except FileNotFoundError:
         return None
     except OSError as exc:  # unreadable now: never equal to what was read then
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = snapshot(loader.load_config(Path(args[0])))
-        inputs = [(os.path.abspath(p), _digest(str(p))) for p in loader.consulted()]
+        inputs = loader.consulted()
         result: tuple[str, Any, Any] = (RESULT_OK, config, inputs)
     except ConfigError as exc:
         result = (RESULT_PROBLEMS, list(exc.problems), None)

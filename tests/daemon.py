@@ -152,17 +152,16 @@ devices:
 class Collected:
     readings: list[dict[str, Any]] = field(default_factory=list)
     backlog_flags: list[bool] = field(default_factory=list)
+    status: list[dict[str, Any]] = field(default_factory=list)
+    health: list[dict[str, Any]] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    other: list[tuple[str, bytes]] = field(default_factory=list)
 
     def backlog_once_live(self) -> bool:
         """Whether a reading came as backlog after the first live one. A reading stored in the few ms before
         the first connection is sent from the buffer, as backlog, by design: only later ones mean a replay."""
         flags = self.backlog_flags
         return False not in flags or any(flags[flags.index(False) :])
-
-    status: list[dict[str, Any]] = field(default_factory=list)
-    health: list[dict[str, Any]] = field(default_factory=list)
-    results: list[dict[str, Any]] = field(default_factory=list)
-    other: list[tuple[str, bytes]] = field(default_factory=list)
 
     def seqs(self) -> list[int]:
         return [r["seq"] for r in self.readings]

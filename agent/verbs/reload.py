@@ -16,7 +16,7 @@ from typing import Any
 from agent.errors import ConfigError
 from agent.loader import load_config
 from agent.localapi import parse_listen
-from agent.remoteconfig import file_hash
+from agent.validate import file_hash
 
 POLL = 0.2  # seconds between two looks at the daemon's status
 

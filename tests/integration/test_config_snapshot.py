@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import marshal
-import os
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -163,24 +162,18 @@ async def test_a_file_broken_during_the_restart_is_reported(
     assert "devices.m1.poll" in third.log_text()
 
 
-def test_the_cache_directory_defaults_to_systemds(tmp_path: Path) -> None:
+def test_the_cache_directory_defaults_to_systemds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from agent import validate
 
-    saved = {k: os.environ.pop(k, None) for k in ("FIELDGATE_CACHE_DIR", "CACHE_DIRECTORY")}
-    try:
-        assert validate.cache_file(tmp_path / "f.yaml") is None  # no directory: no snapshot
-        os.environ["CACHE_DIRECTORY"] = f"{tmp_path}/a:{tmp_path}/b"
-        file = validate.cache_file(tmp_path / "f.yaml")
-        assert file is not None and file.parent == tmp_path / "a"
-        os.environ["FIELDGATE_CACHE_DIR"] = str(tmp_path / "c")
-        file = validate.cache_file(tmp_path / "f.yaml")
-        assert file is not None and file.parent == tmp_path / "c"
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None)
-            if v is not None:
-                os.environ[k] = v
-
+    monkeypatch.delenv("FIELDGATE_CACHE_DIR", raising=False)
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    assert validate.cache_file(tmp_path / "f.yaml") is None  # no directory: no snapshot
+    monkeypatch.setenv("CACHE_DIRECTORY", f"{tmp_path}/a:{tmp_path}/b")
+    file = validate.cache_file(tmp_path / "f.yaml")
+    assert file is not None and file.parent == tmp_path / "a"
+    monkeypatch.setenv("FIELDGATE_CACHE_DIR", str(tmp_path / "c"))
+    file = validate.cache_file(tmp_path / "f.yaml")
+    assert file is not None and file.parent == tmp_path / "c"
 
 async def test_an_unusable_cache_directory_costs_only_the_head_start(
     tmp_path: Path, broker: Broker, sim: ModbusSim
