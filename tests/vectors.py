@@ -1,11 +1,11 @@
-"""Access to the shared protocol vectors (real frames with expected values)."""
+"""Access to the protocol vectors (real frames with expected values), vendored in tests/data/vectors/ with their sources."""
 
 import json
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VECTORS_DIR = REPO_ROOT.parent / "shared" / "protocols" / "vectors"
+VECTORS_DIR = REPO_ROOT / "tests" / "data" / "vectors"
 
 
 def load_vectors(name: str) -> Any:
