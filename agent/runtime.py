@@ -433,6 +433,8 @@ class Runtime:
             self._tg = None
             if self.local is not None:
                 await self.local.aclose()
+            if self.commands is not None:
+                await self.commands.drain()  # a write in progress ends before its bus is closed
             await self.context.shared.aclose()
             if self.commands is not None:
                 self.commands.close()

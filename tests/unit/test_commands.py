@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.commands import CommandEvent, CommandProcessor, CommandsConfig, read_audit
+from agent.commands import OUTCOME_UNKNOWN, CommandEvent, CommandProcessor, CommandsConfig, read_audit
 from agent.driver import Driver, DriverContext, PointSpec, SharedResources
 from agent.errors import DeviceUnreachable
 from agent.health import DeviceHealth
@@ -43,7 +43,7 @@ class FakeLamp(Driver[None]):
         }
 
     async def read(self) -> list[Reading]:
-        return []
+        return [Reading(self.device, name, T0, value) for name, value in self.values.items()]
 
     async def write(self, point: str, value: Value) -> Value:
         self.active += 1
@@ -238,12 +238,38 @@ async def test_duplicate_of_a_refused_command_gets_the_same_refusal(
 async def test_the_same_id_in_flight_twice_executes_once(proc: CommandProcessor, lamp: FakeLamp) -> None:
     lamp.gate = asyncio.Event()
     a = asyncio.create_task(proc.handle(cmd(value=33)))
-    b = asyncio.create_task(proc.handle(cmd(value=33)))
     await asyncio.sleep(0.01)
+    # The repeat while the first still runs: not executed, not answered separately (the first's result
+    # answers both, once).
+    assert await proc.handle(cmd(value=33)) is None
     lamp.gate.set()
-    ra, rb = await asyncio.gather(a, b)
-    assert ra == rb == {"id": "c1", "ok": True, "value": 33, "ts": T0}
+    assert await a == {"id": "c1", "ok": True, "value": 33, "ts": T0}
     assert lamp.writes == [("dim", 33)]
+    assert [(e["outcome"], e["error"]) for e in proc.recent(2)] == [
+        ("executed", None),
+        ("duplicate", "already executing: answered by the first attempt's result"),
+    ]
+    # Once done, a repeat gets the stored result again.
+    assert await proc.handle(cmd(value=33)) == {"id": "c1", "ok": True, "value": 33, "ts": T0}
+    assert lamp.writes == [("dim", 33)]
+
+
+async def test_cancelling_the_caller_never_cancels_the_write(proc: CommandProcessor, lamp: FakeLamp) -> None:
+    """What a lost MQTT session does to its message's handler: the write goes on, its result is kept."""
+    lamp.gate = asyncio.Event()
+    first = asyncio.create_task(proc.handle(cmd(value=61)))
+    await asyncio.sleep(0.01)
+    assert lamp.active == 1
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert lamp.active == 1  # still writing
+    assert await proc.handle(cmd(value=61)) is None  # the platform's retry meanwhile: not a second write
+    lamp.gate.set()
+    await proc.drain()
+    assert lamp.writes == [("dim", 61)]
+    assert await proc.handle(cmd(value=61)) == {"id": "c1", "ok": True, "value": 61, "ts": T0}
+    assert lamp.writes == [("dim", 61)]
 
 
 async def test_results_survive_a_restart(
@@ -260,20 +286,21 @@ async def test_results_survive_a_restart(
     assert lamp.writes == [("dim", 80)]
 
 
-async def test_a_command_interrupted_by_a_crash_is_never_executed_again(
+async def test_an_executing_id_in_a_commands_db_of_the_old_schema_is_never_executed(
     tmp_path: Path, lamp: FakeLamp, health: dict[str, DeviceHealth], clock: Clock
 ) -> None:
-    # What a power cut during the write leaves behind: the id committed as pending, no result.
+    # A commands.db written before the device/point columns, with an id left executing (the crash itself
+    # is tested with a real kill -9 in tests/integration/test_commands_crash.py).
     db = sqlite3.connect(tmp_path / "commands.db")
     db.executescript("CREATE TABLE results (id TEXT PRIMARY KEY, ts INTEGER NOT NULL, result TEXT);")
     db.execute("INSERT INTO results VALUES (?, ?, NULL)", ('"c1"', T0 - 1000))
     db.commit()
     db.close()
+    lamp.values["dim"] = 12
     p = make(tmp_path, lamp, health, clock)
     try:
         result = await p.handle(cmd(value=90))
-        assert result is not None and result["ok"] is False
-        assert result["error"].startswith("interrupted: the gateway stopped while executing this command")
+        assert result == {"id": "c1", "ok": False, "error": OUTCOME_UNKNOWN, "value": 12, "ts": T0}
         assert lamp.writes == []
         assert [e["outcome"] for e in p.recent(2)] == ["duplicate", "interrupted"]
     finally:
@@ -341,7 +368,17 @@ async def test_unexpected_driver_exception_never_escapes_handle(
 ) -> None:
     lamp.fail_with = ZeroDivisionError("bug in a driver")
     result = await proc.handle(cmd())
-    assert result == {"id": "c1", "ok": False, "error": "internal error in the gateway (see its log)"}
+    assert result == {
+        "id": "c1",
+        "ok": False,
+        "error": f"internal error in the gateway (see its log); {OUTCOME_UNKNOWN}",
+    }
+    # Whether the device took it is unknown: a repeat reads the point back, never writes again.
+    lamp.fail_with = None
+    lamp.values["dim"] = 7
+    again = await proc.handle(cmd())
+    assert again == {"id": "c1", "ok": False, "error": OUTCOME_UNKNOWN, "value": 7, "ts": T0}
+    assert lamp.writes == []
 
 
 async def test_audit_is_bounded(
