@@ -471,9 +471,10 @@ class CommandProcessor:
         if expires_ts is not None and now > expires_ts:
             raise _Refused(f"expired: expires_ts {expires_ts} is {now - expires_ts} ms in the past")
         if override_s is not None and now + override_s * 1000 > OVERRIDE_LIMIT_MS:
+            longest = (OVERRIDE_LIMIT_MS - now) // 86_400_000
             raise _Refused(
-                f"'override' of {override_s / 86400:.6g} days is longer than a schedule can hold:"
-                " it must end before 9999-12-30"
+                f"'override' is longer than a schedule can hold: it must end before 9999-12-30"
+                f" (at most {longest}d from now)"
             )
         driver = self.get_driver(device)
         if driver is None:

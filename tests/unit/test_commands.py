@@ -477,3 +477,63 @@ async def test_commands_verb_lists_the_audit(
     assert "refused" in lines[0] and "lamp-1.dim = 250" in lines[0] and "above the maximum 100 %" in lines[0]
     assert "executed" in lines[1] and "read back 25" in lines[1]
     assert main(["commands", "-c", str(tmp_path / "missing.yaml")]) == 1
+
+
+async def test_expiry_is_checked_again_when_a_queued_command_gets_its_turn(
+    proc: CommandProcessor, lamp: FakeLamp, clock: Clock
+) -> None:
+    """docs/COMMANDS.md "checked again just before the write": valid on arrival, expired once its turn
+    comes behind a slow write to the same device: refused, never written."""
+    lamp.gate = asyncio.Event()
+    slow = asyncio.create_task(proc.handle(cmd(id="slow", value=10)))
+    await asyncio.sleep(0.01)
+    late = asyncio.create_task(proc.handle(cmd(id="late", value=20, expires_ts=T0 + 500)))
+    await asyncio.sleep(0.01)
+    assert lamp.active == 1 and not late.done()  # accepted on arrival, waiting for the device
+    clock.ts = T0 + 2000  # the slow write took 2 s
+    lamp.gate.set()
+    assert (await slow or {}).get("ok") is True
+    assert await late == {
+        "id": "late",
+        "ok": False,
+        "error": f"expired while waiting for the device: expires_ts {T0 + 500} is 1500 ms in the past",
+    }
+    assert lamp.writes == [("dim", 10)]
+    assert (proc.recent(1)[0]["id"], proc.recent(1)[0]["outcome"]) == ("late", "refused")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 100_000,
+        b"[" * 16_000,
+        b"[" * 1000 + b"]" * 1000,
+        b'{"id": "d", "device": "lamp-1", "point": "dim", "value": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+        b'{"id": "d", "device": ' + b"[" * 1000 + b"]" * 1000 + b', "point": "dim", "value": 1}',
+        b'{"id": "d", "override": ' + b'{"a":' * 1000 + b"1" + b"}" * 1000 + b"}",
+    ],
+    ids=["100000-deep", "16000-deep", "1000-deep-array", "deep-value", "deep-device", "deep-override"],
+)
+async def test_deeply_nested_json_is_refused_without_an_exception(
+    proc: CommandProcessor, lamp: FakeLamp, payload: bytes
+) -> None:
+    result = await proc.handle(payload)
+    assert result is None or (result["ok"] is False and "internal error" not in result["error"]), result
+    assert lamp.writes == []
+    entry = proc.recent(1)[0]
+    assert entry["outcome"] == "refused" and entry["error"], entry
+
+
+async def test_a_repeat_of_an_unknown_outcome_whose_read_back_fails_still_is_not_written(
+    proc: CommandProcessor, lamp: FakeLamp
+) -> None:
+    lamp.fail_with = ZeroDivisionError("bug in a driver")
+    await proc.handle(cmd(value=30))
+
+    async def broken_read() -> list[Reading]:
+        raise DeviceUnreachable("lamp-1: no answer")
+
+    lamp.read = broken_read  # type: ignore[method-assign]
+    lamp.fail_with = None
+    assert await proc.handle(cmd(value=30)) == {"id": "c1", "ok": False, "error": OUTCOME_UNKNOWN}
+    assert lamp.writes == []
