@@ -174,6 +174,42 @@ async def test_a_write_held_across_a_broker_restart_is_written_once_and_answered
     ], mine
 
 
+async def test_a_result_ready_while_the_broker_is_down_is_published_when_it_is_back(
+    tmp_path: Path, sim: ModbusSim, link: tuple[TcpProxy, WireWrites], pbroker: Broker
+) -> None:
+    proxy, wire = link
+    api = free_port()
+    cfg = lamp_config(tmp_path, pbroker, proxy, api)
+    daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+    command = {"id": "late-result", "device": "lamp-1", "point": "dim", "value": 25}
+    try:
+        async with PlatformView(pbroker.port, GATEWAY) as checker:
+            async with aiomqtt.Client(pbroker.host, pbroker.port, identifier="platform-a") as platform:
+                await wait_subscribed(platform, checker, "a")
+                await polled_once(checker)
+                proxy.hold()
+                await send(platform, command)
+                await wait_until(lambda: wire.count == 1, "the write request on the wire")
+            await asyncio.to_thread(pbroker.stop)
+            proxy.release()  # the write completes while the gateway has no MQTT session
+
+            async def executed() -> bool:
+                return any(e["id"] == "late-result" and e["outcome"] == "executed" for e in await audit(cfg))
+
+            async with asyncio.timeout(30):
+                while not await executed():
+                    await asyncio.sleep(0.1)
+            await asyncio.to_thread(pbroker.start)
+            await checker.wait_for(lambda: bool(results_for(checker, "late-result")), what="the kept result")
+            async with aiomqtt.Client(pbroker.host, pbroker.port, identifier="platform-b") as platform:
+                await wait_subscribed(platform, checker, "b")
+            results = results_for(checker, "late-result")
+            assert len(results) == 1 and results[0]["ok"] is True and results[0]["value"] == 25, results
+            assert wire.count == 1 and served_writes(sim) == 1
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
+
+
 async def test_kill_9_during_a_held_write_then_the_same_id_is_never_written_again(
     tmp_path: Path, sim: ModbusSim, link: tuple[TcpProxy, WireWrites], broker: Broker
 ) -> None:

@@ -537,3 +537,22 @@ async def test_a_repeat_of_an_unknown_outcome_whose_read_back_fails_still_is_not
     lamp.fail_with = None
     assert await proc.handle(cmd(value=30)) == {"id": "c1", "ok": False, "error": OUTCOME_UNKNOWN}
     assert lamp.writes == []
+
+
+async def test_the_executing_state_is_committed_with_fsync_before_the_device_is_touched(
+    proc: CommandProcessor, lamp: FakeLamp, tmp_path: Path
+) -> None:
+    assert proc._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: every commit fsynced
+    assert proc._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    lamp.gate = asyncio.Event()
+    task = asyncio.create_task(proc.handle(cmd(value=44)))
+    await asyncio.sleep(0.01)
+    assert lamp.active == 1  # the write is in progress ...
+    other = sqlite3.connect(tmp_path / "commands.db")  # ... and its id is already committed as executing
+    try:
+        row = other.execute("SELECT result, device, point FROM results WHERE id = ?", ('"c1"',)).fetchone()
+        assert row == (None, "lamp-1", "dim")
+    finally:
+        other.close()
+    lamp.gate.set()
+    assert (await task or {}).get("ok") is True
