@@ -5,12 +5,18 @@ Every write goes through `CommandProcessor.execute()`: platform commands
 write` (source "cli", from its own process). So the same checks apply to all
 of them, and every action on a device is one row of the audit trail.
 
-At most once: before a command touches a device its id is committed to
-`commands.db` as *pending*; the result replaces it once known. A repeated id
-is answered from the database without touching the device. If the gateway
-dies between the two (power cut during the write), the pending row survives
-and the id is answered with "interrupted" rather than executed a second time,
-because whether the first attempt reached the device is unknown.
+At most once: before a command touches a device its id (with the device and
+point) is committed to `commands.db` as *executing* (synchronous=FULL: fsynced
+before the first byte goes to the device); the result replaces it once known.
+A repeated id is answered from the database without touching the device. The
+write runs in a task of its own, shielded from its caller: losing the MQTT
+session (which cancels the message's handler) never cancels a write in
+progress; it completes or times out, and its result is stored (the uplink
+publishes it once the link is back). If the gateway dies between the two
+(`kill -9`, power cut during the write), the executing row survives; a repeat
+of that id is answered `"outcome unknown: not retried"` with the value read
+back from the point now, and is never written a second time, because whether
+the first attempt reached the device is unknown.
 
 Database: a small SQLite file of its own (`commands.db` beside the buffer),
 so that a burst of telemetry never delays a command and the audit survives a
@@ -48,6 +54,12 @@ MAX_ID_LENGTH = 200
 INTEGER_TYPES = ("int16", "uint16", "int32", "uint32", "int64", "uint64")
 FLOAT_TYPES = ("float32", "float64")
 BUSY_TIMEOUT_S = 5.0  # how long a statement waits for another process's transaction on commands.db
+# The answer to a repeated id whose first attempt may or may not have reached the device (the gateway
+# stopped during the write, or the write ended in an unexpected error): never executed again.
+OUTCOME_UNKNOWN = "outcome unknown: not retried"
+# The latest end of an `override` a schedule can hold (agent/schedule.py shows and compares it as a local
+# datetime, and Python's datetime ends with the year 9999; one day less keeps every timezone inside it).
+OVERRIDE_LIMIT_MS = 253_402_128_000_000  # 9999-12-30T00:00:00Z
 
 
 class CommandsConfig(Model):
@@ -90,7 +102,9 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     id TEXT PRIMARY KEY,            -- the command id as JSON text, so "7" and 7 stay distinct
     ts INTEGER NOT NULL,            -- when received (ms); retention counts from here
-    result TEXT                     -- the JSON result; NULL while the command is executing
+    result TEXT,                    -- the JSON result; NULL while the command is executing
+    device TEXT,                    -- what it writes (for the read-back of an outcome unknown)
+    point TEXT
 );
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -101,7 +115,7 @@ CREATE TABLE IF NOT EXISTS audit (
     device TEXT,
     point TEXT,
     value TEXT,                     -- requested value, JSON
-    outcome TEXT NOT NULL,          -- executed | refused | failed | duplicate | interrupted
+    outcome TEXT NOT NULL,          -- executed | refused | failed | duplicate | interrupted | unknown
     error TEXT,
     result_value TEXT               -- value read back, JSON
 );
@@ -124,9 +138,11 @@ class CommandProcessor:
         self.get_health = get_health
         self.config = config
         self.clock = clock
+        self.malformed = 0  # messages refused before any id could be read (not JSON, too deep, no id, ...)
         self._db: sqlite3.Connection | None = None
         self._device_locks: dict[str, asyncio.Lock] = {}
-        self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._inflight: dict[str, asyncio.Task[dict[str, Any]]] = {}  # executing, by id
+        self._running: set[asyncio.Task[dict[str, Any]]] = set()  # every write in progress
         self._listeners: list[Callable[[CommandEvent], None]] = []
         self._local_ids = 0
         self._last_purge = 0
@@ -138,14 +154,18 @@ class CommandProcessor:
 
         The `write` verb records its action here while the daemon may be running: WAL lets both write
         (each statement waits up to BUSY_TIMEOUT_S for the other's short transaction), and it must not
-        recover pending ids, which would be the daemon's commands in flight, not interrupted ones.
+        recover executing ids, which would be the daemon's commands in flight, not interrupted ones.
         """
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.db_path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         try:
             db.execute("PRAGMA journal_mode=WAL")  # the `commands` verb reads while the daemon writes
-            db.execute("PRAGMA synchronous=FULL")  # a pending id must survive a power cut
+            db.execute("PRAGMA synchronous=FULL")  # an executing id must survive a power cut
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
+            for column in ("device", "point"):
+                if column not in columns:  # a commands.db made before these columns existed
+                    db.execute(f"ALTER TABLE results ADD COLUMN {column} TEXT")
         except sqlite3.Error:
             db.close()
             raise
@@ -159,6 +179,21 @@ class CommandProcessor:
             self._db.close()
             self._db = None
 
+    async def drain(self) -> None:
+        """At a stop: let the writes in progress end (at most `write_timeout` + 1 s), then cancel the rest.
+
+        A write cancelled here keeps its id executing in commands.db: after the restart a repeat of it is
+        answered "outcome unknown: not retried", as after a crash.
+        """
+        tasks = list(self._running)
+        if not tasks:
+            return
+        log.info("stopping: waiting for %d command(s) in progress", len(tasks))
+        _, pending = await asyncio.wait(tasks, timeout=self.config.write_timeout + 1)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
     def add_listener(self, listener: Callable[[CommandEvent], None]) -> None:
         """Called after every command that reached the driver (the schedule runner watches for overrides)."""
         self._listeners.append(listener)
@@ -166,11 +201,16 @@ class CommandProcessor:
     # -- entry points ----------------------------------------------------------------------------------
 
     async def handle(self, payload: bytes, source: str = "mqtt") -> dict[str, Any] | None:
-        """One command message -> its result, or None when there is no id to answer to. Never raises."""
+        """One command message -> its result, or None when there is nothing to answer. Never raises.
+
+        None also for a repeat of an id whose first attempt is still executing: that attempt's result
+        answers both, once (the uplink publishes it even if the session it came on is gone by then).
+        """
         received = self.clock()
         try:
             doc = self._parse(payload)
         except _Refused as exc:
+            self.malformed += 1
             log.warning("command from %s ignored: %s", source, exc)
             self._audit(received, source, None, None, None, None, "refused", str(exc), None)
             return None
@@ -197,26 +237,23 @@ class CommandProcessor:
         With a `command_id`, the result is remembered: a repeated id gets it
         again without touching the device. Without one (schedules), an id is
         made up for the result and the audit (`schedule-<ts>-<n>`).
+
+        The write runs in a task of its own: cancelling the caller (a lost MQTT session) does not
+        cancel it; it ends on its own (result or `write_timeout`) and its result is stored.
         """
         received = self.clock()
         if command_id is None:
             self._local_ids += 1
-            return await self._run(
-                f"{source}-{received}-{self._local_ids}",
-                None,
-                device,
-                point,
-                value,
-                source,
-                expires_ts,
-                override_s,
-                received,
+            made_up = f"{source}-{received}-{self._local_ids}"
+            return await self._start(
+                made_up, None, device, point, value, source, expires_ts, override_s, received
             )
         key = _id_key(command_id)
-        known = self._known_result(key, received)
-        if known is None and (waiting := self._inflight.get(key)) is not None:
-            # the same id twice in flight: the second gets the first's result
-            known = await asyncio.shield(waiting)
+        running = self._inflight.get(key)
+        if running is not None:
+            known: dict[str, Any] | None = await asyncio.shield(running)  # the same id in flight: its result
+        else:
+            known = await self._answer_known(key, device, point, received)
         if known is not None:
             self._audit(
                 received,
@@ -230,20 +267,9 @@ class CommandProcessor:
                 known.get("value"),
             )
             return known
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            result = await self._run(
-                command_id, key, device, point, value, source, expires_ts, override_s, received
-            )
-            future.set_result(result)
-            return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # the waiters (if any) re-raise it; mark it retrieved for the others
-            raise
-        finally:
-            del self._inflight[key]
+        return await self._start(
+            command_id, key, device, point, value, source, expires_ts, override_s, received
+        )
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest audit entries first."""
@@ -262,10 +288,10 @@ class CommandProcessor:
             raise _Refused(f"payload of {len(payload)} bytes is larger than {MAX_PAYLOAD}")
         try:
             doc = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
+        except (orjson.JSONDecodeError, RecursionError) as exc:
             raise _Refused(f"not JSON: {exc}") from None
         if not isinstance(doc, dict):
-            raise _Refused(f"expected a JSON object, got {type(doc).__name__}")
+            raise _Refused(f"expected a JSON object, got {_kind(doc)}")
         if "id" not in doc:
             raise _Refused("no 'id' field, so no result can be sent")
         problem = _id_problem(doc["id"])
@@ -273,18 +299,36 @@ class CommandProcessor:
             raise _Refused(problem)
         return doc
 
-    async def _handle_doc(self, doc: dict[str, Any], source: str, received: int) -> dict[str, Any]:
+    async def _handle_doc(self, doc: dict[str, Any], source: str, received: int) -> dict[str, Any] | None:
         command_id = doc["id"]
         key = _id_key(command_id)
-        known = self._known_result(key, received)
+        device, point = _text(doc.get("device")), _text(doc.get("point"))
+        running = self._inflight.get(key)
+        if running is not None and not running.done():
+            # A redelivery, or the platform's retry after a reconnect, while the first attempt still runs:
+            # not executed, not answered separately (the first attempt's result is published once known).
+            log.info("command %s from %s: already executing; answered when it ends", key, source)
+            self._audit(
+                received,
+                source,
+                key,
+                device,
+                point,
+                _bounded(doc.get("value")),
+                "duplicate",
+                "already executing: answered by the first attempt's result",
+                None,
+            )
+            return None
+        known = await self._answer_known(key, device, point, received)
         if known is not None:  # before any validation: a repeated id gets the first result, whatever it was
             self._audit(
                 received,
                 source,
                 key,
-                _text(doc.get("device")),
-                _text(doc.get("point")),
-                doc.get("value"),
+                device,
+                point,
+                _bounded(doc.get("value")),
                 "duplicate",
                 known.get("error"),
                 known.get("value"),
@@ -299,9 +343,9 @@ class CommandProcessor:
                 received,
                 source,
                 key,
-                _text(doc.get("device")),
-                _text(doc.get("point")),
-                doc.get("value"),
+                device,
+                point,
+                _bounded(doc.get("value")),
                 "refused",
                 str(exc),
                 None,
@@ -317,6 +361,37 @@ class CommandProcessor:
             override_s=override_s,
         )
 
+    async def _start(
+        self,
+        command_id: Any,
+        key: str | None,
+        device: str,
+        point: str,
+        value: Any,
+        source: str,
+        expires_ts: int | None,
+        override_s: float | None,
+        received: int,
+    ) -> dict[str, Any]:
+        """Run `_run` in its own task (shielded from the caller's cancellation) and wait for its result."""
+        task = asyncio.get_running_loop().create_task(
+            self._run(command_id, key, device, point, value, source, expires_ts, override_s, received),
+            name=f"command {key or command_id}",
+        )
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+        if key is not None:
+            self._inflight[key] = task
+        return await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Task[dict[str, Any]]) -> None:
+        self._running.discard(task)
+        for key, running in list(self._inflight.items()):
+            if running is task:
+                del self._inflight[key]
+        if not task.cancelled() and task.exception() is not None:  # also marks it retrieved
+            log.error("command task failed", exc_info=task.exception())
+
     async def _run(
         self,
         command_id: Any,
@@ -331,7 +406,7 @@ class CommandProcessor:
     ) -> dict[str, Any]:
         audit_id = key if key is not None else str(command_id)
         try:
-            driver, spec, value = self._validate(device, point, value, expires_ts, received)
+            driver, spec, value = self._validate(device, point, value, expires_ts, override_s, received)
         except _Refused as exc:
             result = {"id": command_id, "ok": False, "error": str(exc)}
             if key is not None:
@@ -339,15 +414,28 @@ class CommandProcessor:
             self._audit(received, source, audit_id, device, point, value, "refused", str(exc), None)
             return result
         if key is not None:
-            self._store_result(key, received, None)  # pending: committed before the device is touched
+            # Executing: committed (and fsynced) before the device is touched.
+            self._store_executing(key, received, device, point)
         lock = self._device_locks.setdefault(device, asyncio.Lock())
-        async with lock:
-            # Checked again under the lock: a command may have waited behind a slow one.
-            error = self._late_refusal(device, expires_ts)
-            if error is None:
-                ok, result = await self._write(driver, spec, command_id, value)
-            else:
-                ok, result = False, {"id": command_id, "ok": False, "error": error}
+        try:
+            async with lock:
+                # Checked again under the lock: a command may have waited behind a slow one.
+                error = self._late_refusal(device, expires_ts)
+                if error is None:
+                    ok, result = await self._write(driver, spec, command_id, value)
+                else:
+                    ok, result = False, {"id": command_id, "ok": False, "error": error}
+        except Exception:
+            # A bug on the way to the device (or in the driver): whether it was written is unknown.
+            log.exception("command %s on %s.%s: unexpected error during the write", audit_id, device, point)
+            if key is not None:
+                self._store_result(key, received, {"id": command_id, "ok": False, "error": OUTCOME_UNKNOWN})
+            self._audit(received, source, audit_id, device, point, value, "unknown", OUTCOME_UNKNOWN, None)
+            return {
+                "id": command_id,
+                "ok": False,
+                "error": f"internal error in the gateway (see its log); {OUTCOME_UNKNOWN}",
+            }
         if key is not None:
             self._store_result(key, received, result)
         outcome = "executed" if ok else ("refused" if error is not None else "failed")
@@ -365,14 +453,29 @@ class CommandProcessor:
         if error is None:
             event = CommandEvent(device, point, source, ok, self.clock(), override_s)
             for listener in self._listeners:
-                listener(event)
+                try:
+                    listener(event)
+                except Exception:  # the write is done and recorded: its result stands
+                    log.exception("command %s: a listener failed", audit_id)
         return result
 
     def _validate(
-        self, device: str, point: str, value: Any, expires_ts: int | None, now: int
+        self,
+        device: str,
+        point: str,
+        value: Any,
+        expires_ts: int | None,
+        override_s: float | None,
+        now: int,
     ) -> tuple[Driver[Any], PointSpec, Value]:
         if expires_ts is not None and now > expires_ts:
             raise _Refused(f"expired: expires_ts {expires_ts} is {now - expires_ts} ms in the past")
+        if override_s is not None and now + override_s * 1000 > OVERRIDE_LIMIT_MS:
+            longest = (OVERRIDE_LIMIT_MS - now) // 86_400_000
+            raise _Refused(
+                f"'override' is longer than a schedule can hold: it must end before 9999-12-30"
+                f" (at most {longest}d from now)"
+            )
         driver = self.get_driver(device)
         if driver is None:
             raise _Refused(f"unknown device '{device}'")
@@ -423,38 +526,80 @@ class CommandProcessor:
             }
         return True, {"id": command_id, "ok": True, "value": read_back, "ts": self.clock()}
 
-    def _known_result(self, key: str, now: int) -> dict[str, Any] | None:
+    async def _answer_known(
+        self, key: str, device: str | None, point: str | None, now: int
+    ) -> dict[str, Any] | None:
+        """The stored answer for a repeated id, or None for a new one (never suspends then).
+
+        An id left executing by a stop of the gateway (or by an unexpected error) is answered
+        OUTCOME_UNKNOWN, with the point's value read back now: never written again.
+        """
         self._purge()
         row = (
             self._conn()
-            .execute("SELECT result FROM results WHERE id = ? AND ts >= ?", (key, now - self._retention_ms()))
+            .execute(
+                "SELECT result, device, point FROM results WHERE id = ? AND ts >= ?",
+                (key, now - self._retention_ms()),
+            )
             .fetchone()
         )
-        if row is None or row[0] is None:
+        if row is None:
             return None
-        result: dict[str, Any] = orjson.loads(row[0])
+        text, stored_device, stored_point = row
+        if text is None:
+            # Executing, but not in this process (the running ones are in _inflight): a stop mid-write.
+            text = orjson.dumps({"id": orjson.loads(key), "ok": False, "error": OUTCOME_UNKNOWN}).decode()
+            self._conn().execute("UPDATE results SET result = ? WHERE id = ?", (text, key))
+        result: dict[str, Any] = orjson.loads(text)
+        if result.get("error") == OUTCOME_UNKNOWN:
+            return await self._read_back(result["id"], stored_device or device, stored_point or point)
         return result
 
-    def _store_result(self, key: str, received: int, result: dict[str, Any] | None) -> None:
-        text = None if result is None else orjson.dumps(result).decode()
+    async def _read_back(self, command_id: Any, device: str | None, point: str | None) -> dict[str, Any]:
+        """OUTCOME_UNKNOWN with the point's current value (omitted if it cannot be read now)."""
+        answer: dict[str, Any] = {"id": command_id, "ok": False, "error": OUTCOME_UNKNOWN}
+        driver = self.get_driver(device) if device is not None else None
+        if driver is None or device is None or point is None or point not in driver.points():
+            return answer
+        try:
+            async with self._device_locks.setdefault(device, asyncio.Lock()):
+                async with asyncio.timeout(self.config.write_timeout):
+                    readings = await driver.read_points([point])
+        except Exception as exc:  # a read-back is a courtesy; the answer stands without it
+            log.warning("command %s: read-back of %s.%s failed: %s", command_id, device, point, exc)
+            return answer
+        for reading in readings:
+            if reading.point == point:
+                answer.update(value=reading.value, ts=self.clock())
+                break
+        return answer
+
+    def _store_result(self, key: str, received: int, result: dict[str, Any]) -> None:
         self._conn().execute(
             "INSERT INTO results (id, ts, result) VALUES (?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, result = excluded.result",
-            (key, received, text),
+            (key, received, orjson.dumps(result).decode()),
+        )
+
+    def _store_executing(self, key: str, received: int, device: str, point: str) -> None:
+        """One autocommit statement: with synchronous=FULL it is on disk when this returns."""
+        self._conn().execute(
+            "INSERT INTO results (id, ts, result, device, point) VALUES (?, ?, NULL, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, result = NULL, device = excluded.device,"
+            " point = excluded.point",
+            (key, received, device, point),
         )
 
     def _recover_interrupted(self) -> None:
-        """Pending ids left by a crash: answer them with "interrupted" rather than ever executing them."""
+        """Ids left executing by a crash: outcome unknown, never executed again."""
         db = self._conn()
-        for (key,) in db.execute("SELECT id FROM results WHERE result IS NULL").fetchall():
-            result = {
-                "id": orjson.loads(key),
-                "ok": False,
-                "error": "interrupted: the gateway stopped while executing this command; effect unknown",
-            }
+        rows = db.execute("SELECT id, device, point FROM results WHERE result IS NULL").fetchall()
+        for key, device, point in rows:
+            result = {"id": orjson.loads(key), "ok": False, "error": OUTCOME_UNKNOWN}
             db.execute("UPDATE results SET result = ? WHERE id = ?", (orjson.dumps(result).decode(), key))
             now = self.clock()
-            self._audit(now, "gateway", key, None, None, None, "interrupted", result["error"], None)
+            error = f"the gateway stopped during the write; {OUTCOME_UNKNOWN}"
+            self._audit(now, "gateway", key, device, point, None, "interrupted", error, None)
             log.warning("command %s was interrupted by a stop of the gateway; it will not run again", key)
 
     def _retention_ms(self) -> int:
@@ -623,10 +768,19 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _bounded(value: Any) -> Any:
+    """A requested value as the audit keeps it: scalars as they are, a structure only by its kind.
+
+    A hostile message may nest arrays a thousand deep (orjson parses up to 1024 levels); only its kind
+    is kept, so nothing later (JSON encoding, repr, logging) recurses through it.
+    """
+    return f"<{_kind(value)}>" if isinstance(value, dict | list) else value
+
+
 def _json_or_none(value: Any) -> str | None:
     if value is None:
         return None
     try:
         return orjson.dumps(value).decode()
     except TypeError:
-        return orjson.dumps(repr(value)).decode()
+        return orjson.dumps(f"<{_kind(value)}>").decode()

@@ -294,7 +294,11 @@ class Runtime:
                 last_error=up.last_error,
                 since_ts=up.since_ts,
                 messages=up.messages,
+                connections=up.connections,
             )
+        if self.commands is not None:
+            # messages refused before an id could be read (docs/COMMANDS.md)
+            doc["commands"] = {"malformed": self.commands.malformed}
         doc["devices"] = {name: h.status() for name, h in self.health.items()}
         doc["config"].update(
             path=str(self.config_path),
@@ -433,6 +437,8 @@ class Runtime:
             self._tg = None
             if self.local is not None:
                 await self.local.aclose()
+            if self.commands is not None:
+                await self.commands.drain()  # a write in progress ends before its bus is closed
             await self.context.shared.aclose()
             if self.commands is not None:
                 self.commands.close()

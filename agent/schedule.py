@@ -28,7 +28,7 @@ from datetime import date, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.commands import CommandEvent, CommandProcessor
+from agent.commands import OVERRIDE_LIMIT_MS, CommandEvent, CommandProcessor
 from agent.config_base import Model
 from agent.modelkit import Field, field_validator, model_validator
 from agent.reading import now_ms
@@ -314,7 +314,8 @@ class ScheduleRunner:
         if event.source == "schedule" or target not in self.state or not event.ok:
             return
         if event.override_s is not None:
-            until = event.ts + int(event.override_s * 1000)
+            # Bounded by the latest instant `_local` can show (the command processor refuses longer ones).
+            until = int(min(event.ts + event.override_s * 1000, OVERRIDE_LIMIT_MS))
         else:
             nxt = self.timeline.next_after(event.ts)
             until = nxt.ts if nxt is not None else event.ts + 86_400_000

@@ -50,6 +50,7 @@ LIVE_INFLIGHT = 2  # live messages awaiting PUBACK at once (the backlog has `max
 ACK_RETRY = 1.0  # seconds between attempts to delete acknowledged rows while the disk refuses
 LIVE_LIMIT_BATCHES = 20  # past this many batches waiting live, the surplus goes the backlog way
 LIVE_EARLY = 0.2  # a live batch may leave this fraction of batch_interval early (see _live_lane)
+UNANSWERED_MAX = 1000  # command results kept in memory while the link is down
 
 
 Handler = Callable[[bytes], Awaitable[dict[str, Any] | None]]
@@ -155,6 +156,9 @@ class Uplink:
         self._client: aiomqtt.Client | None = None
         self._stopping = False
         self.on_connect: list[Callable[[], None]] = []
+        self._handling: set[asyncio.Task[None]] = set()  # subscribed messages being handled
+        # Answers (command results) completed while the link was down: published at the next connection.
+        self._unanswered: deque[tuple[str, dict[str, Any], bool]] = deque(maxlen=UNANSWERED_MAX)
         self.beat: Callable[[], None] = lambda: None  # the progress watchdog's heartbeat
 
     # -- feeding ---------------------------------------------------------------------------------------
@@ -252,6 +256,7 @@ class Uplink:
                     tg.create_task(self._ack_flusher())
                     tg.create_task(self._health_loop(client))
                     tg.create_task(self._message_loop(client))
+                    tg.create_task(self._send_unanswered())
             finally:
                 self._client = None
 
@@ -431,13 +436,35 @@ class Uplink:
                 sub = next((x for x in self.subscriptions if message.topic.matches(x.topic)), None)
                 if sub is None:
                     continue
+                # Not in the session's task group: losing the session must not cancel a command's write.
+                task = asyncio.get_running_loop().create_task(self._handle_detached(sub, raw))
+                self._handling.add(task)
+                task.add_done_callback(self._handling.discard)
 
-                async def handle(raw: bytes = raw, sub: Subscription = sub) -> None:
-                    result = await sub.handler(raw)
-                    if result is not None and sub.result_topic:
-                        await self.publish(sub.result_topic, result, retain=sub.retain)
+    async def _handle_detached(self, sub: Subscription, raw: bytes) -> None:
+        """One subscribed message, outliving its session; an answer the link cannot take now waits."""
+        try:
+            result = await sub.handler(raw)
+        except Exception as exc:
+            log.error("upstream %s: message on %s not handled: %s", self.name, sub.topic, exc, exc_info=exc)
+            return
+        if result is None or not sub.result_topic:
+            return
+        if not await self.publish(sub.result_topic, result, retain=sub.retain):
+            if len(self._unanswered) == self._unanswered.maxlen:
+                log.warning(
+                    "upstream %s: more than %d answers waiting; the oldest dropped", self.name, UNANSWERED_MAX
+                )
+            self._unanswered.append((sub.result_topic, result, sub.retain))
 
-                tg.create_task(handle())
+    async def _send_unanswered(self) -> None:
+        """At each connection: the answers that found the link down, in order."""
+        while self._unanswered:
+            topic, doc, retain = self._unanswered[0]
+            if not await self.publish(topic, doc, retain=retain):
+                return  # the session is gone again: they wait for the next one
+            if self._unanswered and self._unanswered[0][1] is doc:
+                self._unanswered.popleft()
 
     async def _answer(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 
 class TcpProxy:
@@ -14,6 +15,9 @@ class TcpProxy:
     cable pulled somewhere between the gateway and the broker. `forward()` ends it and drops what was held
     (a black-holed network loses packets; TCP on both ends would see the silence, not the data).
     `cut()` closes every open connection at once (a reset).
+    `hold()` is a slow link that loses nothing: bytes in both directions wait in the proxy, in order,
+    until `release()` forwards them (a write held "on the wire" while the test does something else).
+    `on_upstream`, if set, sees every chunk sent towards the target (client -> server), as it is read.
     """
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
@@ -24,6 +28,9 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._open = asyncio.Event()
         self._open.set()
+        self._flowing = asyncio.Event()  # cleared by hold(): data is kept, not dropped
+        self._flowing.set()
+        self.on_upstream: Callable[[bytes], None] | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -42,6 +49,12 @@ class TcpProxy:
 
     def forward(self) -> None:
         self._open.set()
+
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
 
     def cut(self) -> None:
         for w in list(self._writers):
@@ -63,7 +76,7 @@ class TcpProxy:
                 return
             self._writers.add(up_writer)
             try:
-                a = asyncio.create_task(self._pipe(reader, up_writer))
+                a = asyncio.create_task(self._pipe(reader, up_writer, upstream=True))
                 b = asyncio.create_task(self._pipe(up_reader, writer))
                 self._pipes.update((a, b))
                 _, pending = await asyncio.wait({a, b}, return_when=asyncio.FIRST_COMPLETED)
@@ -80,14 +93,19 @@ class TcpProxy:
                 self._handlers.discard(me)
             await _close(writer)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, upstream: bool = False
+    ) -> None:
         with contextlib.suppress(OSError):
             while True:
                 data = await src.read(65536)
                 if not data:
                     return
+                if upstream and self.on_upstream is not None:
+                    self.on_upstream(data)
                 if not self._open.is_set():
                     continue  # swallowed: the black hole
+                await self._flowing.wait()  # held: kept in order until release()
                 dst.write(data)
                 await dst.drain()
 

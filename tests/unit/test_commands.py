@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.commands import CommandEvent, CommandProcessor, CommandsConfig, read_audit
+from agent.commands import OUTCOME_UNKNOWN, CommandEvent, CommandProcessor, CommandsConfig, read_audit
 from agent.driver import Driver, DriverContext, PointSpec, SharedResources
 from agent.errors import DeviceUnreachable
 from agent.health import DeviceHealth
@@ -43,7 +43,7 @@ class FakeLamp(Driver[None]):
         }
 
     async def read(self) -> list[Reading]:
-        return []
+        return [Reading(self.device, name, T0, value) for name, value in self.values.items()]
 
     async def write(self, point: str, value: Value) -> Value:
         self.active += 1
@@ -238,12 +238,38 @@ async def test_duplicate_of_a_refused_command_gets_the_same_refusal(
 async def test_the_same_id_in_flight_twice_executes_once(proc: CommandProcessor, lamp: FakeLamp) -> None:
     lamp.gate = asyncio.Event()
     a = asyncio.create_task(proc.handle(cmd(value=33)))
-    b = asyncio.create_task(proc.handle(cmd(value=33)))
     await asyncio.sleep(0.01)
+    # The repeat while the first still runs: not executed, not answered separately (the first's result
+    # answers both, once).
+    assert await proc.handle(cmd(value=33)) is None
     lamp.gate.set()
-    ra, rb = await asyncio.gather(a, b)
-    assert ra == rb == {"id": "c1", "ok": True, "value": 33, "ts": T0}
+    assert await a == {"id": "c1", "ok": True, "value": 33, "ts": T0}
     assert lamp.writes == [("dim", 33)]
+    assert [(e["outcome"], e["error"]) for e in proc.recent(2)] == [
+        ("executed", None),
+        ("duplicate", "already executing: answered by the first attempt's result"),
+    ]
+    # Once done, a repeat gets the stored result again.
+    assert await proc.handle(cmd(value=33)) == {"id": "c1", "ok": True, "value": 33, "ts": T0}
+    assert lamp.writes == [("dim", 33)]
+
+
+async def test_cancelling_the_caller_never_cancels_the_write(proc: CommandProcessor, lamp: FakeLamp) -> None:
+    """What a lost MQTT session does to its message's handler: the write goes on, its result is kept."""
+    lamp.gate = asyncio.Event()
+    first = asyncio.create_task(proc.handle(cmd(value=61)))
+    await asyncio.sleep(0.01)
+    assert lamp.active == 1
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert lamp.active == 1  # still writing
+    assert await proc.handle(cmd(value=61)) is None  # the platform's retry meanwhile: not a second write
+    lamp.gate.set()
+    await proc.drain()
+    assert lamp.writes == [("dim", 61)]
+    assert await proc.handle(cmd(value=61)) == {"id": "c1", "ok": True, "value": 61, "ts": T0}
+    assert lamp.writes == [("dim", 61)]
 
 
 async def test_results_survive_a_restart(
@@ -260,20 +286,21 @@ async def test_results_survive_a_restart(
     assert lamp.writes == [("dim", 80)]
 
 
-async def test_a_command_interrupted_by_a_crash_is_never_executed_again(
+async def test_an_executing_id_in_a_commands_db_of_the_old_schema_is_never_executed(
     tmp_path: Path, lamp: FakeLamp, health: dict[str, DeviceHealth], clock: Clock
 ) -> None:
-    # What a power cut during the write leaves behind: the id committed as pending, no result.
+    # A commands.db written before the device/point columns, with an id left executing (the crash itself
+    # is tested with a real kill -9 in tests/integration/test_commands_crash.py).
     db = sqlite3.connect(tmp_path / "commands.db")
     db.executescript("CREATE TABLE results (id TEXT PRIMARY KEY, ts INTEGER NOT NULL, result TEXT);")
     db.execute("INSERT INTO results VALUES (?, ?, NULL)", ('"c1"', T0 - 1000))
     db.commit()
     db.close()
+    lamp.values["dim"] = 12
     p = make(tmp_path, lamp, health, clock)
     try:
         result = await p.handle(cmd(value=90))
-        assert result is not None and result["ok"] is False
-        assert result["error"].startswith("interrupted: the gateway stopped while executing this command")
+        assert result == {"id": "c1", "ok": False, "error": OUTCOME_UNKNOWN, "value": 12, "ts": T0}
         assert lamp.writes == []
         assert [e["outcome"] for e in p.recent(2)] == ["duplicate", "interrupted"]
     finally:
@@ -341,7 +368,17 @@ async def test_unexpected_driver_exception_never_escapes_handle(
 ) -> None:
     lamp.fail_with = ZeroDivisionError("bug in a driver")
     result = await proc.handle(cmd())
-    assert result == {"id": "c1", "ok": False, "error": "internal error in the gateway (see its log)"}
+    assert result == {
+        "id": "c1",
+        "ok": False,
+        "error": f"internal error in the gateway (see its log); {OUTCOME_UNKNOWN}",
+    }
+    # Whether the device took it is unknown: a repeat reads the point back, never writes again.
+    lamp.fail_with = None
+    lamp.values["dim"] = 7
+    again = await proc.handle(cmd())
+    assert again == {"id": "c1", "ok": False, "error": OUTCOME_UNKNOWN, "value": 7, "ts": T0}
+    assert lamp.writes == []
 
 
 async def test_audit_is_bounded(
@@ -440,3 +477,82 @@ async def test_commands_verb_lists_the_audit(
     assert "refused" in lines[0] and "lamp-1.dim = 250" in lines[0] and "above the maximum 100 %" in lines[0]
     assert "executed" in lines[1] and "read back 25" in lines[1]
     assert main(["commands", "-c", str(tmp_path / "missing.yaml")]) == 1
+
+
+async def test_expiry_is_checked_again_when_a_queued_command_gets_its_turn(
+    proc: CommandProcessor, lamp: FakeLamp, clock: Clock
+) -> None:
+    """docs/COMMANDS.md "checked again just before the write": valid on arrival, expired once its turn
+    comes behind a slow write to the same device: refused, never written."""
+    lamp.gate = asyncio.Event()
+    slow = asyncio.create_task(proc.handle(cmd(id="slow", value=10)))
+    await asyncio.sleep(0.01)
+    late = asyncio.create_task(proc.handle(cmd(id="late", value=20, expires_ts=T0 + 500)))
+    await asyncio.sleep(0.01)
+    assert lamp.active == 1 and not late.done()  # accepted on arrival, waiting for the device
+    clock.ts = T0 + 2000  # the slow write took 2 s
+    lamp.gate.set()
+    assert (await slow or {}).get("ok") is True
+    assert await late == {
+        "id": "late",
+        "ok": False,
+        "error": f"expired while waiting for the device: expires_ts {T0 + 500} is 1500 ms in the past",
+    }
+    assert lamp.writes == [("dim", 10)]
+    assert (proc.recent(1)[0]["id"], proc.recent(1)[0]["outcome"]) == ("late", "refused")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 100_000,
+        b"[" * 16_000,
+        b"[" * 1000 + b"]" * 1000,
+        b'{"id": "d", "device": "lamp-1", "point": "dim", "value": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+        b'{"id": "d", "device": ' + b"[" * 1000 + b"]" * 1000 + b', "point": "dim", "value": 1}',
+        b'{"id": "d", "override": ' + b'{"a":' * 1000 + b"1" + b"}" * 1000 + b"}",
+    ],
+    ids=["100000-deep", "16000-deep", "1000-deep-array", "deep-value", "deep-device", "deep-override"],
+)
+async def test_deeply_nested_json_is_refused_without_an_exception(
+    proc: CommandProcessor, lamp: FakeLamp, payload: bytes
+) -> None:
+    result = await proc.handle(payload)
+    assert result is None or (result["ok"] is False and "internal error" not in result["error"]), result
+    assert lamp.writes == []
+    entry = proc.recent(1)[0]
+    assert entry["outcome"] == "refused" and entry["error"], entry
+
+
+async def test_a_repeat_of_an_unknown_outcome_whose_read_back_fails_still_is_not_written(
+    proc: CommandProcessor, lamp: FakeLamp
+) -> None:
+    lamp.fail_with = ZeroDivisionError("bug in a driver")
+    await proc.handle(cmd(value=30))
+
+    async def broken_read() -> list[Reading]:
+        raise DeviceUnreachable("lamp-1: no answer")
+
+    lamp.read = broken_read  # type: ignore[method-assign]
+    lamp.fail_with = None
+    assert await proc.handle(cmd(value=30)) == {"id": "c1", "ok": False, "error": OUTCOME_UNKNOWN}
+    assert lamp.writes == []
+
+
+async def test_the_executing_state_is_committed_with_fsync_before_the_device_is_touched(
+    proc: CommandProcessor, lamp: FakeLamp, tmp_path: Path
+) -> None:
+    assert proc._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: every commit fsynced
+    assert proc._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    lamp.gate = asyncio.Event()
+    task = asyncio.create_task(proc.handle(cmd(value=44)))
+    await asyncio.sleep(0.01)
+    assert lamp.active == 1  # the write is in progress ...
+    other = sqlite3.connect(tmp_path / "commands.db")  # ... and its id is already committed as executing
+    try:
+        row = other.execute("SELECT result, device, point FROM results WHERE id = ?", ('"c1"',)).fetchone()
+        assert row == (None, "lamp-1", "dim")
+    finally:
+        other.close()
+    lamp.gate.set()
+    assert (await task or {}).get("ok") is True

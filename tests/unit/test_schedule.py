@@ -9,10 +9,11 @@ from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 import pydantic
 import pytest
 
-from agent.commands import CommandProcessor, CommandsConfig
+from agent.commands import OVERRIDE_LIMIT_MS, CommandProcessor, CommandsConfig
 from agent.driver import Driver
 from agent.errors import DeviceUnreachable
 from agent.health import DeviceHealth
@@ -290,6 +291,38 @@ async def test_override_for_a_duration_then_resume(rig_factory: Any) -> None:
     assert rig.dims() == [100, 0, 100]  # resumed the current step: full power until 23:00
 
 
+async def test_an_override_beyond_what_a_schedule_can_hold_is_refused_before_the_write(
+    rig_factory: Any,
+) -> None:
+    # The runner shows and compares the override's end as a local datetime (ScheduleRunner._local), and
+    # Python's datetime ends with the year 9999: a longer override used to be written to the lamp, then
+    # fail in the runner's listener and come back as "internal error".
+    rig = rig_factory(local_ms(2026, 1, 15, 20))
+    await rig.run_until(local_ms(2026, 1, 15, 21))
+    longest = (OVERRIDE_LIMIT_MS - rig.time.ts) // 86_400_000
+    for n, too_long in enumerate((f"{longest + 1}d", "100000000d", "1" + "0" * 400 + "d")):
+        payload = orjson.dumps(
+            {"id": f"long-{n}", "device": "lamp-1", "point": "dim", "value": 0, "override": too_long}
+        )
+        result = await rig.proc.handle(payload)
+        assert result == {
+            "id": f"long-{n}",
+            "ok": False,
+            "error": "'override' is longer than a schedule can hold: it must end before 9999-12-30"
+            f" (at most {longest}d from now)",
+        }, too_long
+    assert rig.dims() == [100]  # none of them written
+    assert rig.runner.state[("lamp-1", "dim")].override_until is None
+    # The longest accepted one is written and held.
+    payload = orjson.dumps(
+        {"id": "longest", "device": "lamp-1", "point": "dim", "value": 0, "override": f"{longest}d"}
+    )
+    assert (await rig.proc.handle(payload) or {}).get("ok") is True
+    assert rig.runner.state[("lamp-1", "dim")].override_until == rig.time.ts + longest * 86_400_000
+    await rig.run_until(local_ms(2026, 1, 16, 23))
+    assert rig.dims() == [100, 0]
+
+
 async def test_a_refused_command_does_not_override(rig_factory: Any) -> None:
     rig = rig_factory(local_ms(2026, 1, 15, 20))
     await rig.run_until(local_ms(2026, 1, 15, 21))
@@ -331,7 +364,7 @@ async def test_run_loop_applies_then_sleeps_until_the_next_step(rig_factory: Any
     try:
         for _ in range(10_000):
             await asyncio.sleep(0)
-            if len(rig.dims()) >= 2:
+            if len(rig.results) >= 2:  # reported, not only written
                 break
     finally:
         task.cancel()
@@ -368,7 +401,7 @@ async def test_actions_taken_offline_are_reported_in_order_once_the_platform_is_
     try:
         for _ in range(10_000):
             await asyncio.sleep(0)
-            if len(rig.dims()) >= 2:
+            if len(runner.unreported) >= 2:  # written and queued for the platform
                 break
         assert rig.dims()[:2] == [100, 50]  # the lamps did not wait for the platform
         assert sent == [] and [d["value"] for d in runner.unreported][:2] == [100, 50]
