@@ -54,17 +54,20 @@ async def fieldgate_cli(*args: str, env: dict[str, str] | None = None, timeout: 
 class Daemon:
     """One `fieldgate run` process we own; killable with SIGTERM or SIGKILL."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, log: Path, env: dict[str, str] | None = None, exe: list[str] | None = None
+    ) -> None:
         self.config = config
         self.log = log
         self.env = env or {}  # extra environment, e.g. NOTIFY_SOCKET for the watchdog tests
+        self.exe = exe or fieldgate_exe()  # the command before `run` (a harness that injects a fault)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
         out = open(self.log, "ab")  # noqa: SIM115 - owned by the process
         env = dict(os.environ, PYTHONPATH=str(REPO), **self.env)
         self.proc = subprocess.Popen(
-            [*fieldgate_exe(), "run", "-c", str(self.config), "--log-level", "debug"],
+            [*self.exe, "run", "-c", str(self.config), "--log-level", "debug"],
             stdout=out,
             stderr=out,
             cwd=REPO,
