@@ -153,7 +153,13 @@ async def kill_loop(tmp: Path, broker: Broker, sim: ModbusSim, kills: int, seed:
     rng = random.Random(seed)
     db = tmp / "buffer.db"
     cfg = fault_config(
-        tmp, broker.port, sim.port, poll="100ms", registers=REGISTERS, batch_max=BATCH_MAX, max_inflight=MAX_INFLIGHT
+        tmp,
+        broker.port,
+        sim.port,
+        poll="100ms",
+        registers=REGISTERS,
+        batch_max=BATCH_MAX,
+        max_inflight=MAX_INFLIGHT,
     )
     record: list[Kill] = []
     windows: list[int] = []  # index in checker.data.readings at each daemon start
@@ -175,7 +181,7 @@ async def kill_loop(tmp: Path, broker: Broker, sim: ModbusSim, kills: int, seed:
             if aimed == "starting":
                 await asyncio.sleep(rng.uniform(0.02, 0.3))
             elif aimed == "offline":
-                await _wait(lambda: store_high(db) > high_before, "readings stored offline", daemon)
+                await _wait(lambda h=high_before: store_high(db) > h, "readings stored offline", daemon)
                 await asyncio.sleep(rng.uniform(0.2, 1.5))
             elif aimed == "replaying":
                 # The broker is frozen (SIGSTOP) as soon as the checker sees the first backlog message of
@@ -184,7 +190,7 @@ async def kill_loop(tmp: Path, broker: Broker, sim: ModbusSim, kills: int, seed:
                 # milliseconds; without the freeze the kill would land after the replay.
                 # Messages the previous run left in flight reach the checker when the broker is thawed,
                 # before this process is up: only a backlog message after this run connected counts.
-                await _wait(lambda: " connected to " in daemon.log_text(), "the connection", daemon)
+                await _wait(lambda d=daemon: " connected to " in d.log_text(), "the connection", daemon)
                 checker.backlog_message.clear()
                 with contextlib.suppress(TimeoutError):  # a backlog already drained: recorded as `live`
                     await asyncio.wait_for(checker.backlog_message.wait(), 10)
@@ -192,12 +198,13 @@ async def kill_loop(tmp: Path, broker: Broker, sim: ModbusSim, kills: int, seed:
             else:  # live: the earlier backlog delivered, a live message of this run received
                 seqs = checker.seq_set()
 
-                def delivered(seqs: set[int] = seqs, high: int = high_before) -> bool:
+                def delivered(
+                    seqs: set[int] = seqs, high: int = high_before, start: int = windows[-1]
+                ) -> bool:
+                    data = checker.data
+                    flags = data.backlog_flags[start:]
                     live = any(
-                        r["seq"] > high and not b
-                        for r, b in zip(
-                            checker.data.readings[windows[-1] :], checker.data.backlog_flags[windows[-1] :]
-                        )
+                        r["seq"] > high and not b for r, b in zip(data.readings[start:], flags, strict=False)
                     )
                     return live and all(s in seqs for s in range(1, high + 1))
 
