@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import time
 import urllib.request
 from collections import defaultdict
@@ -21,6 +20,7 @@ from drivers.modbus import codec
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import free_port
 from tests.daemon import Checker, Daemon
+from tests.daemon import store_high as store_high  # re-exported for the fault tests
 
 GATEWAY = "gw-faults"
 
@@ -147,17 +147,6 @@ def figures(a: Audit) -> None:
         f"\nFIGURES {name}: {a.high} stored, {a.received} received, {a.duplicates} duplicates, "
         f"{len(a.gaps)} gaps, {a.backlog} via backlog"
     )
-
-
-def store_high(db: Path) -> int:
-    """The gateway's own high-water mark: the last seq its buffer assigned (read beside the daemon)."""
-    conn = sqlite3.connect(db, timeout=10)
-    try:
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
-        top = conn.execute("SELECT coalesce(max(seq), 0) FROM readings").fetchone()[0]
-    finally:
-        conn.close()
-    return max(row[0] if row else 0, top)
 
 
 def fetch_status(port: int) -> dict[str, Any]:
