@@ -200,6 +200,7 @@ class Checker:
         self.base = f"{prefix}/{gateway}"
         self.data = Collected()
         self.connected = asyncio.Event()
+        self.sessions = 0  # subscriptions made so far: a new one after a broker restart means resubscribed
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Checker:
@@ -224,6 +225,7 @@ class Checker:
                     keepalive=5,
                 ) as client:
                     await client.subscribe(f"{self.base}/#", qos=1)
+                    self.sessions += 1
                     self.connected.set()
                     async for msg in client.messages:
                         self._record(str(msg.topic), msg.payload if isinstance(msg.payload, bytes) else b"")

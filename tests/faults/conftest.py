@@ -140,6 +140,21 @@ def audit(checker: Checker, high: int, low: int = 1) -> Audit:
     )
 
 
+def spec_duplicates(faults: int, batch_max: int, max_inflight: int) -> int:
+    """docs/SPEC.md §5: per link loss or daemon death, at most the `max_inflight` backlog messages plus 2 live
+    messages in flight, each of at most `batch_max` readings, arrive twice."""
+    return faults * (max_inflight + 2) * batch_max
+
+
+def assert_intact(a: Audit, max_duplicates: int) -> None:
+    """The five properties of docs/RELIABILITY.md, each assertion naming the breakage it catches."""
+    assert a.gaps == [], f"seqs stored but never received (a loss): {len(a.gaps)}, {a.gaps[:20]}"
+    assert a.conflicting == [], f"one seq with two readings (a seq handed out twice): {a.conflicting[:20]}"
+    assert a.counter_reused == [], f"one device read under two seqs (stored twice): {a.counter_reused[:20]}"
+    assert a.counter_disorder == 0, f"a device's reads out of seq order (stored out of order): {a}"
+    assert a.duplicates <= max_duplicates, f"{a.duplicates} duplicates > {max_duplicates} allowed by SPEC §5"
+
+
 def figures(a: Audit) -> None:
     """One line per scenario for docs/RELIABILITY.md (shown with `pytest -s`)."""
     name = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
