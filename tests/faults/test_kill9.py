@@ -42,9 +42,11 @@ REGISTERS = 40  # 2 units x 41 points x 10 polls/s: ~800 readings/s, a backlog o
 # docs/SPEC.md §5: a reading may arrive twice only if its message was in flight when the daemon died: at
 # most `max_inflight` backlog messages plus 2 live messages, each of at most `batch_max` readings.
 DUPLICATES_PER_KILL = (MAX_INFLIGHT + 2) * BATCH_MAX
-# Kills that do not freeze the broker must leave in total a small fraction of the readings in flight (on
-# loopback a PUBACK comes back within a millisecond); 20 x 300 would be more than a run stores.
-DUPLICATES_FRACTION = 0.01
+# Kills that do not freeze the broker leave little in flight (on loopback a PUBACK comes back within a
+# millisecond; a loaded machine leaves a live batch or two now and then: 1.1 % of the readings over 150 kills
+# in bench/bench_kill9.py). Acknowledged rows never deleted would make every kill leave its whole run in
+# flight (~80 % of the readings); 20 x 300 would be more than a run stores.
+DUPLICATES_FRACTION = 0.05
 PHASES = ("starting", "offline", "replaying", "live")
 REPLAY_MIN_BACKLOG = 200  # rows in the buffer at start for a kill to be aimed at the replay
 
