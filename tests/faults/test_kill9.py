@@ -6,7 +6,8 @@ the daemon's own evidence (its log and its buffer file, read right after the kil
 - `starting`: the process had not finished starting (no "started" line in its log: nothing stored yet);
 - `offline`: started, polling and buffering while the broker is down;
 - `replaying`: started and connected, with rows of an earlier run's backlog still in the buffer at the kill
-  (the kill is fired as soon as the checker sees the first backlog message of this run);
+  (the broker is frozen with SIGSTOP as soon as the checker sees this run's first backlog message, the
+  daemon killed, the broker thawed: the kill lands mid-replay with the in-flight window full);
 - `live`: connected, the earlier backlog fully delivered and deleted, live batches flowing;
 - `connecting`: started with the broker up but not yet connected (only recorded; not aimed at).
 
