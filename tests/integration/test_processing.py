@@ -99,9 +99,10 @@ async def test_deadband_heartbeat_and_device_events(tmp_path: Path, pbroker: Bro
     gaps = [b["ts"] - a["ts"] for a, b in pairwise(r0) if a["value"] == b["value"]]
     # An unchanged value is confirmed every heartbeat (2 s), not every poll (200 ms). Measured on the readings'
     # own ts (the poll times), so a slow test machine does not move it: the heartbeat goes with the first
-    # poll at least 2 s after the last value sent, i.e. within one poll tick of it (the upper bound allows
-    # two ticks skipped by an overrun cycle). Catches a heartbeat counted per poll or never sent.
-    assert gaps and all(2000 <= g <= 2000 + 3 * 200 for g in gaps), gaps
+    # poll at least 2 s after the last value sent, i.e. within a poll tick of it; the upper bound allows a
+    # few ticks lost behind the dead neighbour's 300 ms timeouts on the same bus. Catches a heartbeat sent
+    # per poll, never sent, or counted from the wrong moment (a whole heartbeat late).
+    assert gaps and all(2000 <= g <= 3000 for g in gaps), gaps
     assert len(of(readings, "regs", "r2")) > len(r0) + 5  # report: always on the same device
     dead = [(r["point"], r["value"]) for r in readings if r["device"] == "dead"]
     assert dead[:2] == [("_state", "failing"), ("_error", dead[1][1])] and "no answer" in str(dead[1][1])
