@@ -71,35 +71,53 @@ def _timex() -> Any:
     return Timex
 
 
-def kernel_synced() -> bool | None:
-    """The kernel's view (read-only ntp_adjtime, modes = 0: no privilege needed); None when unavailable."""
+def libc_adjtime() -> Callable[[Any], int] | None:
+    """libc's ntp_adjtime (or adjtimex), taking a pointer to a struct timex; None when unavailable."""
     import ctypes
 
     try:
         # The process's own symbols (libc among them): ctypes.util.find_library would run ldconfig.
         libc = ctypes.CDLL(None, use_errno=True)
-        call = getattr(libc, "ntp_adjtime", None) or libc.adjtimex
+        call: Callable[[Any], int] = getattr(libc, "ntp_adjtime", None) or libc.adjtimex
     except (OSError, AttributeError):
         return None
+    return call
+
+
+def kernel_synced(call: Callable[[Any], int] | None = None) -> bool | None:
+    """The kernel's view (read-only ntp_adjtime, modes = 0: no privilege needed); None when unavailable.
+
+    `call` stands in for ntp_adjtime (tests): it gets a ctypes pointer to a zeroed struct timex, fills it
+    and returns the clock state (TIME_OK = 0 ... TIME_ERROR = 5, or -1 on failure)."""
+    import ctypes
+
+    call = call or libc_adjtime()
+    if call is None:
+        return None
     tx = _timex()()
-    state = call(ctypes.byref(tx))
+    state = call(ctypes.pointer(tx))
     if state < 0:
         return None
     return bool(state != TIME_ERROR and not (tx.status & STA_UNSYNC) and tx.maxerror < MAXERROR_LIMIT_US)
 
 
-def timesyncd_synced(flag: Path = TIMESYNCD_FLAG) -> bool:
-    return flag.exists()
+def timesyncd_synced(flag: Path | None = None) -> bool:
+    return (flag or TIMESYNCD_FLAG).exists()
 
 
-def detect_synced() -> bool:
-    """Synchronised when the kernel says so or timesyncd left its flag; unknown systems count as synced."""
-    kernel = kernel_synced()
-    if kernel:
+def detect_synced(
+    kernel: Callable[[], bool | None] | None = None, timesyncd: Callable[[], bool] | None = None
+) -> bool:
+    """Synchronised when the kernel says so or timesyncd left its flag; unknown systems count as synced.
+
+    `kernel` and `timesyncd` replace the two sources (tests); by default the module's `kernel_synced` and
+    `timesyncd_synced` are looked up at each call, so a test harness can replace them in a daemon."""
+    answer = (kernel or kernel_synced)()
+    if answer:
         return True
-    if timesyncd_synced():
+    if (timesyncd or timesyncd_synced)():
         return True
-    return kernel is None  # no way to tell (not Linux): do not mark every reading uncertain forever
+    return answer is None  # no way to tell (not Linux): do not mark every reading uncertain forever
 
 
 class SystemClock:

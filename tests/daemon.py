@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -54,17 +55,20 @@ async def fieldgate_cli(*args: str, env: dict[str, str] | None = None, timeout: 
 class Daemon:
     """One `fieldgate run` process we own; killable with SIGTERM or SIGKILL."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, log: Path, env: dict[str, str] | None = None, exe: list[str] | None = None
+    ) -> None:
         self.config = config
         self.log = log
         self.env = env or {}  # extra environment, e.g. NOTIFY_SOCKET for the watchdog tests
+        self.exe = exe or fieldgate_exe()  # the command before `run` (a harness that injects a fault)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
         out = open(self.log, "ab")  # noqa: SIM115 - owned by the process
         env = dict(os.environ, PYTHONPATH=str(REPO), **self.env)
         self.proc = subprocess.Popen(
-            [*fieldgate_exe(), "run", "-c", str(self.config), "--log-level", "debug"],
+            [*self.exe, "run", "-c", str(self.config), "--log-level", "debug"],
             stdout=out,
             stderr=out,
             cwd=REPO,
@@ -196,6 +200,7 @@ class Checker:
         self.base = f"{prefix}/{gateway}"
         self.data = Collected()
         self.connected = asyncio.Event()
+        self.sessions = 0  # subscriptions made so far: a new one after a broker restart means resubscribed
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Checker:
@@ -220,6 +225,7 @@ class Checker:
                     keepalive=5,
                 ) as client:
                     await client.subscribe(f"{self.base}/#", qos=1)
+                    self.sessions += 1
                     self.connected.set()
                     async for msg in client.messages:
                         self._record(str(msg.topic), msg.payload if isinstance(msg.payload, bytes) else b"")
@@ -248,3 +254,41 @@ class Checker:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}; report: {self.data.report()}")
             await asyncio.sleep(0.05)
+
+
+def store_high(db: Path) -> int:
+    """The store's high-water mark: the last seq the gateway's buffer handed out (read from its file, beside a
+    running daemon or after it stopped; blocking: call through asyncio.to_thread from a test's loop)."""
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
+        top = conn.execute("SELECT coalesce(max(seq), 0) FROM readings").fetchone()[0]
+    finally:
+        conn.close()
+    return max(row[0] if row else 0, top)
+
+
+async def wait_all_received(checker: Checker, db: Path, *, first: int = 1, timeout: float = 30) -> int:
+    """Wait until every seq from `first` to the store's high-water mark has reached the checker; return the mark.
+
+    The claim "nothing lost" of the tests: holes between the lowest and highest seq *received* miss every
+    reading stored after the highest one received (lost at the tail, or never sent), so the mark is the
+    store's own, read from the buffer file. Call it while the daemon runs (readings stored but not yet
+    acknowledged when a daemon stops stay in its buffer for the next start, by design). A seq still missing
+    after `timeout` fails the test with the missing seqs listed.
+    """
+    high = await asyncio.to_thread(store_high, db)
+    assert high >= first, f"the store handed out no seq from {first} on (high-water mark {high})"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        got = {r["seq"] for r in checker.data.readings}
+        missing = [s for s in range(first, high + 1) if s not in got]
+        if not missing:
+            return high
+        if loop.time() > deadline:
+            raise AssertionError(
+                f"{len(missing)} of seqs {first}..{high} (the store's high-water mark) never arrived: "
+                f"{missing[:20]}; report: {checker.data.report()}"
+            )
+        await asyncio.sleep(0.05)

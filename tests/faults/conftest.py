@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import time
 import urllib.request
 from collections import defaultdict
@@ -21,6 +20,7 @@ from drivers.modbus import codec
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import free_port
 from tests.daemon import Checker, Daemon
+from tests.daemon import store_high as store_high  # re-exported for the fault tests
 
 GATEWAY = "gw-faults"
 
@@ -140,6 +140,21 @@ def audit(checker: Checker, high: int, low: int = 1) -> Audit:
     )
 
 
+def spec_duplicates(faults: int, batch_max: int, max_inflight: int) -> int:
+    """docs/SPEC.md §5: per link loss or daemon death, at most the `max_inflight` backlog messages plus 2 live
+    messages in flight, each of at most `batch_max` readings, arrive twice."""
+    return faults * (max_inflight + 2) * batch_max
+
+
+def assert_intact(a: Audit, max_duplicates: int) -> None:
+    """The five properties of docs/RELIABILITY.md, each assertion naming the breakage it catches."""
+    assert a.gaps == [], f"seqs stored but never received (a loss): {len(a.gaps)}, {a.gaps[:20]}"
+    assert a.conflicting == [], f"one seq with two readings (a seq handed out twice): {a.conflicting[:20]}"
+    assert a.counter_reused == [], f"one device read under two seqs (stored twice): {a.counter_reused[:20]}"
+    assert a.counter_disorder == 0, f"a device's reads out of seq order (stored out of order): {a}"
+    assert a.duplicates <= max_duplicates, f"{a.duplicates} duplicates > {max_duplicates} allowed by SPEC §5"
+
+
 def figures(a: Audit) -> None:
     """One line per scenario for docs/RELIABILITY.md (shown with `pytest -s`)."""
     name = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
@@ -147,17 +162,6 @@ def figures(a: Audit) -> None:
         f"\nFIGURES {name}: {a.high} stored, {a.received} received, {a.duplicates} duplicates, "
         f"{len(a.gaps)} gaps, {a.backlog} via backlog"
     )
-
-
-def store_high(db: Path) -> int:
-    """The gateway's own high-water mark: the last seq its buffer assigned (read beside the daemon)."""
-    conn = sqlite3.connect(db, timeout=10)
-    try:
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
-        top = conn.execute("SELECT coalesce(max(seq), 0) FROM readings").fetchone()[0]
-    finally:
-        conn.close()
-    return max(row[0] if row else 0, top)
 
 
 def fetch_status(port: int) -> dict[str, Any]:
