@@ -25,6 +25,7 @@ from agent.logsetup import ErrorReporter
 from agent.processing import processor_for
 from agent.reading import Reading, now_ms
 from agent.remoteconfig import RemoteConfig
+from agent.safefiles import warn_loose_secrets, write_private
 from agent.schedule import ScheduleRunner
 from agent.scheduler import MAX_BACKOFF, DeviceTask
 from agent.sdnotify import Notifier
@@ -388,6 +389,7 @@ class Runtime:
         )
         self.commands.open()
         self._write_pidfile()
+        warn_loose_secrets(self.config.model_dump(mode="json"))  # a password file readable by others
         log.info(
             "fieldgate %s started: %d devices, buffer %s (%d pending), upstream %s",
             __version__,
@@ -670,7 +672,7 @@ class Runtime:
 
     def _write_pidfile(self) -> None:
         try:
-            self.pidfile().write_text(f"{os.getpid()}\n")
+            write_private(self.pidfile(), f"{os.getpid()}\n".encode(), sync=False)  # 0600
         except OSError as exc:
             log.debug("no pid file: %s", exc)
 
