@@ -453,6 +453,10 @@ class RemoteConfig:
                     "remote config %s: signature not checked (no remote_config.public_key_file)", request.id
                 )
             return
+        if not request.signature:
+            raise Refused(
+                f"unsigned config refused: remote_config.public_key_file ({settings.public_key_file}) is set"
+            )
         if request.gateway is not None and request.serial is not None:
             message = signed_message(request.data, request.gateway, request.serial)
             verify_signature(settings.public_key_file, message, request.signature)
