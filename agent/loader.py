@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent.config import FieldgateConfig
 from agent.errors import ConfigError
-from agent.safefiles import present, read_regular
+from agent.safefiles import kind_of, present, read_regular
 from agent.validate import file_hash
 
 Loc = tuple[str | int, ...]
@@ -264,8 +264,7 @@ def _not_regular(path: Path) -> str | None:
         return None  # read_regular says why
     if stat.S_ISREG(mode):
         return None
-    kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
-    return f"{kind}, not a regular file: refused"
+    return f"{kind_of(mode)}, not a regular file: refused"
 
 
 def _copy_positions(src: Positions, src_loc: Loc, dst: Positions, dst_loc: Loc) -> None:

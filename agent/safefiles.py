@@ -34,7 +34,7 @@ class NotRegularFile(OSError):
     """The path exists but is not a regular file (FIFO, device, socket, directory), or is too large."""
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
     if stat.S_ISDIR(mode):
         return "a directory"
     if stat.S_ISFIFO(mode):
@@ -63,7 +63,7 @@ def read_regular(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> b
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile(
-                errno.EINVAL, f"{_kind(st.st_mode)}, not a regular file: refused", os.fspath(path)
+                errno.EINVAL, f"{kind_of(st.st_mode)}, not a regular file: refused", os.fspath(path)
             )
         if st.st_size > limit:
             raise NotRegularFile(errno.EFBIG, _too_large(limit), os.fspath(path))
