@@ -6,10 +6,11 @@ gateway checks that the push is addressed to it (`gateway`) and newer than the l
 `remote_config.public_key_file` is set) over the envelope that binds the config's digest to both
 (`signed_message`): a push signed for another gateway, an old push replayed under a new id, a downgrade are
 refused. The old form, signed over the config bytes alone, only with `remote_config.accept_unbound`. It
-validates the text with the same loader
-as a local file (written to `fieldgate.yaml.new` beside the current one, so errors carry positions and
-profiles resolve the same way), refuses any change to a local secret, writes it atomically (the file it
-replaces is kept as `fieldgate.yaml.previous`) and applies it without a restart. The new config is then on
+validates the text with the same loader as a local file (written to `fieldgate.yaml.new` beside the
+current one, so errors carry positions), except that a `profile:` is a name looked up in the profile
+directories, never a path; refuses any change to a local-only key (secrets' files, remote_config,
+storage.path, gateway.id), writes it atomically, 0600 (the file it replaces is kept as
+`fieldgate.yaml.previous`) and applies it without a restart. The new config is then on
 probation: if the upstream is not connected with it within `rollback_after`, the previous file comes back
 by itself. A marker file (`fieldgate.yaml.probation`, fsynced before the new file takes over) says the
 config is on probation: a daemon that dies during the probation (crash, kill, watchdog, OOM, power cut)
@@ -226,6 +227,13 @@ def recover_at_start(config_path: Path) -> bool:
     _unlink(marker_path)
     log.error("%s", reason)
     return True
+
+
+def _public_error(exc: BaseException) -> str:
+    """An exception as it may go upstream: a config's problems quote files, so they stay in the journal."""
+    if isinstance(exc, ConfigError):
+        return f"the configuration does not validate ({len(exc.problems)} problems; see the gateway's log)"
+    return str(exc)
 
 
 def _unlink(path: Path) -> None:
@@ -538,7 +546,7 @@ class RemoteConfig:
             changes = await self.host.apply_config(new, request.data, source="remote")
         except Exception as exc:  # the new config could not start: back at once
             log.error("remote config %s failed to apply: %s", request.id, exc)
-            await self._rollback(request.id, f"failed to apply: {exc}")
+            await self._rollback(request.id, f"failed to apply: {_public_error(exc)}")
             return
         log.info("remote config %s applied: %s", request.id, "; ".join(changes) or "no change")
         await self._probation_run(request.id)  # under the lock: the next push waits for the verdict
@@ -578,7 +586,7 @@ class RemoteConfig:
             await self.host.apply_config(old, previous, source="rollback")
         except Exception as exc:  # OSError, ConfigError, a failing apply: say it, keep what runs
             log.error("remote config %s: ROLLBACK FAILED, the new config keeps running: %s", request_id, exc)
-            self.set_state(self._doc(request_id, False, f"{reason}; rollback failed: {exc}"))
+            self.set_state(self._doc(request_id, False, f"{reason}; rollback failed: {_public_error(exc)}"))
             return
         finally:
             self._clear_probation()
