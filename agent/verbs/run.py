@@ -85,6 +85,7 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
     import asyncio
     import logging
 
+    from agent.safefiles import read_regular
     from agent.validate import VERIFY_AFTER_S
 
     log = logging.getLogger("fieldgate.config")
@@ -92,7 +93,7 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
     await asyncio.sleep(VERIFY_AFTER_S)
     applied_ts = runtime.config_applied_ts
     try:
-        data = runtime.config_path.read_bytes()
+        data = read_regular(runtime.config_path)
         fresh = await pending.verify()
     except (ConfigError, OSError) as exc:
         problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]

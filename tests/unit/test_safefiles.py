@@ -109,3 +109,20 @@ def test_check_refuses_a_device_or_fifo_profile_with_a_position(tmp_path: Path, 
     assert f"{cfg}:9:14: devices.x.profile: {profile}: {kind}, not a regular file: refused" in said, said[
         -2000:
     ]
+
+
+@pytest.mark.parametrize("verb", ["check", "run"])
+def test_a_config_that_is_a_fifo_is_refused_at_once(tmp_path: Path, verb: str) -> None:
+    fifo = tmp_path / "fieldgate.yaml"
+    os.mkfifo(fifo)  # nobody writes to it: any blocking open or read hangs (the timeout fails the test)
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", verb, "-c", str(fifo)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=60,
+    )
+    said = done.stdout + done.stderr
+    assert done.returncode == 1, said[-2000:]
+    assert f"{fifo}:1:1: (file): cannot read: a FIFO, not a regular file: refused" in said, said[-2000:]
