@@ -43,6 +43,7 @@ from agent.errors import DeviceError, WriteRefused
 from agent.health import DeviceHealth
 from agent.modelkit import Field
 from agent.reading import Value, now_ms
+from agent.safefiles import create_private
 from agent.units import Duration, parse_duration
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class CommandProcessor:
         recover executing ids, which would be the daemon's commands in flight, not interrupted ones.
         """
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(self.db_path)  # 0600 whatever the umask; its -wal/-shm take its mode
         db = sqlite3.connect(self.db_path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         try:
             db.execute("PRAGMA journal_mode=WAL")  # the `commands` verb reads while the daemon writes

@@ -194,6 +194,11 @@ class RemoteConfigConfig(Model):
     rollback_after: Duration = Field(
         120.0, gt=0, description="a pushed config that cannot reach the upstream this long is rolled back"
     )
+    accept_unbound: bool = Field(
+        False,
+        description="also accept the old signed form (signature over the config bytes only, not bound to this "
+        "gateway nor to a serial: replayable); off by default, for a platform not yet upgraded",
+    )
 
 
 def _tag(value: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import stat
 import types
 import typing
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent.config import FieldgateConfig
 from agent.errors import ConfigError
+from agent.safefiles import kind_of, present, read_regular
 from agent.validate import file_hash
 
 Loc = tuple[str | int, ...]
@@ -102,9 +104,9 @@ def load_yaml(path: Path, pos: Positions, base: Loc = ()) -> tuple[Any, list[str
     """Parse one YAML file, recording positions under `base`. Returns (data, problems)."""
     file = str(path)
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        return None, [f"{file}:1:1: (file): cannot read: {exc.strerror or exc}"]
+        raw = read_regular(path)  # a regular file of at most 1 MiB; a FIFO or a device is refused at once
+    except (OSError, ValueError) as exc:
+        return None, [f"{file}:1:1: (file): cannot read: {getattr(exc, 'strerror', None) or exc}"]
     _consulted[os.path.abspath(path)] = file_hash(raw)  # the bytes this result comes from
     text = raw.decode("utf-8")
     try:
@@ -151,17 +153,31 @@ def consulted() -> list[tuple[str, str | None]]:
     return list(_consulted.items())
 
 
-def find_profile(name: str, config_path: Path) -> Path | None:
-    if "/" in name or name.endswith((".yaml", ".yml")):
+class ProfileNameRefused(ValueError):
+    """A remote config named a profile by a path: profiles of a remote config are names only."""
+
+
+def find_profile(name: str, config_path: Path, *, remote: bool = False) -> Path | None:
+    """The file of `profile: NAME`. A local config may also name a file (a path, or NAME.yaml); a remote
+    config names profiles only, looked up in the profile directories (docs/SECURITY.md)."""
+    is_path = "/" in name or name.endswith((".yaml", ".yml"))
+    if remote and (is_path or name.startswith(".") or "\x00" in name or "\\" in name):
+        raise ProfileNameRefused(
+            "a remote config names a profile by its name only (no path, no '.yaml'): "
+            "it is looked up in the profile directories"
+        )
+    if "\x00" in name:
+        return None
+    if is_path:
         p = Path(name)
         p = p if p.is_absolute() else config_path.parent / p
-        if p.exists():
+        if present(p):
             return p  # recorded when read
         _consulted.setdefault(os.path.abspath(p), None)
         return None
     for d in profile_dirs(config_path):
         candidate = d / f"{name}.yaml"
-        if candidate.exists():
+        if present(candidate):
             return candidate
         _consulted.setdefault(os.path.abspath(candidate), None)
     return None
@@ -175,7 +191,9 @@ def available_profiles(config_path: Path) -> list[str]:
     return sorted(names)
 
 
-def _merge_profiles(data: dict[str, Any], config_path: Path, pos: Positions, problems: list[str]) -> None:
+def _merge_profiles(
+    data: dict[str, Any], config_path: Path, pos: Positions, problems: list[str], remote: bool = False
+) -> None:
     devices = data.get("devices")
     if not isinstance(devices, dict):
         return
@@ -184,11 +202,19 @@ def _merge_profiles(data: dict[str, Any], config_path: Path, pos: Positions, pro
             continue
         prof_name = device["profile"]
         loc: Loc = ("devices", name, "profile")
-        path = find_profile(prof_name, config_path)
+        try:
+            path = find_profile(prof_name, config_path, remote=remote)
+        except ProfileNameRefused as exc:
+            problems.append(f"{pos.find(loc)}: {_dotted(loc)}: {exc}")
+            continue
         if path is None:
             hint = difflib.get_close_matches(prof_name, available_profiles(config_path), n=1)
             more = f"; did you mean '{hint[0]}'?" if hint else ""
             problems.append(f"{pos.find(loc)}: {_dotted(loc)}: profile '{prof_name}' not found{more}")
+            continue
+        refused = _not_regular(path)
+        if refused:  # said at the `profile:` key, at once: a FIFO or a device is never opened for reading
+            problems.append(f"{pos.find(loc)}: {_dotted(loc)}: {prof_name}: {refused}")
             continue
         # Profile values keep their own file positions, under the device's key path.
         prof_pos = Positions()
@@ -229,6 +255,16 @@ def _merge_profiles(data: dict[str, Any], config_path: Path, pos: Positions, pro
         if isinstance(own, dict):
             merged.update(own)  # a point named in both takes the device's definition
         device["points"] = merged
+
+
+def _not_regular(path: Path) -> str | None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # read_regular says why
+    if stat.S_ISREG(mode):
+        return None
+    return f"{kind_of(mode)}, not a regular file: refused"
 
 
 def _copy_positions(src: Positions, src_loc: Loc, dst: Positions, dst_loc: Loc) -> None:
@@ -405,8 +441,9 @@ def _line_order(line: str) -> tuple[str, int, int]:
         return line, 0, 0
 
 
-def load_config(path: Path) -> FieldgateConfig:
-    """Load and validate a config file; raise ConfigError with every problem, positioned."""
+def load_config(path: Path, *, remote: bool = False) -> FieldgateConfig:
+    """Load and validate a config file; raise ConfigError with every problem, positioned. `remote`: the
+    file came over the network (profiles by name only, from the profile directories)."""
     _consulted.clear()
     pos = Positions()
     data, problems = load_yaml(path, pos)
@@ -416,7 +453,7 @@ def load_config(path: Path) -> FieldgateConfig:
         raise ConfigError(
             [f"{pos.find(())}: (top): the config file must be a mapping (gateway, upstream, ...)"]
         )
-    _merge_profiles(data, path, pos, problems)
+    _merge_profiles(data, path, pos, problems, remote)
     try:
         config = FieldgateConfig.model_validate(data)
     except ValidationError as exc:

@@ -14,6 +14,8 @@ import hmac
 import importlib.resources
 import logging
 import re
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -32,8 +34,12 @@ MAX_HEAD = 8 * 1024  # request line + headers; a browser sends ~1 KiB
 MAX_HEADERS = 64
 MAX_BODY = 4 * 1024  # a test write is {"point": ..., "value": ...}
 READ_TIMEOUT = 10.0  # seconds to send a whole request; slow or idle clients are dropped
+HEAD_TIMEOUT = 3.0  # seconds to send the request line and headers (a browser or the CLI: a few ms)
 ACTION_TIMEOUT = 30.0  # a poll or a write on a slow RS-485 bus, with retries
 MAX_CONNECTIONS = 32  # a Pi serves a technician or two; past this, answer 503 at once
+# A connection whose request head has not arrived holds a slot for at most HEAD_TIMEOUT; when every slot
+# is taken, a new connection takes the slot of the oldest idle one from the address that holds the most
+# idle ones (any local user shares 127.0.0.1: idle connections must not lock the technician out).
 
 _TOKEN_CHARS = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token: methods and header names
 _DEVICE_ROUTE = re.compile(r"^/api/devices/([^/]+)/(poll|write)$")
@@ -90,8 +96,11 @@ class Request:
     body: bytes = b""
 
 
-async def read_request(reader: asyncio.StreamReader) -> Request | None:
-    """Read one request; None when the client closed before sending anything. Raises HttpError."""
+async def read_request(
+    reader: asyncio.StreamReader, on_head: Callable[[], None] | None = None
+) -> Request | None:
+    """Read one request; None when the client closed before sending anything. Raises HttpError.
+    `on_head` is called once the request line and headers have arrived."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
@@ -100,6 +109,8 @@ async def read_request(reader: asyncio.StreamReader) -> Request | None:
         raise HttpError(400, "incomplete request") from None
     except asyncio.LimitOverrunError:
         raise HttpError(431, f"request head larger than {MAX_HEAD} bytes") from None
+    if on_head is not None:
+        on_head()
     lines = head[:-4].split(b"\r\n")
     try:
         request_line = lines[0].decode("ascii")
@@ -171,13 +182,18 @@ class LocalServer:
         token_file: Path | None,
         *,
         read_timeout: float = READ_TIMEOUT,
+        head_timeout: float = HEAD_TIMEOUT,
     ) -> None:
         self._source = source
         self._read_timeout = read_timeout
+        self._head_timeout = min(head_timeout, read_timeout)
         self._listen = listen
         self._token_file = token_file
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        # connections whose request head has not arrived yet: task -> (client address, writer)
+        self._idle: dict[asyncio.Task[None], tuple[str, asyncio.StreamWriter]] = {}
+        self.evicted = 0  # idle connections closed to make room (counted for the tests and the log)
         self._page = _load_page()
 
     @property
@@ -218,24 +234,55 @@ class LocalServer:
         assert task is not None
         self._handlers.add(task)
         try:
-            if len(self._handlers) > MAX_CONNECTIONS:
+            if len(self._handlers) > MAX_CONNECTIONS and not self._evict_idle():
                 await self._send(writer, 503, {"error": "too many connections; try again"}, head_only=False)
                 return
+            self._idle[task] = (_address(writer), writer)
             await self._serve_one(reader, writer)
         except (ConnectionError, TimeoutError):
             pass  # the client went away or stalled while we answered: nothing to tell it
         finally:
+            self._idle.pop(task, None)
             self._handlers.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
                 await writer.wait_closed()
 
+    def _evict_idle(self) -> bool:
+        """Every slot is taken: close the oldest idle connection of the address holding the most idle
+        ones, so that a new client is served. False when no connection is idle (all are being answered)."""
+        if not self._idle:
+            return False
+        hog, _ = Counter(address for address, _ in self._idle.values()).most_common(1)[0]
+        victim = next(task for task, (address, _) in self._idle.items() if address == hog)  # the oldest
+        _, writer = self._idle.pop(victim)
+        writer.transport.abort()  # its read ends at once; its handler frees the slot
+        self.evicted += 1
+        if self.evicted in (1, 10, 100) or self.evicted % 1000 == 0:
+            log.warning(
+                "local API: all %d connections taken; idle ones from %s closed (%d so far)",
+                MAX_CONNECTIONS,
+                hog,
+                self.evicted,
+            )
+        return True
+
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head_only = False
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         try:
             try:
-                async with asyncio.timeout(self._read_timeout):
-                    request = await read_request(reader)
+                # The head must arrive within head_timeout; the body then has what remains of read_timeout.
+                start = loop.time()
+                async with asyncio.timeout(self._head_timeout) as deadline:
+
+                    def head_received() -> None:
+                        if task is not None:
+                            self._idle.pop(task, None)
+                        deadline.reschedule(start + self._read_timeout)
+
+                    request = await read_request(reader, head_received)
             except TimeoutError:
                 raise HttpError(408, "request not received in time") from None
             if request is None:
@@ -358,6 +405,11 @@ class LocalServer:
             raise HttpError(401, "this action needs the token: Authorization: Bearer TOKEN", challenge)
         if not hmac.compare_digest(given.strip().encode("utf-8"), expected.encode("utf-8")):
             raise HttpError(401, "wrong token", challenge)
+
+
+def _address(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 def _dumps(doc: dict[str, Any]) -> bytes:

@@ -25,6 +25,7 @@ from agent.logsetup import ErrorReporter
 from agent.processing import processor_for
 from agent.reading import Reading, now_ms
 from agent.remoteconfig import RemoteConfig
+from agent.safefiles import read_regular, warn_loose_secrets, write_private
 from agent.schedule import ScheduleRunner
 from agent.scheduler import MAX_BACKOFF, DeviceTask
 from agent.sdnotify import Notifier
@@ -57,7 +58,7 @@ def prefetch(config_path: Path) -> None:
     from agent import uplink as _  # noqa: F401 - imported for its cost, now
 
     try:
-        text = "\n".join(line.split("#", 1)[0] for line in config_path.read_text("utf-8").splitlines())
+        text = "\n".join(line.split("#", 1)[0] for line in read_regular(config_path).decode().splitlines())
     except (OSError, UnicodeError):
         return
     for name in registry.DRIVERS:
@@ -69,7 +70,7 @@ def prefetch(config_path: Path) -> None:
 
 def _hash_of(path: Path) -> str:
     try:
-        return file_hash(path.read_bytes())
+        return file_hash(read_regular(path))
     except OSError:
         return ""
 
@@ -86,7 +87,7 @@ def secrets_fingerprint(config: FieldgateConfig) -> str:
             digest.update(b"-")
             continue
         try:
-            digest.update(hashlib.sha256(credential_path(f).read_bytes()).digest())
+            digest.update(hashlib.sha256(read_regular(credential_path(f))).digest())
         except (OSError, FieldgateError) as exc:
             digest.update(str(exc).encode())
     return digest.hexdigest()
@@ -392,6 +393,7 @@ class Runtime:
         )
         self.commands.open()
         self._write_pidfile()
+        warn_loose_secrets(self.config.model_dump(mode="json"))  # a password file readable by others
         log.info(
             "fieldgate %s started: %d devices, buffer %s (%d pending), upstream %s",
             __version__,
@@ -676,7 +678,7 @@ class Runtime:
 
     def _write_pidfile(self) -> None:
         try:
-            self.pidfile().write_text(f"{os.getpid()}\n")
+            write_private(self.pidfile(), f"{os.getpid()}\n".encode(), sync=False)  # 0600
         except OSError as exc:
             log.debug("no pid file: %s", exc)
 
@@ -728,7 +730,7 @@ class Runtime:
 
     async def _reload_from_file(self) -> bool:
         try:
-            data = self.config_path.read_bytes()
+            data = read_regular(self.config_path)
             new = await validate.load(self.config_path)
         except (ConfigError, OSError) as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [f"{self.config_path}: {exc}"]

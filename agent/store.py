@@ -46,6 +46,7 @@ import orjson
 from agent.errors import StoreError
 from agent.payloads import reading_body
 from agent.reading import Reading
+from agent.safefiles import create_private
 
 log = logging.getLogger("fieldgate.store")
 
@@ -236,6 +237,7 @@ class Store:
         if new and _file_size(Path(f"{self.path}-wal")) > 0:
             # A log without its database cannot be trusted to continue seq: treat the set as unreadable.
             raise _CorruptBuffer("the database file is missing or empty but its write-ahead log remains")
+        create_private(self.path)  # 0600 before SQLite creates it: its -wal/-shm take its mode
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:

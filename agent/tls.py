@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from agent.errors import FieldgateError, UpstreamError
+from agent.safefiles import read_regular
 
 CREDENTIALS_PREFIX = "%credentials%/"
 
@@ -54,7 +55,7 @@ def read_secret(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     shown = os.fspath(path)
     where = shown if os.fspath(resolved) == shown else f"{shown} ({resolved})"
     try:
-        data = resolved.read_bytes()
+        data = read_regular(resolved, 64 << 10)  # a regular file: a FIFO or /dev/zero is refused at once
     except FileNotFoundError:
         raise SecretError(f"{where}: no such file") from None
     except PermissionError:
@@ -85,8 +86,7 @@ def _permission_hint() -> str:
 
 def _check_readable(what: str, path: Path, shown: str) -> None:
     try:
-        with path.open("rb") as f:
-            head = f.read(1 << 16)
+        head = read_regular(path)[: 1 << 16]  # a regular file of at most 1 MiB
     except FileNotFoundError:
         raise TlsSetupError(f"{what} {shown}: no such file") from None
     except PermissionError:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__, plainmodel
 from agent.errors import ConfigError
+from agent.safefiles import private_dir, read_regular
 
 if TYPE_CHECKING:
     from agent.config import FieldgateConfig
@@ -81,8 +82,11 @@ class Pending:
     `cached` holds the snapshot of an earlier validation when the cache's key matched (no child runs then),
     until `verify()` has compared it with the file's validation."""
 
-    def __init__(self, path: Path, proc: subprocess.Popen[bytes] | None, cached: Any = None) -> None:
+    def __init__(
+        self, path: Path, proc: subprocess.Popen[bytes] | None, cached: Any = None, remote: bool = False
+    ) -> None:
         self.path = path
+        self.remote = remote
         self.proc = proc
         self.cached = cached
         self.from_cache = False  # whether result() gave the snapshot's config
@@ -116,7 +120,7 @@ class Pending:
         if self.proc is None:
             from agent.loader import load_config
 
-            return load_config(self.path), None
+            return load_config(self.path, remote=self.remote), None
         try:
             # A thread waits for the child (the loop's default executor, which the daemon has anyway).
             out, err = await asyncio.to_thread(self.proc.communicate)
@@ -147,31 +151,33 @@ class Pending:
                 self.proc.kill()
 
 
-def _child(path: Path, background: bool = False) -> subprocess.Popen[bytes]:
+def _child(path: Path, background: bool = False, remote: bool = False) -> subprocess.Popen[bytes]:
+    flags = [*(["--background"] if background else []), *(["--remote"] if remote else [])]
     return subprocess.Popen(
-        [sys.executable, "-m", "agent.validate", *(["--background"] if background else []), str(path)],
+        [sys.executable, "-m", "agent.validate", *flags, str(path)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
 
 
-def spawn(path: Path, use_snapshot: bool = False) -> Pending:
+def spawn(path: Path, use_snapshot: bool = False, remote: bool = False) -> Pending:
     """Start validating `path`: in a child when this process runs on plain models, else in-process on
     `result()`. With `use_snapshot` (the daemon's start), an unchanged file's last snapshot is taken instead
     of a child. Synchronous, so that `fieldgate run` starts the child before its own imports."""
     if not in_child():
-        return Pending(path, None)
+        return Pending(path, None, remote=remote)
     if use_snapshot:
         cached = _cached(path)
         if cached is not None:
             return Pending(path, None, cached)
-    return Pending(path, _child(path))
+    return Pending(path, _child(path, remote=remote), remote=remote)
 
 
-async def load(path: Path) -> FieldgateConfig:
-    """The validated config of `path`; ConfigError with every problem, positioned."""
-    return await spawn(path).result()
+async def load(path: Path, remote: bool = False) -> FieldgateConfig:
+    """The validated config of `path`; ConfigError with every problem, positioned. `remote`: a config that
+    came over the network (its profiles are names only, looked up in the profile directories)."""
+    return await spawn(path, remote=remote).result()
 
 
 def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> tuple[FieldgateConfig, Any, Any]:
@@ -219,7 +225,7 @@ def file_hash(data: bytes) -> str:
 def _digest(path: str) -> str | None:
     """A file's content digest, as the loader records it; None for a file that does not exist."""
     try:
-        return file_hash(Path(path).read_bytes())
+        return file_hash(read_regular(path))
     except FileNotFoundError:
         return None
     except OSError as exc:  # unreadable now: never equal to what was read then
@@ -261,7 +267,7 @@ def _save(path: Path, payload: Any, inputs: Any) -> None:
         return
     tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(file.parent)  # 0700: the snapshots may hold a password
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the config may hold a password
         with os.fdopen(fd, "wb") as f:
             f.write(marshal.dumps({"key": _key([tuple(i) for i in inputs]), "snapshot": payload}))
@@ -286,13 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         args = args[1:]
         with contextlib.suppress(OSError):
             os.nice(10)
+    remote = args[:1] == ["--remote"]  # a config that came over the network
+    if remote:
+        args = args[1:]
     if len(args) != 1:
-        print("usage: python -m agent.validate [--background] CONFIG", file=sys.stderr)
+        print("usage: python -m agent.validate [--background] [--remote] CONFIG", file=sys.stderr)
         return 2
     from agent import loader
 
     try:
-        config = snapshot(loader.load_config(Path(args[0])))
+        config = snapshot(loader.load_config(Path(args[0]), remote=remote))
         inputs = loader.consulted()
         result: tuple[str, Any, Any] = (RESULT_OK, config, inputs)
     except ConfigError as exc:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from agent.runtime import Runtime
     from agent.validate import Pending
 
@@ -50,6 +52,7 @@ async def serve(config_path: str, pending: Pending | None = None) -> int:
     from agent import validate
 
     if pending is None:
+        recover_probation(Path(config_path))
         pending = validate.spawn(Path(config_path), use_snapshot=True)
     # While the child validates the file (agent/validate.py), this process imports what it will run.
     from agent.runtime import Runtime, prefetch
@@ -82,6 +85,7 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
     import asyncio
     import logging
 
+    from agent.safefiles import read_regular
     from agent.validate import VERIFY_AFTER_S
 
     log = logging.getLogger("fieldgate.config")
@@ -89,7 +93,7 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
     await asyncio.sleep(VERIFY_AFTER_S)
     applied_ts = runtime.config_applied_ts
     try:
-        data = runtime.config_path.read_bytes()
+        data = read_regular(runtime.config_path)
         fresh = await pending.verify()
     except (ConfigError, OSError) as exc:
         problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
@@ -122,6 +126,17 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
         runtime.remote.running_changed()
 
 
+def recover_probation(config_path: Path) -> None:
+    """A remote config still on probation at start means the last daemon died before the upstream confirmed
+    it: roll back to the previous file now (agent/remoteconfig.py). The usual start pays one stat."""
+    import os
+
+    if os.path.lexists(f"{config_path}.probation"):
+        from agent.remoteconfig import recover_at_start
+
+        recover_at_start(config_path)
+
+
 def _stop_during_startup(signum: int, frame: object) -> None:
     raise SystemExit(0)  # nothing polled or stored yet: a stop now is a clean stop
 
@@ -143,6 +158,7 @@ def main(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)  # 2 ms; what the snapshot lookup says is then logged as the rest
     # The child that validates the file starts first: its work (about 0.3 s, mostly importing pydantic)
     # overlaps this process's own start-up. An unchanged file whose snapshot is kept needs no child now.
+    recover_probation(Path(args.config))  # before the file is read: a config still on probation goes back
     pending = validate.spawn(Path(args.config), use_snapshot=True)
     try:
         import asyncio

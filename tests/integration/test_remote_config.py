@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,13 @@ async def sim() -> AsyncIterator[ModbusSim]:
 
 
 def config_text(
-    tmp: Path, broker_port: int, sim: ModbusSim, devices: str, remote: str, mqtt_extra: str = ""
+    tmp: Path,
+    broker_port: int,
+    sim: ModbusSim,
+    devices: str,
+    remote: str,
+    mqtt_extra: str = "",
+    rollback: str = "3s",
 ) -> str:
     scratch = tmp / "scratch.yaml"
     write_config(
@@ -61,7 +68,7 @@ def config_text(
         buses=f"  lan: {{type: modbus-tcp, host: 127.0.0.1, port: {sim.port}, timeout: 300ms}}",  # type: ignore[attr-defined]
         devices=devices,
         mqtt_extra=mqtt_extra,
-        extra=f"remote_config: {{enabled: true, rollback_after: 3s{remote}}}\n",
+        extra=f"remote_config: {{enabled: true, rollback_after: {rollback}{remote}}}\n",
     )
     text = scratch.read_text()
     scratch.unlink()
@@ -93,6 +100,12 @@ async def wait_state(checker: Checker, request_id: str, timeout: float = 20) -> 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def envelope(data: bytes, gateway: str, serial: int) -> bytes:
+    """What the platform signs (docs/CONFIG_LIFECYCLE.md), built here independently of agent/remoteconfig.py."""
+    doc = {"config_sha256": sha(data), "gateway": gateway, "serial": serial, "type": "fieldgate.config.set/2"}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def count(checker: Checker, device: str) -> int:
@@ -200,8 +213,8 @@ async def test_signatures(tmp_path: Path, broker: Broker, sim: ModbusSim) -> Non
     cfg.write_text(original)
     new = config_text(tmp_path, broker.port, sim, METER + LAMP, remote)
 
-    def sign(data: bytes, k: Ed25519PrivateKey = key) -> str:
-        return base64.b64encode(k.sign(data)).decode()
+    def sign(data: bytes, k: Ed25519PrivateKey = key, serial: int = 1, gateway: str = GW) -> str:
+        return base64.b64encode(k.sign(envelope(data, gateway, serial))).decode()
 
     async with Checker(broker.port, GW) as checker:
         daemon = Daemon(cfg, tmp_path / "daemon.log").start()
@@ -212,12 +225,27 @@ async def test_signatures(tmp_path: Path, broker: Broker, sim: ModbusSim) -> Non
             assert state["ok"] is False and "unsigned" in state["error"]
             await push(
                 broker.port,
-                {"id": "s-2", "config": new, "signature": sign(new.encode(), Ed25519PrivateKey.generate())},
+                {
+                    "id": "s-2",
+                    "config": new,
+                    "gateway": GW,
+                    "serial": 1,
+                    "signature": sign(new.encode(), Ed25519PrivateKey.generate()),
+                },
             )
             state = await wait_state(checker, "s-2")
             assert state["ok"] is False and "bad signature" in state["error"]
             tampered = new.replace("poll: 300ms", "poll: 400ms", 1)
-            await push(broker.port, {"id": "s-3", "config": tampered, "signature": sign(new.encode())})
+            await push(
+                broker.port,
+                {
+                    "id": "s-3",
+                    "config": tampered,
+                    "gateway": GW,
+                    "serial": 1,
+                    "signature": sign(new.encode()),
+                },
+            )
             state = await wait_state(checker, "s-3")
             assert state["ok"] is False and "bad signature" in state["error"]
             assert cfg.read_text() == original
@@ -227,10 +255,238 @@ async def test_signatures(tmp_path: Path, broker: Broker, sim: ModbusSim) -> Non
 
             obj = yaml.safe_load(new)
             canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-            await push(broker.port, {"id": "s-4", "config": obj, "signature": sign(canonical)})
+            await push(
+                broker.port,
+                {"id": "s-4", "config": obj, "gateway": GW, "serial": 1, "signature": sign(canonical)},
+            )
             state = await wait_state(checker, "s-4")
             assert state["ok"] is True, state
             assert state["hash"] == sha(canonical) and cfg.read_bytes() == canonical
             await checker.wait_for(lambda: count(checker, "lamp") >= 3, what="the signed config's device")
+        finally:
+            assert daemon.stop() == 0, daemon.log_text()[-3000:]
+
+
+# --- issue 17: a remote config cannot brick, be replayed, or read files -----------------------------------
+
+
+def keypair(tmp: Path) -> tuple[Ed25519PrivateKey, Path]:
+    key = Ed25519PrivateKey.generate()
+    pub = tmp / "platform.pub"
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return key, pub
+
+
+def signed(
+    key: Ed25519PrivateKey, request_id: str, text: str, serial: int, gateway: str = GW
+) -> dict[str, Any]:
+    """A bound push: the signature covers the config's digest, the target gateway and the serial."""
+    signature = base64.b64encode(key.sign(envelope(text.encode(), gateway, serial))).decode()
+    return {"id": request_id, "config": text, "gateway": gateway, "serial": serial, "signature": signature}
+
+
+async def test_kill9_during_probation_rolls_back_at_next_start(
+    tmp_path: Path, broker: Broker, sim: ModbusSim
+) -> None:
+    """The daemon dies (SIGKILL: no handler, no cleanup) while a pushed config is on probation: the next
+    start runs the previous file, not the unconfirmed one, and says so on the retained config/state."""
+    original = config_text(tmp_path, broker.port, sim, METER, "", rollback="10m")
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(original)
+    broken = config_text(tmp_path, free_port(), sim, METER + LAMP, "", rollback="10m")  # nobody listens
+    async with Checker(broker.port, GW) as checker:
+        daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+        try:
+            await checker.wait_for(lambda: count(checker, "meter") >= 3, what="first readings")
+            await push(broker.port, {"id": "k-1", "config": broken})
+            # on probation: the new file has taken over, the marker is on disk, the verdict is 10 minutes away
+            await checker.wait_for(
+                lambda: cfg.read_text() == broken and "applied" in daemon.log_text(), what="k-1 applied"
+            )
+            assert (tmp_path / "fieldgate.yaml.probation").exists()
+            daemon.kill9()
+            assert cfg.read_text() == broken  # what a dead daemon leaves behind
+
+            daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+            state = await wait_state(checker, "k-1", timeout=30)
+            assert state["ok"] is False and state["rolled_back"] is True, state
+            assert "stopped during the probation" in state["error"], state
+            assert state["hash"] == sha(original.encode())
+            assert cfg.read_text() == original
+            assert (tmp_path / "fieldgate.yaml.rejected").read_text() == broken
+            assert not (tmp_path / "fieldgate.yaml.probation").exists()
+            meter_now = count(checker, "meter")
+            await checker.wait_for(lambda: count(checker, "meter") > meter_now + 3, what="data after restart")
+        finally:
+            assert daemon.stop() == 0, daemon.log_text()[-3000:]
+
+
+async def test_pushes_are_bound_to_the_gateway_and_a_rising_serial(
+    tmp_path: Path, broker: Broker, sim: ModbusSim
+) -> None:
+    key, pub = keypair(tmp_path)
+    remote = f", public_key_file: {pub}"
+    original = config_text(tmp_path, broker.port, sim, METER, remote)
+    with_lamp = config_text(tmp_path, broker.port, sim, METER + LAMP, remote)
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(original)
+    async with Checker(broker.port, GW) as checker:
+        daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+        try:
+            await checker.wait_for(lambda: count(checker, "meter") >= 3, what="first readings")
+            await push(broker.port, signed(key, "b-1", with_lamp, serial=5))
+            state = await wait_state(checker, "b-1")
+            assert state["ok"] is True and state["hash"] == sha(with_lamp.encode()), state
+
+            # the same signed push again under a new id: a replay
+            await push(broker.port, {**signed(key, "b-1", with_lamp, serial=5), "id": "b-2"})
+            state = await wait_state(checker, "b-2")
+            assert state["ok"] is False and "not newer than the last accepted (5)" in state["error"], state
+            # an older signed push (the original config, serial 3): a downgrade
+            await push(broker.port, signed(key, "b-3", original, serial=3))
+            state = await wait_state(checker, "b-3")
+            assert state["ok"] is False and "downgrade" in state["error"], state
+            # signed for another gateway: refused, whatever the serial
+            await push(broker.port, signed(key, "b-4", original, serial=9, gateway="gw-other"))
+            state = await wait_state(checker, "b-4")
+            assert state["ok"] is False and "addressed to gateway 'gw-other'" in state["error"], state
+            # ... and relabelled for this one: the signature does not cover that
+            relabelled = {**signed(key, "b-5", original, serial=9, gateway="gw-other"), "gateway": GW}
+            await push(broker.port, relabelled)
+            state = await wait_state(checker, "b-5")
+            assert state["ok"] is False and "bad signature" in state["error"], state
+            # the old form, signed over the config bytes only: refused unless accept_unbound is set
+            legacy = {
+                "id": "b-6",
+                "config": original,
+                "signature": base64.b64encode(key.sign(original.encode())).decode(),
+            }
+            await push(broker.port, legacy)
+            state = await wait_state(checker, "b-6")
+            assert state["ok"] is False and "unbound push refused" in state["error"], state
+            # a config written for another gateway, properly signed for this one: it may not rename it
+            other = with_lamp.replace(f"id: {GW}", "id: gw-other", 1)
+            await push(broker.port, signed(key, "b-7", other, serial=10))
+            state = await wait_state(checker, "b-7")
+            assert state["ok"] is False and "gateway.id" in state["error"], state
+            assert cfg.read_text() == with_lamp
+        finally:
+            assert daemon.stop() == 0, daemon.log_text()[-3000:]
+        assert json.loads((tmp_path / "fieldgate.yaml.serial").read_text())["serial"] == 5
+
+        # the last accepted serial survives a restart
+        lamp_before = count(checker, "lamp")
+        daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+        try:
+            # readings flow only once the link is up and config/set subscribed
+            await checker.wait_for(lambda: count(checker, "lamp") > lamp_before + 1, what="restarted")
+            await push(broker.port, {**signed(key, "b-1", with_lamp, serial=5), "id": "b-8"})
+            state = await wait_state(checker, "b-8")
+            assert state["ok"] is False and "not newer" in state["error"], state
+            await push(broker.port, signed(key, "b-9", original, serial=6))
+            state = await wait_state(checker, "b-9")
+            assert state["ok"] is True and state["hash"] == sha(original.encode()), state
+        finally:
+            assert daemon.stop() == 0, daemon.log_text()[-3000:]
+
+
+async def test_a_remote_config_reads_no_file_outside_the_profile_directories(
+    tmp_path: Path, broker: Broker, sim: ModbusSim
+) -> None:
+    """`profile:` in a pushed config is a name: a path to a secret, a FIFO or a device is refused at once,
+    and nothing of any file but the pushed config goes upstream."""
+    original = config_text(tmp_path, broker.port, sim, METER, "")
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(original)
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$SECRET-HASH-4242:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "broken.yaml").write_text("points:\n  SECRET-KEY-4343: {address: nope}\n")
+
+    def with_profile(profile: str) -> str:
+        device = f"  other:\n    bus: lan\n    unit_id: 2\n    poll: 300ms\n    profile: {profile}\n"
+        return config_text(tmp_path, broker.port, sim, METER + device, "")
+
+    async with Checker(broker.port, GW) as checker:
+        daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+        try:
+            await checker.wait_for(lambda: count(checker, "meter") >= 3, what="first readings")
+            for n, profile in enumerate([str(secret), "../shadow", str(fifo), "/dev/zero", "shadow.yaml"]):
+                await push(broker.port, {"id": f"f-{n}", "config": with_profile(profile)})
+                state = await wait_state(checker, f"f-{n}", timeout=15)  # a FIFO would stall it for ever
+                assert state["ok"] is False, state
+                assert any(
+                    "devices.other.profile: a remote config names a profile by its name only" in p
+                    for p in state["problems"]
+                ), state
+                assert "SECRET" not in json.dumps(state)
+            # a profile of the profile directory with a problem: its position goes up, not its text
+            await push(broker.port, {"id": "f-9", "config": with_profile("broken")})
+            state = await wait_state(checker, "f-9")
+            assert state["ok"] is False and state["problems"], state
+            assert "SECRET" not in json.dumps(state), state
+            assert any(
+                p.startswith(f"{tmp_path / 'profiles' / 'broken.yaml'}:2:") for p in state["problems"]
+            ), state
+            assert "SECRET-KEY-4343" in daemon.log_text()  # the technician sees the details on the gateway
+            assert cfg.read_text() == original
+        finally:
+            assert daemon.stop() == 0, daemon.log_text()[-3000:]
+
+
+class TolerantChecker(Checker):
+    """The platform also hears what is published on config/set: a hostile payload is not its JSON."""
+
+    def _record(self, topic: str, payload: bytes) -> None:
+        if not topic.endswith("/config/set"):
+            super()._record(topic, payload)
+
+
+async def test_hostile_json_is_refused_and_the_session_stays_up(
+    tmp_path: Path, broker: Broker, sim: ModbusSim
+) -> None:
+    original = config_text(tmp_path, broker.port, sim, METER, "")
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(original)
+    log = tmp_path / "daemon.log"
+    connected = "upstream mqtt (fieldgate) connected"
+    async with TolerantChecker(broker.port, GW) as checker:
+        daemon = Daemon(cfg, log).start()
+        try:
+            await checker.wait_for(lambda: count(checker, "meter") >= 3, what="first readings")
+            assert daemon.log_text().count(connected) == 1
+            hostile = [
+                b"[" * 200_000,
+                b'{"id": "h-1", "config": ' + b"[" * 100_000,
+                b'{"id": "h-2", "config": ' + b'{"a":' * 5_000 + b"1" + b"}" * 5_001,
+                b"\xff\xfe not even text",
+                b'{"id": "h-3", "config": "\\ud800"}',
+            ]
+            async with aiomqtt.Client("127.0.0.1", broker.port, identifier="attacker") as client:
+                for n, payload in enumerate(hostile, 1):
+                    await client.publish(SET, payload, qos=1)
+                    await checker.wait_for(
+                        lambda n=n: daemon.log_text().count("remote config refused") >= n,
+                        what=f"hostile message {n} refused",
+                    )
+            # each was refused in words (the retained state keeps the latest)
+            await checker.wait_for(lambda: state_of(checker, "h-3") is not None, what="the last refusal")
+            last = state_of(checker, "h-3")
+            assert last is not None and last["ok"] is False and "not valid Unicode" in last["error"], last
+            text = daemon.log_text()
+            assert text.count("nested deeper than 64 levels") >= 3, text[-3000:]
+            # then a valid push, on the same session
+            new = config_text(tmp_path, broker.port, sim, METER + LAMP, "")
+            await push(broker.port, {"id": "h-9", "config": new})
+            state = await wait_state(checker, "h-9")
+            assert state["ok"] is True, state
+            await checker.wait_for(lambda: count(checker, "lamp") >= 3, what="the pushed device's readings")
+            assert daemon.log_text().count(connected) == 1, "the MQTT session was dropped"
         finally:
             assert daemon.stop() == 0, daemon.log_text()[-3000:]

@@ -194,3 +194,42 @@ async def test_write_actions_need_the_token(tmp_path: Path, sim: ModbusSim, brok
     finally:
         assert daemon.stop() == 0, daemon.log_text()[-3000:]
     assert TOKEN not in daemon.log_text()
+
+
+async def test_idle_connections_do_not_lock_the_technician_out(
+    tmp_path: Path, sim: ModbusSim, broker: Broker
+) -> None:
+    """Any local user can open connections to the local API and send nothing: they hold a slot for at
+    most the head deadline, and a new client takes the slot of an idle one, so `fieldgate status` answers."""
+    port = free_port()
+    cfg = config_for(tmp_path, broker, sim, f"127.0.0.1:{port}")
+    daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        await wait_status(port, lambda d: d["devices"]["meter"]["state"] == "ok", "the meter polled")
+        for n in range(48):  # more than the 32 slots, all from 127.0.0.1
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if n % 2:
+                writer.write(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")  # a head never finished
+                await writer.drain()
+            idle.append((reader, writer))
+        text = await fieldgate_cli("status", "-c", str(cfg), "--json")
+        assert text.code == 0, text.err
+        assert json.loads(text.out)["devices"]["meter"]["state"] == "ok"
+        code, doc = await http(port, "GET", "/api/status")
+        assert code == 200 and doc["gateway"]["id"] == "gw-status"
+
+        async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
+            try:
+                return await asyncio.wait_for(reader.read(), 30)
+            except ConnectionResetError:
+                return b""
+
+        # every idle connection is let go by the server (evicted, or 408 at the head deadline)
+        answers = await asyncio.gather(*(closed_by_server(r) for r, _ in idle))
+        assert all(a == b"" or a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503")) for a in answers), answers
+        assert "idle ones from 127.0.0.1 closed" in daemon.log_text()
+    finally:
+        for _, writer in idle:
+            writer.close()
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
