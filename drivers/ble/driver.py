@@ -169,7 +169,9 @@ class BleDriver(Driver[BleDeviceConfig]):
             self.decode_errors += 1
             self.point_errors["advertisement"] = f"decoder bug: {type(exc).__name__}: {exc}"
             if self.codec_bugs == 1:
-                log.exception("%s: the %s decoder failed on an advertisement (a bug)", self.device, self.config.decoder)
+                log.exception(
+                    "%s: the %s decoder failed on an advertisement (a bug)", self.device, self.config.decoder
+                )
             return
         if values is None:
             return
