@@ -178,16 +178,18 @@ _FD_NAMES = {
     0x74: "battery_remaining_days",
 }  # fmt: skip
 _FD_UNITS = {0x1C: "Bd", 0x1D: "bit times", 0x74: "d"}
-# FD durations (name, seconds per unit for codes base..base+3), EN 13757-3 Table 14.
-_MONTH, _YEAR = 2629746, 31556952  # mean Gregorian month and year, in seconds
-_FD_DURATIONS = {
-    0x24: ("storage_interval", (1, 60, 3600, 86400)),
-    0x28: ("storage_interval", (_MONTH, _YEAR)),
-    0x2C: ("duration_since_last_readout", (1, 60, 3600, 86400)),
-    0x34: ("tariff_period", (1, 60, 3600, 86400)),
-    0x38: ("tariff_period", (_MONTH, _YEAR)),
-    0x68: ("duration_since_last_cumulation", (3600, 86400, _MONTH, _YEAR)),
-    0x6C: ("battery_operating_time", (3600, 86400, _MONTH, _YEAR)),
+# FD durations: name, then (factor, unit) for codes base..base+3, EN 13757-3 Table 14. Months and
+# years have no fixed length in seconds: their count is published as such.
+_SECONDS = ((1, "s"), (60, "s"), (3600, "s"), (86400, "s"))
+_CALENDAR = ((1, "month"), (1, "a"))
+_FD_DURATIONS: dict[int, tuple[str, tuple[tuple[int, str], ...]]] = {
+    0x24: ("storage_interval", _SECONDS),
+    0x28: ("storage_interval", _CALENDAR),
+    0x2C: ("duration_since_last_readout", _SECONDS),
+    0x34: ("tariff_period", _SECONDS),
+    0x38: ("tariff_period", _CALENDAR),
+    0x68: ("duration_since_last_cumulation", ((3600, "s"), (86400, "s"), *_CALENDAR)),
+    0x6C: ("battery_operating_time", ((3600, "s"), (86400, "s"), *_CALENDAR)),
 }
 # FB (first extension table, EN 13757-3 Table 14): (mask, base, name, unit, exponent of the code's n).
 _FB_RANGES: tuple[tuple[int, int, str, str, int], ...] = (
@@ -491,6 +493,8 @@ def _name_value(
         return f"VIF {vif:02X} (any VIF, for readout selection) carries no quantity"
     if v in (0x6C, 0x6D):
         return _date_record(dtype, v, raw, suffix)
+    if v == 0x6E and number is not None and text is None:
+        return "hca_units" + suffix, number, None  # heat cost allocator: dimensionless units
     if v == 0x78:
         if number is None:
             raise DecodeError("fabrication number with unexpected data type")
@@ -545,9 +549,10 @@ def _fd(
         return "voltage" + suffix, _scaled_num(number, (code & 0x0F) - 9), "V"
     if 0x50 <= code <= 0x5F:
         return "current" + suffix, _scaled_num(number, (code & 0x0F) - 12), "A"
-    for base, (name, factors) in _FD_DURATIONS.items():
-        if base <= code < base + len(factors):
-            return name + suffix, _scaled_num(number, 0) * factors[code - base], "s"
+    for base, (name, units) in _FD_DURATIONS.items():
+        if base <= code < base + len(units):
+            factor, unit = units[code - base]
+            return name + suffix, _scaled_num(number, 0) * factor, unit
     raise DecodeError(f"extended VIF FD {code:02X} not understood")
 
 
