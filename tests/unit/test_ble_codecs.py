@@ -301,6 +301,7 @@ def test_gatt_short_value_rejected() -> None:
         ("3B0002", {"command": "toggle"}),
         ("3B0101AB", {"command": "on", "command_args": "AB"}),
         ("3A81", {"button": "hold_release"}),
+        ("3A07", {"button": "event_0x07"}),  # a code the specification does not name
     ],
 )
 def test_bthome_newer_object_ids(hex_objects: str, expected: dict[str, Any]) -> None:

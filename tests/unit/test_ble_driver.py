@@ -171,6 +171,9 @@ async def test_unknown_bthome_object_keeps_the_readings_before_it(
     assert [r.message for r in caplog.records].count(
         "t: unknown BTHome object id 0xEE at byte 3: 3 byte(s) from there on not decoded (logged once per id)"
     ) == 1
+    # An unknown id first: nothing decoded, no reading; the latest readings stay those of before.
+    scanner._on_detection(me, _adv({bthome_uuid: bytes.fromhex("40EE0102")}))
+    assert driver.accepted == 3 and driver.counters["unknown_object"] == 4
     batch = {r.point: r.value for r in await asyncio.wait_for(driver._next_batch(), 1)}
     assert batch["co2"] == 1250
     await driver.close()

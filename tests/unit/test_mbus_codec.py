@@ -180,7 +180,8 @@ def test_two_digit_years(yy: int, expected: str) -> None:
 
 
 def test_rate_vife_keeps_the_base_unit_and_divides_it() -> None:
-    out = records_of("04 93 22 0A 00 00 00 04 93 20 0B 00 00 00 04 93 28 0C 00 00 00")
+    out = records_of("04 93 22 0A 00 00 00 04 93 20 0B 00 00 00 04 93 28 0C 00 00 00 04 93 24 0D 00 00 00")
+    assert out["volume_per_week"] == (0.013, "m³/week")
     assert out["volume_per_hour"] == (0.01, "m³/h")
     assert out["volume_per_second"] == (0.011, "m³/s")
     assert out["volume_per_pulse_in0"] == (0.012, "m³/pulse")
