@@ -280,6 +280,12 @@ class BleDriver(Driver[BleDeviceConfig]):
             except DecodeError as exc:
                 self.point_errors[name] = str(exc)
                 continue
+            except Exception as exc:  # a decoder bug: this characteristic only, counted and logged once
+                self.codec_bugs += 1
+                self.point_errors[name] = f"decoder bug: {type(exc).__name__}: {exc}"
+                if self.codec_bugs == 1:
+                    log.exception("%s: decoding characteristic %s failed (a bug)", self.device, name)
+                continue
             readings.append(Reading(self.device, name, ts, value, spec.unit))
         if not readings and self.point_errors:
             raise DeviceUnreachable("; ".join(f"{k}: {v}" for k, v in self.point_errors.items()))

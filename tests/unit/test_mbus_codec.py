@@ -207,3 +207,32 @@ def test_manufacturer_vif_skipped_with_reason() -> None:
     t = codec.decode_long_frame(frame_78("04 7F 01 02 03 04 04 13 31 D4 00 00"))
     assert [r.name for r in t.records] == ["volume"]
     assert any("manufacturer-specific VIF" in s for s in t.skipped) and not t.errors
+
+
+def test_decode_verb_on_type_i_prints_values_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    """`fieldgate decode mbus` on a type I record printed an OverflowError traceback."""
+    import argparse
+
+    from agent.verbs import decode
+
+    frame = frame_78("04 13 31 D4 00 00 06 6D 2D 0B 0B CD 13 00")
+    args = argparse.Namespace(codec="mbus", hex=[frame.hex()], key=None, address=None, mode=None, json=True)
+    assert decode.main(args) == 0
+    out = capsys.readouterr().out
+    assert '"datetime":"2014-03-13T11:11:45"' in out and '"volume":54.321' in out
+
+
+def test_decode_verb_reports_a_codec_bug_in_words(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    from agent.verbs import decode
+
+    def broken(data: bytes, options: dict[str, str]) -> dict[str, object]:
+        raise IndexError("boom")
+
+    monkeypatch.setattr(codec, "decode_cli", broken)
+    args = argparse.Namespace(codec="mbus", hex=["E5"], key=None, address=None, mode=None, json=True)
+    assert decode.main(args) == 2
+    assert "codec bug in mbus" in capsys.readouterr().out
