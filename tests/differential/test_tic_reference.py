@@ -29,6 +29,8 @@ ALLOWED: dict[str, str] = {
     "horodate century": "a horodate's year has two digits (SAAMMJJhhmmss, NOI-CPT_54E); enedis-tic uses "
     "strptime's %y pivot (69-99 -> 1969-1999), fieldgate reads 20YY: the standard mode exists only on Linky "
     "meters, installed from 2015, so no horodate of the last century can occur",
+    "SMAXSN3-1": "enedis-tic's label table spells the phase-3 maximum of day n-1 'SMAXSN1-3'; "
+    "NOI-CPT_54E names it SMAXSN3-1 (like SMAXSN1-1, SMAXSN2-1); the unit (VA) agrees",
     "space in historic data": "historic data containing a space splits into more fields in enedis-tic, "
     "which then rejects or misreads the group; fieldgate parses from the end (the data is what lies "
     "between the label's separator and the checksum's)",
@@ -149,3 +151,21 @@ def test_the_other_modes_checksum_is_refused_by_fieldgate_only() -> None:
     text = payload + " " + codec.checksum((payload + " ").encode())  # standard's method in a historic group
     assert our_group(text, "historic") is None and reference_group(text, "historic") is not None
     assert reason_for(text, "historic") == "other mode's checksum"
+
+
+def test_units_agree_with_the_reference_table() -> None:
+    """Every label fieldgate publishes as a number has enedis-tic's unit (its infos.json table)."""
+    import json
+    import os
+
+    import enedis_tic
+
+    with open(os.path.join(os.path.dirname(enedis_tic.__file__), "infos.json")) as f:
+        infos = json.load(f)
+    ours = {**codec._HISTORIC_UNITS, **codec._STANDARD_UNITS}
+    for label, unit in ours.items():
+        if label == "SMAXSN3-1":
+            # ALLOWED["SMAXSN3-1"]: enedis-tic spells it SMAXSN1-3
+            assert infos["SMAXSN1-3"]["unit"] == unit
+            continue
+        assert infos[label]["unit"] == unit, label
