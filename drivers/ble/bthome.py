@@ -164,6 +164,7 @@ class Packet:
     mac: str | None = None  # the MAC carried in the payload (bit 1), as printed
     counter: int | None = None  # encryption counter (encrypted packets only)
     unknown: UnknownObject | None = None  # an object id this decoder does not know, and what it cost
+    skipped: list[str] = field(default_factory=list)  # objects located but unreadable, with why
 
     @property
     def encrypted(self) -> bool:
@@ -218,8 +219,13 @@ def decode_objects(payload: bytes) -> Measurements:
     return decode_object_sequence(payload)[0]
 
 
-def decode_object_sequence(payload: bytes) -> tuple[Measurements, UnknownObject | None]:
+def decode_object_sequence(
+    payload: bytes, skipped: list[str] | None = None
+) -> tuple[Measurements, UnknownObject | None]:
     """The measurements, and the unknown object id that ended decoding early (None if all were known).
+
+    An object that is located but cannot be read (text that is not UTF-8) is left out and described
+    in `skipped`; the objects around it are kept.
 
     Object ids come in ascending order, so everything before an id this table lacks (one added
     to the format later) was decoded correctly; sizes are only known per id, so past it nothing
@@ -230,7 +236,7 @@ def decode_object_sequence(payload: bytes) -> tuple[Measurements, UnknownObject 
     seen: dict[str, int] = {}
     i = 0
     while i < len(payload):
-        object_id = payload[i]
+        start, object_id = i, payload[i]
         obj = OBJECTS.get(object_id)
         if obj is None:
             return values, UnknownObject(object_id, i, len(payload) - i)
@@ -248,7 +254,14 @@ def decode_object_sequence(payload: bytes) -> tuple[Measurements, UnknownObject 
             )
         chunk = payload[i : i + size]
         i += size
-        for name, measurement in _values_of(obj, chunk):
+        try:
+            decoded = _values_of(obj, chunk)
+        except DecodeError as exc:
+            if skipped is None:
+                raise
+            skipped.append(f"object 0x{object_id:02X} at byte {start}: {exc}")
+            continue
+        for name, measurement in decoded:
             count = seen.get(name, 0) + 1
             seen[name] = count
             values[name if count == 1 else f"{name}_{count}"] = measurement
@@ -342,7 +355,7 @@ def parse(data: bytes, *, key: bytes | None = None, address: str | None = None) 
         body, packet.counter = _decrypt(info, _mac_bytes(sender), body, key)
     elif key is not None:
         raise DecodeError("unencrypted BTHome advertisement refused: this device has a bindkey (downgrade)")
-    packet.values, packet.unknown = decode_object_sequence(body)
+    packet.values, packet.unknown = decode_object_sequence(body, packet.skipped)
     return packet
 
 
@@ -376,4 +389,6 @@ def decode_cli(data: bytes, options: dict[str, str]) -> dict[str, Value]:
         out["encryption_counter"] = packet.counter
     if packet.unknown is not None:
         out["unknown_object"] = str(packet.unknown)
+    if packet.skipped:
+        out["skipped_objects"] = "; ".join(packet.skipped)
     return out

@@ -38,19 +38,23 @@ def decode_advertisement(
     decoder: str,
     advert: Advertisement,
     receiver: bthome.BTHomeReceiver | None = None,
-    unknown: Callable[[bthome.UnknownObject], None] | None = None,
+    unknown: Callable[[bthome.UnknownObject | str], None] | None = None,
 ) -> Measurements | None:
     """The measurements of an advertisement for `decoder`, or None when it carries no such payload.
 
-    `unknown` is told of a BTHome object id the decoder does not know (the objects before it are kept).
+    `unknown` is told of a BTHome object id the decoder does not know (the objects before it are kept),
+    and of each object located but unreadable (a string: why; the other objects are kept).
     """
     if decoder == "bthome":
         data = advert.service_data.get(BTHOME_UUID16)
         if data is None:
             return None
         packet = (receiver or bthome.BTHomeReceiver()).receive(data, advert.address)
-        if packet.unknown is not None and unknown is not None:
-            unknown(packet.unknown)
+        if unknown is not None:
+            if packet.unknown is not None:
+                unknown(packet.unknown)
+            for reason in packet.skipped:
+                unknown(reason)
         return packet.values
     if decoder == "ruuvi":
         data = advert.manufacturer_data.get(RUUVI_COMPANY_ID)
@@ -83,6 +87,7 @@ class BleDriver(Driver[BleDeviceConfig]):
         self.accepted = 0  # advertisements decoded
         self.unknown_objects = 0  # BTHome adverts cut short by an object id the decoder does not know
         self._unknown_ids: set[int] = set()  # each logged once
+        self.skipped_objects = 0  # BTHome objects located but unreadable (e.g. text not UTF-8), left out
         self.codec_bugs = 0  # unexpected exceptions in a decoder (a bug: logged with traceback once)
         self._receiver: bthome.BTHomeReceiver | None = None
         self._scanner: BleScanner | None = None
@@ -100,6 +105,7 @@ class BleDriver(Driver[BleDeviceConfig]):
             "adverts_decoded": self.accepted,
             "adverts_rejected": self.decode_errors,
             "unknown_object": self.unknown_objects,
+            "skipped_objects": self.skipped_objects,
             "codec_bugs": self.codec_bugs,
         }
         scanner = self._scanner
@@ -182,7 +188,11 @@ class BleDriver(Driver[BleDeviceConfig]):
         self._latest = self._readings(values, advert.rssi)
         self._wake.set()
 
-    def _on_unknown(self, unknown: bthome.UnknownObject) -> None:
+    def _on_unknown(self, unknown: bthome.UnknownObject | str) -> None:
+        if isinstance(unknown, str):
+            self.skipped_objects += 1
+            self.point_errors["skipped_object"] = unknown
+            return
         self.unknown_objects += 1
         self.point_errors["unknown_object"] = str(unknown)
         if unknown.object_id not in self._unknown_ids:

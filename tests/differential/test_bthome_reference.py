@@ -206,3 +206,7 @@ def test_unknown_id_both_keep_what_precedes_it() -> None:
 def test_repeated_objects_of_one_kind() -> None:
     """Two temperatures, two humidities: both decoders publish every one (name, name_2 in fieldgate)."""
     check(bytes.fromhex("4002CA0902CB0903BF1303C013"))
+
+
+def test_unreadable_text_is_left_out_by_both() -> None:
+    check(bytes.fromhex("4002CA095302FFFE2101"))

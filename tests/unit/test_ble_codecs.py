@@ -102,7 +102,6 @@ def test_bthome_rejected_vectors(vector: dict[str, Any]) -> None:
         ("41A47266C95F730011223378237214", {"key": "00", "address": ENCRYPTED_MAC}, "16 bytes"),
         ("41A47266C95F730011223378237214", {"key": "zz" * 16, "address": ENCRYPTED_MAC}, "hexadecimal"),
         ("4053FF41", {}, "needs 255 bytes"),
-        ("405302FFFE", {}, "UTF-8"),
     ],
 )
 def test_bthome_malformed(hex_data: str, options: dict[str, str], reason: str) -> None:
@@ -319,3 +318,12 @@ def test_bthome_unknown_id_keeps_what_precedes_it() -> None:
 @pytest.mark.parametrize("object_id", [0x3B, 0x62, 0x63, 0x64, 0x65])
 def test_bthome_ids_of_issue_23_are_known(object_id: int) -> None:
     assert object_id in bthome.OBJECTS
+
+
+def test_bthome_unreadable_text_costs_that_object_only() -> None:
+    """Text that is not UTF-8 rejected the whole advertisement; now only that object is left out."""
+    packet = bthome.parse(bytes.fromhex("4002CA095302FFFE2101"))
+    assert {k: m.value for k, m in packet.values.items()} == {"temperature": 25.06, "motion": True}
+    assert packet.skipped == ["object 0x53 at byte 3: BTHome text object is not valid UTF-8"]
+    with pytest.raises(DecodeError, match="UTF-8"):
+        bthome.decode_objects(bytes.fromhex("5302FFFE"))  # the plain helper still says it

@@ -202,3 +202,20 @@ async def test_decoder_bug_is_counted_not_fatal(
     assert "ZeroDivisionError" in driver.point_errors["advertisement"]
     assert sum(1 for r in caplog.records if r.exc_info) == 1
     await driver.close()
+
+
+async def test_unreadable_bthome_object_is_counted_and_the_others_published(tmp_path: Path) -> None:
+    scanner = BleScanner()
+    shared = SharedResources()
+    shared.get(SHARED_KEY, lambda: scanner)
+    driver = BleDriver("t", config(decoder="bthome", min_interval="0s"), DriverContext(shared, {}, tmp_path))
+    await driver.open()
+    me = BLEDevice("a4:c1:38:12:34:56", None, None)
+    scanner._on_detection(
+        me, _adv({"0000fcd2-0000-1000-8000-00805f9b34fb": bytes.fromhex("4002CA095302FFFE")})
+    )
+    assert driver.accepted == 1 and driver.counters["skipped_objects"] == 1
+    assert "not valid UTF-8" in driver.point_errors["skipped_object"]
+    batch = {r.point: r.value for r in await asyncio.wait_for(driver._next_batch(), 1)}
+    assert batch["temperature"] == 25.06
+    await driver.close()
