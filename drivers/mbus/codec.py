@@ -169,7 +169,9 @@ _DURATION_VIFS = {
 _FD_NAMES = {
     0x08: "access_number", 0x09: "medium_code", 0x0A: "manufacturer_code", 0x0B: "parameter_set",
     0x0C: "model_version", 0x0D: "hardware_version", 0x0E: "firmware_version", 0x0F: "software_version",
-    0x10: "customer_location", 0x11: "customer", 0x16: "password", 0x17: "error_flags",
+    0x10: "customer_location", 0x11: "customer", 0x12: "access_code_user", 0x13: "access_code_operator",
+    0x14: "access_code_system_operator", 0x15: "access_code_developer", 0x16: "password",
+    0x17: "error_flags", 0x18: "error_mask",
     0x1A: "digital_output", 0x1B: "digital_input", 0x1C: "baudrate", 0x1D: "response_delay",
     0x1E: "retry", 0x20: "first_storage_number", 0x21: "last_storage_number",
     0x22: "storage_block_size", 0x3A: "dimensionless", 0x60: "reset_counter", 0x61: "cumulation_counter",
