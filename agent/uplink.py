@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -72,13 +73,19 @@ def make_format(
     topics: payloads.Topics,
     catalog: Catalog | None = None,
     execute: CommandExecutor | None = None,
+    state_file: Path | None = None,
 ) -> MqttFormat:
-    """The format `cfg.format` names (Sparkplug's protobuf module is imported only when chosen)."""
+    """The format `cfg.format` names (Sparkplug's protobuf module is imported only when chosen).
+
+    `state_file`: where a format keeps what must outlive a restart (Sparkplug: the last bdSeq)."""
     if cfg.format == "sparkplug":
         from agent.formats.sparkplug import SparkplugFormat
 
         sp = cfg.sparkplug
-        return SparkplugFormat(sp.group_id, sp.edge_node_id or gateway_id, catalog, execute, version)
+        bd_seq_file = state_file.with_name(state_file.name + ".bdseq") if state_file is not None else None
+        return SparkplugFormat(
+            sp.group_id, sp.edge_node_id or gateway_id, catalog, execute, version, bd_seq_file
+        )
     if cfg.format == "thingsboard":
         from agent.formats.thingsboard import ThingsBoardFormat
 
@@ -123,7 +130,11 @@ class Uplink:
         self.tls_context = tls_context
         self.health_doc = health_doc
         self.topics = payloads.Topics(cfg.topic_prefix, gateway_id)
-        self.fmt: MqttFormat = fmt or make_format(cfg, gateway_id, version, self.topics, catalog, execute)
+        buffer = getattr(getattr(store, "store", None), "path", None)  # the state lives beside the buffer
+        state_file = Path(f"{buffer}.{name}") if buffer is not None else None
+        self.fmt: MqttFormat = fmt or make_format(
+            cfg, gateway_id, version, self.topics, catalog, execute, state_file
+        )
         self.lane = lane  # None: the only upstream (acks delete at once)
         self.name = name
         self.subscriptions: list[Subscription] = []

@@ -10,10 +10,13 @@ the NBIRTH; `bdSeq` numbers the sessions and is in both the NBIRTH and the NDEAT
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
 from agent.formats import (
@@ -52,55 +55,105 @@ class DT(IntEnum):
     String = 12
 
 
-_INT_TYPES = {"int16", "uint16", "int32", "uint32", "int64", "uint64"}
-_INT64_RANGE = (-(2**63), 2**64 - 1)
+_INT_TYPES = {"int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"}
+
+# A point's declared type (docs/MODBUS.md "Types and orders"; the other drivers' points()) -> its datatype.
+TYPE_DATATYPES: dict[str, int] = {
+    "bool": DT.Boolean,
+    "int8": DT.Int8,
+    "int16": DT.Int16,
+    "int32": DT.Int32,
+    "int64": DT.Int64,
+    "uint8": DT.UInt8,
+    "uint16": DT.UInt16,
+    "uint32": DT.UInt32,
+    "uint64": DT.UInt64,
+    "float32": DT.Float,
+    "float64": DT.Double,
+    "string": DT.String,
+}
+
+INT_RANGES: dict[int, tuple[int, int]] = {
+    DT.Int8: (-(2**7), 2**7 - 1),
+    DT.Int16: (-(2**15), 2**15 - 1),
+    DT.Int32: (-(2**31), 2**31 - 1),
+    DT.Int64: (-(2**63), 2**63 - 1),
+    DT.UInt8: (0, 2**8 - 1),
+    DT.UInt16: (0, 2**16 - 1),
+    DT.UInt32: (0, 2**32 - 1),
+    DT.UInt64: (0, 2**64 - 1),
+}
+
+# Sparkplug 3.0 §6.4.7 "Quality Codes": the 'Quality' property, an Int32, 0 BAD / 192 GOOD / 500 STALE.
+QUALITY_CODES = {"bad": 0, "stale": 500}
 
 
 def datatype_for(value: Any) -> int:
-    """The Sparkplug datatype a fieldgate value travels as: numbers as Double unless only Int64 is exact."""
+    """The datatype of a point no driver declared, from its first value: numbers as Double unless only an
+    integer type is exact (beyond 2^53: Int64, or UInt64 from 2^63 on)."""
     if isinstance(value, bool):
         return DT.Boolean
     if isinstance(value, int):
-        return DT.Int64 if abs(value) > 2**53 else DT.Double
+        if abs(value) <= 2**53:
+            return DT.Double
+        return DT.Int64 if value < 2**63 else DT.UInt64
     if isinstance(value, float):
         return DT.Double
     return DT.String
 
 
-def _declared_type(info: PointInfo) -> int | None:
-    if info.type == "bool":
-        return DT.Boolean
-    if info.type == "string":
-        return DT.String
-    if info.type is not None:
+def declared_datatype(info: PointInfo) -> int | None:
+    """The datatype a declared point is born with and keeps for the whole session.
+
+    A scaled integer point (scale/offset other than the identity) carries engineering values: Double."""
+    if info.type is None:
+        return None
+    datatype = TYPE_DATATYPES.get(info.type)
+    if datatype is None:
+        return None
+    if info.scaled and datatype in INT_RANGES:
         return DT.Double
-    return None
+    return datatype
 
 
-def _fits(datatype: int, value: Any) -> bool:
+_MISSING = object()
+
+
+def coerce(datatype: int, value: Any) -> Any:
+    """`value` as the datatype carries it, or `_MISSING` when it cannot be carried without changing it."""
+    if value is None:
+        return None
     if datatype == DT.Boolean:
-        return isinstance(value, bool)
+        return value if isinstance(value, bool) else _MISSING
     if datatype == DT.String:
-        return isinstance(value, str)
+        return value if isinstance(value, str) else _MISSING
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    if datatype == DT.Int64:
-        return isinstance(value, int) and -(2**63) <= value < 2**63
-    return not isinstance(value, int) or abs(value) <= 2**53  # Double: exact
+        return _MISSING
+    if datatype in INT_RANGES:
+        if isinstance(value, float):
+            if not (math.isfinite(value) and value.is_integer()):
+                return _MISSING
+            value = int(value)
+        low, high = INT_RANGES[datatype]
+        return value if low <= value <= high else _MISSING
+    if isinstance(value, int) and abs(value) > 2**53:
+        return _MISSING  # a Double would round it
+    return float(value)
 
 
 def set_value(metric: Any, datatype: int, value: Any) -> None:
-    """Put a value in the oneof field its datatype uses (Sparkplug B §6.4.16)."""
+    """Put a value in the oneof field its datatype uses (Sparkplug B 3.0 §6.4.16: Int8..UInt32 in
+    int_value, Int64/UInt64 in long_value, negative values in two's complement of the field)."""
     if value is None:
         metric.is_null = True
     elif datatype == DT.Boolean:
         metric.boolean_value = bool(value)
     elif datatype == DT.String:
         metric.string_value = str(value)
-    elif datatype == DT.Int64:
-        metric.long_value = int(value) & 0xFFFF_FFFF_FFFF_FFFF  # two's complement in the uint64 field
-    elif datatype == DT.UInt64:
-        metric.long_value = int(value)
+    elif datatype in (DT.Int8, DT.Int16, DT.Int32, DT.UInt8, DT.UInt16, DT.UInt32):
+        metric.int_value = int(value) & 0xFFFF_FFFF  # Int8/16/32: two's complement in the uint32
+    elif datatype in (DT.Int64, DT.UInt64):
+        metric.long_value = int(value) & 0xFFFF_FFFF_FFFF_FFFF  # Int64: two's complement in the uint64
     elif datatype == DT.Float:
         metric.float_value = float(value)
     else:
@@ -116,6 +169,7 @@ def get_value(metric: Any) -> Any:
     dt = metric.datatype
     if field == "int_value" and dt in (DT.Int8, DT.Int16, DT.Int32):
         bits = {DT.Int8: 8, DT.Int16: 16, DT.Int32: 32}[dt]
+        value &= (1 << bits) - 1
         value = value - (1 << bits) if value >= 1 << (bits - 1) else value
     elif field == "long_value" and dt == DT.Int64 and value >= 2**63:
         value -= 2**64
@@ -129,6 +183,7 @@ class _Metric:
     unit: str | None = None
     value: Any = None
     ts: int | None = None
+    quality: str | None = None
 
 
 class SparkplugFormat:
@@ -143,13 +198,16 @@ class SparkplugFormat:
         catalog: Catalog | None = None,
         execute: CommandExecutor | None = None,
         version: str = "",
+        bd_seq_file: Path | None = None,
     ) -> None:
         self.group_id = group_id
         self.edge_node_id = edge_node_id
         self.catalog = catalog or dict
         self.execute = execute
         self.version = version
-        self.bd_seq = -1  # the first will() makes it 0
+        self.bd_seq_file = bd_seq_file  # the last bdSeq used, kept across restarts (None: from 0 each start)
+        self.bd_seq = -1  # the first will() makes it 0 (or one past the stored value)
+        self._bd_seq_loaded = False
         self.seq = 0
         self.devices: dict[str, dict[str, _Metric]] = {}
         self.by_alias: dict[int, tuple[str, str]] = {}
@@ -176,14 +234,18 @@ class SparkplugFormat:
         m = payload.metrics.add()
         m.name = "bdSeq"
         m.timestamp = payload.timestamp
-        m.datatype = DT.UInt64
+        m.datatype = DT.Int64  # Sparkplug 3.0: bdSeq is an Int64 metric in NBIRTH and NDEATH
         m.long_value = self.bd_seq
 
     # -- session -----------------------------------------------------------------------------------------
 
     def will(self) -> Message | None:
-        """A new connection: a new bdSeq, and its NDEATH as the will."""
+        """A new connection: a new bdSeq (persisted before the CONNECT carries it), and its NDEATH as the will."""
+        if not self._bd_seq_loaded:
+            self._bd_seq_loaded = True
+            self.bd_seq = load_bd_seq(self.bd_seq_file)
         self.bd_seq = (self.bd_seq + 1) % 256
+        save_bd_seq(self.bd_seq_file, self.bd_seq)
         return self._death()
 
     def _death(self) -> Message:
@@ -222,9 +284,19 @@ class SparkplugFormat:
         for device, points in catalog.items():
             for info in points:
                 self.writable[(device, info.name)] = info
-                datatype = _declared_type(info)
+                datatype = declared_datatype(info)
                 if datatype is not None:
-                    self._metric(device, info.name, datatype, info.unit)
+                    metric = self._metric(device, info.name, datatype, info.unit)
+                    if metric.datatype != datatype and device in self.born:
+                        log.warning(
+                            "%s/%s: declared %s now, stays %s until the next session",
+                            device,
+                            info.name,
+                            DT(datatype).name,
+                            DT(metric.datatype).name,
+                        )
+                    elif device not in self.born:
+                        metric.datatype = datatype
 
     def _metric(self, device: str, point: str, datatype: int, unit: str | None) -> _Metric:
         metrics = self.devices.setdefault(device, {})
@@ -244,6 +316,7 @@ class SparkplugFormat:
             m.timestamp = metric.ts if metric.ts is not None else payload.timestamp
             m.datatype = metric.datatype
             set_value(m, metric.datatype, metric.value)
+            _quality(m, metric.quality)
             if metric.unit is not None:
                 m.properties.keys.append("engUnit")
                 prop = m.properties.values.add()
@@ -268,30 +341,42 @@ class SparkplugFormat:
         for device, items in by_device.items():
             rebirth = device not in self.born
             for _, doc in items:
-                value = doc.get("value")
-                metric = self.devices.get(device, {}).get(doc["point"])
-                if metric is None:
-                    self._metric(device, doc["point"], datatype_for(value), doc.get("unit"))
+                if self.devices.get(device, {}).get(doc["point"]) is None:
+                    # A point no catalog announced: its datatype comes from its first value, for the session.
+                    self._metric(device, doc["point"], datatype_for(doc.get("value")), doc.get("unit"))
                     rebirth = True
-                elif not _fits(metric.datatype, value):
-                    metric.datatype = datatype_for(value)
-                    rebirth = True
+            sent: list[tuple[_Metric, dict[str, Any], Any]] = []
             for _, doc in items:
                 metric = self.devices[device][doc["point"]]
+                value = coerce(metric.datatype, doc.get("value"))
+                quality = doc.get("quality")
+                if value is _MISSING:
+                    # The datatype is the point's for the whole session: a value it cannot carry goes as null
+                    # with the BAD quality, never under another datatype.
+                    log.warning(
+                        "%s/%s: %r does not fit the metric's datatype %s: sent as null, quality bad",
+                        device,
+                        doc["point"],
+                        doc.get("value"),
+                        DT(metric.datatype).name,
+                    )
+                    value, quality = None, "bad"
+                sent.append((metric, doc, value))
                 if metric.ts is None or doc["ts"] >= metric.ts:
-                    metric.value, metric.ts = doc.get("value"), doc["ts"]
+                    metric.value, metric.ts, metric.quality = value, doc["ts"], quality
+                doc["quality"] = quality
             if rebirth:
                 out.append(self._device_birth(device))
             payload = self._payload()
-            for _, doc in items:
-                metric = self.devices[device][doc["point"]]
+            for metric, doc, value in sent:
                 m = payload.metrics.add()
                 m.alias = metric.alias
                 m.timestamp = doc["ts"]
                 m.datatype = metric.datatype
                 if backlog:
                     m.is_historical = True
-                set_value(m, metric.datatype, doc.get("value"))
+                set_value(m, metric.datatype, value)
+                _quality(m, doc.get("quality"))
             seqs = tuple(seq for seq, _ in items)
             out.append(Message(self.topic("DDATA", device), payload.SerializeToString(), seqs))
         return out
@@ -363,11 +448,13 @@ class SparkplugFormat:
         rebirth = device not in self.born
         for point, value in written:
             metric = self.devices.get(device, {}).get(point)
-            if metric is None or not _fits(metric.datatype, value):
+            if metric is None:
                 metric = self._metric(device, point, datatype_for(value), None)
-                metric.datatype = datatype_for(value)
                 rebirth = True
-            metric.value, metric.ts = value, payload.timestamp
+            value = coerce(metric.datatype, value)
+            if value is _MISSING:
+                continue  # the next poll stores and sends it (as null, quality bad, if it still does not fit)
+            metric.value, metric.ts, metric.quality = value, payload.timestamp, None
             m = payload.metrics.add()
             m.alias = metric.alias
             m.timestamp = payload.timestamp
@@ -387,3 +474,53 @@ class SparkplugFormat:
 
     def health(self, doc: dict[str, Any]) -> Message | None:
         return None
+
+
+def _quality(metric: Any, quality: str | None) -> None:
+    """A reading's quality as metric properties: 'Quality' (Int32, Sparkplug 3.0 §6.4.7: 0 BAD, 500 STALE)
+    where the specification has a code, and 'fieldgate quality' (String, e.g. "uncertain") always."""
+    if quality is None:
+        return
+    code = QUALITY_CODES.get(quality)
+    if code is not None:
+        metric.properties.keys.append("Quality")
+        prop = metric.properties.values.add()
+        prop.type = DT.Int32
+        prop.int_value = code
+    metric.properties.keys.append("fieldgate quality")
+    prop = metric.properties.values.add()
+    prop.type = DT.String
+    prop.string_value = quality
+
+
+def load_bd_seq(path: Path | None) -> int:
+    """The bdSeq of the last CONNECT before this start (-1: none, or unreadable: the next is then 0)."""
+    if path is None:
+        return -1
+    try:
+        value = int(path.read_text().strip())
+    except FileNotFoundError:
+        return -1
+    except (OSError, ValueError) as exc:
+        log.warning("%s unreadable (%s): bdSeq starts again at 0", path, exc)
+        return -1
+    return value if 0 <= value <= 255 else -1
+
+
+def save_bd_seq(path: Path | None, value: int) -> None:
+    """Keep the bdSeq a CONNECT is about to carry (written whole, then renamed; mode 0600)."""
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{value}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        # Never a reason not to connect: the next start may reuse a bdSeq, which a host tolerates.
+        log.warning("bdSeq not saved to %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()

@@ -286,3 +286,78 @@ async def test_sparkplug_through_the_daemon_birth_history_after_outage_and_death
         finally:
             if daemon.alive():
                 daemon.stop()
+
+
+# One Modbus point of every type of docs/MODBUS.md: (name, point config, value stored in the simulator,
+# the Sparkplug datatype a host must see, the value it must decode).
+EVERY_TYPE = [
+    ("coil", "{table: coil, address: 0}", None, "Boolean", True),
+    ("i16", "{address: 0, type: int16}", ("int16", -1234), "Int16", -1234),
+    ("u16", "{address: 1, type: uint16}", ("uint16", 65535), "UInt16", 65535),
+    ("i32", "{address: 2, type: int32}", ("int32", -70000), "Int32", -70000),
+    ("u32", "{address: 4, type: uint32, order: CDAB}", ("uint32", 4_000_000_000), "UInt32", 4_000_000_000),
+    ("i64", "{address: 6, type: int64}", ("int64", -(2**40)), "Int64", -(2**40)),
+    ("u64", "{address: 10, type: uint64}", None, "UInt64", 2**64 - 1),  # all-FF: "not available"
+    ("f32", "{address: 14, type: float32}", ("float32", 0.5), "Float", 0.5),
+    ("f64", "{address: 16, type: float64}", ("float64", -1e100), "Double", -1e100),
+    ("txt", "{address: 20, type: string, length: 4}", None, "String", "FG-42"),
+    ("bit", "{address: 24, bit: 3}", None, "Boolean", True),
+    ("scaled", "{address: 25, type: int16, scale: 0.1}", ("int16", -5), "Double", -0.5),
+]
+
+
+@pytest.mark.timeout(120)
+async def test_every_modbus_point_type_reaches_a_host_with_its_datatype_and_bd_seq_survives_a_restart(
+    tmp_path: Path,
+    broker: Broker,
+    sim: ModbusSim,  # noqa: F811
+) -> None:
+    from tests.daemon import Daemon, write_config
+
+    unit = sim.units[UNIT]
+    unit.set("coil", 0, [True])
+    for name, _, typed, _, _ in EVERY_TYPE:
+        if typed is not None:
+            address = int(next(p for n, p, *_ in EVERY_TYPE if n == name).split("address: ")[1].split(",")[0])
+            unit.set_value("holding", address, typed[1], typed[0], "CDAB" if name == "u32" else "ABCD")
+    unit.set("holding", 10, [0xFFFF] * 4)
+    unit.set("holding", 20, [ord("F") << 8 | ord("G"), ord("-") << 8 | ord("4"), ord("2") << 8, 0])
+    unit.set("holding", 24, [1 << 3])
+    points = "\n".join(f"      {n}: {p}" for n, p, *_ in EVERY_TYPE)
+    cfg = write_config(
+        tmp_path / "fieldgate.yaml",
+        gateway="gw-types",
+        broker_port=broker.port,
+        db=tmp_path / "buffer.db",
+        mqtt_extra="    format: sparkplug\n    sparkplug: {group_id: plant}",
+        buses=f"  lan: {{type: modbus-tcp, host: 127.0.0.1, port: {sim.port}, timeout: 300ms}}",
+        devices=f"  meter:\n    bus: lan\n    unit_id: {UNIT}\n    poll: 300ms\n    points:\n{points}\n",
+    )
+    async with ReconnectingHost(broker.port, "plant") as host:
+        daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+        try:
+            await host.wait_for(lambda: host.kinds().count("DDATA") >= 3, "three DDATA")
+            kinds = host.kinds()
+            assert kinds.count("DBIRTH") == 1  # born once with the declared types: no rebirth for a datatype
+            born = {m["name"]: m for m in host.seen[kinds.index("DBIRTH")][1]["metrics"]}
+            assert {n: born[n]["type"] for n, *_ in EVERY_TYPE} == {n: dt for n, _, _, dt, _ in EVERY_TYPE}
+            by_alias = {m["alias"]: m["name"] for m in born.values()}
+            decoded: dict[str, set[Any]] = {}
+            for t, p in host.seen:
+                if "/DDATA/" in t:
+                    for m in p["metrics"]:
+                        assert m["type"] == born[by_alias[m["alias"]]]["type"]  # never another datatype
+                        decoded.setdefault(by_alias[m["alias"]], set()).add(m["value"])
+            assert decoded == {n: {v} for n, _, _, _, v in EVERY_TYPE}
+            first_bd = bd_seq_of(host.seen[0][1])
+            assert next(m for m in host.seen[0][1]["metrics"] if m["name"] == "bdSeq")["type"] == "Int64"
+            assert daemon.stop() == 0
+
+            n = len(host.seen)
+            daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+            await host.wait_for(lambda: "NBIRTH" in host.kinds(n), "the NBIRTH after the restart")
+            reborn = host.seen[n + host.kinds(n).index("NBIRTH")][1]
+            assert bd_seq_of(reborn) == first_bd + 1  # the next CONNECT: kept beside the buffer
+        finally:
+            if daemon.alive():
+                daemon.stop()

@@ -58,7 +58,14 @@ def test_sparkplug_birth_then_data_with_aliases_and_history() -> None:
     assert will is not None and will.topic == "spBv1.0/city/NDEATH/gw-1"
     death = wire.payload(will.payload)
     assert "seq" not in death and death["metrics"] == [
-        {"name": "bdSeq", "timestamp": death["timestamp"], "datatype": DT.UInt64, "value": 0}
+        {
+            "name": "bdSeq",
+            "timestamp": death["timestamp"],
+            "datatype": DT.Int64,
+            "type": "Int64",
+            "field": "long_value",
+            "value": 0,
+        }
     ]
     nbirth, dbirth = fmt.birth()
     assert nbirth.topic == "spBv1.0/city/NBIRTH/gw-1" and dbirth.topic == "spBv1.0/city/DBIRTH/gw-1/lamp-1"
@@ -70,7 +77,7 @@ def test_sparkplug_birth_then_data_with_aliases_and_history() -> None:
     assert db["seq"] == 1
     dim = next(m for m in db["metrics"] if m["name"] == "dim")
     assert (
-        dim["datatype"] == DT.Double
+        dim["type"] == "UInt16"  # the point's declared type, from the first birth on
         and dim["is_null"]
         and dim["properties"] == {"engUnit": "%", "writable": 1}
     )
@@ -86,7 +93,7 @@ def test_sparkplug_birth_then_data_with_aliases_and_history() -> None:
     aliases = {m["name"]: m["alias"] for m in rebirth["metrics"]}
     assert {"dim", "on", "power.mean"} <= set(aliases)
     assert [(m["alias"], m["value"], m["timestamp"], m.get("is_historical")) for m in data["metrics"]] == [
-        (aliases["dim"], 40.0, TS, True),
+        (aliases["dim"], 40, TS, True),
         (aliases["power.mean"], 12.5, TS, True),
     ]
     assert all("name" not in m for m in data["metrics"])  # data by alias only
