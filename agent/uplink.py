@@ -84,13 +84,23 @@ def make_format(
         sp = cfg.sparkplug
         bd_seq_file = state_file.with_name(state_file.name + ".bdseq") if state_file is not None else None
         return SparkplugFormat(
-            sp.group_id, sp.edge_node_id or gateway_id, catalog, execute, version, bd_seq_file
+            sp.group_id,
+            sp.edge_node_id or gateway_id,
+            catalog,
+            execute,
+            version,
+            bd_seq_file,
+            sp.primary_host_id,
         )
     if cfg.format == "thingsboard":
         from agent.formats.thingsboard import ThingsBoardFormat
 
         return ThingsBoardFormat(catalog, execute)
     return FieldgateFormat(topics, gateway_id, version, cfg.compression)
+
+
+class HostOffline(Exception):
+    """The Sparkplug primary host said offline: the session ends (NDEATH sent) and a new one waits for it."""
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -197,6 +207,15 @@ class Uplink:
                 await self._session()
             except Exception as exc:
                 cause = _root_cause(exc)
+                if isinstance(cause, HostOffline):
+                    # Not a lost link: the session ended on purpose; connect again at once and wait there.
+                    log.info("upstream %s: %s, reconnecting to wait for it", self.name, cause)
+                    self.connected = False
+                    self._accepting = False
+                    self._live.clear()
+                    attempt = 0
+                    raise_if_cancelled()
+                    continue
                 if not isinstance(cause, aiomqtt.MqttError | OSError | TimeoutError):
                     log.error("upstream session failed: %s: %s", type(cause).__name__, cause, exc_info=cause)
                 self._disconnected(self.explain_error(cause))
@@ -248,18 +267,25 @@ class Uplink:
             try:
                 raise_if_cancelled()  # the connect (wait_for inside aiomqtt) may have swallowed a stop
                 self._on_connected()
-                for message in self.fmt.birth():
-                    await settled(
-                        client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
-                    )
+                gated = getattr(self.fmt, "primary_host_id", None) is not None
+                if not gated:
+                    for message in self.fmt.birth():
+                        await settled(
+                            client.publish(
+                                message.topic, message.payload, qos=message.qos, retain=message.retain
+                            )
+                        )
                 for sub in self.subscriptions:
                     await settled(client.subscribe(sub.topic, qos=1))
                 for topic, _ in self.fmt.inbound():
                     await settled(client.subscribe(topic, qos=1))
                 async with TaskGroup() as tg:
-                    # Each lane has its own in-flight slots, so a draining backlog never delays live batches.
-                    tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
-                    tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
+                    if gated:
+                        tg.create_task(self._lanes_while_host_online(client))
+                    else:
+                        # Each lane has its own in-flight slots, so a draining backlog never delays live batches.
+                        tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
+                        tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
                     tg.create_task(self._ack_flusher())
                     tg.create_task(self._health_loop(client))
                     tg.create_task(self._message_loop(client))
@@ -287,6 +313,59 @@ class Uplink:
         self._backlog_event.set()
         for hook in self.on_connect:
             hook()
+
+    # -- Sparkplug primary host: hold, then birth ------------------------------------------------------
+
+    async def _lanes_while_host_online(self, client: aiomqtt.Client) -> None:
+        """Births and both lanes only while the format's primary host is online (Sparkplug 3.0).
+
+        Until its STATE says online, nothing is published: readings stay in the buffer (the live lane does
+        not take them) and the connection stays up, subscribed to STATE. Online: NBIRTH, DBIRTHs, then
+        everything stored since the connection came up is replayed in seq order (historical), then live.
+        A valid offline STATE ends the session as the specification wants: NDEATH, DISCONNECT, and a new
+        connection that waits again (`HostOffline`)."""
+        fmt: Any = self.fmt
+        if not fmt.host_online:
+            self._hold()
+            while not fmt.host_online:
+                fmt.host_changed.clear()
+                await fmt.host_changed.wait()
+            self._release()
+        for message in fmt.birth():
+            await settled(
+                client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            )
+        try:
+            async with TaskGroup() as tg:
+                tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
+                tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
+                while fmt.host_online:
+                    fmt.host_changed.clear()
+                    await fmt.host_changed.wait()
+                raise HostOffline(f"Sparkplug primary host {fmt.primary_host_id} offline")
+        except* HostOffline:
+            pass
+        self._hold()
+        for message in fmt.goodbye():  # NDEATH, then a clean DISCONNECT (the broker keeps the will to itself)
+            await settled(
+                client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            )
+        raise HostOffline(f"Sparkplug primary host {fmt.primary_host_id} offline")
+
+    def _hold(self) -> None:
+        """Nothing leaves while held: new rows stay in the buffer only (the link is up, not 'lost')."""
+        self._accepting = False
+        self._live.clear()
+        self.last_error = f"held: Sparkplug primary host {getattr(self.fmt, 'primary_host_id', '?')} offline"
+
+    def _release(self) -> None:
+        """Everything stored so far goes the backlog way, in seq order; what comes next is live."""
+        self.last_error = None
+        self._live.clear()
+        self._boundary = self._next_seq
+        self._cursor = 0
+        self._accepting = True
+        self._backlog_event.set()
 
     # -- lanes -----------------------------------------------------------------------------------------
 

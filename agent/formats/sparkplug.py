@@ -10,7 +10,9 @@ the NBIRTH; `bdSeq` numbers the sessions and is in both the NBIRTH and the NDEAT
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -199,6 +201,7 @@ class SparkplugFormat:
         execute: CommandExecutor | None = None,
         version: str = "",
         bd_seq_file: Path | None = None,
+        primary_host_id: str | None = None,
     ) -> None:
         self.group_id = group_id
         self.edge_node_id = edge_node_id
@@ -215,6 +218,11 @@ class SparkplugFormat:
         self.born: set[str] = set()
         self._next_alias = 1
         self.node = f"{NAMESPACE}/{group_id}"
+        # Primary host awareness (Sparkplug 3.0 §5.x): births and data only while the host says online.
+        self.primary_host_id = primary_host_id
+        self.host_online = False
+        self.host_changed = asyncio.Event()  # set on every change of host_online
+        self._state_ts: int | None = None  # the timestamp of the last STATE taken into account
 
     # -- topics and payloads -----------------------------------------------------------------------------
 
@@ -384,7 +392,43 @@ class SparkplugFormat:
     # -- commands ----------------------------------------------------------------------------------------
 
     def inbound(self) -> list[tuple[str, InboundHandler]]:
-        return [(self.topic("NCMD"), self._on_ncmd), (f"{self.topic('DCMD')}/+", self._on_dcmd)]
+        handlers: list[tuple[str, InboundHandler]] = []
+        if self.primary_host_id is not None:
+            handlers.append((f"{NAMESPACE}/STATE/{self.primary_host_id}", self._on_state))
+        handlers += [(self.topic("NCMD"), self._on_ncmd), (f"{self.topic('DCMD')}/+", self._on_dcmd)]
+        return handlers
+
+    async def _on_state(self, topic: str, raw: bytes) -> list[Message]:
+        """The primary host's STATE (3.0: JSON {"online": bool, "timestamp": ms}, retained).
+
+        Taken into account only for this host's topic and when its timestamp is not older than the last one
+        taken (an old death certificate delivered late must not take a live host for dead)."""
+        if topic != f"{NAMESPACE}/STATE/{self.primary_host_id}":
+            return []
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            log.warning("%s: not JSON, ignored", topic)
+            return []
+        online = doc.get("online") if isinstance(doc, dict) else None
+        ts = doc.get("timestamp") if isinstance(doc, dict) else None
+        if not isinstance(online, bool) or not isinstance(ts, int) or isinstance(ts, bool):
+            log.warning("%s: not a Sparkplug 3.0 STATE payload (%r), ignored", topic, raw[:80])
+            return []
+        if self._state_ts is not None and ts < self._state_ts:
+            log.info("%s: STATE older than the last one (%d < %d), ignored", topic, ts, self._state_ts)
+            return []
+        self._state_ts = ts
+        if online != self.host_online:
+            log.info("Sparkplug primary host %s %s", self.primary_host_id, "online" if online else "offline")
+            self.host_online = online
+            self.host_changed.set()
+        return []
+
+    @property
+    def holding(self) -> bool:
+        """True while a configured primary host is not online: no births, no data."""
+        return self.primary_host_id is not None and not self.host_online
 
     def _parse(self, raw: bytes, topic: str) -> Any | None:
         payload = _pb.Payload()
@@ -401,6 +445,9 @@ class SparkplugFormat:
             return []
         for m in payload.metrics:
             if m.name == REBIRTH and get_value(m) is True:
+                if self.holding:
+                    log.info("Sparkplug rebirth requested while the primary host is offline: held")
+                    return []
                 log.info("Sparkplug rebirth requested by the host application")
                 return self.birth()
             log.warning("%s: metric %r not supported, ignored", topic, m.name or f"alias {m.alias}")

@@ -7,6 +7,7 @@ agent/formats/sparkplug_b.proto), not with the gateway's generated module.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -245,7 +246,10 @@ async def test_sparkplug_through_the_daemon_birth_history_after_outage_and_death
             assert dbirth[1]["metrics"][list(aliases).index("dim")]["properties"]["engUnit"] == "%"
             first_bd = bd_seq_of(host.seen[0][1])
             live = [m for t, p in host.seen if "/DDATA/" in t for m in p["metrics"]]
-            assert live and not any(m.get("is_historical") for m in live)
+            # Readings taken after the connection came up are live; the first poll may have been stored just
+            # before it (then it is rightly replayed as historical).
+            born_at = host.seen[0][1]["timestamp"]
+            assert live and not any(m.get("is_historical") for m in live if m["timestamp"] >= born_at)
             assert all("name" not in m and m["alias"] in aliases.values() for m in live)
 
             # The broker goes away; the gateway keeps polling into its buffer. Back: a new session (NBIRTH,
@@ -361,3 +365,120 @@ async def test_every_modbus_point_type_reaches_a_host_with_its_datatype_and_bd_s
         finally:
             if daemon.alive():
                 daemon.stop()
+
+
+class PrimaryHost:
+    """A fake Sparkplug 3.0 primary host application: publishes its retained STATE like a real one."""
+
+    def __init__(self, client: aiomqtt.Client, host_id: str) -> None:
+        self.client = client
+        self.topic = f"spBv1.0/STATE/{host_id}"
+
+    async def state(self, online: bool, timestamp: int) -> None:
+        body = json.dumps({"online": online, "timestamp": timestamp})
+        await self.client.publish(self.topic, body, qos=1, retain=True)
+
+
+async def test_primary_host_offline_holds_births_and_data_online_rebirths_then_replays_with_nothing_lost(
+    broker: Broker, store: AsyncStore
+) -> None:
+    def cat() -> dict[str, list[PointInfo]]:
+        return {"s": [PointInfo("co2", "uint16", "ppm")]}
+
+    fmt = SparkplugFormat("city", "gw-ph", cat, None, "test", primary_host_id="scada")
+    uplink = Uplink(MqttConfig(url=broker.url, batch_interval="50ms"), "gw-ph", store, "test", fmt=fmt)
+    stored: list[int] = []
+
+    async def store_some(start: int, n: int, quality: str | None = None) -> None:
+        rows = await store.append(
+            [Reading("s", "co2", TS + start + i, start + i, "ppm", quality) for i in range(n)]
+        )
+        stored.extend(r.seq for r in rows)
+        uplink.offer(rows)
+
+    async with (
+        aiomqtt.Client(broker.host, broker.port, identifier="scada") as client,
+        aiomqtt.Client(broker.host, broker.port, identifier="watcher") as watcher,
+    ):
+        host = PrimaryHost(client, "scada")
+        await host.state(False, 1000)  # retained: what the gateway finds when it connects
+        await watcher.subscribe("spBv1.0/city/#", qos=1)
+        platform = Platform(watcher)
+        listener = asyncio.create_task(platform.run())
+        run = asyncio.create_task(uplink.run())
+        try:
+            await store_some(0, 3)
+            # Connected, the offline STATE taken: held. Nothing published, the link is not "lost".
+            async with asyncio.timeout(10):
+                while not (uplink.connected and fmt._state_ts == 1000):
+                    await asyncio.sleep(0.02)
+            await store_some(3, 2)
+            assert uplink.connected and (uplink.last_error or "").startswith("held")
+            assert (await store.stats()).pending == 5
+
+            # Online: NBIRTH, DBIRTH, then every held reading (historical, seq order), none missing.
+            await host.state(True, 2000)
+            await platform.wait_for(
+                lambda: sum(len(p["metrics"]) for t, p in platform.seen if "/DDATA/" in t) >= 5
+            )
+            kinds = platform.kinds()
+            assert kinds[:2] == ["NBIRTH", "DBIRTH"] and set(kinds[2:]) == {"DDATA"}
+            bd_seq = bd_seq_of(platform.seen[0][1])
+            values = [m["value"] for t, p in platform.seen if "/DDATA/" in t for m in p["metrics"]]
+            assert values == [0, 1, 2, 3, 4]
+            assert [p["seq"] for _, p in platform.seen] == list(range(len(platform.seen)))
+            async with asyncio.timeout(10):
+                while (await store.stats()).pending:
+                    await asyncio.sleep(0.05)
+
+            # A stale offline STATE (older than the online one) changes nothing.
+            n = len(platform.seen)
+            await host.state(False, 1500)
+            await store_some(5, 1, "bad")
+            await platform.wait_for(lambda: "DDATA" in platform.kinds()[n:])
+            bad = next(m for t, p in platform.seen[n:] if "/DDATA/" in t for m in p["metrics"])
+            assert bad["value"] == 5 and bad["properties"] == {"Quality": 0, "fieldgate quality": "bad"}
+            assert "NDEATH" not in platform.kinds()[n:]
+
+            # The host goes offline: NDEATH (this session's bdSeq), a new connection that holds.
+            n = len(platform.seen)
+            connections = uplink.connections
+            await host.state(False, 3000)
+            await platform.wait_for(lambda: "NDEATH" in platform.kinds()[n:])
+            death = platform.seen[n + platform.kinds()[n:].index("NDEATH")][1]
+            assert bd_seq_of(death) == bd_seq
+            async with asyncio.timeout(10):
+                while not (uplink.connections > connections and uplink.connected):
+                    await asyncio.sleep(0.02)
+            await store_some(6, 3, "uncertain")
+            assert (await store.stats()).pending == 3
+            assert platform.kinds()[n:] == ["NDEATH"]  # held: no birth, no data
+
+            # Back online: a new NBIRTH (the new CONNECT's bdSeq), DBIRTH, the held rows.
+            await host.state(True, 4000)
+            await platform.wait_for(
+                lambda: sum(len(p["metrics"]) for t, p in platform.seen[n:] if "/DDATA/" in t) >= 3
+            )
+            after = platform.kinds()[n:]
+            assert after[:3] == ["NDEATH", "NBIRTH", "DBIRTH"]
+            assert bd_seq_of(platform.seen[n + 1][1]) == bd_seq + 1
+            held = [m for t, p in platform.seen[n:] if "/DDATA/" in t for m in p["metrics"]]
+            assert [
+                (m["value"], m["properties"]["fieldgate quality"], m.get("is_historical")) for m in held
+            ] == [
+                (6, "uncertain", True),
+                (7, "uncertain", True),
+                (8, "uncertain", True),
+            ]
+            async with asyncio.timeout(10):
+                while (await store.stats()).pending:
+                    await asyncio.sleep(0.05)
+            delivered = [m["value"] for t, p in platform.seen if "/DDATA/" in t for m in p["metrics"]]
+            assert sorted(set(delivered)) == list(range(9))  # every stored reading reached the host
+            assert len(stored) == 9
+        finally:
+            await uplink.stop()
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)

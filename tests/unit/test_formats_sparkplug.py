@@ -178,3 +178,28 @@ def test_the_gateway_schema_is_the_third_partys() -> None:
     assert ours.package == theirs.package == "org.eclipse.tahu.protobuf"
     assert list(ours.message_type) == list(theirs.message_type)
     assert list(ours.enum_type) == list(theirs.enum_type)
+
+
+async def test_state_messages_of_the_primary_host() -> None:
+    fmt = SparkplugFormat("g", "e", primary_host_id="scada")
+    topics = [t for t, _ in fmt.inbound()]
+    assert topics[0] == "spBv1.0/STATE/scada"  # subscribed (and so received) before anything else
+    assert fmt.holding
+    state = fmt._on_state
+    for garbage in (b"not json", b"[]", b'{"online": "yes", "timestamp": 5}', b'{"online": true}'):
+        assert await state("spBv1.0/STATE/scada", garbage) == [] and fmt.holding
+    await state("spBv1.0/STATE/other", b'{"online": true, "timestamp": 5}')
+    assert fmt.holding  # another host's STATE
+    await state("spBv1.0/STATE/scada", b'{"online": true, "timestamp": 5}')
+    assert not fmt.holding and fmt.host_changed.is_set()
+    await state("spBv1.0/STATE/scada", b'{"online": false, "timestamp": 4}')
+    assert not fmt.holding  # older than the last one: a late death certificate, ignored
+    await state("spBv1.0/STATE/scada", b'{"online": false, "timestamp": 5}')
+    assert fmt.holding  # same timestamp counts ("greater than or equal")
+    # A rebirth request while held publishes nothing.
+    from agent.formats.sparkplug import DT, _pb
+
+    cmd = _pb.Payload()
+    m = cmd.metrics.add()
+    m.name, m.datatype, m.boolean_value = "Node Control/Rebirth", DT.Boolean, True
+    assert await fmt._on_ncmd("spBv1.0/g/NCMD/e", cmd.SerializeToString()) == []
