@@ -279,7 +279,9 @@ class SparkplugFormat:
             info.timestamp = payload.timestamp
             info.datatype = DT.String
             info.string_value = self.version
-        out = [Message(self.topic("NBIRTH"), payload.SerializeToString())]
+        # Births at QoS 0 (Sparkplug 3.0: NBIRTH/DBIRTH MUST be QoS 0, not retained); a lost connection means
+        # a new session with new births anyway.
+        out = [Message(self.topic("NBIRTH"), payload.SerializeToString(), qos=0)]
         out.extend(self._device_birth(device) for device in sorted(self.devices))
         return out
 
@@ -337,7 +339,7 @@ class SparkplugFormat:
                 prop.type = DT.Boolean
                 prop.boolean_value = True
         self.born.add(device)
-        return Message(self.topic("DBIRTH", device), payload.SerializeToString())
+        return Message(self.topic("DBIRTH", device), payload.SerializeToString(), qos=0)
 
     # -- data --------------------------------------------------------------------------------------------
 
