@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from google.protobuf import descriptor_pb2
 
 from agent import payloads
@@ -203,3 +204,56 @@ async def test_state_messages_of_the_primary_host() -> None:
     m = cmd.metrics.add()
     m.name, m.datatype, m.boolean_value = "Node Control/Rebirth", DT.Boolean, True
     assert await fmt._on_ncmd("spBv1.0/g/NCMD/e", cmd.SerializeToString()) == []
+
+
+def test_sparkplug_3_0_edge_node_payload_statements() -> None:
+    """The payload statements of docs/PLATFORMS.md's conformance table, over one session of 300 messages."""
+    fmt = SparkplugFormat("g", "e", every_type_catalog, version="1.0")
+    will = fmt.will()
+    assert will is not None and will.qos == 1 and not will.retain
+    death = wire.payload(will.payload)
+    assert "seq" not in death and [m["name"] for m in death["metrics"]] == ["bdSeq"]  # ndeath-payload, -seq
+    nbirth_msg, dbirth_msg = fmt.birth()
+    assert (nbirth_msg.qos, nbirth_msg.retain, dbirth_msg.qos, dbirth_msg.retain) == (0, False, 0, False)
+    assert nbirth_msg.topic == "spBv1.0/g/NBIRTH/e" and dbirth_msg.topic == "spBv1.0/g/DBIRTH/e/m"
+    nbirth, dbirth = wire.payload(nbirth_msg.payload), wire.payload(dbirth_msg.payload)
+    assert nbirth["seq"] == 0 and dbirth["seq"] == 1
+    rebirth = by_name(nbirth)["Node Control/Rebirth"]
+    assert rebirth["type"] == "Boolean" and rebirth["value"] is False and "alias" not in rebirth
+    now = fmt._payload(seq=False).timestamp
+    for p in (nbirth, dbirth):
+        assert abs(p["timestamp"] - now) < 60_000  # ms since the Unix epoch (UTC)
+        for m in p["metrics"]:
+            assert "name" in m and "datatype" in m and "timestamp" in m  # birth: name, datatype, timestamp
+            assert m.get("is_null") is not True or "value" not in m  # null: no value
+    aliases = [m["alias"] for m in dbirth["metrics"]]
+    assert all(isinstance(a, int) for a in aliases) and len(set(aliases)) == len(aliases)  # unique
+    # 300 more messages: seq goes on by one, 255 wraps to 0.
+    seqs = [nbirth["seq"], dbirth["seq"]]
+    for i in range(300):
+        (msg,) = fmt.encode(rows(Reading("m", "uint16", TS + i, i), first_seq=i + 1), False)
+        assert msg.qos == 1 and not msg.retain and msg.topic == "spBv1.0/g/DDATA/e/m"
+        data = wire.payload(msg.payload)
+        seqs.append(data["seq"])
+        (m,) = data["metrics"]
+        assert "name" not in m and "alias" in m and m["timestamp"] == TS + i  # alias only, with timestamp
+    assert seqs == [n % 256 for n in range(302)]
+    (msg,) = fmt.encode(rows(Reading("m", "uint16", TS, 1, quality="bad")), False)
+    (m,) = wire.payload(msg.payload)["metrics"]
+    payload = wire.payload_class()()
+    payload.ParseFromString(msg.payload)
+    props = payload.metrics[0].properties
+    assert len(props.keys) == len(props.values)
+    assert props.values[0].type == 3 and props.values[0].WhichOneof("value") == "int_value"  # Quality: Int32
+
+
+def test_sparkplug_ids_refuse_the_reserved_characters() -> None:
+    import pydantic
+
+    from agent.config import SparkplugConfig
+
+    for bad in ("a/b", "a+b", "a#b", "a b"):
+        for key in ("group_id", "edge_node_id", "primary_host_id"):
+            with pytest.raises(pydantic.ValidationError):
+                SparkplugConfig(**{key: bad})
+    assert SparkplugConfig(group_id="Éclairage-Lyon", primary_host_id="scada.1").group_id == "Éclairage-Lyon"
