@@ -268,6 +268,12 @@ class Uplink:
                 raise_if_cancelled()  # the connect (wait_for inside aiomqtt) may have swallowed a stop
                 self._on_connected()
                 gated = getattr(self.fmt, "primary_host_id", None) is not None
+                # Subscribed before the births: a platform that asks for them again (Sparkplug rebirth) as soon
+                # as it sees the gateway cannot ask in between and go unheard.
+                for sub in self.subscriptions:
+                    await settled(client.subscribe(sub.topic, qos=1))
+                for topic, _ in self.fmt.inbound():
+                    await settled(client.subscribe(topic, qos=1))
                 if not gated:
                     for message in self.fmt.birth():
                         await settled(
@@ -275,10 +281,6 @@ class Uplink:
                                 message.topic, message.payload, qos=message.qos, retain=message.retain
                             )
                         )
-                for sub in self.subscriptions:
-                    await settled(client.subscribe(sub.topic, qos=1))
-                for topic, _ in self.fmt.inbound():
-                    await settled(client.subscribe(topic, qos=1))
                 async with TaskGroup() as tg:
                     if gated:
                         tg.create_task(self._lanes_while_host_online(client))

@@ -7,6 +7,7 @@ agent/formats/sparkplug_b.proto), not with the gateway's generated module.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -508,3 +509,41 @@ async def test_primary_host_offline_holds_births_and_data_online_rebirths_then_r
             await asyncio.gather(run, return_exceptions=True)
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
+
+
+@pytest.mark.timeout(120)
+async def test_a_device_that_stops_answering_gets_a_ddeath_then_a_dbirth_when_it_answers_again(
+    tmp_path: Path,
+    broker: Broker,
+    sim: ModbusSim,  # noqa: F811
+) -> None:
+    from tests.daemon import Daemon, write_config
+
+    cfg = write_config(
+        tmp_path / "fieldgate.yaml",
+        gateway="gw-dd",
+        broker_port=broker.port,
+        db=tmp_path / "buffer.db",
+        mqtt_extra="    format: sparkplug\n    sparkplug: {group_id: city}",
+        buses=f"  lan: {{type: modbus-tcp, host: 127.0.0.1, port: {sim.port}, timeout: 200ms}}",
+        devices=f"  lamp-1: {{bus: lan, unit_id: {UNIT}, profile: streetlamp-controller, poll: 300ms}}\n",
+    )
+    async with ReconnectingHost(broker.port, "city") as host:
+        daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+        try:
+            await host.wait_for(lambda: "DDATA" in host.kinds(), "the first DDATA")
+            n = len(host.seen)
+            sim.units[UNIT].dead = True
+            await host.wait_for(lambda: "DDEATH" in host.kinds(n), "DDEATH of the silent device")
+            topic, death = host.seen[n + host.kinds(n).index("DDEATH")]
+            assert topic == "spBv1.0/city/DDEATH/gw-dd/lamp-1" and "seq" in death
+            n = len(host.seen)
+            sim.units[UNIT].dead = False
+            await host.wait_for(lambda: "DDATA" in host.kinds(n), "data again")
+            after = host.kinds(n)
+            assert after.index("DBIRTH") < after.index("DDATA")  # born again before its data
+            seqs = [p["seq"] for _, p in host.seen if "seq" in p]
+            assert all((b - a) % 256 == 1 for a, b in itertools.pairwise(seqs))  # no gap, one session
+        finally:
+            if daemon.alive():
+                daemon.stop()

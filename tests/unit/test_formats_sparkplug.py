@@ -257,3 +257,51 @@ def test_sparkplug_ids_refuse_the_reserved_characters() -> None:
             with pytest.raises(pydantic.ValidationError):
                 SparkplugConfig(**{key: bad})
     assert SparkplugConfig(group_id="Éclairage-Lyon", primary_host_id="scada.1").group_id == "Éclairage-Lyon"
+
+
+def test_a_failing_device_gets_a_ddeath_and_a_new_dbirth_when_it_answers_again() -> None:
+    fmt = SparkplugFormat("g", "e", lambda: {"m": [PointInfo("uint16", "uint16")]})
+    fmt.will()
+    fmt.birth()  # seq 0 NBIRTH, 1 DBIRTH
+    out = fmt.encode(
+        rows(
+            Reading("m", "uint16", TS, 1),
+            Reading("m", "_state", TS + 1, "failing"),
+            Reading("m", "_error", TS + 1, "timeout"),
+        ),
+        False,
+    )
+    assert [(m.topic, m.qos, m.retain) for m in out] == [
+        ("spBv1.0/g/DDATA/e/m", 1, False),
+        ("spBv1.0/g/DDEATH/e/m", 0, False),  # Sparkplug 3.0: DDEATH QoS 0, seq numbered
+    ]
+    death = wire.payload(out[1].payload)
+    assert death["seq"] == 3 and death["metrics"] == [] and "timestamp" in death
+    assert sorted(s for m in out for s in m.seqs) == [1, 2, 3]  # every row in one message
+    # Back: DBIRTH (its own seq) before the values, which need no other birth.
+    out = fmt.encode(
+        rows(Reading("m", "_state", TS + 5, "ok"), Reading("m", "uint16", TS + 5, 2), first_seq=4), False
+    )
+    assert [m.topic.split("/")[2] for m in out] == ["DBIRTH", "DDATA"]
+    assert [wire.payload(m.payload)["seq"] for m in out] == [4, 5]
+    # Data of a dead device (a batch without the ok event) is born again first.
+    fmt.encode(rows(Reading("m", "_state", TS + 6, "failing"), first_seq=6), False)
+    out = fmt.encode(rows(Reading("m", "uint16", TS + 7, 3), first_seq=7), False)
+    assert [m.topic.split("/")[2] for m in out] == ["DBIRTH", "DDATA"]
+
+
+def test_replayed_device_events_are_past_states_not_sent() -> None:
+    fmt = SparkplugFormat("g", "e", lambda: {"m": [PointInfo("uint16", "uint16")]})
+    fmt.will()
+    fmt.birth()
+    out = fmt.encode(
+        rows(
+            Reading("m", "_state", TS, "failing"),
+            Reading("m", "_error", TS, "x"),
+            Reading("m", "uint16", TS, 4),
+        ),
+        True,
+    )
+    assert [m.topic.split("/")[2] for m in out] == ["DDATA"] and sorted(out[0].seqs) == [1, 2, 3]
+    (m,) = wire.payload(out[0].payload)["metrics"]
+    assert m["value"] == 4 and m["is_historical"] is True
