@@ -358,7 +358,10 @@ class Uplink:
         """Nothing leaves while held: new rows stay in the buffer only (the link is up, not 'lost')."""
         self._accepting = False
         self._live.clear()
-        self.last_error = f"held: Sparkplug primary host {getattr(self.fmt, 'primary_host_id', '?')} offline"
+        held = f"held: Sparkplug primary host {getattr(self.fmt, 'primary_host_id', '?')} offline"
+        if self.last_error != held:
+            log.info("upstream %s %s: readings stay in the buffer", self.name, held)
+        self.last_error = held
 
     def _release(self) -> None:
         """Everything stored so far goes the backlog way, in seq order; what comes next is live."""

@@ -547,3 +547,52 @@ async def test_a_device_that_stops_answering_gets_a_ddeath_then_a_dbirth_when_it
         finally:
             if daemon.alive():
                 daemon.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_primary_host_id_through_the_daemon_holds_until_the_host_is_online(
+    tmp_path: Path,
+    broker: Broker,
+    sim: ModbusSim,  # noqa: F811
+) -> None:
+    from tests.daemon import Daemon, write_config
+
+    cfg = write_config(
+        tmp_path / "fieldgate.yaml",
+        gateway="gw-ph",
+        broker_port=broker.port,
+        db=tmp_path / "buffer.db",
+        mqtt_extra="    format: sparkplug\n    sparkplug: {group_id: city, primary_host_id: scada}",
+        buses=f"  lan: {{type: modbus-tcp, host: 127.0.0.1, port: {sim.port}, timeout: 300ms}}",
+        devices=f"  lamp-1: {{bus: lan, unit_id: {UNIT}, profile: streetlamp-controller, poll: 300ms}}\n",
+    )
+    async with (
+        aiomqtt.Client(broker.host, broker.port, identifier="scada") as client,
+        ReconnectingHost(broker.port, "city") as host,
+    ):
+        scada = PrimaryHost(client, "scada")
+        await scada.state(False, 1)
+        daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+        try:
+            # Held: polls go on into the buffer (the daemon's log says so), nothing is published.
+            async with asyncio.timeout(30):
+                while (
+                    "held: Sparkplug primary host scada offline" not in (tmp_path / "daemon.log").read_text()
+                ):
+                    await asyncio.sleep(0.1)
+                    if not daemon.alive():
+                        raise AssertionError((tmp_path / "daemon.log").read_text()[-2000:])
+            await asyncio.sleep(1.0)  # a few poll cycles while held
+            assert host.seen == []
+            await scada.state(True, 2)
+            await host.wait_for(
+                lambda: any(
+                    m.get("is_historical") for t, p in host.seen if "/DDATA/" in t for m in p["metrics"]
+                ),
+                "the held readings",
+            )
+            kinds = host.kinds()
+            assert kinds[:2] == ["NBIRTH", "DBIRTH"]
+        finally:
+            if daemon.alive():
+                daemon.stop()
