@@ -71,6 +71,11 @@ class SparkplugConfig(Model):
     edge_node_id: str | None = Field(
         None, pattern=r"^[^/+#\s]+$", description="Sparkplug edge node id; default: gateway.id"
     )
+    primary_host_id: str | None = Field(
+        None,
+        pattern=r"^[^/+#\s]+$",
+        description="Sparkplug primary host application id: births and data wait for its STATE online",
+    )
 
 
 class MqttConfig(Model):

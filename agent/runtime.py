@@ -465,8 +465,16 @@ class Runtime:
         """Devices and their points now, for the formats that announce them (Sparkplug births, ThingsBoard)."""
         from agent.formats import PointInfo
 
+        def scaled(driver: Any, point: str) -> bool:
+            # A Modbus point's scale/offset (its points() gives the register type): engineering floats.
+            spec = getattr(driver, "_points", {}).get(point)
+            return getattr(spec, "scale", 1.0) != 1.0 or getattr(spec, "offset", 0.0) != 0.0
+
         return {
-            name: [PointInfo(p.name, p.type, p.unit, p.writable) for p in driver.points().values()]
+            name: [
+                PointInfo(p.name, p.type, p.unit, p.writable, scaled(driver, p.name))
+                for p in driver.points().values()
+            ]
             for name, driver in self.drivers.items()
         }
 

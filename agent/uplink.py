@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -73,18 +74,34 @@ def make_format(
     topics: payloads.Topics,
     catalog: Catalog | None = None,
     execute: CommandExecutor | None = None,
+    state_file: Path | None = None,
 ) -> MqttFormat:
-    """The format `cfg.format` names (Sparkplug's protobuf module is imported only when chosen)."""
+    """The format `cfg.format` names (Sparkplug's protobuf module is imported only when chosen).
+
+    `state_file`: where a format keeps what must outlive a restart (Sparkplug: the last bdSeq)."""
     if cfg.format == "sparkplug":
         from agent.formats.sparkplug import SparkplugFormat
 
         sp = cfg.sparkplug
-        return SparkplugFormat(sp.group_id, sp.edge_node_id or gateway_id, catalog, execute, version)
+        bd_seq_file = state_file.with_name(state_file.name + ".bdseq") if state_file is not None else None
+        return SparkplugFormat(
+            sp.group_id,
+            sp.edge_node_id or gateway_id,
+            catalog,
+            execute,
+            version,
+            bd_seq_file,
+            sp.primary_host_id,
+        )
     if cfg.format == "thingsboard":
         from agent.formats.thingsboard import ThingsBoardFormat
 
         return ThingsBoardFormat(catalog, execute)
     return FieldgateFormat(topics, gateway_id, version, cfg.compression)
+
+
+class HostOffline(Exception):
+    """The Sparkplug primary host said offline: the session ends (NDEATH sent) and a new one waits for it."""
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -124,7 +141,11 @@ class Uplink:
         self.tls_context = tls_context
         self.health_doc = health_doc
         self.topics = payloads.Topics(cfg.topic_prefix, gateway_id)
-        self.fmt: MqttFormat = fmt or make_format(cfg, gateway_id, version, self.topics, catalog, execute)
+        buffer = getattr(getattr(store, "store", None), "path", None)  # the state lives beside the buffer
+        state_file = Path(f"{buffer}.{name}") if buffer is not None else None
+        self.fmt: MqttFormat = fmt or make_format(
+            cfg, gateway_id, version, self.topics, catalog, execute, state_file
+        )
         self.lane = lane  # None: the only upstream (acks delete at once)
         self.name = name
         self.subscriptions: list[Subscription] = []
@@ -190,6 +211,15 @@ class Uplink:
                 await self._session()
             except Exception as exc:
                 cause = _root_cause(exc)
+                if isinstance(cause, HostOffline):
+                    # Not a lost link: the session ended on purpose; connect again at once and wait there.
+                    log.info("upstream %s: %s, reconnecting to wait for it", self.name, cause)
+                    self.connected = False
+                    self._accepting = False
+                    self._live.clear()
+                    attempt = 0
+                    raise_if_cancelled()
+                    continue
                 if not isinstance(cause, aiomqtt.MqttError | OSError | TimeoutError):
                     log.error("upstream session failed: %s: %s", type(cause).__name__, cause, exc_info=cause)
                 self._disconnected(self.explain_error(cause))
@@ -241,18 +271,27 @@ class Uplink:
             try:
                 raise_if_cancelled()  # the connect (wait_for inside aiomqtt) may have swallowed a stop
                 self._on_connected()
-                for message in self.fmt.birth():
-                    await settled(
-                        client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
-                    )
+                gated = getattr(self.fmt, "primary_host_id", None) is not None
+                # Subscribed before the births: a platform that asks for them again (Sparkplug rebirth) as soon
+                # as it sees the gateway cannot ask in between and go unheard.
                 for sub in self.subscriptions:
                     await settled(client.subscribe(sub.topic, qos=1))
                 for topic, _ in self.fmt.inbound():
                     await settled(client.subscribe(topic, qos=1))
+                if not gated:
+                    for message in self.fmt.birth():
+                        await settled(
+                            client.publish(
+                                message.topic, message.payload, qos=message.qos, retain=message.retain
+                            )
+                        )
                 async with TaskGroup() as tg:
-                    # Each lane has its own in-flight slots, so a draining backlog never delays live batches.
-                    tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
-                    tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
+                    if gated:
+                        tg.create_task(self._lanes_while_host_online(client))
+                    else:
+                        # Each lane has its own in-flight slots, so a draining backlog never delays live batches.
+                        tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
+                        tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
                     tg.create_task(self._ack_flusher())
                     tg.create_task(self._health_loop(client))
                     tg.create_task(self._message_loop(client))
@@ -281,6 +320,62 @@ class Uplink:
         self._backlog_event.set()
         for hook in self.on_connect:
             hook()
+
+    # -- Sparkplug primary host: hold, then birth ------------------------------------------------------
+
+    async def _lanes_while_host_online(self, client: aiomqtt.Client) -> None:
+        """Births and both lanes only while the format's primary host is online (Sparkplug 3.0).
+
+        Until its STATE says online, nothing is published: readings stay in the buffer (the live lane does
+        not take them) and the connection stays up, subscribed to STATE. Online: NBIRTH, DBIRTHs, then
+        everything stored since the connection came up is replayed in seq order (historical), then live.
+        A valid offline STATE ends the session as the specification wants: NDEATH, DISCONNECT, and a new
+        connection that waits again (`HostOffline`)."""
+        fmt: Any = self.fmt
+        if not fmt.host_online:
+            self._hold()
+            while not fmt.host_online:
+                fmt.host_changed.clear()
+                await fmt.host_changed.wait()
+            self._release()
+        for message in fmt.birth():
+            await settled(
+                client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            )
+        try:
+            async with TaskGroup() as tg:
+                tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
+                tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
+                while fmt.host_online:
+                    fmt.host_changed.clear()
+                    await fmt.host_changed.wait()
+                raise HostOffline(f"Sparkplug primary host {fmt.primary_host_id} offline")
+        except* HostOffline:
+            pass
+        self._hold()
+        for message in fmt.goodbye():  # NDEATH, then a clean DISCONNECT (the broker keeps the will to itself)
+            await settled(
+                client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            )
+        raise HostOffline(f"Sparkplug primary host {fmt.primary_host_id} offline")
+
+    def _hold(self) -> None:
+        """Nothing leaves while held: new rows stay in the buffer only (the link is up, not 'lost')."""
+        self._accepting = False
+        self._live.clear()
+        held = f"held: Sparkplug primary host {getattr(self.fmt, 'primary_host_id', '?')} offline"
+        if self.last_error != held:
+            log.info("upstream %s %s: readings stay in the buffer", self.name, held)
+        self.last_error = held
+
+    def _release(self) -> None:
+        """Everything stored so far goes the backlog way, in seq order; what comes next is live."""
+        self.last_error = None
+        self._live.clear()
+        self._boundary = self._next_seq
+        self._cursor = 0
+        self._accepting = True
+        self._backlog_event.set()
 
     # -- lanes -----------------------------------------------------------------------------------------
 
