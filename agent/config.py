@@ -225,7 +225,7 @@ class NgsiEntityConfig(Model):
 class NgsiLdConfig(Model):
     url: str = Field(pattern=r"^https?://[^/\s]+(:\d+)?(/[^\s]*)?$", description="the context broker")
     tenant: str | None = Field(
-        None, pattern=r"^[^\s\x00-\x1f\x7f]+$", max_length=200, description="NGSILD-Tenant header"
+        None, pattern=r"^[!-~]+$", max_length=200, description="NGSILD-Tenant header (printable ASCII)"
     )
     token_file: Path | None = Field(None, description="bearer token for the broker (Authorization header)")
     context: list[str] = Field(

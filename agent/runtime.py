@@ -30,6 +30,7 @@ from agent.scheduler import MAX_BACKOFF, DeviceTask
 from agent.sdnotify import Notifier
 from agent.store import AsyncStore, Store, StoreStats
 from agent.tls import build_ssl_context, credential_path, explain_tls_error, read_secret
+from agent.urls import redact_url
 from agent.validate import file_hash
 from agent.watchdog import ProgressWatchdog
 
@@ -290,7 +291,7 @@ class Runtime:
         up = self.uplink
         if up is not None:
             doc["upstream"].update(
-                url=self.config.upstream.mqtt.url,
+                url=redact_url(self.config.upstream.mqtt.url),
                 last_error=up.last_error,
                 since_ts=up.since_ts,
                 messages=up.messages,
@@ -394,7 +395,7 @@ class Runtime:
             len(self.config.devices),
             self.config.storage.path,
             stats.pending,
-            self.config.upstream.mqtt.url,
+            redact_url(self.config.upstream.mqtt.url),
         )
         try:
             async with TaskGroup() as tg:

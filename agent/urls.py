@@ -36,8 +36,8 @@ def redact_url(url: str) -> str:
 def url_problem(url: str, schemes: tuple[str, ...], credentials: str) -> str | None:
     """Why `url` cannot be used (None when it can): scheme, host, port 1-65535, no userinfo.
     `credentials` says where credentials go instead, e.g. "upstream.mqtt.username and password_file"."""
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
-        return "a URL cannot contain spaces or control characters"
+    if any(ord(c) < 0x21 or ord(c) >= 0x7F for c in url):
+        return "a URL is printable ASCII: no spaces, control characters or accents (write a host in punycode)"
     try:
         parts = urlsplit(url)
     except ValueError as exc:
@@ -57,4 +57,6 @@ def url_problem(url: str, schemes: tuple[str, ...], credentials: str) -> str | N
         return "the port must be a number from 1 to 65535"
     if not parts.hostname:
         return "the URL has no host"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return "the URL cannot have a query (?...) or fragment (#...): it is the server's base URL"
     return None
