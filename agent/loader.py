@@ -86,6 +86,7 @@ _PLAIN_TAGS = {
     "tag:yaml.org,2002:null",
 }
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 _CHAR_NAMES = {0: "NUL", 0x1B: "ESC", 0x7F: "DEL", 0x08: "BS", 0x0C: "FF", 0x0B: "VT"}
 
 
@@ -147,6 +148,12 @@ def _scalar(node: yaml.Node, loc: Loc, walk: _Walk) -> Any:
 def _to_python(node: yaml.Node, loc: Loc, walk: _Walk, depth: int) -> Any:
     pos, file, problems = walk.pos, walk.file, walk.problems
     pos.values[loc] = _mark(node, file)
+    if isinstance(node, yaml.CollectionNode) and node.tag not in _COLLECTION_TAGS:
+        problems.append(
+            f"{_mark(node, file)}: {_dotted(loc)}: YAML tag {node.tag} is not supported "
+            "(a config value is a mapping, a list, a string, a number, a boolean or null)"
+        )
+        return None
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:

@@ -66,7 +66,8 @@ def next_tick(
     every whole second, 10 s polls at :00, :10...) at least half an interval after the cycle `started`
     (monotonic). Ticks already past (a cycle longer than the interval) are skipped. The grid is read anew
     each time, so a clock step moves the phase once and never bunches polls."""
-    interval = max(interval, MIN_INTERVAL)
+    if not interval >= MIN_INTERVAL:  # also nan
+        interval = MIN_INTERVAL
     now = monotonic()
     earliest = max(started + interval / 2, now)
     wall_earliest = wall() + (earliest - now)

@@ -111,7 +111,7 @@ def size_field(default: Any, minimum: str, maximum: str, **kwargs: Any) -> Any:
 
 def _parse_bound(text: str) -> tuple[float, str]:
     if _DURATION.match(text):
-        return parse_duration(text), format_duration(parse_duration(text))
+        return parse_duration(text), text
     return float(parse_size(text)), text
 
 
