@@ -16,6 +16,13 @@ REDACTED = "***"
 
 def redact_url(url: str) -> str:
     """`url` as it may be shown: userinfo replaced by ***, each query value by ***; never raises."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, tail = rest.partition("/")
+    if "@" in authority:
+        authority = f"{REDACTED}@{authority.rpartition('@')[2]}"
+    url = f"{scheme}{sep}{authority}{slash}{tail}"
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. an unbalanced '[': show the scheme only
