@@ -73,6 +73,8 @@ def _mark(node: yaml.Node, file: str) -> Mark:
 MAX_FILE_BYTES = 4 * 1024 * 1024  # a 100 devices x 100 points config is about 0.6 MB
 MAX_DEPTH = 64  # nesting levels; a config needs about 8 (devices.NAME.points.NAME.aggregate.functions)
 MAX_VALUES = 250_000  # values of a file, aliases expanded
+MAX_EVENTS = 200_000  # parser events (values, keys, collection ends); 100 devices x 100 points: 131k
+PRESCAN_BYTES = 64 * 1024  # a larger file's events are counted before its nodes are built (about 600 B each)
 MAX_ALIAS_VALUES = 20_000  # values reached again through aliases (*name): a billion-laughs bomb stops here
 MAX_PURE_PYTHON_BYTES = 256 * 1024  # the pure-Python parser re-reads a refused file only up to this size
 # YAML 1.1 §5.1 (as PyYAML's reader): what a YAML stream may hold; C0 controls but TAB/LF/CR, DEL, C1 but NEL.
@@ -234,10 +236,18 @@ def parse_yaml(raw: bytes, file: str, pos: Positions, base: Loc = ()) -> tuple[A
     if text is None:
         return None, [problem or f"{file}:1:1: (file): unreadable"]
     try:
+        if len(raw) > PRESCAN_BYTES:
+            count = _count_events(text)
+            if count > MAX_EVENTS:
+                return None, [
+                    f"{file}:1:1: (file): more than {MAX_EVENTS} YAML values, keys and collections; "
+                    "a config needs far fewer"
+                ]
         node = yaml.compose(text, Loader=_FastLoader)
     except yaml.MarkedYAMLError as fast_exc:
         node, problem = None, _syntax_problem(fast_exc, file)
-        if _FastLoader is not _Loader and len(raw) <= MAX_PURE_PYTHON_BYTES:
+        nesting = "nesting depth" in problem  # libyaml's bound (1000 levels): the Python parser would recurse
+        if _FastLoader is not _Loader and len(raw) <= MAX_PURE_PYTHON_BYTES and not nesting:
             try:  # the pure-Python parser's messages are the documented ones
                 node = yaml.compose(text, Loader=_Loader)
             except yaml.MarkedYAMLError as exc:
@@ -259,6 +269,16 @@ def parse_yaml(raw: bytes, file: str, pos: Positions, base: Loc = ()) -> tuple[A
     walk = _Walk(pos, file, problems, _Loader(""))
     data = walk.value(node, base, len(base))
     return data, problems
+
+
+def _count_events(text: str) -> int:
+    """The parser events of `text`, up to just past MAX_EVENTS, without building its nodes."""
+    count = 0
+    for _ in yaml.parse(text, Loader=_FastLoader):
+        count += 1
+        if count > MAX_EVENTS:
+            break
+    return count
 
 
 def _syntax_problem(exc: yaml.MarkedYAMLError, file: str) -> str:

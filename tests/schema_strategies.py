@@ -46,7 +46,9 @@ def duration_values(low_text: str, high_text: str) -> st.SearchStrategy[Any]:
     low, high = parse_duration(low_text), parse_duration(high_text)
     near = [_seconds_text(v) for v in _near(low, high)]
     inside = st.floats(min_value=low, max_value=min(high, low + 5), allow_nan=False).map(_seconds_text)
-    odd = st.sampled_from([0, 10, "-1s", "1e400s", "9" * 400 + "s", ".inf", "10 parsecs", low_text, high_text])
+    odd = st.sampled_from(
+        [0, 10, "-1s", "1e400s", "9" * 400 + "s", ".inf", "10 parsecs", low_text, high_text]
+    )
     return _mostly(inside, st.sampled_from(near), odd)
 
 
@@ -99,7 +101,9 @@ class SchemaStrategies:
 
     def __init__(self, root: dict[str, Any], overrides: dict[str, st.SearchStrategy[Any]] | None = None):
         self.defs: dict[str, Any] = root.get("$defs", {})
-        self.overrides = overrides or {}  # "Def.field" -> strategy (e.g. a URL that must reach the test broker)
+        self.overrides = (
+            overrides or {}
+        )  # "Def.field" -> strategy (e.g. a URL that must reach the test broker)
 
     def ref(self, name: str) -> st.SearchStrategy[Any]:
         return self.value({"$ref": f"#/$defs/{name}"})
@@ -151,7 +155,7 @@ class SchemaStrategies:
             strategy = self.overrides[key] if key in self.overrides else self.value(sub, depth)
             (fields if field in required or key in self.overrides else optional)[field] = strategy
         # A few optional fields at a time: each may be out of range, and the property needs configs that load.
-        few = st.lists(st.sampled_from(sorted(optional)), max_size=3, unique=True) if optional else st.just([])
-        return few.flatmap(
-            lambda keys: st.fixed_dictionaries({**fields, **{k: optional[k] for k in keys}})
+        few = (
+            st.lists(st.sampled_from(sorted(optional)), max_size=3, unique=True) if optional else st.just([])
         )
+        return few.flatmap(lambda keys: st.fixed_dictionaries({**fields, **{k: optional[k] for k in keys}}))

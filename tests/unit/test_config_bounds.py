@@ -90,8 +90,6 @@ def test_every_integer_is_bounded() -> None:
 # --- the property, in process ---------------------------------------------------------------------------
 
 
-
-
 def _strategies() -> SchemaStrategies:
     """The schema's strategies; names the schema cannot describe (a pattern in a validator) are mostly valid."""
     url = _mostly(
@@ -101,7 +99,9 @@ def _strategies() -> SchemaStrategies:
             st.sampled_from(["mqtt://u:p@h", "mqtt://h:0", "mqtt://h:65536", "mqtt://h:1883?x=1"]),
         ),
     )
-    ngsi_url = _mostly(st.just("http://127.0.0.1:1026"), st.sampled_from(["http://u:p@h", "https://h/?token=x"]))
+    ngsi_url = _mostly(
+        st.just("http://127.0.0.1:1026"), st.sampled_from(["http://u:p@h", "https://h/?token=x"])
+    )
     name = _mostly(st.from_regex(r"[a-z0-9_-]{1,10}", fullmatch=True), st.text(max_size=10))
     listen = _mostly(
         st.sampled_from(["", "127.0.0.1:8470", "[::1]:0"]),
@@ -131,7 +131,10 @@ def _strategies() -> SchemaStrategies:
 def _configs() -> st.SearchStrategy[dict[str, Any]]:
     s = _strategies()
     device = st.one_of(
-        [s.ref(name) for name in ("ModbusDeviceConfig", "TicDeviceConfig", "BleDeviceConfig", "MbusDeviceConfig")]
+        [
+            s.ref(name)
+            for name in ("ModbusDeviceConfig", "TicDeviceConfig", "BleDeviceConfig", "MbusDeviceConfig")
+        ]
         + [s.ref(n) for n in ("Sds011DeviceConfig", "Pms5003DeviceConfig", "Mhz19DeviceConfig")]
     )
     bus = st.one_of([s.ref(n) for n in ("ModbusTcpBusConfig", "ModbusRtuBusConfig", "ModbusRtuTcpBusConfig")])
@@ -205,7 +208,11 @@ def workdir() -> Iterator[Path]:
     derandomize=True,
     database=None,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
 )
 @given(doc=_configs())
 def test_generated_configs_load_or_give_positioned_errors_and_hold_only_runnable_values(
@@ -261,7 +268,9 @@ def test_device_duration_bounds(field: str, value: str, message: str, tmp_path: 
     with pytest.raises(ConfigError) as err:
         load_config(cfg)
     assert len(err.value.problems) == 1
-    assert re.match(rf"^{re.escape(str(cfg))}:5:\d+: devices\.d\.{field}: .*{re.escape(message)}", err.value.problems[0])
+    assert re.match(
+        rf"^{re.escape(str(cfg))}:5:\d+: devices\.d\.{field}: .*{re.escape(message)}", err.value.problems[0]
+    )
 
 
 def test_heartbeat_zero_still_turns_confirmations_off(tmp_path: Path) -> None:
@@ -281,8 +290,14 @@ def test_heartbeat_zero_still_turns_confirmations_off(tmp_path: Path) -> None:
     ("url", "shown"),
     [
         ("mqtt://gw:s3cret@broker:1883", "mqtt://***@broker:1883"),
-        ("https://a:b@orion.example.org/base?token=abc&x", "https://***@orion.example.org/base?token=***&***"),
-        ("https://orion.example.org/?access_token=abc#frag", "https://orion.example.org/?access_token=***#***"),
+        (
+            "https://a:b@orion.example.org/base?token=abc&x",
+            "https://***@orion.example.org/base?token=***&***",
+        ),
+        (
+            "https://orion.example.org/?access_token=abc#frag",
+            "https://orion.example.org/?access_token=***#***",
+        ),
         ("mqtts://broker.example.org:8883", "mqtts://broker.example.org:8883"),
         ("http://[::1", "http://***"),
         ("user:pw@host", "***@host"),
