@@ -45,7 +45,10 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
     ),
     "deep-flow-1000000": (lambda: b"[" * 1_000_000, "1:1001: (syntax): exceeded maximum nesting depth"),
     "deep-flow-900": (lambda: b"a: " + b"[" * 900 + b"]" * 900, "1:"),
-    "deep-block": (lambda: "".join(f"{' ' * i}k{i}:\n" for i in range(2000)).encode(), "1000:1004: (syntax): exceeded"),
+    "deep-block": (
+        lambda: "".join(f"{' ' * i}k{i}:\n" for i in range(2000)).encode(),
+        "1000:1004: (syntax): exceeded",
+    ),
     "deep-compact-seq": (lambda: b"- " * 5000 + b"x\n", "1:"),
     "alias-bomb": (_alias_bomb, "1:"),
     "alias-bomb-mappings": (_alias_bomb_mappings, ""),

@@ -42,14 +42,14 @@ def _near(low: float, high: float) -> list[float]:
     return [v for v in out if v >= 0]
 
 
-def duration_values(low_text: str, high_text: str) -> st.SearchStrategy[Any]:
+def duration_values(low_text: str, high_text: str, rare_in: int | None = None) -> st.SearchStrategy[Any]:
     low, high = parse_duration(low_text), parse_duration(high_text)
     near = [_seconds_text(v) for v in _near(low, high)]
     inside = st.floats(min_value=low, max_value=min(high, low + 5), allow_nan=False).map(_seconds_text)
     odd = st.sampled_from(
         [0, 10, "-1s", "1e400s", "9" * 400 + "s", ".inf", "10 parsecs", low_text, high_text]
     )
-    return _mostly(inside, st.sampled_from(near), odd)
+    return _mostly(inside, st.sampled_from(near), odd, rare_in=rare_in)
 
 
 def size_values(low_text: str, high_text: str) -> st.SearchStrategy[Any]:
@@ -73,12 +73,12 @@ def float_values(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     return _mostly(st.floats(min_value=low, max_value=high, allow_nan=False), st.sampled_from(specials))
 
 
-def _text(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+def _text(schema: dict[str, Any], rare_in: int | None = None) -> st.SearchStrategy[Any]:
     pattern = schema.get("pattern")
     low, high = schema.get("x-minimum"), schema.get("x-maximum")
     if isinstance(low, str) and isinstance(high, str):
         if _DURATION.match(low):
-            return duration_values(low, high)
+            return duration_values(low, high, rare_in)
         return size_values(low, high)
     if pattern and "(ms|s|m|h|d)" in pattern:  # a duration without bounds: test_every_duration_is_bounded
         return st.sampled_from(["0s", "10ms", "10s", "1h", "1d", "10"])
@@ -90,20 +90,30 @@ def _text(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
 RARE_IN = 12  # one leaf in RARE_IN is drawn from its out-of-range values
 
 
-def _mostly(usual: st.SearchStrategy[Any], *rare: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+def _mostly(
+    usual: st.SearchStrategy[Any], *rare: st.SearchStrategy[Any], rare_in: int | None = None
+) -> st.SearchStrategy[Any]:
     """Mostly `usual` (valid) values, so that a config with many fields often loads, else one of `rare`."""
-    choices: list[st.SearchStrategy[Any]] = [usual] * (RARE_IN - 1) + [st.one_of(*rare)]
+    choices: list[st.SearchStrategy[Any]] = [usual] * ((rare_in or RARE_IN) - 1) + [st.one_of(*rare)]
     return st.sampled_from(choices).flatmap(lambda strategy: strategy)
 
 
 class SchemaStrategies:
     """`value(schema)`: a strategy for the JSON Schema `schema` (with $refs into this schema's $defs)."""
 
-    def __init__(self, root: dict[str, Any], overrides: dict[str, st.SearchStrategy[Any]] | None = None):
+    def __init__(
+        self,
+        root: dict[str, Any],
+        overrides: dict[str, st.SearchStrategy[Any]] | None = None,
+        always: set[str] | None = None,
+        durations_rare_in: int | None = None,
+    ):
         self.defs: dict[str, Any] = root.get("$defs", {})
         self.overrides = (
             overrides or {}
-        )  # "Def.field" -> strategy (e.g. a URL that must reach the test broker)
+        )  # "Def.field" -> strategy, e.g. a URL that must reach the test broker
+        self.always = always or set()  # "Def.field" drawn in every example (else a few optional fields are)
+        self.rare_in = durations_rare_in  # one duration in this many is at or beyond a bound
 
     def ref(self, name: str) -> st.SearchStrategy[Any]:
         return self.value({"$ref": f"#/$defs/{name}"})
@@ -116,7 +126,7 @@ class SchemaStrategies:
             return st.none()
         if "anyOf" in schema and "x-minimum" in schema:  # an optional duration: the bounds are outside
             bounded = {"type": "string", "x-minimum": schema["x-minimum"], "x-maximum": schema["x-maximum"]}
-            return st.one_of(st.none(), st.none(), _text(bounded))
+            return st.one_of(st.none(), st.none(), _text(bounded, self.rare_in))
         for key in ("oneOf", "anyOf"):
             if key in schema:
                 return st.one_of([self.value(s, depth + 1) for s in schema[key]])
@@ -134,7 +144,7 @@ class SchemaStrategies:
         if kind == "null":
             return st.none()
         if kind == "string":
-            return _text(schema)
+            return _text(schema, self.rare_in)
         if kind == "array":
             return st.lists(self.value(schema.get("items", {}), depth + 1), max_size=3)
         if kind == "object":
@@ -153,7 +163,8 @@ class SchemaStrategies:
         for field, sub in props.items():
             key = f"{name}.{field}"
             strategy = self.overrides[key] if key in self.overrides else self.value(sub, depth)
-            (fields if field in required or key in self.overrides else optional)[field] = strategy
+            forced = field in required or key in self.overrides or key in self.always
+            (fields if forced else optional)[field] = strategy
         # A few optional fields at a time: each may be out of range, and the property needs configs that load.
         few = (
             st.lists(st.sampled_from(sorted(optional)), max_size=3, unique=True) if optional else st.just([])
