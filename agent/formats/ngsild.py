@@ -36,6 +36,7 @@ from agent.formats import decode_rows
 from agent.reading import now_ms
 from agent.store import AsyncStore, StoredRow
 from agent.tls import read_secret
+from agent.urls import redact_url
 
 log = logging.getLogger("fieldgate.ngsild")
 
@@ -490,7 +491,7 @@ class NgsiLdUplink:
                 self._multi_status(answer)
             elif status not in (200, 201, 204):
                 raise HttpError(
-                    f"HTTP {status} from {self.cfg.url}: {answer[:200].decode('utf-8', 'replace')}"
+                    f"HTTP {status} from {redact_url(self.cfg.url)}: {answer[:200].decode('utf-8', 'replace')}"
                 )
             self.messages += 1
             self.sent += len(seqs)
@@ -499,7 +500,7 @@ class NgsiLdUplink:
                 self.connected = True
                 self.last_error = None
                 self.since_ts = now_ms()
-                log.info("upstream %s (ngsi-ld) reached %s", self.name, self.cfg.url)
+                log.info("upstream %s (ngsi-ld) reached %s", self.name, redact_url(self.cfg.url))
                 for hook in self.on_connect:
                     hook()
         self.beat()
