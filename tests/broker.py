@@ -98,3 +98,18 @@ class Broker:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+BROKERS = ("mosquitto", "nats")  # the implementations the delivery contract runs against (PLATFORMS.md)
+
+
+def make_broker(kind: str) -> Broker:
+    """A started broker of `kind` that keeps persistent sessions across its restarts (NATS: JetStream).
+
+    The NATS node (tests/natsbroker.py) has the same interface: host, port, url, start, stop, restart, cleanup.
+    """
+    if kind == "nats":
+        from tests.natsbroker import NatsNode
+
+        return NatsNode().start()  # type: ignore[return-value]
+    return Broker(persistence=True).start()
