@@ -126,3 +126,43 @@ async def test_broker_restart_mid_flow_no_seq_missing(
     figures(a)
     assert a.gaps == [] and a.conflicting == [] and a.counter_reused == [] and a.counter_disorder == 0, a
     assert a.backlog > 0, "the outage's readings came back marked as backlog"
+
+
+# -- where NATS differs (docs/PLATFORMS.md, "Brokers"): checked so the page stays true for the pinned server
+
+
+@pytest.fixture
+def nats() -> Iterator[Broker]:
+    b = make_broker("nats")
+    try:
+        yield b
+    finally:
+        b.cleanup()
+
+
+async def test_nats_closes_the_connection_on_a_topic_with_a_space(nats: Broker) -> None:
+    async with aiomqtt.Client("127.0.0.1", nats.port, identifier="space", timeout=3) as c:
+        with pytest.raises(aiomqtt.MqttError):
+            await c.publish("fieldgate/a b/telemetry", b"x", qos=1)
+    assert "character not supported for MQTT topics" in nats.log_text()  # type: ignore[attr-defined]
+
+
+async def test_nats_refuses_mqtt_5(nats: Broker) -> None:
+    with pytest.raises(aiomqtt.MqttError):
+        async with aiomqtt.Client(
+            "127.0.0.1", nats.port, identifier="v5", protocol=aiomqtt.ProtocolVersion.V5, timeout=3
+        ):
+            pass
+
+
+async def test_nats_carries_dots_in_topics(nats: Broker) -> None:
+    """Sparkplug's namespace `spBv1.0` has a dot, which NATS maps to '//' in its subjects: MQTT clients see
+    the topic unchanged."""
+    async with aiomqtt.Client("127.0.0.1", nats.port, identifier="sub", clean_session=True) as s:
+        await s.subscribe("spBv1.0/#", qos=1)
+        async with aiomqtt.Client("127.0.0.1", nats.port, identifier="pub") as p:
+            await p.publish("spBv1.0/fieldgate/NDATA/gw-1", b"x", qos=1)
+        async with asyncio.timeout(5):
+            async for msg in s.messages:
+                assert str(msg.topic) == "spBv1.0/fieldgate/NDATA/gw-1"
+                break
