@@ -290,7 +290,8 @@ class Runtime:
         up = self.uplink
         if up is not None:
             doc["upstream"].update(
-                url=self.config.upstream.mqtt.url,
+                url=up.url,  # the broker in use (upstream.mqtt.url may list several)
+                failovers=up.failovers,
                 last_error=up.last_error,
                 since_ts=up.since_ts,
                 messages=up.messages,

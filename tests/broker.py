@@ -95,6 +95,13 @@ class Broker:
         self.stop()
         self.start()
 
+    def kill9(self) -> None:
+        """SIGKILL: the broker dies without closing anything cleanly (failover tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -18,7 +18,16 @@ import pytest
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import BROKERS, Broker, make_broker
 from tests.daemon import Daemon
-from tests.faults.conftest import GATEWAY, CounterUnit, TimedChecker, audit, fault_config, figures, store_high, tail
+from tests.faults.conftest import (
+    GATEWAY,
+    CounterUnit,
+    TimedChecker,
+    audit,
+    fault_config,
+    figures,
+    store_high,
+    tail,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,7 +65,9 @@ async def _retained_status(port: int, timeout: float = 10) -> dict[str, object]:
     raise AssertionError("no retained status")
 
 
-async def test_qos1_every_seq_status_retained_and_will(tmp_path, any_broker: Broker, counters: ModbusSim) -> None:
+async def test_qos1_every_seq_status_retained_and_will(
+    tmp_path, any_broker: Broker, counters: ModbusSim
+) -> None:
     cfg = fault_config(tmp_path, any_broker.port, counters.port, poll="100ms")
     daemon = Daemon(cfg, tmp_path / "daemon.log")
     async with TimedChecker(any_broker.port) as checker:
