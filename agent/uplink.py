@@ -48,6 +48,7 @@ RECONNECT_MIN = 0.1
 RECONNECT_MAX = 1.5  # full jitter: each wait is uniform in [0, cap]; a broker back sees data within 2 s
 FAILOVER_SPREAD = 0.5  # after losing a connected broker, the next attempt waits uniform [0, this] (no herd)
 PROBE_TIMEOUT = 1.0  # with several brokers, one that does not answer a TCP connect this fast is skipped
+CONNECT_TIMEOUT = 3.0  # with several brokers, one that accepts TCP but sends no CONNACK this fast is skipped
 LIVE_INFLIGHT = 2  # live messages awaiting PUBACK at once (the backlog has `max_inflight` of its own)
 ACK_RETRY = 1.0  # seconds between attempts to delete acknowledged rows while the disk refuses
 LIVE_LIMIT_BATCHES = 20  # past this many batches waiting live, the surplus goes the backlog way
@@ -301,7 +302,13 @@ class Uplink:
 
     async def _session(self) -> None:
         client = self._client_for_session()
+        session_timeout = client.timeout
+        if len(self.urls) > 1:
+            # A NATS node whose cluster is electing a new leader for its MQTT streams accepts TCP and holds
+            # the CONNECT for seconds (docs/FLEET.md): try the next broker rather than wait the full timeout.
+            client.timeout = CONNECT_TIMEOUT
         async with client:
+            client.timeout = session_timeout
             self._client = client
             try:
                 raise_if_cancelled()  # the connect (wait_for inside aiomqtt) may have swallowed a stop

@@ -7,6 +7,7 @@ cluster, a free route port; it is stopped by its PID (SIGTERM, or SIGKILL for th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from tests.broker import free_port
@@ -44,11 +46,14 @@ class NatsNode:
         route_port: int | None = None,
         routes: list[int] | None = None,
         root: Path | None = None,
+        replicas: int = 1,
     ) -> None:
         self.name = name
         self.host = "127.0.0.1"
         self.client_port = free_port()
         self.port = free_port()  # MQTT: what the gateway and the checkers use
+        self.http_port = free_port()  # monitoring: /healthz says when JetStream is current
+        self.replicas = replicas
         self.cluster = cluster
         self.route_port = route_port
         self.routes = routes or []
@@ -67,9 +72,10 @@ class NatsNode:
         lines = [
             f"server_name: {self.name}",
             f"listen: {self.host}:{self.client_port}",
+            f"http: {self.host}:{self.http_port}",
             f'jetstream {{ store_dir: "{self.dir / "js"}" }}',
             # ack_wait: how long the server waits for a subscriber's PUBACK before redelivering (default 30 s)
-            f"mqtt {{ listen: {self.host}:{self.port}, ack_wait: 5s }}",
+            f"mqtt {{ listen: {self.host}:{self.port}, ack_wait: 5s, stream_replicas: {self.replicas} }}",
         ]
         if self.cluster is not None:
             assert self.route_port is not None
@@ -102,6 +108,41 @@ class NatsNode:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"nats-server {self.name} did not open its MQTT port: {self.log_text()[-2000:]}")
+
+    def healthy(self) -> bool:
+        """/healthz: the server is up and its JetStream is current with the cluster (meta and streams)."""
+        try:
+            url = f"http://{self.host}:{self.http_port}/healthz"
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return bool(json.loads(resp.read()).get("status") == "ok")
+        except (OSError, ValueError):
+            return False
+
+    def mqtt_ready(self, timeout: float = 2.0) -> bool:
+        """Whether the MQTT gateway accepts a session now (a bare CONNECT answered by CONNACK 0)."""
+        ident = f"ready-{self.name}".encode()
+        var = b"\x00\x04MQTT\x04\x02\x00\x0a"
+        payload = len(ident).to_bytes(2, "big") + ident
+        packet = bytes([0x10, len(var) + len(payload)]) + var + payload
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+                sock.settimeout(timeout)
+                sock.sendall(packet)
+                ack = sock.recv(4)
+                sock.sendall(b"\xe0\x00")  # DISCONNECT
+        except OSError:
+            return False
+        return ack == b"\x20\x02\x00\x00"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        streak = 0  # /healthz flaps while a restarted node catches up: ask for it several times in a row
+        while time.monotonic() < deadline:
+            streak = streak + 1 if self.healthy() and self.mqtt_ready() else 0
+            if streak >= 3:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"nats-server {self.name} not ready: {self.log_text()[-2000:]}")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -147,6 +188,7 @@ class NatsCluster:
                 route_port=route_ports[i],
                 routes=[p for j, p in enumerate(route_ports) if j != i],
                 root=self.root,
+                replicas=min(size, 3),
             )
             for i in range(size)
         ]
@@ -160,7 +202,32 @@ class NatsCluster:
             n.start(wait=False)
         for n in self.nodes:
             n.wait_listening(timeout)
+        for n in self.nodes:
+            n.wait_ready(timeout)
         return self
+
+    def stream_leaders(self) -> dict[str, str]:
+        """Stream name (and `stream>consumer`) -> the node leading its raft group, from /jsz of a live node.
+
+        The MQTT gateway's state is in the `$MQTT_*` streams; each durable MQTT subscription is a consumer.
+        """
+        for n in self.nodes:
+            if not n.alive():
+                continue
+            try:
+                url = f"http://{n.host}:{n.http_port}/jsz?streams=true&consumers=true"
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    doc = json.loads(resp.read())
+            except (OSError, ValueError):
+                continue
+            out: dict[str, str] = {}
+            for acc in doc.get("account_details", []):
+                for st in acc.get("stream_detail", []):
+                    out[st["name"]] = st.get("cluster", {}).get("leader", "")
+                    for co in st.get("consumer_detail") or []:
+                        out[f"{st['name']}>{co['name']}"] = co.get("cluster", {}).get("leader", "")
+            return out
+        return {}
 
     def node_on(self, port: int) -> NatsNode:
         return next(n for n in self.nodes if n.port == port)
