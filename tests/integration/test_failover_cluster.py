@@ -1,8 +1,8 @@
 """A real 3-node NATS cluster on loopback (JetStream clustered, MQTT on every node, R3 MQTT streams).
 
 The gateway lists two of the nodes in `url`; the platform is on the third. The node the gateway is connected
-to is killed with SIGKILL, five times during steady flow and once during a backlog drain. A platform connected to another node (persistent session,
-kept in JetStream) must see every seq, and data must flow again through another node: within 2 s when the
+to is killed with SIGKILL, five times during steady flow and once during a backlog drain. A platform
+connected to another node (persistent session, kept in JetStream) must see every seq, and data must flow again through another node: within 2 s when the
 killed node led none of the MQTT streams and consumers. When it led one, MQTT CONNECTs, QoS 1 publishes or
 deliveries in the cluster wait for JetStream to elect a new leader (several seconds: docs/FLEET.md), so the
 bound there is that election, not the gateway. The figures printed here are those of docs/FLEET.md.
