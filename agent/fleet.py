@@ -277,20 +277,35 @@ def rollout_table(targets: list[Target], result: Rollout) -> str:
 
 
 def status_table(views: dict[str, GatewayView], now_ms: int, gateways: list[str] | None = None) -> str:
-    rows: list[tuple[str, ...]] = [("GATEWAY", "STATUS", "CONFIG", "CONFIRMED", "LAST SEEN", "PENDING")]
+    """Per gateway: online/offline, the running config (version, hash), whether it is confirmed, the last
+    push's outcome, when it was last heard of, and its buffer's pending readings (from `health`)."""
+    rows: list[tuple[str, ...]] = [
+        ("GATEWAY", "STATUS", "CONFIG", "CONFIRMED", "LAST PUSH", "LAST SEEN", "PENDING")
+    ]
     for gw in gateways or sorted(views):
         v = views.get(gw, GatewayView())
         status = str(v.status.get("state", "?")) if v.status else "?"
+        config, confirmed, last = "?", "?", "-"
         if v.state:
             config = f"v{v.state.get('version', '?')} {str(v.state.get('hash', ''))[:12]}"
-            confirmed = "yes" if v.state.get("ok") is True else f"no: {str(v.state.get('error', ''))[:40]}"
-        else:
-            config, confirmed = "?", "?"
+            error = str(v.state.get("error", ""))
+            # A refused or rolled-back push leaves the gateway on its previous, confirmed config; only a
+            # failed rollback leaves it on one that never reached its upstream.
+            confirmed = "no" if "rollback failed" in error else "yes"
+            if v.state.get("id") is not None:
+                outcome = (
+                    "confirmed"
+                    if v.state.get("ok")
+                    else "rolled back"
+                    if v.state.get("rolled_back")
+                    else "refused"
+                )
+                last = f"{v.state['id']} {outcome}"
         seen = f"{max(0, now_ms - v.last_seen_ms) / 1000:.0f} s ago" if v.last_seen_ms else "never"
         pending = "?"
         if v.health and isinstance(v.health.get("buffer"), dict):
             pending = str(v.health["buffer"].get("pending", "?"))
-        rows.append((gw, status, config, confirmed, seen, pending))
+        rows.append((gw, status, config, confirmed, last, seen, pending))
     return table(rows)
 
 

@@ -24,7 +24,15 @@ import pytest
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import free_port
 from tests.daemon import Daemon
-from tests.faults.conftest import CounterUnit, TimedChecker, fault_config, store_high, tail, wait_status
+from tests.faults.conftest import (
+    CounterUnit,
+    TimedChecker,
+    fault_config,
+    fetch_status,
+    store_high,
+    tail,
+    wait_status,
+)
 from tests.natsbroker import NatsCluster, NatsNode
 
 pytestmark = pytest.mark.timeout(300)
@@ -98,11 +106,26 @@ async def node_in_use(cluster: NatsCluster, local_port: int) -> NatsNode:
     return cluster.node_on(port)
 
 
+async def gateway_publishing_again(local_port: int, victim: NatsNode, killed: float) -> float:
+    """Seconds from the kill until the gateway, connected to another node, has readings acknowledged there."""
+    sent: int | None = None
+    while True:
+        with contextlib.suppress(OSError):
+            up = (await asyncio.to_thread(fetch_status, local_port))["upstream"]
+            if up["connected"] and up["url"] != victim.url:
+                if sent is None:
+                    sent = up["sent"]
+                elif up["sent"] > sent:
+                    return time.monotonic() - killed
+        await asyncio.sleep(0.05)
+
+
 async def kill_and_time(
     cluster: NatsCluster, checker: ClusterChecker, local_port: int
 ) -> tuple[NatsNode, float, list[str]]:
     """SIGKILL the gateway's node; seconds until a reading newer than any received before reaches the
-    platform (through another node); which MQTT streams and consumers the killed node led."""
+    platform (through another node); which MQTT streams and consumers the killed node led. The gateway's
+    own figure (acknowledged on another node) is printed beside."""
     victim = await node_in_use(cluster, local_port)
     assert checker.port_in_use != victim.port, "the platform is on another node than the gateway"
     leaders = await asyncio.to_thread(cluster.stream_leaders)
@@ -111,6 +134,7 @@ async def kill_and_time(
     top = max(checker.seq_set(), default=0)
     victim.kill9()
     killed_ms = time.time_ns() // 1_000_000
+    gateway = asyncio.create_task(gateway_publishing_again(local_port, victim, time.monotonic()))
 
     def newer() -> int | None:
         for i in range(before, len(checker.data.readings)):
@@ -121,6 +145,8 @@ async def kill_and_time(
     await checker.wait_for(lambda: newer() is not None, timeout=60, what=f"data after killing {victim.name}")
     arrived = newer()
     assert arrived is not None
+    acked = await asyncio.wait_for(gateway, 60)
+    print(f"\n  kill of {victim.name}: gateway acknowledged on another node after {acked:.2f} s")
     return victim, (arrived - killed_ms) / 1000, led
 
 
