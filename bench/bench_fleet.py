@@ -89,6 +89,8 @@ class Platform:
         self.seqs: dict[str, set[int]] = defaultdict(set)
         self.arrivals: list[tuple[float, str, int]] = []  # (monotonic, gateway, seq)
         self.count = 0
+        self.messages = 0
+        self.bytes = 0
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
@@ -104,7 +106,10 @@ class Platform:
                     async for msg in client.messages:
                         gw = str(msg.topic).split("/")[1]
                         now = time.monotonic()
-                        doc = orjson.loads(msg.payload if isinstance(msg.payload, bytes) else b"{}")
+                        payload = msg.payload if isinstance(msg.payload, bytes) else b"{}"
+                        self.messages += 1
+                        self.bytes += len(payload)
+                        doc = orjson.loads(payload)
                         for r in doc.get("readings", []):
                             self.seqs[gw].add(r["seq"])
                             self.arrivals.append((now, gw, r["seq"]))
@@ -154,14 +159,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
         # Steady state.
         first = {gw: proc_figures(d.pid) for gw, d in daemons.items()}
-        c0, w0 = platform.count, time.monotonic()
+        c0, m0, b0, w0 = platform.count, platform.messages, platform.bytes, time.monotonic()
         await asyncio.sleep(args.steady)
-        c1, w1 = platform.count, time.monotonic()
+        c1, m1, b1, w1 = platform.count, platform.messages, platform.bytes, time.monotonic()
         last = {gw: proc_figures(d.pid) for gw, d in daemons.items()}
         rss = [last[gw][0] for gw in daemons]
         cpu = [(last[gw][1] - first[gw][1]) / (w1 - w0) * 100 for gw in daemons]
         out["steady"] = {
             "readings_per_s": round((c1 - c0) / (w1 - w0), 1),
+            "messages_per_s": round((m1 - m0) / (w1 - w0), 2),
+            "payload_bytes_per_reading": round((b1 - b0) / max(1, c1 - c0), 1),
             "expected_readings_per_s": round(expected / _seconds(args.interval), 1),
             "rss_mib_median": round(statistics.median(rss), 1),
             "rss_mib_max": round(max(rss), 1),
