@@ -35,7 +35,7 @@ from tests.faults.conftest import (
 )
 from tests.natsbroker import NatsCluster, NatsNode
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(420)  # each kill may wait for JetStream elections (docs/FLEET.md §3)
 
 
 class ClusterChecker(TimedChecker):
