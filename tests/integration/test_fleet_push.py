@@ -8,6 +8,7 @@ refused while gw-d confirmed): it halts, and gw-a, gw-b and gw-d get their previ
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -162,3 +163,24 @@ async def test_push_in_stages_halts_on_a_refusal_and_rolls_back(
     finally:
         for d in daemons:
             assert d.stop() == 0, d.log_text()[-3000:]
+
+
+def test_envelope_signature_is_what_the_gateway_checks(tmp_path: Path) -> None:
+    """The message of `fleet push` verifies with the gateway's own check (agent/remoteconfig.py)."""
+    from agent.fleet import envelope
+    from agent.remoteconfig import Refused, parse_request, verify_signature
+
+    key = Ed25519PrivateKey.generate()
+    pub = tmp_path / "platform.pub"
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    config = "gateway: {id: gw-a}\n# é\n".encode()
+    request = parse_request(json.dumps(envelope("gw-a", config, "r-1", key)).encode())
+    assert request.id == "r-1" and request.data == config
+    verify_signature(pub, request.data, request.signature)
+    with pytest.raises(Refused, match="bad signature"):
+        verify_signature(pub, config + b"x", request.signature)
+    assert "signature" not in envelope("gw-a", config, "r-2", None)
