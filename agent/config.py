@@ -14,7 +14,7 @@ from agent.migrate import CURRENT_VERSION, version_problem
 from agent.modelkit import Discriminator, Field, Tag, field_validator, model_validator
 from agent.schedule import ScheduleConfig, schedule_problems
 from agent.units import Duration, Size, duration_field, size_field
-from agent.urls import url_problem
+from agent.urls import redact_url, url_problem
 
 # Characters no name that travels in a topic, a header or a log line may hold (C0 controls, DEL).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -147,8 +147,29 @@ class SparkplugConfig(Model):
     )
 
 
+MQTT_URL = re.compile(r"^mqtts?://[^/\s]+(:\d+)?/?$")
+
+
+def mqtt_endpoint(url: str) -> tuple[str, int]:
+    """(host, port) of one mqtt:// or mqtts:// URL (1883 / 8883 by default)."""
+    rest = url.split("://", 1)[1].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if sep and port.isdigit():
+        return host, int(port)
+    return rest, 8883 if url.startswith("mqtts://") else 1883
+
+
 class MqttConfig(Model):
-    url: str = Field(pattern=r"^mqtts?://[^/\s]+(:\d+)?/?$")
+    url: str | list[str] = Field(
+        description="the broker, or a list of brokers in order of preference: the first that answers is "
+        "used, another within 2 s when it is lost (docs/FLEET.md)"
+    )
+    failback: Duration = Field(
+        300.0,
+        ge=0,
+        description="on a broker other than the first of `url`, go back to a preferred one once it has "
+        "answered for this long; 0 stays on the broker in use",
+    )
     format: Literal["fieldgate", "sparkplug", "thingsboard"] = Field(
         "fieldgate",
         description="payload format: fieldgate (SPEC §3), sparkplug (Sparkplug B), thingsboard (gateway "
@@ -177,11 +198,28 @@ class MqttConfig(Model):
 
     @field_validator("url")
     @classmethod
-    def _url(cls, value: str) -> str:
-        problem = url_problem(value, ("mqtt", "mqtts"), "upstream.mqtt.username and password_file")
-        if problem is not None:
-            raise ValueError(problem)
+    def _urls(cls, value: str | list[str]) -> str | list[str]:
+        urls = [value] if isinstance(value, str) else value
+        if not urls:
+            raise ValueError("give at least one broker URL")
+        for url in urls:
+            problem = url_problem(url, ("mqtt", "mqtts"), "upstream.mqtt.username and password_file")
+            if problem is not None:
+                raise ValueError(problem if len(urls) == 1 else f"{redact_url(url)}: {problem}")
+            if not MQTT_URL.fullmatch(url):
+                raise ValueError(f"{redact_url(url)}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        if len({u.split("://", 1)[0] for u in urls}) > 1:
+            raise ValueError(
+                "all mqtt:// or all mqtts://: the brokers of one upstream share its TLS settings"
+            )
+        if len(set(urls)) < len(urls):
+            raise ValueError("a broker is listed twice")
         return value
+
+    @property
+    def urls(self) -> list[str]:
+        """Every broker, in order of preference (a single `url` is a list of one)."""
+        return [self.url] if isinstance(self.url, str) else list(self.url)
 
     @field_validator("topic_prefix")
     @classmethod
@@ -198,18 +236,15 @@ class MqttConfig(Model):
 
     @property
     def host(self) -> str:
-        return self.url.split("://", 1)[1].rstrip("/").rsplit(":", 1)[0]
+        return mqtt_endpoint(self.urls[0])[0]
 
     @property
     def port(self) -> int:
-        rest = self.url.split("://", 1)[1].rstrip("/")
-        if ":" in rest:
-            return int(rest.rsplit(":", 1)[1])
-        return 8883 if self.url.startswith("mqtts://") else 1883
+        return mqtt_endpoint(self.urls[0])[1]
 
     @property
     def use_tls(self) -> bool:
-        return self.url.startswith("mqtts://")
+        return self.urls[0].startswith("mqtts://")
 
 
 class NgsiEntityConfig(Model):

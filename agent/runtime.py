@@ -295,7 +295,8 @@ class Runtime:
         up = self.uplink
         if up is not None:
             doc["upstream"].update(
-                url=redact_url(self.config.upstream.mqtt.url),
+                url=redact_url(up.url),  # the broker in use (upstream.mqtt.url may list several)
+                failovers=up.failovers,
                 last_error=up.last_error,
                 since_ts=up.since_ts,
                 messages=up.messages,
@@ -404,7 +405,7 @@ class Runtime:
             len(self.config.devices),
             self.config.storage.path,
             stats.pending,
-            redact_url(self.config.upstream.mqtt.url),
+            ", ".join(redact_url(u) for u in self.config.upstream.mqtt.urls),
         )
         try:
             async with TaskGroup() as tg:
