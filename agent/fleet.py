@@ -10,8 +10,8 @@ gateway already changed gets its previous config back (pushed and confirmed the 
 `fieldgate fleet status` reads what the gateways left on the broker: the retained `status` and `config/state`,
 and the `health` messages that arrive while it listens (buffer pending).
 
-The message sent to one gateway is built by `envelope()` alone: when the envelope gains fields (a binding to
-the gateway id, an increasing version), that function is the one to change.
+The message sent to one gateway is built by `envelope()` alone: bound to the gateway and to a rising serial,
+signed as the gateway checks it (agent/remoteconfig.py).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 import aiomqtt
 
 from agent.config import mqtt_endpoint
+from agent.remoteconfig import signed_message
 
 DEFAULT_PREFIX = "fieldgate"
 
@@ -59,15 +60,18 @@ def load_signing_key(path: Path) -> Any:
     return key
 
 
-def envelope(gateway: str, config: bytes, request_id: str, key: Any | None) -> dict[str, Any]:
-    """The `{prefix}/{gateway}/config/set` message for one gateway (SPEC, remote configuration).
-
-    `gateway` is not in the message yet; it is here so that binding the signature to the gateway id (and
-    adding a version) changes this function only.
-    """
-    doc: dict[str, Any] = {"id": request_id, "config": config.decode()}
+def envelope(
+    gateway: str, config: bytes, request_id: str, key: Any | None, serial: int | None = None
+) -> dict[str, Any]:
+    """The `{prefix}/{gateway}/config/set` message for one gateway (docs/CONFIG_LIFECYCLE.md): bound to that
+    gateway and to a serial higher than any earlier push (default: now in milliseconds, so a rollback pushed
+    after a rollout is newer than it); the signature covers the config's digest, the gateway and the serial
+    (`agent.remoteconfig.signed_message`, the gateway's own check)."""
+    if serial is None:
+        serial = time.time_ns() // 1_000_000
+    doc: dict[str, Any] = {"id": request_id, "config": config.decode(), "gateway": gateway, "serial": serial}
     if key is not None:
-        doc["signature"] = base64.b64encode(key.sign(config)).decode()
+        doc["signature"] = base64.b64encode(key.sign(signed_message(config, gateway, serial))).decode()
     return doc
 
 

@@ -168,7 +168,7 @@ async def test_push_in_stages_halts_on_a_refusal_and_rolls_back(
 def test_envelope_signature_is_what_the_gateway_checks(tmp_path: Path) -> None:
     """The message of `fleet push` verifies with the gateway's own check (agent/remoteconfig.py)."""
     from agent.fleet import envelope
-    from agent.remoteconfig import Refused, parse_request, verify_signature
+    from agent.remoteconfig import Refused, parse_request, signed_message, verify_signature
 
     key = Ed25519PrivateKey.generate()
     pub = tmp_path / "platform.pub"
@@ -178,9 +178,13 @@ def test_envelope_signature_is_what_the_gateway_checks(tmp_path: Path) -> None:
         )
     )
     config = "gateway: {id: gw-a}\n# é\n".encode()
-    request = parse_request(json.dumps(envelope("gw-a", config, "r-1", key)).encode())
+    request = parse_request(json.dumps(envelope("gw-a", config, "r-1", key, serial=7)).encode())
     assert request.id == "r-1" and request.data == config
-    verify_signature(pub, request.data, request.signature)
-    with pytest.raises(Refused, match="bad signature"):
-        verify_signature(pub, config + b"x", request.signature)
+    assert (request.gateway, request.serial) == ("gw-a", 7)
+    verify_signature(pub, signed_message(config, "gw-a", 7), request.signature)
+    for other in (signed_message(config + b"x", "gw-a", 7), signed_message(config, "gw-b", 7)):
+        with pytest.raises(Refused, match="bad signature"):
+            verify_signature(pub, other, request.signature)
+    later = parse_request(json.dumps(envelope("gw-a", config, "r-3", key)).encode())
+    assert later.serial is not None and later.serial > 7  # default serial: now in ms, rising
     assert "signature" not in envelope("gw-a", config, "r-2", None)
