@@ -8,7 +8,8 @@ marked `"backlog": true`. Each lane has its own in-flight slots (live 2, backlog
 so live data stays fresh while a backlog drains.
 
 Rows are deleted from the store only after the broker's PUBACK for the
-message that carried them. Rows in flight when the link drops are sent
+message that carried them; from their publish until then they are pinned in
+the store (not evictable), so `evicted` counts exactly the readings never sent. Rows in flight when the link drops are sent
 again on the next connection (at-least-once; duplicates are limited to the
 messages in flight: at most `max_inflight` backlog + 2 live messages).
 
@@ -288,6 +289,16 @@ class Uplink:
         tg: asyncio.TaskGroup,
     ) -> None:
         await slots.acquire()
+        try:
+            # In flight from here: pinned until the ack (after the PUBACK) deletes them, so that eviction can
+            # never count a reading the platform receives. Rows evicted since they were read are not sent.
+            rows = await self.store.pin(rows, self.lane)
+        except BaseException:
+            slots.release()
+            raise
+        if not rows:
+            slots.release()
+            return
         try:
             messages = self.fmt.encode(rows, backlog)
         except Exception as exc:
