@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS readings(
 );
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS lanes(name TEXT PRIMARY KEY, bit INTEGER NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS inflight(seq INTEGER PRIMARY KEY, lanes INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('evicted', 0), ('recovered', 0);
 """
 
@@ -527,6 +528,15 @@ class Store:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         self._evicted = int(meta.get("evicted", 0))
         self._recovered = int(meta.get("recovered", 0))
+        # Rows in flight when the last run stopped (kept by close): still maybe delivered, still pinned.
+        # A lane's bit goes once that lane acknowledged the row; a row gone (acked) is no longer held.
+        self._pins = {
+            int(seq): int(mask) & ~int(acked)
+            for seq, mask, acked in conn.execute(
+                "SELECT i.seq, i.lanes, r.acked FROM inflight i JOIN readings r ON r.seq = i.seq"
+            )
+            if int(mask) & ~int(acked)
+        }
 
     # -- lanes (one per upstream) ------------------------------------------------------------------------
 
@@ -1007,12 +1017,25 @@ class Store:
         self._last_error = message
         return StoreError(message)
 
+    def _keep_pins(self, conn: sqlite3.Connection) -> None:
+        """At a stop, the rows still in flight (no PUBACK came) stay pinned for the next run: they may have
+        reached the platform, so evicting them before they are sent again would count a delivered reading."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM inflight")
+            conn.executemany("INSERT INTO inflight(seq, lanes) VALUES (?, ?)", self._pins.items())
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            log.warning("buffer %s: the rows in flight were not recorded at close: %s", self.path, exc)
+
     def close(self) -> None:
         """Close the file (SQLite checkpoints the WAL into it). Safe to call twice."""
         if self._evict_unlogged:
             self._log_eviction()
         conn, self._conn = self._conn, None
         if conn is not None:
+            self._keep_pins(conn)
             try:
                 conn.close()
             except sqlite3.Error as exc:
