@@ -1021,6 +1021,8 @@ class Store:
         """At a stop, the rows still in flight (no PUBACK came) stay pinned for the next run: they may have
         reached the platform, so evicting them before they are sent again would count a delivered reading."""
         try:
+            if not self._pins and conn.execute("SELECT 1 FROM inflight LIMIT 1").fetchone() is None:
+                return  # nothing to record (the usual case): no write at close
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("DELETE FROM inflight")
             conn.executemany("INSERT INTO inflight(seq, lanes) VALUES (?, ?)", self._pins.items())
