@@ -9,9 +9,10 @@ so live data stays fresh while a backlog drains.
 
 Rows are deleted from the store only after the broker's PUBACK for the
 message that carried them; from their publish until then they are pinned in
-the store (not evictable), so `evicted` counts exactly the readings never sent. Rows in flight when the link drops are sent
-again on the next connection (at-least-once; duplicates are limited to the
-messages in flight: at most `max_inflight` backlog + 2 live messages).
+the store (not evictable), so `evicted` counts exactly the readings never
+sent. Rows in flight when the link drops are sent again on the next
+connection (at-least-once; duplicates are limited to the messages in flight:
+at most `max_inflight` backlog + 2 live messages).
 
 What goes on the wire is the format's (`agent/formats/`: fieldgate JSON, Sparkplug B, ThingsBoard): it
 encodes each batch into messages, gives the will and the birth messages, and handles its platform's
