@@ -341,7 +341,10 @@ class Store:
         elif not had_db:
             why = "the database file is missing or empty"
         elif not had_wal:
-            why = "the process stopped without closing it and its write-ahead log (-wal) is gone"
+            why = (
+                "the process stopped without closing it and its write-ahead log (-wal) is gone (lost, or merged"
+                " by another program that opened the file read-write)"
+            )
         else:
             return  # an unclean stop, its -wal intact: the file is right, the seqs reserved beyond it unused
         try:

@@ -150,8 +150,11 @@ def figures(a: Audit) -> None:
 
 
 def store_high(db: Path) -> int:
-    """The gateway's own high-water mark: the last seq its buffer assigned (read beside the daemon)."""
-    conn = sqlite3.connect(db, timeout=10)
+    """The gateway's own high-water mark: the last seq its buffer assigned (read beside the daemon).
+
+    Read-only: a read-write connection closing last (the daemon killed) would merge and delete the -wal, which
+    the next start cannot tell from a lost -wal (docs/STORE.md, the seq mark)."""
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
     try:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
         top = conn.execute("SELECT coalesce(max(seq), 0) FROM readings").fetchone()[0]
