@@ -236,6 +236,7 @@ class Store:
         self.seq_path = Path(f"{self.path}.seq")
         self._seq_mark = 0  # every seq handed out is below it (the side file says so, durably)
         self._mark_floor: int | None = None  # during open: the side file's H - 1
+        self._wal_mode = True  # False where the filesystem refused WAL (then no -wal is ever left behind)
 
     # -- opening, recovery -------------------------------------------------------------------------------
 
@@ -340,7 +341,7 @@ class Store:
             )
         elif not had_db:
             why = "the database file is missing or empty"
-        elif not had_wal:
+        elif not had_wal and self._wal_mode:
             why = (
                 "the process stopped without closing it and its write-ahead log (-wal) is gone (lost, or merged"
                 " by another program that opened the file read-write)"
@@ -385,6 +386,7 @@ class Store:
                 # Only effective before the first table exists; lets acks give space back (see _maybe_vacuum).
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            self._wal_mode = mode == "wal"
             if mode != "wal":
                 log.warning("buffer %s: the filesystem refused WAL mode (journal_mode=%s)", self.path, mode)
             if not new:
