@@ -8,9 +8,11 @@ marked `"backlog": true`. Each lane has its own in-flight slots (live 2, backlog
 so live data stays fresh while a backlog drains.
 
 Rows are deleted from the store only after the broker's PUBACK for the
-message that carried them. Rows in flight when the link drops are sent
-again on the next connection (at-least-once; duplicates are limited to the
-messages in flight: at most `max_inflight` backlog + 2 live messages).
+message that carried them; from their publish until then they are pinned in
+the store (not evictable), so `evicted` counts exactly the readings never
+sent. Rows in flight when the link drops are sent again on the next
+connection (at-least-once; duplicates are limited to the messages in flight:
+at most `max_inflight` backlog + 2 live messages).
 
 What goes on the wire is the format's (`agent/formats/`: fieldgate JSON, Sparkplug B, ThingsBoard): it
 encodes each batch into messages, gives the will and the birth messages, and handles its platform's
@@ -520,6 +522,16 @@ class Uplink:
         tg: asyncio.TaskGroup,
     ) -> None:
         await slots.acquire()
+        try:
+            # In flight from here: pinned until the ack (after the PUBACK) deletes them, so that eviction can
+            # never count a reading the platform receives. Rows evicted since they were read are not sent.
+            rows = await self.store.pin(rows, self.lane)
+        except BaseException:
+            slots.release()
+            raise
+        if not rows:
+            slots.release()
+            return
         try:
             messages = self.fmt.encode(rows, backlog)
         except Exception as exc:
