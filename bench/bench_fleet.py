@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sqlite3
 import statistics
 import tempfile
 import time
@@ -33,7 +32,7 @@ import aiomqtt
 import orjson
 
 from drivers.modbus.simulator import ModbusSim, SimUnit
-from tests.daemon import Daemon
+from tests.daemon import Daemon, connect_ro
 from tests.natsbroker import NatsCluster
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -73,7 +72,7 @@ def proc_figures(pid: int) -> tuple[float, float]:
 
 
 def store_high(db: Path) -> int:
-    conn = sqlite3.connect(db, timeout=10)
+    conn = connect_ro(db)
     try:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
         return int(row[0]) if row else 0

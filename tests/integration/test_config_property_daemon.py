@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from hypothesis import strategies as st
 from agent.errors import ConfigError
 from agent.loader import load_config
 from tests.broker import Broker, free_port
-from tests.daemon import REPO, Daemon
+from tests.daemon import REPO, Daemon, connect_ro
 from tests.schema_strategies import SchemaStrategies, config_schema, duration_values
 
 pytestmark = pytest.mark.timeout(900)
@@ -151,8 +150,11 @@ def _run(config: Path, api: int, db: Path) -> None:
     finally:
         code = daemon.stop(timeout=30)
     assert code == 0, f"exit {code} on SIGTERM:\n{daemon.log_text()[-3000:]}"
-    with sqlite3.connect(db) as conn:
+    conn = connect_ro(db)
+    try:
         (stored,) = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
+    finally:
+        conn.close()
     assert stored >= 1  # the value went through the buffer (delivered rows are deleted; their seq stays)
 
 
