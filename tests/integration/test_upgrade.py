@@ -43,14 +43,16 @@ GW = "gw-up"
 SET = f"fieldgate/{GW}/upgrade/set"
 GOOD = f"{__version__}.post7"
 BROKEN = f"{__version__}.post8"
+DEAF = f"{__version__}.post9"  # runs and polls, but never sees its upstream as reached: the daemon rolls back
 METER = (
     "  meter:\n    bus: lan\n    unit_id: 1\n    poll: 300ms\n"
     "    points:\n      voltage: {table: input, address: 0, type: float32, unit: V}\n"
 )
 
 
-def build_wheel(tmp: Path, version: str, broken: bool) -> Path:
-    """A wheel of this tree with `version`; `broken`: its `fieldgate run` exits 1 at once."""
+def build_wheel(tmp: Path, version: str, broken: bool = False, deaf: bool = False) -> Path:
+    """A wheel of this tree with `version`; `broken`: its `fieldgate run` exits 1 at once; `deaf`: it never
+    counts its upstream as connected (its probation cannot pass)."""
     tree = tmp / f"src-{version}"
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -76,6 +78,12 @@ def build_wheel(tmp: Path, version: str, broken: bool) -> Path:
         text = cli.read_text()
         assert marker in text
         cli.write_text(text.replace(marker, marker + '    if "run" in sys.argv[1:]:\n        return 1\n', 1))
+    if deaf:
+        runtime = tree / "agent" / "runtime.py"
+        line = "return bool(self.uplink is not None and self.uplink.connected)"
+        text = runtime.read_text()
+        assert line in text
+        runtime.write_text(text.replace(line, "return False", 1))
     out = tmp / "wheels"
     subprocess.run(
         [
@@ -191,6 +199,7 @@ async def test_upgrade_confirmed_then_broken_release_rolled_back(
 ) -> None:
     good = build_wheel(tmp_path, GOOD, broken=False)
     broken = build_wheel(tmp_path, BROKEN, broken=True)
+    deaf = build_wheel(tmp_path, DEAF, deaf=True)
     key = Ed25519PrivateKey.generate()
     pub = tmp_path / "platform.pub"
     pub.write_bytes(
@@ -281,7 +290,21 @@ async def test_upgrade_confirmed_then_broken_release_rolled_back(
             retained = [s for s in states(checker) if s["id"] == "up-4"]
             assert retained[-1]["phase"] == "rolled_back"
 
-            # Nothing lost across four restarts: every seq the buffer handed out reached the broker.
+            # A release that runs but never reaches its upstream within its probation: the daemon itself
+            # switches back at the deadline and restarts; the good release reports it.
+            await push(command(5, deaf, DEAF, base))
+            await wait_state(
+                checker, lambda s: s["id"] == "up-5" and s["phase"] == "restarting", "up-5 switch"
+            )
+            back = await wait_state(
+                checker, lambda s: s["id"] == "up-5" and s["phase"] == "rolled_back", "up-5 rolled back", 120
+            )
+            assert back["release"] == GOOD and back["rejected"] == DEAF
+            assert "upstream not reached" in back["error"]
+            assert os.readlink(root / "current") == f"releases/{GOOD}"
+            assert (tmp_path / "daemon.log").read_text().count(f"fieldgate {DEAF} started") == 1
+
+            # Nothing lost across the restarts: every seq the buffer handed out reached the broker.
             await checker.wait_for(lambda: len(checker.data.readings) >= 3, 30, "readings")
             await wait_all_received(checker, db, timeout=60)
         # The final state is retained: a platform subscribing now learns it.
@@ -290,5 +313,5 @@ async def test_upgrade_confirmed_then_broken_release_rolled_back(
             async with asyncio.timeout(10):
                 async for msg in client.messages:
                     doc = json.loads(msg.payload)  # type: ignore[arg-type]
-                    assert doc["id"] == "up-4" and doc["phase"] == "rolled_back"
+                    assert doc["id"] == "up-5" and doc["phase"] == "rolled_back"
                     break
