@@ -243,6 +243,7 @@ def run_installed_daemon(root: Path, version: str, log_path: Path) -> None:
     broker = Broker().start()
     daemon: subprocess.Popen[str] | None = None
     log = open(log_path, "w")  # noqa: SIM115 - the daemon's, closed below
+    sub: subprocess.Popen[str] | None = None
     try:
         config = root / "etc/fieldgate/run-test.yaml"
         write_config(
@@ -286,6 +287,9 @@ def run_installed_daemon(root: Path, version: str, log_path: Path) -> None:
         assert code == 0, daemon_output(daemon, log_path)
         daemon = None
     finally:
+        if sub is not None and sub.poll() is None:
+            sub.kill()
+            sub.wait()
         if daemon is not None and daemon.poll() is None:
             daemon.kill()
             daemon.wait()

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,3 +133,39 @@ def test_launcher_drops_a_marker_written_before_a_switch_that_never_happened(
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["id"] == "u9" and state["phase"] == "refused" and state["release"] == "1.0"
     assert execs[0][0] == tmp_path / "current" / "bin" / "fieldgate"
+
+
+def test_launcher_rolls_back_a_probation_whose_deadline_passed_across_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut during probation: at the next start the deadline has passed, so the previous release
+    runs, whatever the new one would have done."""
+    for release in ("1.0", "2.0"):
+        (tmp_path / "releases" / release).mkdir(parents=True)
+    switch(tmp_path, "2.0")
+    marker = {"id": "u7", "release": "2.0", "previous": "1.0", "deadline_ts": 1, "starts": 1}
+    (tmp_path / "probation.json").write_text(json.dumps(marker))
+    monkeypatch.setattr("os.execve", lambda *a: None)
+    launch(tmp_path, ["run"])
+    assert os.readlink(tmp_path / "current") == "releases/1.0"
+    assert not (tmp_path / "probation.json").exists()
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["phase"] == "rolled_back" and state["rejected"] == "2.0" and state["release"] == "1.0"
+    assert "probation ended" in state["error"]
+
+
+def test_launcher_counts_starts_then_gives_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "releases" / "2.0").mkdir(parents=True)
+    switch(tmp_path, "2.0")
+    marker = {"id": "u8", "release": "2.0", "previous": None, "deadline_ts": 2**50, "starts": 0}
+    (tmp_path / "probation.json").write_text(json.dumps(marker))
+    execs: list[Any] = []
+    monkeypatch.setattr("os.execve", lambda *a: execs.append(a[0]))
+    for n in range(1, 4):
+        launch(tmp_path, ["run"])
+        assert json.loads((tmp_path / "probation.json").read_text())["starts"] == n
+    launch(tmp_path, ["run"])  # the fourth start: back to the base install (no previous release)
+    assert not (tmp_path / "current").exists() and not (tmp_path / "probation.json").exists()
+    assert execs[:3] == [tmp_path / "current" / "bin" / "fieldgate"] * 3
+    assert execs[3] != tmp_path / "current" / "bin" / "fieldgate"
+    assert json.loads((tmp_path / "state.json").read_text())["rolled_back"] is True
