@@ -31,6 +31,7 @@ from agent.scheduler import MAX_BACKOFF, DeviceTask
 from agent.sdnotify import Notifier
 from agent.store import AsyncStore, Store, StoreStats
 from agent.tls import build_ssl_context, credential_path, explain_tls_error, read_secret
+from agent.upgrade import Upgrader
 from agent.urls import redact_url
 from agent.validate import file_hash
 from agent.watchdog import ProgressWatchdog
@@ -224,6 +225,7 @@ class Runtime:
         self.reloads = 0  # finished reload attempts (SIGHUP): `fieldgate reload` waits for this to move
         self.reload_ts: int | None = None
         self.remote = RemoteConfig(self)
+        self.upgrader = Upgrader(self)  # remote upgrade (agent/upgrade.py): on under the launcher only
         self._secrets = secrets_fingerprint(config)
         self._tg: asyncio.TaskGroup | None = None
         self._uplink_run: asyncio.Task[None] | None = None
@@ -415,6 +417,9 @@ class Runtime:
                 remote_task = tg.create_task(self.remote.publish_loop(), name="remote-config-state")
                 if self.config.remote_config.enabled:
                     self.remote.start()
+                upgrade_task = tg.create_task(self.upgrader.publish_loop(), name="upgrade-state")
+                if self.upgrader.enabled:
+                    self.upgrader.start()
                 writer_task = tg.create_task(self._run_writer(), name="store-writer")
                 stats_task = tg.create_task(self._refresh_stats(), name="stats")
                 for name, cfg in self.config.device_items():
@@ -428,6 +433,7 @@ class Runtime:
                 self.notifier.stopping()
                 log.info("stopping: draining readings to disk")
                 remote_task.cancel()
+                upgrade_task.cancel()
                 for run in [*self._device_runs.values(), *self._schedule_runs, *self._background]:
                     run.cancel()
                 await asyncio.gather(
@@ -577,6 +583,8 @@ class Runtime:
         )
         if self.config.remote_config.enabled:
             self.uplink.subscriptions.append(Subscription(self.remote.topic("set"), self.remote.handle))
+        if self.upgrader.enabled:
+            self.uplink.subscriptions.append(Subscription(self.upgrader.topic("set"), self.upgrader.handle))
         self.watchdog.register("uplink", max(mqtt.health_interval, mqtt.keepalive * 2) + 60.0)
         self.uplink.beat = functools.partial(self.watchdog.beat, "uplink")
         self._make_extra_uplinks(next_seq)
@@ -719,6 +727,10 @@ class Runtime:
 
     def upstream_connected(self) -> bool:
         return bool(self.uplink is not None and self.uplink.connected)
+
+    def polled_since(self, ts_ms: int) -> bool:
+        """A device polled successfully since `ts_ms` (or none is configured): remote upgrade's probation."""
+        return not self.health or any((h.last_ok_ts or 0) >= ts_ms for h in self.health.values())
 
     def upstream_error(self) -> str | None:
         return self.uplink.last_error if self.uplink is not None else "upstream not started"
