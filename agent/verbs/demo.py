@@ -144,7 +144,6 @@ async def demo(args: argparse.Namespace) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="fieldgate-demo-"))
     mqtt_port, http_port = free_port(), free_port()
-    broker = await start_broker(workdir, mqtt_port)
     sim = await start_tcp_simulator("127.0.0.1", 0)
     config_path = workdir / "fieldgate.yaml"
     config_path.write_text(
@@ -152,7 +151,8 @@ async def demo(args: argparse.Namespace) -> int:
             db=workdir / "buffer.db", mqtt_port=mqtt_port, http_port=http_port, modbus_port=sim.port
         )
     )
-    config = load_config(config_path)
+    config = load_config(config_path)  # before the broker starts: a config error must not leave it running
+    broker = await start_broker(workdir, mqtt_port)
     runtime = Runtime(config, config_path)
     print(
         f"fieldgate demo: simulated meter and lamp controller on modbus-tcp 127.0.0.1:{sim.port}, "

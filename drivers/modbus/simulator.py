@@ -241,7 +241,7 @@ SDM = {
     "export_kwh": 0x4A,
     "total_kwh": 0x156,
 }
-# Street-lamp controller (config/profiles/streetlamp-controller.yaml).
+# Street-lamp controller (drivers/modbus/profiles/streetlamp-controller.yaml).
 LAMP_RATED_W = 100.0
 
 

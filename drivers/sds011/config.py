@@ -6,7 +6,7 @@ from typing import Literal
 
 from agent.modelkit import Field
 from agent.units import Duration
-from drivers.serialport.config import SerialDeviceConfig
+from drivers._serial.config import SerialDeviceConfig
 
 
 class Sds011DeviceConfig(SerialDeviceConfig):

@@ -24,7 +24,7 @@ from drivers.mbus import codec as mbus
 from drivers.mhz19 import codec as mhz19
 from drivers.pms5003 import codec as pms
 from drivers.sds011 import codec as sds
-from drivers.serialport.counters import ScanStats
+from drivers._serial.counters import ScanStats
 from drivers.tic import codec as tic
 from tests.vectors import load_vectors
 
