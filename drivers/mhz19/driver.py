@@ -6,10 +6,10 @@ import asyncio
 
 from agent.driver import DriverContext, PointSpec
 from agent.reading import Reading, now_ms
-from drivers.mhz19 import codec
-from drivers.mhz19.config import Mhz19DeviceConfig
 from drivers._serial.config import SerialSettings
 from drivers._serial.driver import SerialDriver
+from drivers.mhz19 import codec
+from drivers.mhz19.config import Mhz19DeviceConfig
 
 _REPLY_TIMEOUT = 2.0
 

@@ -92,7 +92,7 @@ class ModbusDeviceConfig(DeviceConfigBase):
     bus: str = Field(description="name of a bus in `buses`")
     unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (slave) id")
     profile: str | None = Field(
-        None, description="a bundled profile name (drivers/modbus/profiles/), one in a profile directory, or a path; its points are merged"
+        None, description="a profile name (docs/PROFILES.md: lookup order) or a path; its points are merged"
     )
     points: dict[str, ModbusPoint] = Field(default_factory=dict)
     max_registers_per_request: int = Field(125, ge=1, le=125)

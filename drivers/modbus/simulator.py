@@ -103,7 +103,7 @@ class _ServerContext(ModbusServerContext):
     def _unit(self, device_id: int) -> SimUnit:
         unit = self.sim.units.get(device_id)
         if unit is None or unit.dead:
-            raise NoSuchIdException(f"unit {device_id} does not answer")  # type: ignore[no-untyped-call]
+            raise NoSuchIdException(f"unit {device_id} does not answer")
         return unit
 
     async def async_getValues(
