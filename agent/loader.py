@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import os
 import re
 import stat
@@ -292,6 +293,11 @@ def _syntax_problem(exc: yaml.MarkedYAMLError, file: str) -> str:
 # --- profiles -------------------------------------------------------------------------------------------
 
 
+def bundled_profiles() -> Path:
+    """The profiles shipped in the package (drivers/modbus/profiles/, package data: docs/PROFILES.md)."""
+    return Path(str(importlib.resources.files("drivers.modbus") / "profiles"))
+
+
 def profile_dirs(config_path: Path) -> list[Path]:
     """Where `profile: NAME` is looked up, first match wins."""
     dirs = [config_path.parent / "profiles"]
@@ -299,9 +305,7 @@ def profile_dirs(config_path: Path) -> list[Path]:
     if extra:
         dirs.insert(0, Path(extra))
     dirs.append(Path("/etc/fieldgate/profiles"))
-    dirs.append(
-        Path(__file__).resolve().parent.parent / "config" / "profiles"
-    )  # bundled with the source tree
+    dirs.append(bundled_profiles())
     return dirs
 
 

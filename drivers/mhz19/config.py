@@ -6,7 +6,7 @@ from typing import Literal
 
 from agent.modelkit import Field
 from agent.units import Duration, duration_field
-from drivers.serialport.config import SerialDeviceConfig
+from drivers._serial.config import SerialDeviceConfig
 
 
 class Mhz19DeviceConfig(SerialDeviceConfig):

@@ -103,7 +103,7 @@ class ModbusDeviceConfig(DeviceConfigBase):
         1, ge=0, le=255, description="Modbus unit (slave) id: 0-247 on a serial line, 0-255 over TCP"
     )
     profile: str | None = Field(
-        None, description="a profile name in config/profiles/ or a path; its points are merged"
+        None, description="a profile name (docs/PROFILES.md: lookup order) or a path; its points are merged"
     )
     points: dict[str, ModbusPoint] = Field(default_factory=dict)
     max_registers_per_request: int = Field(125, ge=1, le=125)

@@ -1,4 +1,4 @@
-"""Device profiles (config/profiles/*.yaml): register maps merged into a Modbus device's config."""
+"""Device profiles (drivers/modbus/profiles/*.yaml, and the profile directories): register maps merged into a Modbus device's config."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from agent import loader
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
 
-BUNDLED_PROFILES = Path(__file__).resolve().parents[2] / "config" / "profiles"
+BUNDLED_PROFILES = loader.bundled_profiles()  # package data: drivers/modbus/profiles/*.yaml
 # Device fields a profile's `device:` section may not set: they identify one device on one bus.
 NOT_IN_PROFILE = frozenset({"driver", "bus", "unit_id", "points", "profile", "enabled"})
 

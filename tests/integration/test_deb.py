@@ -17,12 +17,12 @@ import json
 import os
 import shutil
 import subprocess
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from agent import __version__
 from tests.broker import Broker, free_port
 from tests.daemon import write_config
 from tests.vectors import REPO_ROOT
@@ -30,7 +30,7 @@ from tests.vectors import REPO_ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 CACHE = Path(os.environ.get("FIELDGATE_ROOT_CACHE", "/var/cache/fieldgate-test"))
-VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+VERSION = __version__
 NEXT = f"{VERSION}.post1"  # sorts after VERSION for dpkg and for pip
 ROWS = 500
 
@@ -151,7 +151,7 @@ def test_apt_install_check_upgrade_remove_purge(tmp_path: Path, debs: dict[str, 
         assert (etc / "fieldgate.yaml").read_bytes() == (
             REPO_ROOT / "config/fieldgate.example.yaml"
         ).read_bytes()
-        shipped = sorted(p.name for p in (REPO_ROOT / "config/profiles").glob("*.yaml"))
+        shipped = sorted(p.name for p in (REPO_ROOT / "drivers/modbus/profiles").glob("*.yaml"))
         assert sorted(p.name for p in (etc / "profiles").iterdir()) == shipped
         conffiles = chroot(root, "dpkg-query", "-W", "-f=${Conffiles}", "fieldgate").stdout
         assert "/etc/fieldgate/fieldgate.yaml" in conffiles

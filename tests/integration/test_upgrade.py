@@ -66,7 +66,6 @@ def build_wheel(tmp: Path, version: str, broken: bool = False, deaf: bool = Fals
             (tree / name.decode()).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tree / name.decode())
     for rel, old, new in [
-        ("pyproject.toml", f'version = "{__version__}"', f'version = "{version}"'),
         ("agent/__init__.py", f'__version__ = "{__version__}"', f'__version__ = "{version}"'),
     ]:
         text = (tree / rel).read_text()
