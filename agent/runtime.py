@@ -13,14 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, registry, validate
+from agent import __version__, metrics, registry, validate
 from agent.aio import TaskGroup
 from agent.commands import CommandProcessor, commands_db_path
 from agent.config import FieldgateConfig
 from agent.config_base import DeviceConfigBase
 from agent.driver import Driver, DriverContext, SharedResources
 from agent.errors import ConfigError, FieldgateError, StoreError
-from agent.health import DeviceHealth
+from agent.health import DeviceHealth, Timeline
 from agent.logsetup import ErrorReporter
 from agent.processing import processor_for
 from agent.reading import Reading, now_ms
@@ -181,6 +181,7 @@ class StoreWriter:
         if self.failing is not None:
             log.warning("buffer writable again")
             self.failing = None
+        metrics.count_stored(rows)
         self.on_stored(rows)
 
 
@@ -225,6 +226,7 @@ class Runtime:
         self._schedule_runs: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
+        self.timeline = Timeline()  # the status page's last hour of backlog and upstream link
 
     # -- documents ---------------------------------------------------------------------------------------
 
@@ -299,7 +301,8 @@ class Runtime:
         if self.commands is not None:
             # messages refused before an id could be read (docs/COMMANDS.md)
             doc["commands"] = {"malformed": self.commands.malformed}
-        doc["devices"] = {name: h.status() for name, h in self.health.items()}
+        doc["devices"] = {name: h.status(doc["ts"]) for name, h in self.health.items()}
+        doc["history"] = self.timeline.doc(doc["ts"])
         doc["config"].update(
             path=str(self.config_path),
             applied_ts=self.config_applied_ts,
@@ -645,9 +648,17 @@ class Runtime:
         if self.last_stats is None or time.monotonic() - self._stats_at >= STATS_FRESH:
             try:
                 self.last_stats = await self.store.stats()
+                up = self.uplink
+                self.timeline.sample(
+                    self.last_stats.pending, bool(up and up.connected), up.connections if up else 0
+                )
             except StoreError as exc:  # the figures stay the last known; the writer reports the disk
                 log.debug("buffer figures not refreshed: %s", exc)
             self._stats_at = time.monotonic()
+
+    def metrics_text(self) -> bytes:
+        """GET /metrics (agent/metrics.py)."""
+        return metrics.render(self)
 
     def _uplink_secrets(self, config: FieldgateConfig) -> tuple[str | None, Any]:
         """Password and TLS context for `config`; raises (SecretError, TlsSetupError) before anything changes."""
