@@ -82,6 +82,7 @@ COMMANDS: dict[str, int] = {}  # outcome (the audit's: executed, failed, refused
 INFLIGHT: dict[str, int] = {}  # upstream -> messages published, PUBACK not yet received
 PUBLISH_LATENCY: dict[str, Histogram] = {}  # upstream -> publish-to-PUBACK seconds
 STARTED = time.time()
+OUTCOMES = ("executed", "failed", "refused", "duplicate", "unknown")  # always exposed, 0 until one happens
 
 
 def count_stored(rows: Iterable[Any]) -> None:
@@ -222,12 +223,6 @@ def render(rt: Any) -> bytes:
         [({"version": __version__, "gateway": str(rt.config.gateway.id)}, 1)],
     )
     w.family(
-        "fieldgate_build_info",
-        "gauge",
-        "Always 1; the daemon's version and the gateway's id as labels.",
-        [({"version": __version__, "gateway": str(rt.config.gateway.id)}, 1)],
-    )
-    w.family(
         "fieldgate_start_time_seconds",
         "gauge",
         "When the daemon started, in seconds since the Unix epoch.",
@@ -344,6 +339,6 @@ def render(rt: Any) -> bytes:
         "fieldgate_commands_total",
         "counter",
         "Commands (MQTT, local API, schedules) by outcome: executed, failed, refused, duplicate, unknown.",
-        [({"outcome": o}, n) for o, n in _sorted(COMMANDS.items())],
+        [({"outcome": o}, n) for o, n in _sorted({**dict.fromkeys(OUTCOMES, 0), **COMMANDS}.items())],
     )
     return w.text()
