@@ -190,9 +190,9 @@ class DeviceHealth:
                     hist = self.history[r.point] = PointHistory()
                 hist.add(r.ts, value)
 
-    def failed(self) -> None:
+    def failed(self, ts: int | None = None) -> None:
         """A failed cycle (the scheduler): the error strip."""
-        self.activity.error(now_ms())
+        self.activity.error(now_ms() if ts is None else ts)
 
     def spec(self) -> dict[str, Any]:
         """The SPEC §3 per-device health object."""
