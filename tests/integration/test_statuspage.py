@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +18,29 @@ ARTIFACTS = REPO_ROOT / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "field-token-123"
 T0 = 1_700_000_100_000
+SLOTS = 60
+# A known last hour of the meter's voltage, fed through the API: a gap of 10 minutes at the start, a lone
+# minute, a gap, then 40 minutes of values.
+VOLT_SERIES: list[float | None] = (
+    [None] * 10
+    + [229.0]
+    + [None] * 4
+    + [229.5 + (i % 6) * 0.4 for i in range(40)]
+    + [None] * 3
+    + [230.1, 230.1]
+)
+# The upstream link and the backlog over that hour: up, an outage of 8 minutes, a flapping minute, up again.
+CONNECTED: list[float | None] = [None] * 5 + [1.0] * 30 + [0.0] * 8 + [0.5] + [1.0] * 16
+PENDING: list[int | None] = (
+    [None] * 5
+    + [0] * 30
+    + [120 * (i + 1) for i in range(8)]
+    + [600]
+    + [max(0, 400 - 100 * i) for i in range(16)]
+)
+# lamp-1's minutes: ok, then failing, with one mixed minute.
+LAMP_OK = [0] * 20 + [30] * 29 + [12] + [0] * 10
+LAMP_ERRORS = [0] * 49 + [3] + [5] * 10
 
 # Never `playwright install`: we drive the distribution's chromium, offline.
 CHROMIUM_ARGS = [
@@ -39,6 +64,9 @@ class ChangingSource:
 
     def __init__(self) -> None:
         self.voltage = 230.1
+        self.power = 980.911
+        self.current = 1.27
+        self.power_factor = 0.95
         self.polls: list[str] = []
         self.writes: list[tuple[str, str, Any]] = []
 
@@ -56,17 +84,24 @@ class ChangingSource:
             "upstream": {"connected": False, "sent": 48211, "url": "mqtts://broker.example.org:8883",
                          "last_error": "connection refused by broker.example.org:8883",
                          "since_ts": T0 - 340_000},
+            "history": {"step_s": 60, "end_ts": T0 - T0 % 60_000 + 60_000, "pending": PENDING,
+                        "connected": CONNECTED},
             "devices": {
                 "meter-1": {"state": "ok", "errors": 0, "last_ok_ts": T0 - 3000, "last_error": None,
                             "driver": "modbus", "point_errors": {}, "next_attempt_ts": None, "counters": {},
+                            "activity": {"ok": [0] * 45 + [20] * 15, "errors": [0] * SLOTS},
                             "readings": {
-                                "voltage": {"value": self.voltage, "unit": "V", "ts": T0 - 3000},
-                                "current": {"value": 1.27, "unit": "A", "ts": T0 - 3000},
+                                "voltage": {"value": self.voltage, "unit": "V", "ts": T0 - 3000,
+                                            "history": VOLT_SERIES},
+                                "current": {"value": self.current, "unit": "A", "ts": T0 - 3000},
+                                "power": {"value": self.power, "unit": "W", "ts": T0 - 3000},
+                                "power_factor": {"value": self.power_factor, "unit": None, "ts": T0 - 3000},
                                 "energy_wh": {"value": 1234560, "unit": "Wh", "ts": T0 - 3000},
                             }},
                 "lamp-1": {"state": "failing", "errors": 14, "last_ok_ts": T0 - 600_000,
                            "last_error": "no answer from unit 3 on lan within 1 s", "driver": "modbus",
                            "point_errors": {}, "next_attempt_ts": T0 + 8000, "counters": {},
+                           "activity": {"ok": LAMP_OK, "errors": LAMP_ERRORS},
                            "readings": {"dim": {"value": 80, "unit": "%", "ts": T0 - 600_000}}},
                 "thermo-park": {"state": "ok", "errors": 0, "last_ok_ts": T0 - 12_000, "last_error": None,
                                 "driver": "ble", "point_errors": {}, "next_attempt_ts": None, "counters": {},
@@ -100,14 +135,23 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[LocalServer, ChangingSou
 
 
 @pytest.fixture
-async def page(served: tuple[LocalServer, ChangingSource]) -> AsyncIterator[Any]:
+async def browser() -> AsyncIterator[Any]:
     async with playwright_api.async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            context = await browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2)
-            yield await context.new_page()
+            yield b
         finally:
-            await browser.close()
+            await b.close()
+
+
+async def new_page(browser: Any, width: int) -> Any:
+    context = await browser.new_context(viewport={"width": width, "height": 844}, device_scale_factor=2)
+    return await context.new_page()
+
+
+@pytest.fixture
+async def page(browser: Any) -> Any:
+    return await new_page(browser, 390)
 
 
 def device_card(page: Any, name: str) -> Any:
@@ -174,3 +218,125 @@ async def test_token_unlocks_actions(served: tuple[LocalServer, ChangingSource],
     assert source.writes == [("lamp-1", "dim", 40)]
     # the token lives in sessionStorage only, never in the page's URL or the DOM
     assert TOKEN not in page.url and TOKEN not in await page.content()
+
+
+# -- trends and numbers ---------------------------------------------------------------------------------
+
+
+def expected_runs(series: list[float | None]) -> list[list[tuple[float, float]]]:
+    """The page's drawing rule (docs/STATUS_API.md): x = 2 per minute, y from 2 (the hour's max) to 22 (its
+    min), a minute without a value breaks the line."""
+    nums = [v for v in series if v is not None]
+    lo, hi = min(nums), max(nums)
+    runs: list[list[tuple[float, float]]] = [[]]
+    for i, v in enumerate(series):
+        if v is None:
+            runs.append([])
+            continue
+        y = 12.0 if hi == lo else 2 + 20 * (hi - v) / (hi - lo)
+        runs[-1].append((2.0 * i, math.floor(y * 10 + 0.5) / 10))
+    return [r for r in runs if r]
+
+
+def parse_points(text: str) -> list[tuple[float, float]]:
+    return [(float(x), float(y)) for x, y in (p.split(",") for p in text.split())]
+
+
+async def strip_classes(locator: Any) -> list[str]:
+    classes = await locator.locator("rect").evaluate_all("rs => rs.map(r => r.getAttribute('class'))")
+    return [c.removeprefix("m-") for c in classes]
+
+
+def strip_rule(ok: list[int], errors: list[int]) -> list[str]:
+    return [
+        "mix" if e and o else "err" if e else "ok" if o else "none" for o, e in zip(ok, errors, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("width", [375, 1280])
+async def test_trends_draw_the_series_fed_through_the_api(
+    served: tuple[LocalServer, ChangingSource], browser: Any, width: int
+) -> None:
+    server, _ = served
+    page = await new_page(browser, width)
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    await page.goto(f"http://127.0.0.1:{server.port}/")
+    voltage = device_card(page, "meter-1").locator('tr[data-point="voltage"]')
+    await playwright_api.expect(voltage.locator("td.v")).to_have_text("230.1 V")
+
+    # the sparkline: one polyline per run of minutes with values, a dot for a lone minute
+    spark = voltage.locator("svg.spark")
+    assert await spark.get_attribute("viewBox") == f"0 0 {2 * (SLOTS - 1)} 24"
+    drawn = [parse_points(p) for p in await spark.locator("polyline").evaluate_all(
+        "ls => ls.map(l => l.getAttribute('points'))")]  # fmt: skip
+    runs = expected_runs(VOLT_SERIES)
+    assert [r for r in runs if len(r) > 1] == drawn
+    dots = await spark.locator("circle").evaluate_all(
+        "cs => cs.map(c => [+c.getAttribute('cx'), +c.getAttribute('cy')])"
+    )
+    assert [tuple(d) for d in dots] == [r[0] for r in runs if len(r) == 1] == [(20.0, 22.0)]
+    assert float(await spark.get_attribute("data-min")) == 229.0
+    assert float(await spark.get_attribute("data-max")) == pytest.approx(231.5)
+    assert "229.0 … 231.5 V" in await spark.locator("title").text_content()
+    # points without a history (no numbers yet) have no sparkline
+    assert await device_card(page, "meter-1").locator('tr[data-point="current"] svg').count() == 0
+
+    # the upstream link and the backlog over the hour
+    link = page.locator('#up svg.strip[data-what="upstream"]')
+    assert await strip_classes(link) == [
+        "none" if c is None else "up" if c == 1 else "down" if c == 0 else "part" for c in CONNECTED
+    ]
+    bars = page.locator("#buf svg.bars")
+    assert await bars.get_attribute("data-max") == "960"
+    heights = await bars.locator("rect").evaluate_all(
+        "rs => rs.map(r => [+r.getAttribute('x'), +r.getAttribute('height')])"
+    )
+    assert heights == [[2 * i, math.floor(30 * v / 960 * 10 + 0.5) / 10] for i, v in enumerate(PENDING) if v]
+    await playwright_api.expect(page.locator("#buf")).to_contain_text("last hour, up to 960 pending")
+    # the failing lamp's error strip
+    errors = device_card(page, "lamp-1").locator('svg.strip[data-what="errors"]')
+    assert await strip_classes(errors) == strip_rule(LAMP_OK, LAMP_ERRORS)
+    assert (await strip_classes(errors))[49] == "mix"
+
+    # fits the screen: nothing wider than the viewport, the sparkline has room
+    scroll_width = await page.evaluate("document.documentElement.scrollWidth")
+    assert scroll_width <= width
+    box = await spark.bounding_box()
+    assert box is not None and box["width"] >= 60 and box["height"] == 24
+    # everything came from the gateway itself: no network beyond it
+    assert requests and all(u.startswith(f"http://127.0.0.1:{server.port}/") for u in requests), requests
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"statuspage-{width}.png"), full_page=True)
+
+
+async def test_numbers_keep_their_decimals_across_refreshes(
+    served: tuple[LocalServer, ChangingSource], page: Any
+) -> None:
+    server, source = served
+    await page.goto(f"http://127.0.0.1:{server.port}/")
+    meter = device_card(page, "meter-1")
+
+    def value(point: str) -> Any:
+        return meter.locator(f'tr[data-point="{point}"] td.v')
+
+    await playwright_api.expect(value("power")).to_have_text("981 W")  # W: no decimals
+    await playwright_api.expect(value("current")).to_have_text("1.27 A")  # A: 2
+    await playwright_api.expect(value("voltage")).to_have_text("230.1 V")  # V: 1
+    await playwright_api.expect(value("energy_wh")).to_have_text("1234560 Wh")  # Wh: 0
+    await playwright_api.expect(value("power_factor")).to_have_text("0.95")  # no unit: as many as seen
+    await playwright_api.expect(device_card(page, "thermo-park")).to_contain_text("21.4 °C")
+    await playwright_api.expect(device_card(page, "thermo-park")).to_contain_text("48 % (uncertain)")
+
+    source.power, source.current, source.voltage, source.power_factor = 1214.26, 1.3, 231.0, 0.9
+    await playwright_api.expect(value("power")).to_have_text("1214 W", timeout=10_000)
+    await playwright_api.expect(value("current")).to_have_text("1.30 A")
+    await playwright_api.expect(value("voltage")).to_have_text("231.0 V")
+    await playwright_api.expect(value("power_factor")).to_have_text("0.90")  # keeps its 2 decimals
+    # every value on the page: the unit's fixed decimals
+    rule = {"W": 0, "A": 2, "V": 1, "Wh": 0, "°C": 1, "%": 0}
+    for text in await page.locator("td.v").all_text_contents():
+        m = re.fullmatch(r"(-?\d+)(?:\.(\d+))? (\S+)( \(uncertain\))?", text)
+        if m and m.group(3) in rule:
+            assert len(m.group(2) or "") == rule[m.group(3)], text
