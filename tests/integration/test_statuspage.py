@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -340,3 +341,102 @@ async def test_numbers_keep_their_decimals_across_refreshes(
         m = re.fullmatch(r"(-?\d+)(?:\.(\d+))? (\S+)( \(uncertain\))?", text)
         if m and m.group(3) in rule:
             assert len(m.group(2) or "") == rule[m.group(3)], text
+
+
+class DemoLikeSource(ChangingSource):
+    """`fieldgate demo`'s cabinet (its devices, points, units and values) with an hour behind it: the lamps
+    dimmed to 80 % 20 minutes ago, the uplink down for 8 minutes, lamp-1 unanswering for 3. Its screenshot
+    is the README's (docs/img/statuspage.png)."""
+
+    def status(self) -> dict[str, Any]:
+        def wave(base: float, amp: float, period: float, phase: float = 0.0) -> list[float | None]:
+            """A slow swing plus a seeded random walk: what a minute's mean of a mains figure looks like."""
+            rng, walk, out = random.Random(f"{base}/{period}"), 0.0, []
+            for i in range(SLOTS):
+                walk = 0.8 * walk + rng.uniform(-1, 1)
+                out.append(round(base + amp * (0.5 * math.sin((i + phase) / period) + 0.25 * walk), 3))
+            return out
+
+        dim = [100.0] * 40 + [80.0] * 20
+        lamp_ok = [30] * 45 + [0] * 3 + [30] * 12
+        lamp_err = [0] * 45 + [4] * 3 + [0] * 12
+        for i in range(45, 48):
+            dim[i] = None  # type: ignore[call-overload]
+        power = [None if d is None else round(d * 1.0 + 0.1 * math.sin(i), 1) for i, d in enumerate(dim)]
+        p_total = [round(3990 + 300 * math.sin(i / 9) + 40 * math.sin(i * 1.7), 1) for i in range(SLOTS)]
+        energy = [round(1233.2 + i * 0.066, 3) for i in range(SLOTS)]
+        meter = {
+            "voltage_l1": ("V", 230.9691162109375, wave(230.8, 0.9, 9)),
+            "voltage_l2": ("V", 231.95803833007812, wave(231.6, 0.8, 7, 2)),
+            "voltage_l3": ("V", 230.69305419921875, wave(230.5, 1.0, 5, 4)),
+            "current_l1": ("A", 3.5544044971466064, wave(3.5, 0.4, 8)),
+            "current_l2": ("A", 6.965587139129639, wave(6.9, 0.6, 9, 3)),
+            "current_l3": ("A", 7.641943454742432, wave(7.6, 0.5, 7, 1)),
+            "total_active_power": ("W", 3989.6435546875, p_total),
+            "total_power_factor": (None, 0.949999988079071, wave(0.95, 0.01, 11)),
+            "frequency": ("Hz", 50.025062561035156, wave(50.0, 0.03, 5)),
+            "import_active_energy": ("kWh", 1237.11, energy),
+        }
+        lamp = {
+            "dim": ("%", 80, dim),
+            "power": ("W", 80.10000000000001, power),
+            "voltage": ("V", 230.20000000000002, wave(230.3, 0.6, 6, 5)),
+            "energy": ("Wh", 52000, [52000 - 80 * (SLOTS - i) // 60 * 60 for i in range(SLOTS)]),
+            "burning_hours": ("h", 8760.0, [8759.0 + i / 60 for i in range(SLOTS)]),
+        }
+
+        def readings(points: dict[str, tuple[str | None, float, list[Any]]], ts: int) -> dict[str, Any]:
+            return {p: {"value": v, "unit": u, "ts": ts, "history": h} for p, (u, v, h) in points.items()}
+
+        lamp_readings = readings(lamp, T0 - 1200)
+        for p, v in (("on", True), ("driver_failure", False), ("lamp_failure", False)):
+            lamp_readings[p] = {"value": v, "unit": None, "ts": T0 - 1200}
+        connected = [1.0] * 27 + [0.4] + [0.0] * 7 + [0.6] + [1.0] * 24
+        pending = [0] * 27 + [300 * (i + 1) for i in range(9)] + [900, 120] + [0] * 22
+        return {
+            "ts": T0,
+            "uptime_s": 3 * 3600 + 1260,
+            "version": "0.1.0",
+            "gateway": {"id": "demo-gateway", "name": "Demo cabinet (simulated devices)"},
+            "buffer": {"pending": 0, "oldest_ts": None, "evicted": 0, "bytes": 1_046_296,
+                       "recovered": 0, "disk_errors": 0, "last_error": None},
+            "upstream": {"connected": True, "sent": 181_337, "url": "mqtt://127.0.0.1:1883",
+                         "last_error": None, "since_ts": T0 - 24 * 60_000 - 17_000},
+            "history": {"step_s": 60, "end_ts": T0 - T0 % 60_000 + 60_000, "pending": pending,
+                        "connected": connected},
+            "devices": {
+                "meter-1": {"state": "ok", "errors": 0, "last_ok_ts": T0 - 2100, "last_error": None,
+                            "driver": "modbus", "point_errors": {}, "next_attempt_ts": None, "counters": {},
+                            "activity": {"ok": [12] * SLOTS, "errors": [0] * SLOTS},
+                            "readings": readings(meter, T0 - 2100)},
+                "lamp-1": {"state": "ok", "errors": 12, "last_ok_ts": T0 - 1200, "last_error": None,
+                           "driver": "modbus", "point_errors": {}, "next_attempt_ts": None, "counters": {},
+                           "activity": {"ok": lamp_ok, "errors": lamp_err}, "readings": lamp_readings},
+            },
+        }  # fmt: skip
+
+
+async def test_readme_screenshot_of_a_demo_like_gateway(browser: Any, tmp_path: Path) -> None:
+    server = LocalServer(DemoLikeSource(), "127.0.0.1:0", None)
+    await server.start()
+    try:
+        page = await new_page(browser, 390)
+        await page.goto(f"http://127.0.0.1:{server.port}/")
+        meter = device_card(page, "meter-1")
+        await playwright_api.expect(meter.locator('tr[data-point="total_active_power"] td.v')).to_have_text(
+            "3990 W"
+        )
+        await playwright_api.expect(meter.locator('tr[data-point="frequency"] td.v')).to_have_text("50.03 Hz")
+        await playwright_api.expect(meter.locator('tr[data-point="total_power_factor"] td.v')).to_have_text(
+            "0.950"  # no unit: the decimals of the values seen (3 at most)
+        )
+        # every numeric point has its line; booleans have none
+        assert await page.locator("svg.spark").count() == 15
+        assert await page.locator("svg.spark polyline").count() == 17  # dim and power: broken by the failure
+        lamp = device_card(page, "lamp-1")
+        assert await lamp.locator('tr[data-point="on"] svg').count() == 0
+        assert await lamp.locator('tr[data-point="dim"] svg polyline').count() == 2  # the 3 failed minutes
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "statuspage-demo.png"), full_page=True)
+    finally:
+        await server.aclose()
