@@ -7,7 +7,8 @@ for. No prometheus_client at run time: the format is a few lines of text per met
 "Monitoring"; the names are listed there and checked by tests/unit/test_metrics.py).
 
 Counters here are process-wide: they start at 0 when the daemon starts and are never reset (a device
-removed by a reload keeps its last figures until the next restart).
+removed by a reload keeps its stored and sent counts until the next restart; its per-device figures kept in
+its DeviceHealth go with it).
 """
 
 from __future__ import annotations
