@@ -135,3 +135,66 @@ def test_device_status_carries_the_trends() -> None:
     assert set(h.history) == {"power"}  # booleans and strings have no sparkline
     assert h.polled == {"value": 4}
     assert sum(doc["activity"]["ok"]) == 2 and sum(doc["activity"]["errors"]) == 1
+
+
+# -- the route ----------------------------------------------------------------------------------------------
+
+
+class _Source:
+    def __init__(self, text: bytes | None = None, fail: bool = False) -> None:
+        self.text, self.fail = text, fail
+
+    def status(self) -> dict[str, object]:
+        return {"devices": {}}
+
+    async def refresh(self) -> None:
+        pass
+
+
+async def _get(port: int, path: str, method: str = "GET") -> tuple[int, bytes, bytes]:
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head, body
+
+
+async def test_metrics_route() -> None:
+    from agent.localapi import LocalServer
+
+    class WithMetrics(_Source):
+        def metrics_text(self) -> bytes:
+            if self.fail:
+                raise RuntimeError("a bug")
+            assert self.text is not None
+            return self.text
+
+    plain = LocalServer(_Source(), "127.0.0.1:0", None)  # a source without metrics: 404
+    await plain.start()
+    try:
+        code, _, body = await _get(plain.port, "/metrics")
+        assert code == 404 and b"no metrics" in body
+    finally:
+        await plain.aclose()
+    source = WithMetrics(b"# HELP x_total x\n# TYPE x_total counter\nx_total 1\n")
+    server = LocalServer(source, "127.0.0.1:0", None)
+    await server.start()
+    try:
+        code, head, body = await _get(server.port, "/metrics")
+        assert code == 200 and body == source.text
+        assert b"Content-Type: text/plain; version=0.0.4; charset=utf-8" in head
+        code, head, body = await _get(server.port, "/metrics", "HEAD")
+        assert code == 200 and body == b"" and f"Content-Length: {len(source.text)}".encode() in head
+        code, head, _ = await _get(server.port, "/metrics", "DELETE")
+        assert code == 405 and b"Allow: GET, HEAD" in head
+        source.fail = True  # a failure costs the request, never the server
+        code, _, body = await _get(server.port, "/metrics")
+        assert code == 500 and b"metrics" in body
+        source.fail = False
+        assert (await _get(server.port, "/metrics"))[0] == 200
+    finally:
+        await server.aclose()
