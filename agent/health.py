@@ -18,6 +18,7 @@ from agent.reading import Reading, now_ms
 SLOTS = 60  # one hour...
 STEP_MS = 60_000  # ...of one-minute slots
 _EMPTY = -1  # a slot's minute when it was never written
+_LAST_MINUTE = 2**31 - 1  # the rings hold minutes in 32 bits: a device's clock beyond is not drawn
 
 
 def _significant(value: float) -> float | int:
@@ -43,6 +44,8 @@ class PointHistory:
 
     def add(self, ts: int, value: float) -> None:
         minute = ts // STEP_MS
+        if not 0 <= minute <= _LAST_MINUTE or not -1e300 < value < 1e300:  # also NaN
+            return
         i = minute % SLOTS
         if self.minutes[i] != minute:
             if minute < self.minutes[i]:
@@ -76,7 +79,7 @@ class Activity:
         self.errors = array("I", [0]) * SLOTS
 
     def _slot(self, ts: int) -> int:
-        minute = ts // STEP_MS
+        minute = min(max(ts // STEP_MS, 0), _LAST_MINUTE)
         i = minute % SLOTS
         if self.minutes[i] != minute:
             self.minutes[i] = minute

@@ -198,3 +198,23 @@ async def test_metrics_route() -> None:
         assert (await _get(server.port, "/metrics"))[0] == 200
     finally:
         await server.aclose()
+
+
+def test_outlandish_readings_never_break_the_device_task() -> None:
+    """A device's clock or value beyond what the rings hold (32-bit minutes, floats) is not drawn, and never
+    raises in the scheduler's hands (OverflowError before the guard)."""
+    h = DeviceHealth(driver="x")
+    h.observe(
+        [
+            Reading("d", "big", T0, 10**400),
+            Reading("d", "nan", T0, math.nan),
+            Reading("d", "far", 2**62, 1.0),
+            Reading("d", "past", -(2**40), 1.0),
+            Reading("d", "ok", T0, 1.0),
+        ]
+    )
+    h.observe([Reading("d", "ok", 2**62, 1.0)])  # the activity strip too
+    h.observe([Reading("d", "ok", -(2**62), 1.0)])
+    series = {p: hist.series(T0 // STEP_MS) for p, hist in h.history.items()}
+    assert series["ok"][-1] == 1
+    assert all(v is None for p, s in series.items() if p != "ok" for v in s)
