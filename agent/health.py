@@ -7,6 +7,7 @@ each device's poll cycles and of the backlog and upstream link, in fixed rings o
 
 from __future__ import annotations
 
+import math
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -18,11 +19,13 @@ from agent.reading import Reading, now_ms
 SLOTS = 60  # one hour...
 STEP_MS = 60_000  # ...of one-minute slots
 _EMPTY = -1  # a slot's minute when it was never written
-_LAST_MINUTE = 2**31 - 1  # the rings hold minutes in 32 bits: a device's clock beyond is not drawn
 
 
-def _significant(value: float) -> float | int:
-    """A minute's mean as sent in JSON: 6 significant digits are more than a sparkline can show."""
+def _significant(value: float) -> float | int | None:
+    """A minute's mean as sent in JSON: 6 significant digits are more than a sparkline can show; None for
+    a minute that saw a NaN or an infinity."""
+    if not math.isfinite(value):
+        return None
     if value == int(value) and abs(value) < 2**53:
         return int(value)
     return float(f"{value:.6g}")
@@ -44,16 +47,17 @@ class PointHistory:
 
     def add(self, ts: int, value: float) -> None:
         minute = ts // STEP_MS
-        if not 0 <= minute <= _LAST_MINUTE or not -1e300 < value < 1e300:  # also NaN
-            return
         i = minute % SLOTS
-        if self.minutes[i] != minute:
-            if minute < self.minutes[i]:
-                return  # older than what the slot holds now: outside the hour shown
-            self.minutes[i] = minute
-            self.sums[i] = 0.0
-            self.counts[i] = 0
-        self.sums[i] += value
+        try:
+            if self.minutes[i] != minute:
+                if minute < self.minutes[i]:
+                    return  # older than what the slot holds now: outside the hour shown
+                self.minutes[i] = minute  # OverflowError: a device's clock beyond 32-bit minutes
+                self.sums[i] = 0.0
+                self.counts[i] = 0
+            self.sums[i] += value  # OverflowError: an integer beyond a float
+        except OverflowError:
+            return
         self.counts[i] += 1
 
     def series(self, end_minute: int) -> list[float | int | None]:
@@ -79,7 +83,7 @@ class Activity:
         self.errors = array("I", [0]) * SLOTS
 
     def _slot(self, ts: int) -> int:
-        minute = min(max(ts // STEP_MS, 0), _LAST_MINUTE)
+        minute = min(max(ts // STEP_MS, 0), 2**31 - 1)  # 32-bit minutes: a device's clock beyond is clamped
         i = minute % SLOTS
         if self.minutes[i] != minute:
             self.minutes[i] = minute
@@ -185,12 +189,13 @@ class DeviceHealth:
         """A successful cycle's readings (the scheduler, after `last_readings`): counters and trends."""
         self.polled[VALUE] = self.polled.get(VALUE, 0) + len(readings)
         self.activity.ok(readings[-1].ts if readings else now_ms())
+        history = self.history
         for r in readings:
             value = r.value
-            if isinstance(value, int | float) and not isinstance(value, bool) and r.quality != "bad":
-                hist = self.history.get(r.point)
+            if (type(value) is float or type(value) is int) and r.quality != "bad":  # not bool, not str
+                hist = history.get(r.point)
                 if hist is None:
-                    hist = self.history[r.point] = PointHistory()
+                    hist = history[r.point] = PointHistory()
                 hist.add(r.ts, value)
 
     def failed(self, ts: int | None = None) -> None:
