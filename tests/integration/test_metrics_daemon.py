@@ -31,6 +31,7 @@ pytestmark = pytest.mark.timeout(180)
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "docs" / "grafana-dashboard.json"
+OPERATIONS = REPO / "docs" / "OPERATIONS.md"
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 
@@ -187,6 +188,15 @@ async def test_metrics_parse_and_match_the_status(tmp_path: Path, sim: ModbusSim
         code, doc = await http(port, "POST", "/metrics")
         assert code == 405 and "not allowed" in doc["error"]
 
+        # docs/OPERATIONS.md lists exactly what is served, with its type
+        documented = dict(
+            re.findall(
+                r"^\| `(fieldgate_[a-z_]+)` \| (counter|gauge|histogram) \|", OPERATIONS.read_text(), re.M
+            )
+        )
+        served = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+        assert documented == served
+
         if PROMTOOL is None:
             pytest.skip("promtool is not installed (apt-get install prometheus)")
         check = await asyncio.create_subprocess_exec(
@@ -301,6 +311,14 @@ scrape_configs:
                 expr.replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$instance", ".*")
             )
             prom_query(prom_port, concrete)  # asserts status success: the PromQL is valid
+        # and so are the alerts docs/OPERATIONS.md suggests
+        alerts_line = re.search(r"^Useful alerts:(.*?)\n\n", OPERATIONS.read_text(), re.M | re.S)
+        assert alerts_line is not None
+        alerts = re.findall(r"`([^`]+)`", alerts_line.group(1))
+        assert len(alerts) == 4
+        for expr in alerts:
+            assert set(re.findall(r"\bfieldgate_[a-z_]+", expr)) <= metric_names, expr
+            prom_query(prom_port, expr)
     finally:
         prom.terminate()  # by its PID, the process we started
         try:

@@ -440,3 +440,30 @@ async def test_readme_screenshot_of_a_demo_like_gateway(browser: Any, tmp_path: 
         await page.screenshot(path=str(ARTIFACTS / "statuspage-demo.png"), full_page=True)
     finally:
         await server.aclose()
+
+
+async def test_every_unit_rule_is_the_documented_one(
+    served: tuple[LocalServer, ChangingSource], page: Any
+) -> None:
+    """docs/STATUS_API.md's table of decimals per unit is the page's (`DECIMALS`), and `fmt` applies it."""
+    server, _ = served
+    await page.goto(f"http://127.0.0.1:{server.port}/")
+    await playwright_api.expect(page.locator("#live")).to_have_text("live")
+    text = (REPO_ROOT / "docs" / "STATUS_API.md").read_text()
+    table = text[text.index("| decimals | units |") :].split("\n\n", 1)[0]
+    documented: dict[str, int] = {}
+    for decimals, units in re.findall(r"^\| (\d) \| (.+) \|$", table, re.M):
+        for unit in units.split(", "):
+            documented[unit] = int(decimals)
+    assert documented == await page.evaluate("DECIMALS")
+    shown = await page.evaluate("units => units.map(u => fmt(-1234.56789, u, null))", list(documented))
+    for unit, text_ in zip(documented, shown, strict=True):
+        d = documented[unit]
+        assert text_ == f"{-1234.56789:.{d}f}", unit
+    # no "-0.0" for a value that rounds to zero; a unit without a rule keeps the most decimals it has shown
+    assert await page.evaluate("fmt(-0.04, 'V', null)") == "0.0"
+    assert await page.evaluate("[fmt(0.5, null, 'k'), fmt(0.25, null, 'k'), fmt(1, null, 'k')]") == [
+        "0.5",
+        "0.25",
+        "1.00",
+    ]
