@@ -1,6 +1,6 @@
 """Health figures: per-device state as the scheduler sees it, and the health/status documents built from it.
 
-Also the status page's trends (docs/STATUS_API.md, "History"): the last hour of every numeric point, of
+Also the status page's trends (GET /api/history, docs/STATUS_API.md "The last hour"): the last hour of every numeric point, of
 each device's poll cycles and of the backlog and upstream link, in fixed rings of one slot per minute
 (`SLOTS` x `STEP_MS`), so their memory never grows: 1.2 KiB per numeric point, 1 KiB per device.
 """
@@ -211,10 +211,8 @@ class DeviceHealth:
             "last_error": self.last_error,
         }
 
-    def status(self, ts: int | None = None) -> dict[str, Any]:
-        """The richer object of /api/status: the SPEC fields plus last readings and point errors, and the
-        last hour up to the minute of `ts` (the document's time)."""
-        end_minute = (now_ms() if ts is None else ts) // STEP_MS
+    def status(self) -> dict[str, Any]:
+        """The richer object of /api/status: the SPEC fields plus last readings and point errors."""
         doc = self.spec()
         doc.update(
             driver=self.driver,
@@ -227,14 +225,26 @@ class DeviceHealth:
                     "unit": r.unit,
                     "ts": r.ts,
                     **({"quality": r.quality} if r.quality else {}),
-                    **(
-                        {"history": self.history[r.point].series(end_minute)}
-                        if r.point in self.history
-                        else {}
-                    ),
                 }
                 for r in self.last_readings.values()
             },
-            activity=self.activity.doc(end_minute),
         )
         return doc
+
+    def trends(self, end_minute: int) -> dict[str, Any]:
+        """This device's part of /api/history: its poll minutes and its numeric points' last hour."""
+        return {
+            "activity": self.activity.doc(end_minute),
+            "points": {point: hist.series(end_minute) for point, hist in self.history.items()},
+        }
+
+
+def history_doc(health: dict[str, DeviceHealth], timeline: Timeline, ts: int | None = None) -> dict[str, Any]:
+    """GET /api/history (docs/STATUS_API.md): the last hour of the gateway and of every device, the minutes
+    ending with the one of `ts`. Separate from /api/status because it is ~60 times larger (60 numbers per
+    point): the page fetches it once a minute, the status every 2 s."""
+    ts = now_ms() if ts is None else ts
+    doc = timeline.doc(ts)
+    doc["ts"] = ts
+    doc["devices"] = {name: h.trends(ts // STEP_MS) for name, h in health.items()}
+    return doc

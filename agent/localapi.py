@@ -3,7 +3,7 @@ token-guarded write actions.
 
 Built on `asyncio.start_server` with a small, strict HTTP/1.1 parser rather than aiohttp: on a Pi the
 stdlib costs no extra dependency and no extra MiB of RSS (aiohttp pulls in multidict, yarl, frozenlist,
-aiosignal, propcache... and ~10 MiB), and the surface we serve is five routes, one request per connection
+aiosignal, propcache... and ~10 MiB), and the surface we serve is six routes, one request per connection
 (`Connection: close`), bodies of a few hundred bytes. See docs/STATUS_API.md.
 """
 
@@ -300,6 +300,8 @@ class LocalServer:
                 raise HttpError(500, "the daemon could not build its status document; see its log") from None
         if path == "/metrics":
             return await self._metrics(request)
+        if path == "/api/history":
+            return await self._history(request)
         match = _DEVICE_ROUTE.match(path)
         if match is None:
             raise HttpError(404, f"no such resource: {path}")
@@ -337,6 +339,20 @@ class LocalServer:
             log.exception("local API: building the metrics failed")
             raise HttpError(500, "the daemon could not build its metrics; see its log") from None
         return 200, text, {"Content-Type": METRICS_CONTENT_TYPE}
+
+    async def _history(self, request: Request) -> tuple[int, bytes, dict[str, str]]:
+        """GET /api/history: the status page's last hour (agent/health.py), read-only like /api/status."""
+        if request.method not in ("GET", "HEAD"):
+            raise HttpError(405, f"{request.method} not allowed on /api/history", {"Allow": "GET, HEAD"})
+        build = getattr(self._source, "history", None)
+        if build is None:
+            raise HttpError(404, "no history from this source")
+        try:
+            await self._source.refresh()
+            return 200, _dumps(build()), {}
+        except Exception:
+            log.exception("local API: building the history failed")
+            raise HttpError(500, "the daemon could not build its history; see its log") from None
 
     async def _act(self, device: str, action: Any, done: dict[str, Any] | None) -> dict[str, Any]:
         """Run a poll or a write; device errors become {"ok": false, "error"}, not HTTP errors."""

@@ -20,7 +20,7 @@ from agent.config import FieldgateConfig
 from agent.config_base import DeviceConfigBase
 from agent.driver import Driver, DriverContext, SharedResources
 from agent.errors import ConfigError, FieldgateError, StoreError
-from agent.health import DeviceHealth, Timeline
+from agent.health import DeviceHealth, Timeline, history_doc
 from agent.logsetup import ErrorReporter
 from agent.processing import processor_for
 from agent.reading import Reading, now_ms
@@ -301,8 +301,7 @@ class Runtime:
         if self.commands is not None:
             # messages refused before an id could be read (docs/COMMANDS.md)
             doc["commands"] = {"malformed": self.commands.malformed}
-        doc["devices"] = {name: h.status(doc["ts"]) for name, h in self.health.items()}
-        doc["history"] = self.timeline.doc(doc["ts"])
+        doc["devices"] = {name: h.status() for name, h in self.health.items()}
         doc["config"].update(
             path=str(self.config_path),
             applied_ts=self.config_applied_ts,
@@ -659,6 +658,10 @@ class Runtime:
     def metrics_text(self) -> bytes:
         """GET /metrics (agent/metrics.py)."""
         return metrics.render(self)
+
+    def history(self) -> dict[str, Any]:
+        """GET /api/history: the status page's last hour (agent/health.py)."""
+        return history_doc(self.health, self.timeline)
 
     def _uplink_secrets(self, config: FieldgateConfig) -> tuple[str | None, Any]:
         """Password and TLS context for `config`; raises (SecretError, TlsSetupError) before anything changes."""

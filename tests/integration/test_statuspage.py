@@ -75,6 +75,31 @@ class ChangingSource:
         pass
 
     def status(self) -> dict[str, Any]:
+        """GET /api/status: the document without its last hour."""
+        doc = self.full()
+        doc.pop("history")
+        for dv in doc["devices"].values():
+            dv.pop("activity", None)
+            for r in dv["readings"].values():
+                r.pop("history", None)
+        return doc
+
+    def history(self) -> dict[str, Any]:
+        """GET /api/history, in the shape of agent.health.history_doc()."""
+        doc = self.full()
+        return {
+            **doc["history"],
+            "ts": doc["ts"],
+            "devices": {
+                name: {
+                    "activity": dv.get("activity", {"ok": [0] * SLOTS, "errors": [0] * SLOTS}),
+                    "points": {p: r["history"] for p, r in dv["readings"].items() if "history" in r},
+                }
+                for name, dv in doc["devices"].items()
+            },
+        }
+
+    def full(self) -> dict[str, Any]:
         return {
             "ts": T0,
             "uptime_s": 5 * 3600 + 120,
@@ -268,6 +293,7 @@ async def test_trends_draw_the_series_fed_through_the_api(
 
     # the sparkline: one polyline per run of minutes with values, a dot for a lone minute
     spark = voltage.locator("svg.spark")
+    await playwright_api.expect(spark.locator("circle")).to_have_count(1)  # /api/history arrived
     assert await spark.get_attribute("viewBox") == f"0 0 {2 * (SLOTS - 1)} 24"
     drawn = [parse_points(p) for p in await spark.locator("polyline").evaluate_all(
         "ls => ls.map(l => l.getAttribute('points'))")]  # fmt: skip
@@ -307,6 +333,8 @@ async def test_trends_draw_the_series_fed_through_the_api(
     assert box is not None and box["width"] >= 60 and box["height"] == 24
     # everything came from the gateway itself: no network beyond it
     assert requests and all(u.startswith(f"http://127.0.0.1:{server.port}/") for u in requests), requests
+    # the status every 2 s, the history once (then once a minute)
+    assert sum(u.endswith("/api/history") for u in requests) == 1, requests
 
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / f"statuspage-{width}.png"), full_page=True)
@@ -348,7 +376,7 @@ class DemoLikeSource(ChangingSource):
     dimmed to 80 % 20 minutes ago, the uplink down for 8 minutes, lamp-1 unanswering for 3. Its screenshot
     is the README's (docs/img/statuspage.png)."""
 
-    def status(self) -> dict[str, Any]:
+    def full(self) -> dict[str, Any]:
         def wave(base: float, amp: float, period: float, phase: float = 0.0) -> list[float | None]:
             """A slow swing plus a seeded random walk: what a minute's mean of a mains figure looks like."""
             rng, walk, out = random.Random(f"{base}/{period}"), 0.0, []
@@ -423,6 +451,7 @@ async def test_readme_screenshot_of_a_demo_like_gateway(browser: Any, tmp_path: 
         page = await new_page(browser, 390)
         await page.goto(f"http://127.0.0.1:{server.port}/")
         meter = device_card(page, "meter-1")
+        await playwright_api.expect(page.locator("svg.spark")).to_have_count(15)  # /api/history arrived
         await playwright_api.expect(meter.locator('tr[data-point="total_active_power"] td.v')).to_have_text(
             "3990 W"
         )

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.health import SLOTS, STEP_MS, Activity, DeviceHealth, PointHistory, Timeline
+from agent.health import SLOTS, STEP_MS, Activity, DeviceHealth, PointHistory, Timeline, history_doc
 from agent.metrics import Histogram, Writer, escape_label, format_value
 from agent.reading import Reading
 
@@ -130,11 +130,14 @@ def test_device_status_carries_the_trends() -> None:
     h.failed(T0 + STEP_MS + 1)
     for r in (Reading("m", "power", T0 + STEP_MS, 1214.26, "W"),):
         h.last_readings[r.point] = r
-    doc = h.status(T0 + STEP_MS + 1)
-    assert doc["readings"]["power"]["history"][-2:] == [980.911, 1214.26]
-    assert set(h.history) == {"power"}  # booleans and strings have no sparkline
+    assert "history" not in h.status()["readings"]["power"]  # /api/status stays lean
+    doc = history_doc({"m": h}, Timeline(), T0 + STEP_MS + 1)
+    assert doc["ts"] == T0 + STEP_MS + 1 and doc["end_ts"] == T0 + 2 * STEP_MS and doc["step_s"] == 60
+    trend = doc["devices"]["m"]
+    assert trend["points"]["power"][-2:] == [980.911, 1214.26]
+    assert set(trend["points"]) == {"power"}  # booleans and strings have no sparkline
     assert h.polled == {"value": 4}
-    assert sum(doc["activity"]["ok"]) == 2 and sum(doc["activity"]["errors"]) == 1
+    assert sum(trend["activity"]["ok"]) == 2 and sum(trend["activity"]["errors"]) == 1
 
 
 # -- the route ----------------------------------------------------------------------------------------------
@@ -173,11 +176,13 @@ async def test_metrics_route() -> None:
             assert self.text is not None
             return self.text
 
-    plain = LocalServer(_Source(), "127.0.0.1:0", None)  # a source without metrics: 404
+    plain = LocalServer(_Source(), "127.0.0.1:0", None)  # a source without metrics or history: 404
     await plain.start()
     try:
         code, _, body = await _get(plain.port, "/metrics")
         assert code == 404 and b"no metrics" in body
+        code, _, body = await _get(plain.port, "/api/history")
+        assert code == 404 and b"no history" in body
     finally:
         await plain.aclose()
     source = WithMetrics(b"# HELP x_total x\n# TYPE x_total counter\nx_total 1\n")
