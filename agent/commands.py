@@ -37,6 +37,7 @@ from typing import Any
 
 import orjson
 
+from agent import metrics
 from agent.config_base import Model
 from agent.driver import Driver, PointSpec
 from agent.errors import DeviceError, WriteRefused
@@ -633,6 +634,7 @@ class CommandProcessor:
         error: str | None,
         result_value: Any,
     ) -> None:
+        metrics.command_outcome(outcome)
         db = self._conn()
         db.execute(
             "INSERT INTO audit (received_ts, done_ts, source, command_id, device, point, value, outcome,"

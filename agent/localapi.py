@@ -1,8 +1,9 @@
-"""The technician's local HTTP server: the status page, GET /api/status and the token-guarded write actions.
+"""The technician's local HTTP server: the status page, GET /api/status, GET /metrics (Prometheus) and the
+token-guarded write actions.
 
 Built on `asyncio.start_server` with a small, strict HTTP/1.1 parser rather than aiohttp: on a Pi the
 stdlib costs no extra dependency and no extra MiB of RSS (aiohttp pulls in multidict, yarl, frozenlist,
-aiosignal, propcache... and ~10 MiB), and the surface we serve is four routes, one request per connection
+aiosignal, propcache... and ~10 MiB), and the surface we serve is six routes, one request per connection
 (`Connection: close`), bodies of a few hundred bytes. See docs/STATUS_API.md.
 """
 
@@ -25,6 +26,7 @@ from urllib.parse import unquote
 import orjson
 
 from agent.errors import FieldgateError
+from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.tls import SecretError, read_secret
 
 log = logging.getLogger(__name__)
@@ -343,6 +345,10 @@ class LocalServer:
             except Exception:
                 log.exception("local API: building the status document failed")
                 raise HttpError(500, "the daemon could not build its status document; see its log") from None
+        if path == "/metrics":
+            return await self._metrics(request)
+        if path == "/api/history":
+            return await self._history(request)
         match = _DEVICE_ROUTE.match(path)
         if match is None:
             raise HttpError(404, f"no such resource: {path}")
@@ -365,6 +371,35 @@ class LocalServer:
         point, value = _parse_write(request)
         log.info("local API: test write %s.%s = %r requested from %s", device, point, value, peer)
         return 200, await self._act(device, self._source.write(device, point, value), None), {}
+
+    async def _metrics(self, request: Request) -> tuple[int, bytes, dict[str, str]]:
+        """GET /metrics: the Prometheus text format (agent/metrics.py), read-only like /api/status."""
+        if request.method not in ("GET", "HEAD"):
+            raise HttpError(405, f"{request.method} not allowed on /metrics", {"Allow": "GET, HEAD"})
+        render = getattr(self._source, "metrics_text", None)
+        if render is None:
+            raise HttpError(404, "no metrics from this source")
+        try:
+            await self._source.refresh()
+            text: bytes = render()
+        except Exception:
+            log.exception("local API: building the metrics failed")
+            raise HttpError(500, "the daemon could not build its metrics; see its log") from None
+        return 200, text, {"Content-Type": METRICS_CONTENT_TYPE}
+
+    async def _history(self, request: Request) -> tuple[int, bytes, dict[str, str]]:
+        """GET /api/history: the status page's last hour (agent/health.py), read-only like /api/status."""
+        if request.method not in ("GET", "HEAD"):
+            raise HttpError(405, f"{request.method} not allowed on /api/history", {"Allow": "GET, HEAD"})
+        build = getattr(self._source, "history", None)
+        if build is None:
+            raise HttpError(404, "no history from this source")
+        try:
+            await self._source.refresh()
+            return 200, _dumps(build()), {}
+        except Exception:
+            log.exception("local API: building the history failed")
+            raise HttpError(500, "the daemon could not build its history; see its log") from None
 
     async def _act(self, device: str, action: Any, done: dict[str, Any] | None) -> dict[str, Any]:
         """Run a poll or a write; device errors become {"ok": false, "error"}, not HTTP errors."""

@@ -13,14 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, registry, validate
+from agent import __version__, metrics, registry, validate
 from agent.aio import TaskGroup
 from agent.commands import CommandProcessor, commands_db_path
 from agent.config import FieldgateConfig
 from agent.config_base import DeviceConfigBase
 from agent.driver import Driver, DriverContext, SharedResources
 from agent.errors import ConfigError, FieldgateError, StoreError
-from agent.health import DeviceHealth
+from agent.health import DeviceHealth, Timeline, history_doc
 from agent.logsetup import ErrorReporter
 from agent.processing import processor_for
 from agent.reading import Reading, now_ms
@@ -187,6 +187,7 @@ class StoreWriter:
         if self.failing is not None:
             log.warning("buffer writable again")
             self.failing = None
+        metrics.count_stored(rows)
         self.on_stored(rows)
 
 
@@ -232,6 +233,7 @@ class Runtime:
         self._schedule_runs: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
+        self.timeline = Timeline()  # the status page's last hour of backlog and upstream link
 
     # -- documents ---------------------------------------------------------------------------------------
 
@@ -668,9 +670,21 @@ class Runtime:
         if self.last_stats is None or time.monotonic() - self._stats_at >= STATS_FRESH:
             try:
                 self.last_stats = await self.store.stats()
+                up = self.uplink
+                self.timeline.sample(
+                    self.last_stats.pending, bool(up and up.connected), up.connections if up else 0
+                )
             except StoreError as exc:  # the figures stay the last known; the writer reports the disk
                 log.debug("buffer figures not refreshed: %s", exc)
             self._stats_at = time.monotonic()
+
+    def metrics_text(self) -> bytes:
+        """GET /metrics (agent/metrics.py)."""
+        return metrics.render(self)
+
+    def history(self) -> dict[str, Any]:
+        """GET /api/history: the status page's last hour (agent/health.py)."""
+        return history_doc(self.health, self.timeline)
 
     def _uplink_secrets(self, config: FieldgateConfig) -> tuple[str | None, Any]:
         """Password and TLS context for `config`; raises (SecretError, TlsSetupError) before anything changes."""

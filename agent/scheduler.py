@@ -165,6 +165,7 @@ class DeviceTask:
             h.counters = dict(counters)
         for r in readings:
             h.last_readings[r.point] = r
+        h.observe(readings)
         if readings:
             self.sink(readings)
 
@@ -180,6 +181,7 @@ class DeviceTask:
         h.consecutive_errors += 1
         h.last_error = message
         h.last_error_ts = now_ms()
+        h.failed()
         h.next_attempt_ts = now_ms() + int(delay * 1000)
         self._progress()
         counters = getattr(self.driver, "counters", None)
@@ -218,6 +220,7 @@ class DeviceTask:
                 log.exception("%s: unexpected error in driver %s", self.name, self.driver.name)
                 message = f"internal error: {type(exc).__name__}: {exc}"
             raise_if_cancelled()  # a stop a driver's library swallowed is not a device error (agent/aio.py)
+            self.health.poll_seconds.observe(time.monotonic() - started)
             if message is None:
                 self._ok(readings)
                 # A cycle longer than the interval skips the ticks it missed rather than bursting.

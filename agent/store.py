@@ -107,11 +107,11 @@ INSERT OR IGNORE INTO meta(key, value) VALUES ('evicted', 0), ('recovered', 0);
 """
 
 _INSERT = "INSERT INTO readings(seq, ts, device, point, body) VALUES (?, ?, ?, ?, ?)"
-_FETCH_AFTER = "SELECT seq, ts, body FROM readings WHERE seq > ? ORDER BY seq LIMIT ?"
-_FETCH_WINDOW = "SELECT seq, ts, body FROM readings WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?"
-_FETCH_LANE = (
-    "SELECT seq, ts, body FROM readings WHERE seq > ? AND seq < ? AND (acked & ?) = 0 ORDER BY seq LIMIT ?"
+_FETCH_AFTER = "SELECT seq, ts, body, device, point FROM readings WHERE seq > ? ORDER BY seq LIMIT ?"
+_FETCH_WINDOW = (
+    "SELECT seq, ts, body, device, point FROM readings WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?"
 )
+_FETCH_LANE = "SELECT seq, ts, body, device, point FROM readings WHERE seq > ? AND seq < ? AND (acked & ?) = 0 ORDER BY seq LIMIT ?"
 DEFAULT_LANE = "mqtt"
 MAX_LANES = 62
 _PAGES = (
@@ -127,6 +127,8 @@ class StoredRow:
     seq: int
     ts: int
     body: bytes
+    device: str = ""  # for the per-device counters of GET /metrics (agent/metrics.py)
+    point: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,7 +728,7 @@ class Store:
             self._note_eviction(evicted)
             if cutoff >= first:
                 params = params[cutoff - first + 1 :]
-        return [StoredRow(p[0], p[1], p[4]) for p in params]
+        return [StoredRow(p[0], p[1], p[4], p[2], p[3]) for p in params]
 
     def _used_bytes(self, conn: sqlite3.Connection) -> int:
         total, free = conn.execute(_PAGES).fetchone()

@@ -36,7 +36,7 @@ from typing import Any
 
 import aiomqtt
 
-from agent import payloads
+from agent import metrics, payloads
 from agent.aio import TaskGroup, raise_if_cancelled, settled
 from agent.config import MqttConfig, mqtt_endpoint
 from agent.errors import StoreError
@@ -553,6 +553,7 @@ class Uplink:
             return
 
         async def send() -> None:
+            started = metrics.publish_started(self.name, len(messages))
             try:
                 if len(messages) == 1:
                     m = messages[0]
@@ -564,6 +565,8 @@ class Uplink:
                     )
             finally:
                 slots.release()
+                metrics.publish_ended(self.name, len(messages))
+            metrics.published(self.name, rows, started)
             self._acks.extend(r.seq for r in rows)
             self._ack_event.set()
             self.beat()

@@ -5,7 +5,12 @@ forwarded over MQTT QoS 1 through the durable buffer. The simulator runs in its 
 daemon's own CPU is counted (read from /proc/PID/stat).
 
     python -m bench.bench_daemon [--quick] [--seconds N] [--outage N] [--runs N] [--devices N] [--registers N]
-                                 [--poll S] [--log-level LEVEL]
+                                 [--poll S] [--log-level LEVEL] [--scrape S | --scrape-compare S]
+
+`--scrape S` turns the local API on and fetches GET /metrics every S seconds during the run, as a Prometheus
+server would (`--scrape 0`: the API listens, nobody scrapes), and reports the CPU of one scrape (a burst of
+back-to-back scrapes after the measured window, so it does not disturb it). `--scrape-compare S` runs pairs,
+interleaved: without scraping, then scraping every S seconds, `--runs` times, and prints both medians.
 
 The daemon runs as deployed: `--log-level info` (debug logs every Modbus frame and is not a production
 setting) and `gateway.clock: assume_synced` (this bench host has no NTP; a deployed gateway is synchronised,
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import os
 import statistics
@@ -29,7 +35,7 @@ from typing import Any
 import aiomqtt
 import orjson
 
-from tests.broker import Broker
+from tests.broker import Broker, free_port
 from tests.daemon import REPO, Daemon
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -114,13 +120,20 @@ class BenchDaemon(Daemon):
 
 
 def write_config(
-    workdir: Path, broker: Broker, sim_port: int, devices: int, registers: int, poll: float = 1.0
+    workdir: Path,
+    broker: Broker,
+    sim_port: int,
+    devices: int,
+    registers: int,
+    poll: float = 1.0,
+    local_port: int | None = None,
 ) -> Path:
+    listen = f"'127.0.0.1:{local_port}'" if local_port else "''"
     lines = [
         "gateway: {id: bench, clock: assume_synced}",
         f"storage: {{path: {workdir / 'buffer.db'}, max_size: 512MB}}",
         f"upstream: {{mqtt: {{url: 'mqtt://127.0.0.1:{broker.port}', keepalive: 5s}}}}",
-        "local: {listen: ''}",
+        f"local: {{listen: {listen}}}",
         f"buses: {{lan: {{type: modbus-tcp, host: 127.0.0.1, port: {sim_port}, timeout: 1s}}}}",
         "devices:",
     ]
@@ -172,6 +185,28 @@ class Platform:
                 await asyncio.sleep(0.05)
 
 
+async def fetch_metrics(port: int) -> int:
+    """One GET /metrics, as a Prometheus server does it; returns the body's size."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/plain\r\n\r\n")
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return len(body)
+
+
+async def scraper(port: int, every: float, done: list[int]) -> None:
+    while True:
+        await asyncio.sleep(every)
+        with contextlib.suppress(OSError):  # not listening yet
+            done.append(await fetch_metrics(port))
+
+
 async def one_run(
     seconds: float,
     outage: float,
@@ -180,6 +215,7 @@ async def one_run(
     poll: float = 1.0,
     log_level: str = "info",
     warmup: float = 3.0,
+    scrape: float | None = None,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fg-bench-"))
     broker = Broker(persistence=True).start()
@@ -187,7 +223,15 @@ async def one_run(
     platform = Platform(broker.port)
     watcher = asyncio.create_task(platform.run())
     await platform.ready.wait()
-    cfg = write_config(workdir, broker, sim_port, devices, registers, poll)
+    local_port = free_port() if scrape is not None else None
+    cfg = write_config(workdir, broker, sim_port, devices, registers, poll, local_port)
+    scrapes: list[int] = []
+    scraping = (
+        asyncio.create_task(scraper(local_port, scrape, scrapes))
+        if local_port is not None and scrape
+        else None
+    )
+    scrape_figures: dict[str, Any] = {}
     precompile()
     t0 = time.monotonic()
     daemon = BenchDaemon(cfg, workdir / "daemon.log", log_level).start()
@@ -205,6 +249,19 @@ async def one_run(
         steady = proc_status(daemon.pid)
         values_per_s = (platform.live - live0) / (w1 - w0)
         lag = sorted(platform.live_lag_ms[-2000:]) or [0.0]
+        if scraping is not None and local_port is not None:
+            scraping.cancel()
+            burst, c0, b0 = 100, cpu_seconds(daemon.pid), time.monotonic()
+            for _ in range(burst):
+                size = await fetch_metrics(local_port)
+            c1, b1 = cpu_seconds(daemon.pid), time.monotonic()
+            # the burst's CPU includes the workload's own for its duration: subtract it
+            own = (cpu1 - cpu0) / (w1 - w0) * (b1 - b0)
+            scrape_figures = {
+                "scrapes_in_window": len(scrapes),
+                "metrics_bytes": size,
+                "scrape_cpu_ms": round(max(c1 - c0 - own, 0.0) / burst * 1000, 2),
+            }
 
         # Outage: the broker goes away, readings pile up in the buffer, then it comes back.
         broker.stop()
@@ -238,6 +295,8 @@ async def one_run(
             await asyncio.sleep(0.005)
         restart_first_reading_s = (platform.first_at or time.monotonic()) - t1
     finally:
+        if scraping is not None:
+            scraping.cancel()
         daemon.stop()
         sim.terminate()
         sim.wait()
@@ -258,6 +317,7 @@ async def one_run(
         "resume_after_broker_back_s": round(resume_s, 3),
         "backlog_readings": drained,
         "drain_readings_per_s": round(drained / drain_s),
+        **scrape_figures,
         "rss_samples_mib": [round(s["VmRSS"] / 1024, 1) for s in samples],
     }
 
@@ -272,10 +332,46 @@ def main() -> None:
     ap.add_argument("--registers", type=int, default=20)
     ap.add_argument("--poll", type=float, default=1.0, help="poll interval of every device, seconds")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    ap.add_argument("--scrape", type=float, default=None, help="local API on, GET /metrics every S seconds")
+    ap.add_argument(
+        "--scrape-compare", type=float, default=None, help="interleaved pairs: no scrape / a scrape every S s"
+    )
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.outage, args.runs = 10, 8, 1
+    if args.scrape_compare:
+        compare_scrape(args)
+        return
     report(args, "holding registers")
+
+
+def compare_scrape(args: argparse.Namespace) -> None:
+    """Pairs of runs, interleaved (the machine's speed drifts): local API listening and nobody scraping,
+    then GET /metrics every `args.scrape_compare` seconds."""
+    pairs = []
+    for _ in range(args.runs):
+        pair = {}
+        for label, scrape in (("idle", 0.0), ("scraped", args.scrape_compare)):
+            pair[label] = asyncio.run(
+                one_run(args.seconds, args.outage, args.devices, args.registers, args.poll, args.log_level,
+                        warmup=max(3.0, args.poll + 2.0), scrape=scrape)
+            )  # fmt: skip
+        pairs.append(pair)
+    keys = ("cpu_s_per_min", "rss_mib", "live_lag_ms_median")
+    result: dict[str, Any] = {
+        "workload": f"{args.devices} devices x {args.registers} registers every {args.poll:g} s, "
+        f"{args.seconds:g} s measured per run, GET /metrics every {args.scrape_compare:g} s or never",
+        "machine_loop_s": machine_speed(),
+        "pairs": len(pairs),
+        "median": {
+            label: {k: statistics.median(p[label][k] for p in pairs) for k in keys}
+            for label in ("idle", "scraped")
+        },
+        "scrape_cpu_ms_median": statistics.median(p["scraped"]["scrape_cpu_ms"] for p in pairs),
+        "metrics_bytes": pairs[-1]["scraped"]["metrics_bytes"],
+        "cpu_s_per_min_pairs": [(p["idle"]["cpu_s_per_min"], p["scraped"]["cpu_s_per_min"]) for p in pairs],
+    }
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 
 def report(args: argparse.Namespace, what: str) -> None:

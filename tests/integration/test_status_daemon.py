@@ -232,4 +232,42 @@ async def test_idle_connections_do_not_lock_the_technician_out(
     finally:
         for _, writer in idle:
             writer.close()
+
+
+async def test_history_carries_the_last_hour(tmp_path: Path, sim: ModbusSim, broker: Broker) -> None:
+    """GET /api/history (docs/STATUS_API.md, "The last hour") from the real daemon; /api/status stays lean."""
+    port = free_port()
+    cfg = config_for(tmp_path, broker, sim, f"127.0.0.1:{port}")
+    daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+    try:
+        await wait_status(
+            port,
+            lambda d: d["devices"]["meter"]["state"] == "ok" and d["devices"]["ghost"]["state"] == "failing",
+            "the meter read and the ghost failing",
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            code, hist = await http(port, "GET", "/api/history")
+            assert code == 200, hist
+            if (hist["connected"][-1] or 0) > 0 or time.monotonic() > deadline:  # the minute it connected in
+                break
+            await asyncio.sleep(0.2)
+        end_minute = hist["ts"] // 60_000
+        assert hist["step_s"] == 60 and hist["end_ts"] == (end_minute + 1) * 60_000
+        assert len(hist["pending"]) == len(hist["connected"]) == 60
+        assert hist["pending"][-1] is not None and hist["pending"][-1] >= 0
+        assert (hist["connected"][-1] or 0) > 0
+        meter = hist["devices"]["meter"]
+        voltage = meter["points"]["voltage"]
+        assert len(voltage) == 60 and voltage[-1] == pytest.approx(230.1)  # the sim's constant value
+        assert all(v is None for v in voltage[:-2])  # the daemon has run for a minute at most
+        assert set(meter["points"]) == {"voltage", "dim"}
+        assert sum(meter["activity"]["ok"]) >= 1 and sum(meter["activity"]["errors"]) == 0
+        ghost = hist["devices"]["ghost"]
+        assert sum(ghost["activity"]["ok"]) == 0 and sum(ghost["activity"]["errors"]) >= 1
+        assert ghost["points"] == {}
+        code, status = await http(port, "GET", "/api/status")
+        assert code == 200 and "history" not in status
+        assert "history" not in status["devices"]["meter"]["readings"]["voltage"]
+    finally:
         assert daemon.stop() == 0, daemon.log_text()[-3000:]
