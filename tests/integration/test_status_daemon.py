@@ -232,6 +232,7 @@ async def test_idle_connections_do_not_lock_the_technician_out(
     finally:
         for _, writer in idle:
             writer.close()
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
 
 
 async def test_history_carries_the_last_hour(tmp_path: Path, sim: ModbusSim, broker: Broker) -> None:
