@@ -164,9 +164,11 @@ class MqttConfig(Model):
         description="the broker, or a list of brokers in order of preference: the first that answers is "
         "used, another within 2 s when it is lost (docs/FLEET.md)"
     )
-    failback: Duration = Field(
+    failback: Duration = duration_field(
         300.0,
-        ge=0,
+        "1s",
+        "30d",
+        zero_off=True,
         description="on a broker other than the first of `url`, go back to a preferred one once it has "
         "answered for this long; 0 stays on the broker in use",
     )

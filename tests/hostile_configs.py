@@ -46,7 +46,7 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
     "deep-flow-1000000": (lambda: b"[" * 1_000_000, "1:1001: (syntax): exceeded maximum nesting depth"),
     "deep-flow-900": (lambda: b"a: " + b"[" * 900 + b"]" * 900, "1:"),
     "deep-block": (
-        lambda: "".join(f"{' ' * i}k{i}:\n" for i in range(2000)).encode(),
+        lambda: "".join(f"{' ' * i}k{i}:\n" for i in range(1200)).encode(),  # 0.73 MB: under the size bound
         "1000:1004: (syntax): exceeded",
     ),
     "deep-compact-seq": (lambda: b"- " * 5000 + b"x\n", "1:"),

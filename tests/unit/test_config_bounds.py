@@ -35,7 +35,7 @@ from agent.urls import redact_url, url_problem
 from tests.schema_strategies import SchemaStrategies, _mostly, config_schema
 
 # Durations that may be 0 (it means "none" or "off"); every other duration of a config that loads is > 0.
-ZERO_ALLOWED = {"min_interval", "preheat", "warmup", "scanner_watchdog", "heartbeat"}
+ZERO_ALLOWED = {"min_interval", "preheat", "warmup", "scanner_watchdog", "heartbeat", "failback"}
 POSITIONED = re.compile(r"^.+:\d+:\d+: \S")
 ACCEPTED: list[int] = []  # devices of each generated config that loaded (the property must reach both sides)
 
