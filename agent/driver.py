@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from agent.errors import WriteRefused
-from agent.reading import Reading, Value
+from agent.pipeline.reading import Reading, Value
 
 C = TypeVar("C")
 R = TypeVar("R")

@@ -13,25 +13,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, registry, validate
+from agent import __version__, registry
 from agent.aio import TaskGroup
-from agent.commands import CommandProcessor, commands_db_path
-from agent.config import FieldgateConfig
-from agent.config_base import DeviceConfigBase
+from agent.config import validate
+from agent.config.base import DeviceConfigBase
+from agent.config.models import FieldgateConfig
+from agent.config.validate import file_hash
+from agent.control.commands import CommandProcessor, commands_db_path
+from agent.control.lamp_schedule import ScheduleRunner
+from agent.control.remoteconfig import RemoteConfig
 from agent.driver import Driver, DriverContext, SharedResources
 from agent.errors import ConfigError, FieldgateError, StoreError
-from agent.health import DeviceHealth
 from agent.logsetup import ErrorReporter
-from agent.processing import processor_for
-from agent.reading import Reading, now_ms
-from agent.remoteconfig import RemoteConfig
+from agent.pipeline.health import DeviceHealth
+from agent.pipeline.polling import MAX_BACKOFF, DeviceTask
+from agent.pipeline.processing import processor_for
+from agent.pipeline.reading import Reading, now_ms
+from agent.pipeline.store import AsyncStore, Store, StoreStats
 from agent.safefiles import read_regular, warn_loose_secrets, write_private
-from agent.schedule import ScheduleRunner
-from agent.scheduler import MAX_BACKOFF, DeviceTask
 from agent.sdnotify import Notifier
-from agent.store import AsyncStore, Store, StoreStats
-from agent.tls import build_ssl_context, credential_path, explain_tls_error, read_secret
-from agent.validate import file_hash
+from agent.upstream.tls import build_ssl_context, credential_path, explain_tls_error, read_secret
 from agent.watchdog import ProgressWatchdog
 
 log = logging.getLogger("fieldgate.runtime")
@@ -55,7 +56,7 @@ def prefetch(config_path: Path) -> None:
     without its comments: a driver missed is imported when its device starts, as without this."""
     import re
 
-    from agent import uplink as _  # noqa: F401 - imported for its cost, now
+    from agent.upstream import mqtt as _  # noqa: F401 - imported for its cost, now
 
     try:
         text = "\n".join(line.split("#", 1)[0] for line in read_regular(config_path).decode().splitlines())
@@ -463,7 +464,7 @@ class Runtime:
 
     def _catalog(self) -> dict[str, Any]:
         """Devices and their points now, for the formats that announce them (Sparkplug births, ThingsBoard)."""
-        from agent.formats import PointInfo
+        from agent.upstream.formats import PointInfo
 
         def scaled(driver: Any, point: str) -> bool:
             # A Modbus point's scale/offset (its points() gives the register type): engineering floats.
@@ -483,8 +484,8 @@ class Runtime:
 
     def _make_extra_uplinks(self, next_seq: int) -> None:
         """`upstream.extra`: more MQTT brokers (any format) and NGSI-LD brokers, each on its own lane."""
-        from agent.formats.ngsild import EntityMapper, NgsiLdUplink
-        from agent.uplink import Uplink
+        from agent.upstream.formats.ngsild import EntityMapper, NgsiLdUplink
+        from agent.upstream.mqtt import Uplink
 
         execute = self.commands.execute if self.commands is not None else None
         for name, extra in self.config.upstream.extra.items():
@@ -549,7 +550,7 @@ class Runtime:
                 tg.create_task(up.run(), name=f"uplink:{up.name}")
 
     def _start_uplink(self, next_seq: int, secrets: tuple[str | None, Any] | None = None) -> None:
-        from agent.uplink import Subscription, Uplink  # aiomqtt is imported only by the daemon
+        from agent.upstream.mqtt import Subscription, Uplink  # aiomqtt is imported only by the daemon
 
         assert self._tg is not None
         mqtt = self.config.upstream.mqtt
@@ -631,7 +632,7 @@ class Runtime:
         local = self.config.local
         if not local.listen:
             return
-        from agent.localapi import LocalServer  # only when enabled: its imports cost about 0.6 MiB
+        from agent.control.localapi import LocalServer  # only when enabled: its imports cost about 0.6 MiB
 
         server = LocalServer(self, local.listen, local.token_file)
         try:
@@ -761,7 +762,7 @@ class Runtime:
 
     async def apply_config(self, new: FieldgateConfig, data: bytes, source: str) -> list[str]:
         """Apply a validated config whose file holds `data` (reload, remote config, rollback)."""
-        from agent.configdiff import describe
+        from agent.config.diff import describe
 
         old = self.config
         changes = await self.apply(new)

@@ -170,7 +170,9 @@ def _secret_paths(tree: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def warn_loose_secrets(config_tree: Any) -> list[str]:
     """Log a WARNING for every token, password or key file readable by group or others; the warnings."""
-    from agent.tls import credential_path  # the %credentials% form resolves as the daemon resolves it
+    from agent.upstream.tls import (
+        credential_path,  # the %credentials% form resolves as the daemon resolves it
+    )
 
     warnings = []
     for where, text in _secret_paths(config_tree):

@@ -28,8 +28,8 @@ from typing import IO, Any
 
 import orjson
 
+from agent.config.units import parse_duration
 from agent.errors import ConfigError, StoreError
-from agent.units import parse_duration
 
 CSV_COLUMNS = ("seq", "ts", "time", "device", "point", "value", "unit", "quality")
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -128,7 +128,7 @@ def age_words(seconds: float) -> str:
 
 def buffer_path(args: argparse.Namespace) -> tuple[Path, int]:
     """The buffer file and its max_size, from --buffer or the config's storage section."""
-    from agent.loader import load_config
+    from agent.config.loader import load_config
 
     if args.buffer is not None:
         return Path(args.buffer), 256 * 1000**2
@@ -360,7 +360,7 @@ def main_export(args: argparse.Namespace) -> int:
 
 
 def main_purge(args: argparse.Namespace) -> int:
-    from agent.store import Store
+    from agent.pipeline.store import Store
 
     if not (args.all or args.device or args.before):
         print("buffer purge: say what to delete: --device D, --before TIME, or --all", file=sys.stderr)

@@ -13,10 +13,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from agent.config.loader import load_config
+from agent.config.validate import file_hash
+from agent.control.localapi import parse_listen
 from agent.errors import ConfigError
-from agent.loader import load_config
-from agent.localapi import parse_listen
-from agent.validate import file_hash
 
 POLL = 0.2  # seconds between two looks at the daemon's status
 

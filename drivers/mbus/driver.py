@@ -7,7 +7,7 @@ import logging
 
 from agent.driver import Driver, DriverContext
 from agent.errors import DecodeError, DeviceProtocolError, DeviceUnreachable
-from agent.reading import Reading, Value, now_ms
+from agent.pipeline.reading import Reading, Value, now_ms
 from drivers.mbus import codec
 from drivers.mbus.config import MbusDeviceConfig
 from drivers.serialport.config import SerialSettings

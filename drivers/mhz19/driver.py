@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from agent.driver import DriverContext, PointSpec
-from agent.reading import Reading, now_ms
+from agent.pipeline.reading import Reading, now_ms
 from drivers.mhz19 import codec
 from drivers.mhz19.config import Mhz19DeviceConfig
 from drivers.serialport.config import SerialSettings

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from agent.driver import Driver, DriverContext, PointSpec
 from agent.errors import ConfigError, DecodeError, DeviceProtocolError, PointError, WriteRefused
-from agent.reading import Reading, Value, now_ms
+from agent.pipeline.reading import Reading, Value, now_ms
 from drivers.modbus import codec
 from drivers.modbus.bus import BusSession, ModbusBus, ModbusExceptionResponse
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
@@ -72,7 +72,7 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
     name = "modbus"
 
     def __init__(self, device: str, config: ModbusDeviceConfig, context: DriverContext) -> None:
-        # `profile:` was merged into `points` by the config loader (agent/loader.py), with file positions.
+        # `profile:` was merged into `points` by the config loader (agent/config/loader.py), with file positions.
         super().__init__(device, config, context)
         self._points: dict[str, ModbusPoint] = dict(config.points)
         self._planned = {

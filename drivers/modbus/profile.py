@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from agent import loader
+from agent.config import loader
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
 
 BUNDLED_PROFILES = Path(__file__).resolve().parents[2] / "config" / "profiles"
@@ -28,7 +28,7 @@ class Profile:
 
 
 def find_profile(ref: str, config_dir: Path | None = None) -> Path:
-    """A profile's file, looked up like the config loader does (agent.loader.find_profile)."""
+    """A profile's file, looked up like the config loader does (agent.config.loader.find_profile)."""
     base = (config_dir or Path.cwd()) / "fieldgate.yaml"
     found = loader.find_profile(ref, base)
     if found is None:

@@ -6,7 +6,7 @@ import asyncio
 
 from agent.driver import PointSpec
 from agent.errors import DecodeError, DeviceProtocolError
-from agent.reading import Reading, now_ms
+from agent.pipeline.reading import Reading, now_ms
 from drivers.pms5003 import codec
 from drivers.pms5003.config import Pms5003DeviceConfig
 from drivers.serialport.config import SerialSettings

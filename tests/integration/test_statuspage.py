@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent.localapi import LocalServer
+from agent.control.localapi import LocalServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "artifacts"

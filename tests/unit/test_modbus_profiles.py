@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent import loader
+from agent.config import loader
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
 from drivers.modbus.profile import BUNDLED_PROFILES, NOT_IN_PROFILE, load_profile, merge_profile
 
@@ -66,7 +66,7 @@ def test_unknown_profile_names_the_bundled_ones() -> None:
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
 def test_the_config_loader_merges_each_profile_as_documented(path: Path, tmp_path: Path) -> None:
-    # The daemon and `fieldgate check` merge profiles in agent/loader.py, not the driver: check that path too.
+    # The daemon and `fieldgate check` merge profiles in agent/config/loader.py, not the driver: check that path too.
     config_file = tmp_path / "fieldgate.yaml"
     config_file.write_text(
         f"""gateway: {{id: gw-1}}

@@ -1,4 +1,4 @@
-"""The daemon's plain config models (agent/plainmodel.py, agent/validate.py) against pydantic's.
+"""The daemon's plain config models (agent/config/plainmodel.py, agent/config/validate.py) against pydantic's.
 
 The daemon validates its file in a child process and runs on plain models; every other process (this one
 included) runs on pydantic. A process cannot hold both, so the plain side runs in a subprocess here, loading
@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from agent import plainmodel
+from agent.config import plainmodel
+from agent.config.loader import load_config
+from agent.config.validate import snapshot
 from agent.errors import ConfigError
-from agent.loader import load_config
-from agent.validate import snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,9 +56,9 @@ PROBE = (
         """
     import asyncio, json, sys
     from pathlib import Path
-    from agent import plainmodel
+    from agent.config import plainmodel
     assert plainmodel.use()
-    from agent import validate
+    from agent.config import validate
     from agent.errors import ConfigError
 
     async def main():
@@ -119,7 +119,7 @@ def plain() -> dict[str, Any]:
 
 def test_the_plain_side_never_imports_pydantic_or_yaml(plain: dict[str, Any]) -> None:
     assert plain["leaked"] == []
-    assert {r.get("cls") for r in plain["results"].values() if "dump" in r} == {"agent.plainmodel"}
+    assert {r.get("cls") for r in plain["results"].values() if "dump" in r} == {"agent.config.plainmodel"}
 
 
 @pytest.mark.parametrize("path", _config_files(), ids=lambda p: str(p.relative_to(REPO)))

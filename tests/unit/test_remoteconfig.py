@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import FieldgateConfig
-from agent.loader import load_config
-from agent.remoteconfig import RemoteConfig, parse_request, public_problem, recover_at_start
+from agent.config.loader import load_config
+from agent.config.models import FieldgateConfig
+from agent.control.remoteconfig import RemoteConfig, parse_request, public_problem, recover_at_start
 
 GW = "gw-u"
 
@@ -43,7 +43,7 @@ def sha(data: bytes) -> str:
 
 
 def envelope(data: bytes, gateway: str, serial: int) -> bytes:
-    """The signed message of docs/CONFIG_LIFECYCLE.md, built independently of agent/remoteconfig.py."""
+    """The signed message of docs/CONFIG_LIFECYCLE.md, built independently of agent/control/remoteconfig.py."""
     doc = {"config_sha256": sha(data), "gateway": gateway, "serial": serial, "type": "fieldgate.config.set/2"}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 

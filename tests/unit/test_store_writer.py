@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from agent import runtime as runtime_module
-from agent.reading import Reading, now_ms
+from agent.pipeline.reading import Reading, now_ms
+from agent.pipeline.store import AsyncStore, Store
 from agent.runtime import StoreWriter
-from agent.store import AsyncStore, Store
 
 INTERVAL = 0.2
 HOLD = 30.0  # the commit interval of the hold test: how long a held commit may wait, in real time

@@ -14,10 +14,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from agent.config import FieldgateConfig
+from agent.config.models import FieldgateConfig
+from agent.config.validate import file_hash
 from agent.errors import ConfigError
 from agent.safefiles import kind_of, present, read_regular
-from agent.validate import file_hash
 
 Loc = tuple[str | int, ...]
 
@@ -137,15 +137,13 @@ def profile_dirs(config_path: Path) -> list[Path]:
     if extra:
         dirs.insert(0, Path(extra))
     dirs.append(Path("/etc/fieldgate/profiles"))
-    dirs.append(
-        Path(__file__).resolve().parent.parent / "config" / "profiles"
-    )  # bundled with the source tree
+    dirs.append(Path(__file__).resolve().parents[2] / "config" / "profiles")  # bundled with the source tree
     return dirs
 
 
 # Every file the last load_config read or looked for, in order: absolute path -> SHA-256 of the bytes it read,
 # or None for a profile candidate looked for and absent. What the result depends on besides the code and
-# FIELDGATE_PROFILES: agent/validate.py keys the snapshot of the last validated config on it.
+# FIELDGATE_PROFILES: agent/config/validate.py keys the snapshot of the last validated config on it.
 _consulted: dict[str, str | None] = {}
 
 

@@ -25,7 +25,7 @@ from urllib.parse import unquote
 import orjson
 
 from agent.errors import FieldgateError
-from agent.tls import SecretError, read_secret
+from agent.upstream.tls import SecretError, read_secret
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ async def read_request(
 
 
 def _load_page() -> bytes:
-    return importlib.resources.files("agent").joinpath("statuspage.html").read_bytes()
+    return importlib.resources.files("agent.control").joinpath("statuspage.html").read_bytes()
 
 
 _PAGE_HEADERS = {

@@ -2,9 +2,9 @@
 
 The daemon never imports pydantic (about 15 MiB of its 48 MiB went to pydantic and the validators it
 builds: docs/PERFORMANCE.md). `fieldgate run` validates the file with pydantic in a short-lived child
-process (`agent.validate`), which sends back the validated models as a snapshot: class names and field
+process (`agent.config.validate`), which sends back the validated models as a snapshot: class names and field
 values. The daemon's process defines the same model classes on this module's `BaseModel` (see
-`agent.modelkit`) and `rebuild`s the snapshot into them.
+`agent.config.modelkit`) and `rebuild`s the snapshot into them.
 
 Nothing is validated here: the child did it. What the running code uses of a model works as in pydantic:
 attributes, the models' own methods and properties, frozen instances, equality and hashing by field values,
@@ -211,13 +211,13 @@ def _json(value: Any, hint: Any) -> Any:
         return [_json(v, inner) for v in value]
     if isinstance(value, PurePath):
         return str(value)
-    return value  # str, int, float, bool: what else a snapshot carries (agent.validate.snapshot)
+    return value  # str, int, float, bool: what else a snapshot carries (agent.config.validate.snapshot)
 
 
 # --- the snapshot the validating child sends -----------------------------------------------------------------
 
 
-MODEL, PATH, TUPLE = "model", "path", "tuple"  # the tags of a snapshot (agent.validate.snapshot)
+MODEL, PATH, TUPLE = "model", "path", "tuple"  # the tags of a snapshot (agent.config.validate.snapshot)
 
 
 def rebuild(value: Any) -> Any:
@@ -252,21 +252,21 @@ def _model_class(name: str) -> type[BaseModel]:
             found = getattr(found, part)
         if not (isinstance(found, type) and issubclass(found, BaseModel)):
             raise TypeError(
-                f"{name} is not a plain model here (was pydantic imported first? see agent.modelkit)"
+                f"{name} is not a plain model here (was pydantic imported first? see agent.config.modelkit)"
             )
         _classes[name] = cls = found
     return cls
 
 
-requested = False  # read by agent.modelkit when it is first imported
+requested = False  # read by agent.config.modelkit when it is first imported
 
 
 def use() -> bool:
     """Build this process's config models on this module (call before any config module is imported).
-    False, and pydantic stays, when agent.modelkit was already imported with pydantic: a test process that
+    False, and pydantic stays, when agent.config.modelkit was already imported with pydantic: a test process that
     runs the daemon in-process, say."""
     global requested
-    kit = sys.modules.get("agent.modelkit")
+    kit = sys.modules.get("agent.config.modelkit")
     if kit is not None and not kit.PLAIN:
         return False
     requested = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.config import FieldgateConfig
+from agent.config.models import FieldgateConfig
 
 Tree = dict[str, Any]
 

@@ -30,12 +30,12 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from agent.config import GatewayConfig, NgsiEntityConfig, NgsiLdConfig
+from agent.config.models import GatewayConfig, NgsiEntityConfig, NgsiLdConfig
 from agent.errors import StoreError
-from agent.formats import decode_rows
-from agent.reading import now_ms
-from agent.store import AsyncStore, StoredRow
-from agent.tls import read_secret
+from agent.pipeline.reading import now_ms
+from agent.pipeline.store import AsyncStore, StoredRow
+from agent.upstream.formats import decode_rows
+from agent.upstream.tls import read_secret
 
 log = logging.getLogger("fieldgate.ngsild")
 

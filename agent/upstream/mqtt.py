@@ -12,7 +12,7 @@ message that carried them. Rows in flight when the link drops are sent
 again on the next connection (at-least-once; duplicates are limited to the
 messages in flight: at most `max_inflight` backlog + 2 live messages).
 
-What goes on the wire is the format's (`agent/formats/`: fieldgate JSON, Sparkplug B, ThingsBoard): it
+What goes on the wire is the format's (`agent/upstream/formats/`: fieldgate JSON, Sparkplug B, ThingsBoard): it
 encodes each batch into messages, gives the will and the birth messages, and handles its platform's
 commands. With several upstreams each uplink has its own lane in the buffer (`lane`): its acks mark rows
 for that lane only, and a row leaves the buffer once every lane has acknowledged it.
@@ -34,14 +34,14 @@ from typing import Any
 
 import aiomqtt
 
-from agent import payloads
 from agent.aio import TaskGroup, raise_if_cancelled, settled
-from agent.config import MqttConfig
+from agent.config.models import MqttConfig
 from agent.errors import StoreError
-from agent.formats import Catalog, CommandExecutor, Message, MqttFormat
-from agent.formats.fieldgate import FieldgateFormat
-from agent.reading import now_ms
-from agent.store import AsyncStore, StoredRow
+from agent.pipeline.reading import now_ms
+from agent.pipeline.store import AsyncStore, StoredRow
+from agent.upstream import payloads
+from agent.upstream.formats import Catalog, CommandExecutor, Message, MqttFormat
+from agent.upstream.formats.fieldgate import FieldgateFormat
 
 log = logging.getLogger("fieldgate.uplink")
 
@@ -80,7 +80,7 @@ def make_format(
 
     `state_file`: where a format keeps what must outlive a restart (Sparkplug: the last bdSeq)."""
     if cfg.format == "sparkplug":
-        from agent.formats.sparkplug import SparkplugFormat
+        from agent.upstream.formats.sparkplug import SparkplugFormat
 
         sp = cfg.sparkplug
         bd_seq_file = state_file.with_name(state_file.name + ".bdseq") if state_file is not None else None
@@ -94,7 +94,7 @@ def make_format(
             sp.primary_host_id,
         )
     if cfg.format == "thingsboard":
-        from agent.formats.thingsboard import ThingsBoardFormat
+        from agent.upstream.formats.thingsboard import ThingsBoardFormat
 
         return ThingsBoardFormat(catalog, execute)
     return FieldgateFormat(topics, gateway_id, version, cfg.compression)

@@ -40,12 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import validate
-from agent.config import FieldgateConfig
+from agent.config import validate
+from agent.config.models import FieldgateConfig
+from agent.config.validate import file_hash
 from agent.errors import ConfigError
-from agent.reading import now_ms
+from agent.pipeline.reading import now_ms
 from agent.safefiles import fsync_dir, read_regular, write_private
-from agent.validate import file_hash
 
 log = logging.getLogger("fieldgate.remoteconfig")
 

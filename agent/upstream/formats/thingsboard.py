@@ -18,8 +18,8 @@ from typing import Any
 
 import orjson
 
-from agent.formats import Catalog, CommandExecutor, InboundHandler, Message, decode_rows
-from agent.store import StoredRow
+from agent.pipeline.store import StoredRow
+from agent.upstream.formats import Catalog, CommandExecutor, InboundHandler, Message, decode_rows
 
 log = logging.getLogger("fieldgate.thingsboard")
 

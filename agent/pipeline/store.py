@@ -44,9 +44,9 @@ from typing import Literal, TypeVar
 import orjson
 
 from agent.errors import StoreError
-from agent.payloads import reading_body
-from agent.reading import Reading
+from agent.pipeline.reading import Reading
 from agent.safefiles import create_private
+from agent.upstream.payloads import reading_body
 
 log = logging.getLogger("fieldgate.store")
 

@@ -2,7 +2,7 @@
 
 Every config model imports its base and helpers from here, never from pydantic directly. A process that
 validates a config (`fieldgate check`, the child `fieldgate run` starts, the tests) gets pydantic. The daemon
-calls `agent.plainmodel.use()` before any config module is imported and gets `agent.plainmodel`: the same classes,
+calls `agent.config.plainmodel.use()` before any config module is imported and gets `agent.config.plainmodel`: the same classes,
 no validation, about 15 MiB less (docs/PERFORMANCE.md). The choice is made once per process, at the first
 import of this module.
 """
@@ -12,14 +12,14 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-PLAIN = not TYPE_CHECKING and bool(getattr(sys.modules.get("agent.plainmodel"), "requested", False))
+PLAIN = not TYPE_CHECKING and bool(getattr(sys.modules.get("agent.config.plainmodel"), "requested", False))
 
 if TYPE_CHECKING or not PLAIN:
     import pydantic as _kit
 else:
-    from agent import plainmodel as _kit
+    from agent.config import plainmodel as _kit
 
-# The names the config modules use; agent.plainmodel defines each of them.
+# The names the config modules use; agent.config.plainmodel defines each of them.
 BaseModel = _kit.BaseModel
 BeforeValidator = _kit.BeforeValidator
 ConfigDict = _kit.ConfigDict

@@ -18,8 +18,8 @@ from typing import Protocol
 from agent.aio import raise_if_cancelled
 from agent.driver import Driver
 from agent.errors import DeviceError
-from agent.health import DeviceHealth
-from agent.reading import Reading, now_ms
+from agent.pipeline.health import DeviceHealth
+from agent.pipeline.reading import Reading, now_ms
 
 log = logging.getLogger("fieldgate.scheduler")
 

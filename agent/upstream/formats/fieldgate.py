@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent import payloads
-from agent.formats import InboundHandler, Message
-from agent.reading import now_ms
-from agent.store import StoredRow
+from agent.pipeline.reading import now_ms
+from agent.pipeline.store import StoredRow
+from agent.upstream import payloads
+from agent.upstream.formats import InboundHandler, Message
 
 
 class FieldgateFormat:

@@ -5,8 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from agent.modelkit import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
-from agent.units import Duration
+from agent.config.modelkit import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
+from agent.config.units import Duration
 
 
 class Model(BaseModel):

@@ -28,12 +28,12 @@ from datetime import date, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.commands import OVERRIDE_LIMIT_MS, CommandEvent, CommandProcessor
-from agent.config_base import Model
-from agent.modelkit import Field, field_validator, model_validator
-from agent.reading import now_ms
-from agent.suntimes import sun_event
-from agent.units import Duration, parse_duration
+from agent.config.base import Model
+from agent.config.modelkit import Field, field_validator, model_validator
+from agent.config.units import Duration, parse_duration
+from agent.control.commands import OVERRIDE_LIMIT_MS, CommandEvent, CommandProcessor
+from agent.control.suntimes import sun_event
+from agent.pipeline.reading import now_ms
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from agent import registry
-from agent.commands import CommandsConfig
-from agent.config_base import DeviceConfigBase, Model
-from agent.migrate import CURRENT_VERSION, version_problem
-from agent.modelkit import Discriminator, Field, Tag, field_validator, model_validator
-from agent.schedule import ScheduleConfig, schedule_problems
-from agent.units import Duration, Size
+from agent.config.base import DeviceConfigBase, Model
+from agent.config.migrate import CURRENT_VERSION, version_problem
+from agent.config.modelkit import Discriminator, Field, Tag, field_validator, model_validator
+from agent.config.units import Duration, Size
+from agent.control.commands import CommandsConfig
+from agent.control.lamp_schedule import ScheduleConfig, schedule_problems
 
 
 class Location(Model):

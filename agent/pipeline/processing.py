@@ -29,13 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.clock import ClockState, shared_clock
-from agent.config_base import AggregateConfig
-from agent.reading import Reading, Value, now_ms
-from agent.scheduler import ERROR_POINT, STATE_POINT
+from agent.config.base import AggregateConfig
+from agent.pipeline.clock import ClockState, shared_clock
+from agent.pipeline.polling import ERROR_POINT, STATE_POINT
+from agent.pipeline.reading import Reading, Value, now_ms
 
 if TYPE_CHECKING:
-    from agent.config import FieldgateConfig
+    from agent.config.models import FieldgateConfig
     from agent.driver import Driver
 
 log = logging.getLogger("fieldgate.processing")

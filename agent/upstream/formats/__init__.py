@@ -6,7 +6,7 @@ the message that carried it (`Message.seqs`). Messages that carry no rows (a bir
 connect) travel in the same order, before the data that needs them.
 
 Formats: `fieldgate` (SPEC §3, the default), `sparkplug` (Sparkplug B), `thingsboard` (gateway MQTT API).
-NGSI-LD goes over HTTP and has its own sender (`agent/formats/ngsild.py`).
+NGSI-LD goes over HTTP and has its own sender (`agent/upstream/formats/ngsild.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from agent.store import StoredRow
+from agent.pipeline.store import StoredRow
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """Config validation in a short-lived child process, so that the daemon never imports pydantic.
 
-`fieldgate run` calls `agent.plainmodel.use()` first thing; from then on its config models are plain
-records (agent.modelkit). To load a file (at start, on reload, for a remote config, for a rollback) it runs
-`python -m agent.validate FILE`: the child loads the file with the full loader (pydantic, profiles, every
+`fieldgate run` calls `agent.config.plainmodel.use()` first thing; from then on its config models are plain
+records (agent.config.modelkit). To load a file (at start, on reload, for a remote config, for a rollback) it runs
+`python -m agent.config.validate FILE`: the child loads the file with the full loader (pydantic, profiles, every
 error positioned as FILE:LINE:COL), and writes to its stdout either the validated models as a snapshot or
 the list of problems. The daemon rebuilds the snapshot on its plain classes. The child lives about 0.3 s.
 
@@ -35,12 +35,13 @@ import sys
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
-from agent import __version__, plainmodel
+from agent import __version__
+from agent.config import plainmodel
 from agent.errors import ConfigError
 from agent.safefiles import private_dir, read_regular
 
 if TYPE_CHECKING:
-    from agent.config import FieldgateConfig
+    from agent.config.models import FieldgateConfig
 
 log = logging.getLogger("fieldgate.config")
 
@@ -118,7 +119,7 @@ class Pending:
                 self.from_cache = True
                 return config, self.cached
         if self.proc is None:
-            from agent.loader import load_config
+            from agent.config.loader import load_config
 
             return load_config(self.path, remote=self.remote), None
         try:
@@ -154,7 +155,7 @@ class Pending:
 def _child(path: Path, background: bool = False, remote: bool = False) -> subprocess.Popen[bytes]:
     flags = [*(["--background"] if background else []), *(["--remote"] if remote else [])]
     return subprocess.Popen(
-        [sys.executable, "-m", "agent.validate", *flags, str(path)],
+        [sys.executable, "-m", "agent.config.validate", *flags, str(path)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -198,7 +199,7 @@ def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> tuple
 
 
 def _config_of(path: Path, payload: Any) -> FieldgateConfig:
-    from agent.config import FieldgateConfig
+    from agent.config.models import FieldgateConfig
 
     config = plainmodel.rebuild(payload)
     if not isinstance(config, FieldgateConfig):
@@ -296,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     if remote:
         args = args[1:]
     if len(args) != 1:
-        print("usage: python -m agent.validate [--background] [--remote] CONFIG", file=sys.stderr)
+        print("usage: python -m agent.config.validate [--background] [--remote] CONFIG", file=sys.stderr)
         return 2
-    from agent import loader
+    from agent.config import loader
 
     try:
         config = snapshot(loader.load_config(Path(args[0]), remote=remote))

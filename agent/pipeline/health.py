@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.reading import Reading
+from agent.pipeline.reading import Reading
 
 
 @dataclass(slots=True)

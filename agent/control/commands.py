@@ -37,14 +37,14 @@ from typing import Any
 
 import orjson
 
-from agent.config_base import Model
+from agent.config.base import Model
+from agent.config.modelkit import Field
+from agent.config.units import Duration, parse_duration
 from agent.driver import Driver, PointSpec
 from agent.errors import DeviceError, WriteRefused
-from agent.health import DeviceHealth
-from agent.modelkit import Field
-from agent.reading import Value, now_ms
+from agent.pipeline.health import DeviceHealth
+from agent.pipeline.reading import Value, now_ms
 from agent.safefiles import create_private
-from agent.units import Duration, parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ BUSY_TIMEOUT_S = 5.0  # how long a statement waits for another process's transac
 # The answer to a repeated id whose first attempt may or may not have reached the device (the gateway
 # stopped during the write, or the write ended in an unexpected error): never executed again.
 OUTCOME_UNKNOWN = "outcome unknown: not retried"
-# The latest end of an `override` a schedule can hold (agent/schedule.py shows and compares it as a local
+# The latest end of an `override` a schedule can hold (agent/control/lamp_schedule.py shows and compares it as a local
 # datetime, and Python's datetime ends with the year 9999; one day less keeps every timezone inside it).
 OVERRIDE_LIMIT_MS = 253_402_128_000_000  # 9999-12-30T00:00:00Z
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from agent.reading import Reading, Value
+from agent.pipeline.reading import Reading, Value
 
 
 class Topics:
