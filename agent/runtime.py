@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, registry
 from agent.aio import TaskGroup
@@ -32,8 +32,12 @@ from agent.pipeline.reading import Reading, now_ms
 from agent.pipeline.store import AsyncStore, Store, StoreStats
 from agent.safefiles import read_regular, warn_loose_secrets, write_private
 from agent.sdnotify import Notifier
+from agent.upstream.contract import Upstream
 from agent.upstream.tls import build_ssl_context, credential_path, explain_tls_error, read_secret
 from agent.watchdog import ProgressWatchdog
+
+if TYPE_CHECKING:
+    from agent.upstream.mqtt import Uplink  # imported at run time only by the daemon (aiomqtt)
 
 log = logging.getLogger("fieldgate.runtime")
 
@@ -202,8 +206,8 @@ class Runtime:
         self.tasks: dict[str, DeviceTask] = {}
         self._device_runs: dict[str, asyncio.Task[None]] = {}
         self.writer: StoreWriter | None = None
-        self.uplink: Any = None  # the main upstream (`upstream.mqtt`)
-        self.extra_uplinks: dict[str, Any] = {}  # `upstream.extra`, by name (each its own buffer lane)
+        self.uplink: Uplink | None = None  # the main upstream (`upstream.mqtt`)
+        self.extra_uplinks: dict[str, Upstream] = {}  # `upstream.extra`, by name (each its own buffer lane)
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.last_stats: StoreStats | None = None
@@ -263,12 +267,12 @@ class Runtime:
         """Compatible extension: every upstream's format, link and lane (pending = not yet acknowledged)."""
         lanes = self.last_stats.lanes if self.last_stats else {}
         doc: dict[str, Any] = {}
-        for name, up in [("mqtt", self.uplink), *self.extra_uplinks.items()]:
+        ups: list[tuple[str, Upstream | None]] = [("mqtt", self.uplink), *self.extra_uplinks.items()]
+        for name, up in ups:
             if up is None:
                 continue
-            fmt = getattr(up, "fmt_name", None) or up.fmt.name
             doc[name] = {
-                "format": fmt,
+                "format": up.format_name,
                 "connected": bool(up.connected),
                 "sent": up.sent,
                 "pending": lanes.get(name, self.last_stats.pending if self.last_stats else 0),
@@ -489,7 +493,7 @@ class Runtime:
 
         execute = self.commands.execute if self.commands is not None else None
         for name, extra in self.config.upstream.extra.items():
-            up: Any
+            up: Upstream
             if extra.ngsi_ld is not None:
                 mapper = EntityMapper(extra.ngsi_ld, self.config.gateway, self._device_kinds)
                 up = NgsiLdUplink(name, extra.ngsi_ld, mapper, self.store, name, next_seq=next_seq)
@@ -536,7 +540,7 @@ class Runtime:
             up.beat = functools.partial(self.watchdog.beat, f"uplink:{name}")
             self.extra_uplinks[name] = up
 
-    async def _run_uplinks(self, lanes: list[str], uplinks: list[Any]) -> None:
+    async def _run_uplinks(self, lanes: list[str], uplinks: list[Upstream]) -> None:
         """Declare the lanes to the buffer first (no ack may use a lane it does not know), then run them all."""
         while True:
             try:
@@ -591,7 +595,7 @@ class Runtime:
             await up.stop()
         # Read after stop(): rows stored while it stopped were offered to it and moved its next seq; the new
         # uplink must see them as backlog, or they would wait in SQLite until the next reconnect.
-        next_seq: int = up._next_seq if up is not None else 1
+        next_seq = up.next_seq if up is not None else 1
         if run is not None:
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)

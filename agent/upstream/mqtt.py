@@ -112,7 +112,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 class Uplink:
-    """Owns the MQTT connection and both lanes."""
+    """Owns the MQTT connection and both lanes (an `Upstream`, agent/upstream/contract.py)."""
 
     def __init__(
         self,
@@ -181,6 +181,14 @@ class Uplink:
         # Answers (command results) completed while the link was down: published at the next connection.
         self._unanswered: deque[tuple[str, dict[str, Any], bool]] = deque(maxlen=UNANSWERED_MAX)
         self.beat: Callable[[], None] = lambda: None  # the progress watchdog's heartbeat
+
+    @property
+    def format_name(self) -> str:
+        return self.fmt.name
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
 
     # -- feeding ---------------------------------------------------------------------------------------
 

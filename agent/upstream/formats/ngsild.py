@@ -365,7 +365,9 @@ async def http_post(
 
 
 class NgsiLdUplink:
-    """One NGSI-LD context broker, fed from its own lane of the buffer (one request in flight at a time)."""
+    """One NGSI-LD context broker, fed from its own lane of the buffer (one request in flight at a time).
+
+    An `Upstream` (agent/upstream/contract.py)."""
 
     def __init__(
         self,
@@ -382,7 +384,6 @@ class NgsiLdUplink:
         self.mapper = mapper
         self.store = store
         self.lane = lane
-        self.fmt_name = "ngsi-ld"
         self.connected = False
         self.sent = 0
         self.messages = 0
@@ -399,6 +400,14 @@ class NgsiLdUplink:
         self.beat: Callable[[], None] = lambda: None
         self.on_connect: list[Callable[[], None]] = []
         self.url = cfg.url.rstrip("/") + UPSERT_PATH
+
+    @property
+    def format_name(self) -> str:
+        return "ngsi-ld"
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
 
     def offer(self, rows: list[StoredRow]) -> None:
         if rows:
