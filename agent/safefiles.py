@@ -22,6 +22,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from agent.errors import FieldgateError
+
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: a config of a thousand devices is about 200 kB
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -30,7 +32,7 @@ SECRET_KEYS = ("password_file", "token_file", "key_file", "bindkey_file")
 log = logging.getLogger("fieldgate.files")
 
 
-class NotRegularFile(OSError):
+class NotRegularFile(FieldgateError, OSError):
     """The path exists but is not a regular file (FIFO, device, socket, directory), or is too large."""
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent.config.models import FieldgateConfig
 from agent.config.validate import file_hash
-from agent.errors import ConfigError
+from agent.errors import ConfigError, FieldgateError
 from agent.safefiles import kind_of, present, read_regular
 
 Loc = tuple[str | int, ...]
@@ -151,7 +151,7 @@ def consulted() -> list[tuple[str, str | None]]:
     return list(_consulted.items())
 
 
-class ProfileNameRefused(ValueError):
+class ProfileNameRefused(FieldgateError):
     """A remote config named a profile by a path: profiles of a remote config are names only."""
 
 

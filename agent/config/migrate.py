@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.errors import FieldgateError
+
 CURRENT_VERSION = 1
 
 Migration = Callable[[str], str]
@@ -67,7 +69,7 @@ def version_problem(version: int) -> str | None:
     return None
 
 
-class MigrationError(Exception):
+class MigrationError(FieldgateError):
     """The file cannot be migrated (unreadable version, a future version); the message says why."""
 
 

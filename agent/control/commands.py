@@ -41,7 +41,7 @@ from agent.config.base import Model
 from agent.config.modelkit import Field
 from agent.config.units import Duration, parse_duration
 from agent.driver import Driver, PointSpec
-from agent.errors import DeviceError, WriteRefused
+from agent.errors import DeviceError, FieldgateError, WriteRefused
 from agent.pipeline.health import DeviceHealth
 from agent.pipeline.reading import Value, now_ms
 from agent.safefiles import create_private
@@ -95,7 +95,7 @@ class CommandEvent:
     override_s: float | None  # the command's "override" extension, in seconds; None = until the next step
 
 
-class _Refused(Exception):
+class CommandRefused(FieldgateError):
     """A command refused before execution; the message is the result's `error`."""
 
 
@@ -211,7 +211,7 @@ class CommandProcessor:
         received = self.clock()
         try:
             doc = self._parse(payload)
-        except _Refused as exc:
+        except CommandRefused as exc:
             self.malformed += 1
             log.warning("command from %s ignored: %s", source, exc)
             self._audit(received, source, None, None, None, None, "refused", str(exc), None)
@@ -285,20 +285,20 @@ class CommandProcessor:
         return self._db
 
     def _parse(self, payload: bytes) -> dict[str, Any]:
-        """JSON object with a usable id, or _Refused (nothing to answer to)."""
+        """JSON object with a usable id, or CommandRefused (nothing to answer to)."""
         if len(payload) > MAX_PAYLOAD:
-            raise _Refused(f"payload of {len(payload)} bytes is larger than {MAX_PAYLOAD}")
+            raise CommandRefused(f"payload of {len(payload)} bytes is larger than {MAX_PAYLOAD}")
         try:
             doc = orjson.loads(payload)
         except (orjson.JSONDecodeError, RecursionError) as exc:
-            raise _Refused(f"not JSON: {exc}") from None
+            raise CommandRefused(f"not JSON: {exc}") from None
         if not isinstance(doc, dict):
-            raise _Refused(f"expected a JSON object, got {_kind(doc)}")
+            raise CommandRefused(f"expected a JSON object, got {_kind(doc)}")
         if "id" not in doc:
-            raise _Refused("no 'id' field, so no result can be sent")
+            raise CommandRefused("no 'id' field, so no result can be sent")
         problem = _id_problem(doc["id"])
         if problem:
-            raise _Refused(problem)
+            raise CommandRefused(problem)
         return doc
 
     async def _handle_doc(self, doc: dict[str, Any], source: str, received: int) -> dict[str, Any] | None:
@@ -338,7 +338,7 @@ class CommandProcessor:
             return known
         try:
             device, point, value, expires_ts, override_s = _shape(doc)
-        except _Refused as exc:
+        except CommandRefused as exc:
             result = {"id": command_id, "ok": False, "error": str(exc)}
             self._store_result(key, received, result)
             self._audit(
@@ -409,7 +409,7 @@ class CommandProcessor:
         audit_id = key if key is not None else str(command_id)
         try:
             driver, spec, value = self._validate(device, point, value, expires_ts, override_s, received)
-        except _Refused as exc:
+        except CommandRefused as exc:
             result = {"id": command_id, "ok": False, "error": str(exc)}
             if key is not None:
                 self._store_result(key, received, result)
@@ -471,16 +471,16 @@ class CommandProcessor:
         now: int,
     ) -> tuple[Driver[Any], PointSpec, Value]:
         if expires_ts is not None and now > expires_ts:
-            raise _Refused(f"expired: expires_ts {expires_ts} is {now - expires_ts} ms in the past")
+            raise CommandRefused(f"expired: expires_ts {expires_ts} is {now - expires_ts} ms in the past")
         if override_s is not None and now + override_s * 1000 > OVERRIDE_LIMIT_MS:
             longest = (OVERRIDE_LIMIT_MS - now) // 86_400_000
-            raise _Refused(
+            raise CommandRefused(
                 f"'override' is longer than a schedule can hold: it must end before 9999-12-30"
                 f" (at most {longest}d from now)"
             )
         driver = self.get_driver(device)
         if driver is None:
-            raise _Refused(f"unknown device '{device}'")
+            raise CommandRefused(f"unknown device '{device}'")
         points = driver.points()
         spec = points.get(point)
         if spec is None:
@@ -488,13 +488,13 @@ class CommandProcessor:
 
             hint = difflib.get_close_matches(point, list(points), n=1)
             more = f"; did you mean '{hint[0]}'?" if hint else ""
-            raise _Refused(f"unknown point '{point}' on device '{device}'{more}")
+            raise CommandRefused(f"unknown point '{point}' on device '{device}'{more}")
         if not spec.writable:
-            raise _Refused(f"point '{point}' of '{device}' is not writable")
+            raise CommandRefused(f"point '{point}' of '{device}' is not writable")
         coerced = _coerce(spec, value)
         health = self.get_health(device)
         if health is not None and health.state == "failing":
-            raise _Refused(f"device '{device}' is failing: {health.last_error or 'no answer'}")
+            raise CommandRefused(f"device '{device}' is failing: {health.last_error or 'no answer'}")
         return driver, spec, coerced
 
     def _late_refusal(self, device: str, expires_ts: int | None) -> str | None:
@@ -703,54 +703,56 @@ def _shape(doc: dict[str, Any]) -> tuple[str, str, Any, int | None, float | None
     unknown = [k for k in doc if k not in PAYLOAD_FIELDS]
     if unknown:
         # Refused rather than ignored: a misspelt "expires_ts" must not let a stale command run.
-        raise _Refused(f"unknown field '{unknown[0]}' (fields: {', '.join(PAYLOAD_FIELDS)})")
+        raise CommandRefused(f"unknown field '{unknown[0]}' (fields: {', '.join(PAYLOAD_FIELDS)})")
     missing = [k for k in ("device", "point", "value") if k not in doc]
     if missing:
-        raise _Refused(f"missing field '{missing[0]}'")
+        raise CommandRefused(f"missing field '{missing[0]}'")
     device, point, value = doc["device"], doc["point"], doc["value"]
     if not isinstance(device, str) or not device:
-        raise _Refused(f"'device' must be a non-empty string, got {_kind(device)}")
+        raise CommandRefused(f"'device' must be a non-empty string, got {_kind(device)}")
     if not isinstance(point, str) or not point:
-        raise _Refused(f"'point' must be a non-empty string, got {_kind(point)}")
+        raise CommandRefused(f"'point' must be a non-empty string, got {_kind(point)}")
     if value is None or isinstance(value, dict | list):
-        raise _Refused(f"'value' must be a number, a boolean or a string, got {_kind(value)}")
+        raise CommandRefused(f"'value' must be a number, a boolean or a string, got {_kind(value)}")
     expires_ts = doc.get("expires_ts")
     if expires_ts is not None and (isinstance(expires_ts, bool) or not isinstance(expires_ts, int)):
-        raise _Refused(f"'expires_ts' must be integer milliseconds since the epoch, got {_kind(expires_ts)}")
+        raise CommandRefused(
+            f"'expires_ts' must be integer milliseconds since the epoch, got {_kind(expires_ts)}"
+        )
     override_s: float | None = None
     if doc.get("override") is not None:
         try:
             override_s = parse_duration(doc["override"])
         except ValueError as exc:
-            raise _Refused(f"'override': {exc}") from None
+            raise CommandRefused(f"'override': {exc}") from None
     return device, point, value, expires_ts, override_s
 
 
 def _coerce(spec: PointSpec, value: Any) -> Value:
-    """The value in the point's type, within its min/max, or _Refused saying why."""
+    """The value in the point's type, within its min/max, or CommandRefused saying why."""
     where = f"point '{spec.name}'"
     if spec.type == "bool":
         if not isinstance(value, bool):
-            raise _Refused(f"{where} expects true or false, got {_kind(value)}")
+            raise CommandRefused(f"{where} expects true or false, got {_kind(value)}")
         return value
     if spec.type == "string":
         if not isinstance(value, str):
-            raise _Refused(f"{where} expects a string, got {_kind(value)}")
+            raise CommandRefused(f"{where} expects a string, got {_kind(value)}")
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Refused(f"{where} expects a number, got {_kind(value)}")
+        raise CommandRefused(f"{where} expects a number, got {_kind(value)}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise _Refused(f"{where} expects a finite number")
+        raise CommandRefused(f"{where} expects a finite number")
     number: int | float = value
     if spec.type in INTEGER_TYPES and isinstance(value, float):
         if not value.is_integer():
-            raise _Refused(f"{where} expects an integer ({spec.type}), got {value}")
+            raise CommandRefused(f"{where} expects an integer ({spec.type}), got {value}")
         number = int(value)
     unit = f" {spec.unit}" if spec.unit else ""
     if spec.min is not None and number < spec.min:
-        raise _Refused(f"{where}: {number} is below the minimum {spec.min:g}{unit}")
+        raise CommandRefused(f"{where}: {number} is below the minimum {spec.min:g}{unit}")
     if spec.max is not None and number > spec.max:
-        raise _Refused(f"{where}: {number} is above the maximum {spec.max:g}{unit}")
+        raise CommandRefused(f"{where}: {number} is above the maximum {spec.max:g}{unit}")
     return number
 
 

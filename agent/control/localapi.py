@@ -78,7 +78,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, port
 
 
-class HttpError(Exception):
+class HttpRequestFailed(FieldgateError):
     """A request we answer with an error status; `message` is said in words to the client."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
@@ -99,62 +99,62 @@ class Request:
 async def read_request(
     reader: asyncio.StreamReader, on_head: Callable[[], None] | None = None
 ) -> Request | None:
-    """Read one request; None when the client closed before sending anything. Raises HttpError.
+    """Read one request; None when the client closed before sending anything. Raises HttpRequestFailed.
     `on_head` is called once the request line and headers have arrived."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
         if not exc.partial.strip():
             return None
-        raise HttpError(400, "incomplete request") from None
+        raise HttpRequestFailed(400, "incomplete request") from None
     except asyncio.LimitOverrunError:
-        raise HttpError(431, f"request head larger than {MAX_HEAD} bytes") from None
+        raise HttpRequestFailed(431, f"request head larger than {MAX_HEAD} bytes") from None
     if on_head is not None:
         on_head()
     lines = head[:-4].split(b"\r\n")
     try:
         request_line = lines[0].decode("ascii")
     except UnicodeDecodeError:
-        raise HttpError(400, "request line is not ASCII") from None
+        raise HttpRequestFailed(400, "request line is not ASCII") from None
     parts = request_line.split(" ")
     if len(parts) != 3:
-        raise HttpError(400, "malformed request line")
+        raise HttpRequestFailed(400, "malformed request line")
     method, target, version = parts
     if not _TOKEN_CHARS.match(method):
-        raise HttpError(400, "malformed method")
+        raise HttpRequestFailed(400, "malformed method")
     if version not in ("HTTP/1.1", "HTTP/1.0"):
         status = 505 if version.startswith("HTTP/") else 400
-        raise HttpError(status, f"unsupported protocol version {version!r}")
+        raise HttpRequestFailed(status, f"unsupported protocol version {version!r}")
     if not target.startswith("/"):
-        raise HttpError(400, "request target must be an absolute path")
+        raise HttpRequestFailed(400, "request target must be an absolute path")
     path = target.split("?", 1)[0].split("#", 1)[0]
     if len(lines) - 1 > MAX_HEADERS:
-        raise HttpError(431, f"more than {MAX_HEADERS} header fields")
+        raise HttpRequestFailed(431, f"more than {MAX_HEADERS} header fields")
     headers: dict[str, str] = {}
     for raw in lines[1:]:
         name_b, sep, value_b = raw.partition(b":")
         name = name_b.decode("latin-1")
         if not sep or not _TOKEN_CHARS.match(name):  # also rejects obsolete line folding (leading space)
-            raise HttpError(400, "malformed header field")
+            raise HttpRequestFailed(400, "malformed header field")
         key = name.lower()
         value = value_b.decode("latin-1").strip(" \t")
         if key in headers and key in ("content-length", "authorization", "host"):
-            raise HttpError(400, f"repeated {name} header")
+            raise HttpRequestFailed(400, f"repeated {name} header")
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     if "transfer-encoding" in headers:
-        raise HttpError(501, "chunked request bodies are not supported; send Content-Length")
+        raise HttpRequestFailed(501, "chunked request bodies are not supported; send Content-Length")
     body = b""
     length_text = headers.get("content-length")
     if length_text is not None:
         if not length_text.isdigit() or not length_text.isascii():
-            raise HttpError(400, "malformed Content-Length")
+            raise HttpRequestFailed(400, "malformed Content-Length")
         length = int(length_text)
         if length > MAX_BODY:
-            raise HttpError(413, f"request body larger than {MAX_BODY} bytes")
+            raise HttpRequestFailed(413, f"request body larger than {MAX_BODY} bytes")
         try:
             body = await reader.readexactly(length)
         except asyncio.IncompleteReadError:
-            raise HttpError(400, "request body shorter than its Content-Length") from None
+            raise HttpRequestFailed(400, "request body shorter than its Content-Length") from None
     return Request(method=method, path=path, headers=headers, body=body)
 
 
@@ -284,13 +284,13 @@ class LocalServer:
 
                     request = await read_request(reader, head_received)
             except TimeoutError:
-                raise HttpError(408, "request not received in time") from None
+                raise HttpRequestFailed(408, "request not received in time") from None
             if request is None:
                 return
             head_only = request.method == "HEAD"
             status, doc, headers = await self._route(request, writer)
             body = doc if isinstance(doc, bytes) else _dumps(doc)  # encoding is part of the request's fate
-        except HttpError as exc:
+        except HttpRequestFailed as exc:
             status, body, headers = exc.status, _dumps({"error": exc.message}), exc.headers
         except Exception:  # a bug of ours must cost one request, never the server
             log.exception("local API: request failed")
@@ -333,7 +333,9 @@ class LocalServer:
         path = request.path
         if path in ("/", "/api/status"):
             if request.method not in ("GET", "HEAD"):
-                raise HttpError(405, f"{request.method} not allowed on {path}", {"Allow": "GET, HEAD"})
+                raise HttpRequestFailed(
+                    405, f"{request.method} not allowed on {path}", {"Allow": "GET, HEAD"}
+                )
             if path == "/":
                 return 200, self._page, dict(_PAGE_HEADERS)
             try:
@@ -342,21 +344,23 @@ class LocalServer:
                 return 200, _dumps(self._source.status()), {}
             except Exception:
                 log.exception("local API: building the status document failed")
-                raise HttpError(500, "the daemon could not build its status document; see its log") from None
+                raise HttpRequestFailed(
+                    500, "the daemon could not build its status document; see its log"
+                ) from None
         match = _DEVICE_ROUTE.match(path)
         if match is None:
-            raise HttpError(404, f"no such resource: {path}")
+            raise HttpRequestFailed(404, f"no such resource: {path}")
         if request.method != "POST":
-            raise HttpError(405, f"{request.method} not allowed on {path}", {"Allow": "POST"})
+            raise HttpRequestFailed(405, f"{request.method} not allowed on {path}", {"Allow": "POST"})
         self._authorize(request)
         try:
             device = unquote(match.group(1), errors="strict")
         except UnicodeDecodeError:
-            raise HttpError(400, "device name in the path is not valid UTF-8") from None
+            raise HttpRequestFailed(400, "device name in the path is not valid UTF-8") from None
         action = match.group(2)
         devices = self._source.status().get("devices", {})
         if device not in devices:
-            raise HttpError(404, f"unknown device {device!r}")
+            raise HttpRequestFailed(404, f"unknown device {device!r}")
         peer = writer.get_extra_info("peername")
         if action == "poll":
             log.info("local API: poll of %s requested from %s", device, peer)
@@ -372,39 +376,41 @@ class LocalServer:
             async with asyncio.timeout(ACTION_TIMEOUT):
                 result = await action
         except KeyError:
-            raise HttpError(404, f"unknown device {device!r}") from None
+            raise HttpRequestFailed(404, f"unknown device {device!r}") from None
         except TimeoutError:
-            raise HttpError(504, f"{device} did not finish within {ACTION_TIMEOUT:.0f} s") from None
+            raise HttpRequestFailed(504, f"{device} did not finish within {ACTION_TIMEOUT:.0f} s") from None
         except FieldgateError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception:
             log.exception("local API: action on %s failed", device)
-            raise HttpError(500, f"the action on {device} failed unexpectedly; see the log") from None
+            raise HttpRequestFailed(500, f"the action on {device} failed unexpectedly; see the log") from None
         if done is not None:
             return done
         if not isinstance(result, dict):
-            raise HttpError(500, "the daemon returned no result for the write")
+            raise HttpRequestFailed(500, "the daemon returned no result for the write")
         return result
 
     def _authorize(self, request: Request) -> None:
         if self._token_file is None:
-            raise HttpError(403, "writes are disabled: set local.token_file")
+            raise HttpRequestFailed(403, "writes are disabled: set local.token_file")
         try:
             # read at each write so a rotated token applies at once; may name a systemd credential
             expected = read_secret(self._token_file).strip()
         except SecretError as exc:
             log.error("local API: local.token_file: %s", exc)  # names the file, never the token
-            raise HttpError(
+            raise HttpRequestFailed(
                 403, "writes are disabled: local.token_file cannot be read (see the daemon's log)"
             ) from None
         if not expected:
-            raise HttpError(403, "writes are disabled: local.token_file is empty")
+            raise HttpRequestFailed(403, "writes are disabled: local.token_file is empty")
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         challenge = {"WWW-Authenticate": 'Bearer realm="fieldgate"'}
         if scheme.lower() != "bearer" or not given.strip():
-            raise HttpError(401, "this action needs the token: Authorization: Bearer TOKEN", challenge)
+            raise HttpRequestFailed(
+                401, "this action needs the token: Authorization: Bearer TOKEN", challenge
+            )
         if not hmac.compare_digest(given.strip().encode("utf-8"), expected.encode("utf-8")):
-            raise HttpError(401, "wrong token", challenge)
+            raise HttpRequestFailed(401, "wrong token", challenge)
 
 
 def _address(writer: asyncio.StreamWriter) -> str:
@@ -421,12 +427,12 @@ def _parse_write(request: Request) -> tuple[str, Any]:
     try:
         doc = orjson.loads(request.body)
     except orjson.JSONDecodeError:
-        raise HttpError(400, 'body must be JSON: {"point": NAME, "value": VALUE}') from None
+        raise HttpRequestFailed(400, 'body must be JSON: {"point": NAME, "value": VALUE}') from None
     if not isinstance(doc, dict) or set(doc) != {"point", "value"}:
-        raise HttpError(400, 'body must be exactly {"point": NAME, "value": VALUE}')
+        raise HttpRequestFailed(400, 'body must be exactly {"point": NAME, "value": VALUE}')
     point, value = doc["point"], doc["value"]
     if not isinstance(point, str) or not point:
-        raise HttpError(400, "point must be a non-empty string")
+        raise HttpRequestFailed(400, "point must be a non-empty string")
     if not isinstance(value, bool | int | float | str):
-        raise HttpError(400, "value must be a number, a boolean or a string")
+        raise HttpRequestFailed(400, "value must be a number, a boolean or a string")
     return point, value

@@ -129,7 +129,7 @@ class StoreStats:
     """Rows each upstream lane has not acknowledged yet."""
 
 
-class _CorruptBuffer(Exception):
+class _CorruptBuffer(StoreError):
     """The file at the buffer path is not a usable SQLite database (internal: triggers the recovery)."""
 
 

@@ -36,7 +36,7 @@ import aiomqtt
 
 from agent.aio import TaskGroup, raise_if_cancelled, settled
 from agent.config.models import MqttConfig
-from agent.errors import StoreError
+from agent.errors import StoreError, UpstreamError
 from agent.pipeline.reading import now_ms
 from agent.pipeline.store import AsyncStore, StoredRow
 from agent.upstream import payloads
@@ -100,7 +100,7 @@ def make_format(
     return FieldgateFormat(topics, gateway_id, version, cfg.compression)
 
 
-class HostOffline(Exception):
+class PrimaryHostOffline(UpstreamError):
     """The Sparkplug primary host said offline: the session ends (NDEATH sent) and a new one waits for it."""
 
 
@@ -219,7 +219,7 @@ class Uplink:
                 await self._session()
             except Exception as exc:
                 cause = _root_cause(exc)
-                if isinstance(cause, HostOffline):
+                if isinstance(cause, PrimaryHostOffline):
                     # Not a lost link: the session ended on purpose; connect again at once and wait there.
                     log.info("upstream %s: %s, reconnecting to wait for it", self.name, cause)
                     self.connected = False
@@ -338,7 +338,7 @@ class Uplink:
         not take them) and the connection stays up, subscribed to STATE. Online: NBIRTH, DBIRTHs, then
         everything stored since the connection came up is replayed in seq order (historical), then live.
         A valid offline STATE ends the session as the specification wants: NDEATH, DISCONNECT, and a new
-        connection that waits again (`HostOffline`)."""
+        connection that waits again (`PrimaryHostOffline`)."""
         fmt: Any = self.fmt
         if not fmt.host_online:
             self._hold()
@@ -357,15 +357,15 @@ class Uplink:
                 while fmt.host_online:
                     fmt.host_changed.clear()
                     await fmt.host_changed.wait()
-                raise HostOffline(f"Sparkplug primary host {fmt.primary_host_id} offline")
-        except* HostOffline:
+                raise PrimaryHostOffline(f"Sparkplug primary host {fmt.primary_host_id} offline")
+        except* PrimaryHostOffline:
             pass
         self._hold()
         for message in fmt.goodbye():  # NDEATH, then a clean DISCONNECT (the broker keeps the will to itself)
             await settled(
                 client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
             )
-        raise HostOffline(f"Sparkplug primary host {fmt.primary_host_id} offline")
+        raise PrimaryHostOffline(f"Sparkplug primary host {fmt.primary_host_id} offline")
 
     def _hold(self) -> None:
         """Nothing leaves while held: new rows stay in the buffer only (the link is up, not 'lost')."""

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from agent.config.models import GatewayConfig, NgsiEntityConfig, NgsiLdConfig
-from agent.errors import StoreError
+from agent.errors import StoreError, UpstreamError
 from agent.pipeline.reading import now_ms
 from agent.pipeline.store import AsyncStore, StoredRow
 from agent.upstream.formats import decode_rows
@@ -302,7 +302,7 @@ class EntityMapper:
         return layers
 
 
-class HttpError(Exception):
+class ContextBrokerError(UpstreamError):
     """The broker answered with a status that means: try again later."""
 
 
@@ -333,7 +333,7 @@ async def http_post(
             try:
                 status = int(status_line.split(b" ", 2)[1])
             except (IndexError, ValueError):
-                raise HttpError(f"not an HTTP answer: {status_line[:80]!r}") from None
+                raise ContextBrokerError(f"not an HTTP answer: {status_line[:80]!r}") from None
             length: int | None = None
             chunked = False
             while True:
@@ -448,7 +448,7 @@ class NgsiLdUplink:
             last_send = time.monotonic()
             try:
                 await self._send(rows)
-            except (OSError, TimeoutError, HttpError, asyncio.IncompleteReadError) as exc:
+            except (OSError, TimeoutError, ContextBrokerError, asyncio.IncompleteReadError) as exc:
                 self._failed(str(exc) or type(exc).__name__)
                 delay = min(RECONNECT_MAX, RECONNECT_MIN * (2**attempt)) * random.uniform(0.8, 1.2)
                 attempt += 1
@@ -484,7 +484,7 @@ class NgsiLdUplink:
             status, answer = await http_post(self.url, body, self._headers(), self.cfg.timeout)
             if status == 413 and self._limit > 1:
                 self._limit = max(1, self._limit // 2)
-                raise HttpError(f"413 request too large: batches reduced to {self._limit} readings")
+                raise ContextBrokerError(f"413 request too large: batches reduced to {self._limit} readings")
             if status in (400, 422):
                 self.rejected += len(seqs)
                 log.error(
@@ -498,7 +498,7 @@ class NgsiLdUplink:
             elif status == 207:
                 self._multi_status(answer)
             elif status not in (200, 201, 204):
-                raise HttpError(
+                raise ContextBrokerError(
                     f"HTTP {status} from {self.cfg.url}: {answer[:200].decode('utf-8', 'replace')}"
                 )
             self.messages += 1
