@@ -23,6 +23,7 @@ FieldgateError
 ├── NotRegularFile         also an OSError: a FIFO, a device or an oversized file is never read (safefiles.py)
 ├── ProfileNameRefused     a remote config named a profile by a path (config/loader.py)
 ├── MigrationError         a config file cannot be migrated to this version (config/migrate.py)
+├── ModelKitChosenLate     a process chose its config model kit after building models (config/modelkit.py)
 ├── CommandRefused         a platform command refused before execution: its result's error (control/commands.py)
 ├── RemoteConfigRefused    a pushed config refused before anything changed (control/remoteconfig.py)
 ├── HttpRequestFailed      the local API answers with an error status (control/localapi.py)

@@ -18,7 +18,6 @@ from agent.aio import TaskGroup
 from agent.config import validate
 from agent.config.base import DeviceConfigBase
 from agent.config.models import FieldgateConfig
-from agent.config.validate import file_hash
 from agent.control.commands import CommandProcessor, commands_db_path
 from agent.control.lamp_schedule import ScheduleRunner
 from agent.control.remoteconfig import RemoteConfig
@@ -30,7 +29,7 @@ from agent.pipeline.polling import MAX_BACKOFF, DeviceTask
 from agent.pipeline.processing import processor_for
 from agent.pipeline.reading import Reading, now_ms
 from agent.pipeline.store import AsyncStore, Store, StoreStats
-from agent.safefiles import read_regular, warn_loose_secrets, write_private
+from agent.safefiles import file_hash, read_regular, warn_loose_secrets, write_private
 from agent.sdnotify import Notifier
 from agent.upstream.contract import Upstream
 from agent.upstream.tls import build_ssl_context, credential_path, explain_tls_error, read_secret

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -30,6 +31,11 @@ PRIVATE_DIR = 0o700
 SECRET_KEYS = ("password_file", "token_file", "key_file", "bindkey_file")
 
 log = logging.getLogger("fieldgate.files")
+
+
+def file_hash(data: bytes) -> str:
+    """The digest of a file's bytes, as the running config's hash and the snapshot's key record it."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class NotRegularFile(FieldgateError, OSError):

@@ -15,9 +15,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from agent.config.models import FieldgateConfig
-from agent.config.validate import file_hash
 from agent.errors import ConfigError, FieldgateError
-from agent.safefiles import kind_of, present, read_regular
+from agent.safefiles import file_hash, kind_of, present, read_regular
 
 Loc = tuple[str | int, ...]
 
@@ -100,14 +99,18 @@ def _dotted(loc: Loc) -> str:
     return ".".join(str(p) for p in loc) or "(top)"
 
 
-def load_yaml(path: Path, pos: Positions, base: Loc = ()) -> tuple[Any, list[str]]:
-    """Parse one YAML file, recording positions under `base`. Returns (data, problems)."""
+def load_yaml(
+    path: Path, pos: Positions, base: Loc = (), consulted: dict[str, str | None] | None = None
+) -> tuple[Any, list[str]]:
+    """Parse one YAML file, recording positions under `base`. Returns (data, problems). The digest of the
+    bytes read is recorded in `consulted` (path -> digest)."""
     file = str(path)
     try:
         raw = read_regular(path)  # a regular file of at most 1 MiB; a FIFO or a device is refused at once
     except (OSError, ValueError) as exc:
         return None, [f"{file}:1:1: (file): cannot read: {getattr(exc, 'strerror', None) or exc}"]
-    _consulted[os.path.abspath(path)] = file_hash(raw)  # the bytes this result comes from
+    if consulted is not None:
+        consulted[os.path.abspath(path)] = file_hash(raw)  # the bytes this result comes from
     text = raw.decode("utf-8")
     try:
         try:
@@ -141,23 +144,17 @@ def profile_dirs(config_path: Path) -> list[Path]:
     return dirs
 
 
-# Every file the last load_config read or looked for, in order: absolute path -> SHA-256 of the bytes it read,
-# or None for a profile candidate looked for and absent. What the result depends on besides the code and
-# FIELDGATE_PROFILES: agent/config/validate.py keys the snapshot of the last validated config on it.
-_consulted: dict[str, str | None] = {}
-
-
-def consulted() -> list[tuple[str, str | None]]:
-    return list(_consulted.items())
-
-
 class ProfileNameRefused(FieldgateError):
     """A remote config named a profile by a path: profiles of a remote config are names only."""
 
 
-def find_profile(name: str, config_path: Path, *, remote: bool = False) -> Path | None:
+def find_profile(
+    name: str, config_path: Path, *, remote: bool = False, consulted: dict[str, str | None] | None = None
+) -> Path | None:
     """The file of `profile: NAME`. A local config may also name a file (a path, or NAME.yaml); a remote
-    config names profiles only, looked up in the profile directories (docs/SECURITY.md)."""
+    config names profiles only, looked up in the profile directories (docs/SECURITY.md). Each candidate
+    looked for and absent is recorded in `consulted` (path -> None): creating it later changes the result."""
+    absent = {} if consulted is None else consulted
     is_path = "/" in name or name.endswith((".yaml", ".yml"))
     if remote and (is_path or name.startswith(".") or "\x00" in name or "\\" in name):
         raise ProfileNameRefused(
@@ -171,13 +168,13 @@ def find_profile(name: str, config_path: Path, *, remote: bool = False) -> Path 
         p = p if p.is_absolute() else config_path.parent / p
         if present(p):
             return p  # recorded when read
-        _consulted.setdefault(os.path.abspath(p), None)
+        absent.setdefault(os.path.abspath(p), None)
         return None
     for d in profile_dirs(config_path):
         candidate = d / f"{name}.yaml"
         if present(candidate):
             return candidate
-        _consulted.setdefault(os.path.abspath(candidate), None)
+        absent.setdefault(os.path.abspath(candidate), None)
     return None
 
 
@@ -190,7 +187,12 @@ def available_profiles(config_path: Path) -> list[str]:
 
 
 def _merge_profiles(
-    data: dict[str, Any], config_path: Path, pos: Positions, problems: list[str], remote: bool = False
+    data: dict[str, Any],
+    config_path: Path,
+    pos: Positions,
+    problems: list[str],
+    remote: bool,
+    consulted: dict[str, str | None],
 ) -> None:
     devices = data.get("devices")
     if not isinstance(devices, dict):
@@ -201,7 +203,7 @@ def _merge_profiles(
         prof_name = device["profile"]
         loc: Loc = ("devices", name, "profile")
         try:
-            path = find_profile(prof_name, config_path, remote=remote)
+            path = find_profile(prof_name, config_path, remote=remote, consulted=consulted)
         except ProfileNameRefused as exc:
             problems.append(f"{pos.find(loc)}: {_dotted(loc)}: {exc}")
             continue
@@ -216,7 +218,7 @@ def _merge_profiles(
             continue
         # Profile values keep their own file positions, under the device's key path.
         prof_pos = Positions()
-        prof, errs = load_yaml(path, prof_pos, ("devices", name))
+        prof, errs = load_yaml(path, prof_pos, ("devices", name), consulted)
         problems.extend(errs)
         if not isinstance(prof, dict):
             if not errs:
@@ -439,19 +441,34 @@ def _line_order(line: str) -> tuple[str, int, int]:
         return line, 0, 0
 
 
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A validated config and every file its result depends on: (absolute path, sha256 of the bytes read,
+    or None for a profile candidate looked for and absent), in the order consulted. With
+    $FIELDGATE_PROFILES, agent/config/validate.py keys the snapshot of the last validated config on them."""
+
+    config: FieldgateConfig
+    consulted: list[tuple[str, str | None]]
+
+
 def load_config(path: Path, *, remote: bool = False) -> FieldgateConfig:
     """Load and validate a config file; raise ConfigError with every problem, positioned. `remote`: the
     file came over the network (profiles by name only, from the profile directories)."""
-    _consulted.clear()
+    return load(path, remote=remote).config
+
+
+def load(path: Path, *, remote: bool = False) -> Loaded:
+    """`load_config`, with the files the result depends on."""
+    consulted: dict[str, str | None] = {}
     pos = Positions()
-    data, problems = load_yaml(path, pos)
+    data, problems = load_yaml(path, pos, (), consulted)
     if data is None or problems:
         raise ConfigError(problems or [f"{path}:1:1: (file): empty"])
     if not isinstance(data, dict):
         raise ConfigError(
             [f"{pos.find(())}: (top): the config file must be a mapping (gateway, upstream, ...)"]
         )
-    _merge_profiles(data, path, pos, problems, remote)
+    _merge_profiles(data, path, pos, problems, remote, consulted)
     try:
         config = FieldgateConfig.model_validate(data)
     except ValidationError as exc:
@@ -461,7 +478,7 @@ def load_config(path: Path, *, remote: bool = False) -> FieldgateConfig:
         problems.append(f"{pos.find(loc)}: {_dotted(loc)}: {message}")
     if problems:
         raise ConfigError(_dedupe(problems))
-    return config
+    return Loaded(config, list(consulted.items()))
 
 
 def _dedupe(lines: list[str]) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
 import types
 import typing
 from collections.abc import Callable
@@ -252,22 +251,7 @@ def _model_class(name: str) -> type[BaseModel]:
             found = getattr(found, part)
         if not (isinstance(found, type) and issubclass(found, BaseModel)):
             raise TypeError(
-                f"{name} is not a plain model here (was pydantic imported first? see agent.config.modelkit)"
+                f"{name} is not a plain model here (was the pydantic kit selected? see agent.config.modelkit)"
             )
         _classes[name] = cls = found
     return cls
-
-
-requested = False  # read by agent.config.modelkit when it is first imported
-
-
-def use() -> bool:
-    """Build this process's config models on this module (call before any config module is imported).
-    False, and pydantic stays, when agent.config.modelkit was already imported with pydantic: a test process that
-    runs the daemon in-process, say."""
-    global requested
-    kit = sys.modules.get("agent.config.modelkit")
-    if kit is not None and not kit.PLAIN:
-        return False
-    requested = True
-    return True

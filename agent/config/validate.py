@@ -1,7 +1,7 @@
 """Config validation in a short-lived child process, so that the daemon never imports pydantic.
 
-`fieldgate run` calls `agent.config.plainmodel.use()` first thing; from then on its config models are plain
-records (agent.config.modelkit). To load a file (at start, on reload, for a remote config, for a rollback) it runs
+`fieldgate run` selects the plain model kit first thing (agent/config/modelkit.py); its config models are
+plain records. To load a file (at start, on reload, for a remote config, for a rollback) it runs
 `python -m agent.config.validate FILE`: the child loads the file with the full loader (pydantic, profiles, every
 error positioned as FILE:LINE:COL), and writes to its stdout either the validated models as a snapshot or
 the list of problems. The daemon rebuilds the snapshot on its plain classes. The child lives about 0.3 s.
@@ -36,9 +36,9 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.config import plainmodel
+from agent.config import modelkit, plainmodel
 from agent.errors import ConfigError
-from agent.safefiles import private_dir, read_regular
+from agent.safefiles import file_hash, private_dir, read_regular
 
 if TYPE_CHECKING:
     from agent.config.models import FieldgateConfig
@@ -74,7 +74,7 @@ def snapshot(value: Any) -> Any:
 
 def in_child() -> bool:
     """Whether `load()` validates in a child process: in a process running on plain models."""
-    return plainmodel.requested
+    return modelkit.selected() == "plain"
 
 
 class Pending:
@@ -119,7 +119,7 @@ class Pending:
                 self.from_cache = True
                 return config, self.cached
         if self.proc is None:
-            from agent.config.loader import load_config
+            from agent.config.loader import load_config  # this process runs on pydantic: validate here
 
             return load_config(self.path, remote=self.remote), None
         try:
@@ -219,10 +219,6 @@ def cache_file(path: Path) -> Path | None:
     return Path(base) / f"config-{name}.snapshot"
 
 
-def file_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _digest(path: str) -> str | None:
     """A file's content digest, as the loader records it; None for a file that does not exist."""
     try:
@@ -288,6 +284,7 @@ def forget(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The child: validate one file, write the result to stdout (marshal), exit 0 (problems are a result)."""
+    modelkit.select("pydantic")  # the child validates: the full models, whatever imported this module
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--background"]:  # a check of a running config: leave the CPU to the daemon's work
         args = args[1:]
@@ -302,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     from agent.config import loader
 
     try:
-        config = snapshot(loader.load_config(Path(args[0]), remote=remote))
-        inputs = loader.consulted()
+        loaded = loader.load(Path(args[0]), remote=remote)
+        config = snapshot(loaded.config)
+        inputs = loaded.consulted
         result: tuple[str, Any, Any] = (RESULT_OK, config, inputs)
     except ConfigError as exc:
         result = (RESULT_PROBLEMS, list(exc.problems), None)

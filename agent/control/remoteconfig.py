@@ -42,10 +42,9 @@ from typing import Any, Protocol
 
 from agent.config import validate
 from agent.config.models import FieldgateConfig
-from agent.config.validate import file_hash
 from agent.errors import ConfigError, FieldgateError
 from agent.pipeline.reading import now_ms
-from agent.safefiles import fsync_dir, read_regular, write_private
+from agent.safefiles import file_hash, fsync_dir, read_regular, write_private
 
 log = logging.getLogger("fieldgate.remoteconfig")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.config.loader import load_config
-from agent.config.validate import file_hash
 from agent.control.localapi import parse_listen
 from agent.errors import ConfigError
+from agent.safefiles import file_hash
 
 POLL = 0.2  # seconds between two looks at the daemon's status
 

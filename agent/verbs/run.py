@@ -151,10 +151,10 @@ def take_signals_for_start_up() -> None:
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from agent.config import plainmodel, validate
+    from agent.config import validate
 
-    # The signals were taken over by agent.cli before anything slow (take_signals_for_start_up).
-    plainmodel.use()  # before any config model is imported: the daemon never imports pydantic
+    # agent.cli took the signals over before anything slow (take_signals_for_start_up), and selected the
+    # plain model kit before any config model was imported: the daemon never imports pydantic.
     setup_logging(args.log_level)  # 2 ms; what the snapshot lookup says is then logged as the rest
     # The child that validates the file starts first: its work (about 0.3 s, mostly importing pydantic)
     # overlaps this process's own start-up. An unchanged file whose snapshot is kept needs no child now.

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import plainmodel
+from agent.config import modelkit
 from agent.config.loader import load_config
 from agent.config.validate import snapshot
 from agent.errors import ConfigError
@@ -56,8 +56,8 @@ PROBE = (
         """
     import asyncio, json, sys
     from pathlib import Path
-    from agent.config import plainmodel
-    assert plainmodel.use()
+    from agent.config import modelkit
+    modelkit.select("plain")
     from agent.config import validate
     from agent.errors import ConfigError
 
@@ -191,5 +191,7 @@ def test_a_snapshot_refuses_a_value_it_cannot_carry() -> None:
 
 def test_plain_mode_is_refused_once_pydantic_models_are_loaded() -> None:
     # This process built its models on pydantic: asking for plain ones now must say no, not mix the two.
-    assert plainmodel.use() is False
-    assert plainmodel.requested is False
+    with pytest.raises(modelkit.ModelKitChosenLate, match="after config models were built on 'pydantic'"):
+        modelkit.select("plain")
+    assert modelkit.selected() == "pydantic"
+    modelkit.select("pydantic")  # the same kit again is no change
