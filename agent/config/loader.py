@@ -14,13 +14,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from agent import registry
 from agent.config.models import FieldgateConfig
 from agent.errors import ConfigError, FieldgateError
 from agent.safefiles import file_hash, kind_of, present, read_regular
 
 Loc = tuple[str | int, ...]
-
-PROFILE_KEYS = ("manufacturer", "model", "description", "device", "points")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,45 +215,22 @@ def _merge_profiles(
         if refused:  # said at the `profile:` key, at once: a FIFO or a device is never opened for reading
             problems.append(f"{pos.find(loc)}: {_dotted(loc)}: {prof_name}: {refused}")
             continue
+        merge = registry.profile_merge(str(device.get("driver", "modbus")))
+        if merge is None:  # a driver without profiles: validation reports the `profile` key
+            continue
         # Profile values keep their own file positions, under the device's key path.
         prof_pos = Positions()
         prof, errs = load_yaml(path, prof_pos, ("devices", name), consulted)
         problems.extend(errs)
-        if not isinstance(prof, dict):
-            if not errs:
-                problems.append(f"{path}:1:1: (profile): a profile is a mapping with 'points'")
+        if prof is None or (errs and not isinstance(prof, dict)):
             continue
-        for key in prof:
-            if key not in PROFILE_KEYS:
-                hint = difflib.get_close_matches(key, PROFILE_KEYS, n=1)
-                more = f"; did you mean '{hint[0]}'?" if hint else ""
-                problems.append(
-                    f"{prof_pos.find(('devices', name, key), key=True)}: {key}: unknown profile key{more}"
-                )
-        defaults = prof.get("device") or {}
-        points = prof.get("points") or {}
-        if not isinstance(defaults, dict) or not isinstance(points, dict):
-            problems.append(f"{path}:1:1: (profile): 'device' and 'points' must be mappings")
-            continue
-        for key, value in defaults.items():
-            if key in ("bus", "unit_id", "points", "profile", "driver"):
-                problems.append(
-                    f"{prof_pos.find(('devices', name, 'device', key), key=True)}: {key}: "
-                    "a profile cannot set this device key"
-                )
-                continue
-            if key not in device:
-                device[key] = value
-                _copy_positions(prof_pos, ("devices", name, "device", key), pos, ("devices", name, key))
-        merged = dict(points)
-        for pname in points:
-            _copy_positions(
-                prof_pos, ("devices", name, "points", pname), pos, ("devices", name, "points", pname)
-            )
-        own = device.get("points") or {}
-        if isinstance(own, dict):
-            merged.update(own)  # a point named in both takes the device's definition
-        device["points"] = merged
+        merged = merge(device, prof)  # the driver's merge (drivers/modbus/profile.py)
+        for p in merged.problems:
+            where = prof_pos.find(("devices", name, *p.loc), key=True) if p.loc else f"{path}:1:1"
+            problems.append(f"{where}: {p.label}: {p.message}")
+        for src, dst in merged.taken:
+            _copy_positions(prof_pos, ("devices", name, *src), pos, ("devices", name, *dst))
+        devices[name] = merged.device
 
 
 def _not_regular(path: Path) -> str | None:
