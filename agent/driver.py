@@ -37,6 +37,7 @@ class PointSpec:
     writable: bool = False
     min: float | None = None
     max: float | None = None
+    scaled: bool = False  # an integer register with scale/offset: its values are engineering floats
 
 
 class SharedResources:

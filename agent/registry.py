@@ -78,6 +78,12 @@ BUSES: dict[str, str] = {
 }
 
 
+def bus_resource(bus: str) -> tuple[str, str]:
+    """The key of a configured bus in the drivers' SharedResources: every device on the bus shares what its
+    driver made under it (one connection, one lock); a reload that changes the bus discards it."""
+    return ("bus", bus)
+
+
 def load(path: str) -> Any:
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from agent.config.models import FieldgateConfig
@@ -129,3 +130,64 @@ def describe(old: FieldgateConfig, new: FieldgateConfig) -> list[str]:
     for section in ("storage", "local", "commands", "remote_config"):
         lines.extend(f"{section}: {line}" for line in _field_changes(a.get(section), b.get(section)))
     return lines
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    """What a validated new config changes in the running daemon: what `Runtime.apply` stops and starts."""
+
+    config: FieldgateConfig  # what runs next (its storage is the old one's: storage changes at a restart)
+    storage_changed: bool
+    changed_buses: frozenset[str]
+    restart: frozenset[str]  # devices stopped: changed, removed, or on a changed bus (started again if kept)
+    added: tuple[str, ...]
+    upstream_changed: bool  # the uplinks are replaced (reconnect)
+    local_changed: bool
+    schedules_changed: bool
+
+    def changes(self) -> list[str]:
+        """In words, for the log and `fieldgate reload`."""
+        out = ["storage (at next restart)"] if self.storage_changed else []
+        out += [f"device {name} added" for name in self.added]
+        devices = dict(self.config.device_items())
+        out += [f"device {n} {'changed' if n in devices else 'removed'}" for n in sorted(self.restart)]
+        out += ["upstream reconnected"] if self.upstream_changed else []
+        out += ["local API restarted"] if self.local_changed else []
+        out += ["schedules restarted"] if self.schedules_changed else []
+        return out
+
+
+def plan(old: FieldgateConfig, new: FieldgateConfig, secrets_changed: bool = False) -> ReloadPlan:
+    """What applying `new` over the running `old` restarts; `secrets_changed`: the upstream's secret files'
+    contents changed (a rotated certificate reconnects even when the text is the same)."""
+    upstream_changed = (
+        new.upstream != old.upstream
+        or new.gateway.id != old.gateway.id
+        or new.remote_config != old.remote_config  # the config/set subscription is the uplink's
+        or secrets_changed
+    )
+    storage_changed = new.storage != old.storage
+    if storage_changed:
+        new = new.model_copy(update={"storage": old.storage})
+    changed_buses = frozenset(
+        n for n in set(old.buses) | set(new.buses) if old.buses.get(n) != new.buses.get(n)
+    )
+    old_devices = dict(old.device_items())
+    new_devices = dict(new.device_items())
+    restart = frozenset(
+        name
+        for name, cfg in old_devices.items()
+        if name not in new_devices or new_devices[name] != cfg or getattr(cfg, "bus", None) in changed_buses
+    )
+    return ReloadPlan(
+        config=new,
+        storage_changed=storage_changed,
+        changed_buses=changed_buses,
+        restart=restart,
+        added=tuple(sorted(set(new_devices) - set(old_devices))),
+        upstream_changed=upstream_changed,
+        local_changed=new.local != old.local,
+        schedules_changed=(
+            new.schedules != old.schedules or new.commands != old.commands or new.gateway != old.gateway
+        ),
+    )

@@ -55,7 +55,7 @@ async def serve(config_path: str, pending: Pending | None = None) -> int:
         recover_probation(Path(config_path))
         pending = validate.spawn(Path(config_path), use_snapshot=True)
     # While the child validates the file (agent/config/validate.py), this process imports what it will run.
-    from agent.runtime import Runtime, prefetch
+    from agent.runtime import Runtime
 
     prefetch(Path(config_path))
     config = await pending.result()
@@ -124,6 +124,28 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
     log.info("config %s applied: %s", runtime.config_path, "; ".join(changes) or "no change")
     if runtime.config.remote_config.enabled:
         runtime.remote.running_changed()
+
+
+def prefetch(config_path: Path) -> None:
+    """Import what the daemon will need for this file while its validation runs in the child: the uplink
+    (aiomqtt) and the drivers the text names (`driver: NAME`, or a Modbus bus type). A guess, from the text
+    without its comments: a driver missed is imported when its device starts, as without this."""
+    import contextlib
+    import re
+
+    from agent import registry
+    from agent.safefiles import read_regular
+    from agent.upstream import mqtt as _  # noqa: F401 - imported for its cost, now
+
+    try:
+        text = "\n".join(line.split("#", 1)[0] for line in read_regular(config_path).decode().splitlines())
+    except (OSError, UnicodeError):
+        return
+    for name in registry.DRIVERS:
+        wanted = rf"\bdriver:\s*['\"]?{re.escape(name)}\b" if name != "modbus" else r"\btype:\s*['\"]?modbus-"
+        if re.search(wanted, text):
+            with contextlib.suppress(Exception):  # a broken install is reported when the device starts
+                registry.driver_class(name)
 
 
 def recover_probation(config_path: Path) -> None:
