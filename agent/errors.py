@@ -17,6 +17,7 @@ FieldgateError
 └── UpstreamError          the MQTT link failed: reconnect with backoff, data stays buffered
     ├── TlsSetupError          the TLS context cannot be built from the config's files (upstream/tls.py)
     ├── PrimaryHostOffline     the Sparkplug primary host said offline: the session ends, a new one waits
+    ├── PreferredBrokerBack    a preferred broker answers again: the session on another one ends (upstream/mqtt.py)
     └── ContextBrokerError     the NGSI-LD broker's answer means: try again later (upstream/formats/ngsild.py)
 ────────
 ├── SecretError            a secret file cannot be read or is empty (upstream/tls.py)
@@ -25,8 +26,9 @@ FieldgateError
 ├── MigrationError         a config file cannot be migrated to this version (config/migrate.py)
 ├── ModelKitChosenLate     a process chose its config model kit after building models (config/modelkit.py)
 ├── CommandRefused         a platform command refused before execution: its result's error (control/commands.py)
-├── RemoteConfigRefused    a pushed config refused before anything changed (control/remoteconfig.py)
+├── PushRefused            a pushed config or upgrade command refused before anything changed (control/remoteconfig.py)
 ├── HttpRequestFailed      the local API answers with an error status (control/localapi.py)
+├── FleetSetupError        `fieldgate fleet`: bad stages, missing files, unreadable key; nothing pushed (control/fleet.py)
 └── BufferVerbFailed       `fieldgate buffer` stops with exit 1, saying why (verbs/buffer.py)
 """
 

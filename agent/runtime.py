@@ -23,9 +23,11 @@ from agent.config import validate
 from agent.config.base import DeviceConfigBase
 from agent.config.diff import describe, plan
 from agent.config.models import FieldgateConfig
+from agent.config.urls import redact_url
 from agent.control.commands import CommandProcessor, commands_db_path
 from agent.control.lamp_schedule import ScheduleRunner
 from agent.control.remoteconfig import RemoteConfig
+from agent.control.upgrade import Upgrader
 from agent.driver import Driver, DriverContext, SharedResources
 from agent.errors import ConfigError, StoreError
 from agent.logsetup import ErrorReporter
@@ -105,6 +107,9 @@ class Runtime:
         self.reloads = 0  # finished reload attempts (SIGHUP): `fieldgate reload` waits for this to move
         self.reload_ts: int | None = None
         self.remote = RemoteConfig(self)
+        self.upgrader = Upgrader(
+            self
+        )  # remote upgrade (agent/control/upgrade.py): on under the launcher only
         self._secrets = build.secrets_fingerprint(config)
         self._tg: asyncio.TaskGroup | None = None
         self._uplink_run: asyncio.Task[None] | None = None
@@ -197,7 +202,7 @@ class Runtime:
             len(self.config.devices),
             self.config.storage.path,
             stats.pending,
-            self.config.upstream.mqtt.url,
+            ", ".join(redact_url(u) for u in self.config.upstream.mqtt.urls),
         )
         try:
             async with TaskGroup() as tg:
@@ -207,6 +212,9 @@ class Runtime:
                 remote_task = tg.create_task(self.remote.publish_loop(), name="remote-config-state")
                 if self.config.remote_config.enabled:
                     self.remote.start()
+                upgrade_task = tg.create_task(self.upgrader.publish_loop(), name="upgrade-state")
+                if self.upgrader.enabled:
+                    self.upgrader.start()
                 writer_task = tg.create_task(self._run_writer(), name="store-writer")
                 stats_task = tg.create_task(self._refresh_stats(), name="stats")
                 for name, cfg in self.config.device_items():
@@ -220,6 +228,7 @@ class Runtime:
                 self.notifier.stopping()
                 log.info("stopping: draining readings to disk")
                 remote_task.cancel()
+                upgrade_task.cancel()
                 for run in [*self._device_runs.values(), *self._schedule_runs, *self._background]:
                     run.cancel()
                 await asyncio.gather(
@@ -299,6 +308,8 @@ class Runtime:
         self.uplink = uplink = build.main_uplink(config, wiring, next_seq, secrets)
         if config.remote_config.enabled:
             uplink.subscriptions.append(Subscription(self.remote.topic("set"), self.remote.handle))
+        if self.upgrader.enabled:
+            uplink.subscriptions.append(Subscription(self.upgrader.topic("set"), self.upgrader.handle))
         self.extra_uplinks = build.extra_upstreams(config, wiring, next_seq)
         ups: list[tuple[str, Upstream]] = [("uplink", uplink)]
         ups += [(f"uplink:{name}", up) for name, up in self.extra_uplinks.items()]
@@ -343,6 +354,10 @@ class Runtime:
 
     def upstream_connected(self) -> bool:
         return bool(self.uplink is not None and self.uplink.connected)
+
+    def polled_since(self, ts_ms: int) -> bool:
+        """A device polled successfully since `ts_ms` (or none is configured): remote upgrade's probation."""
+        return not self.health or any((h.last_ok_ts or 0) >= ts_ms for h in self.health.values())
 
     def upstream_error(self) -> str | None:
         return self.uplink.last_error if self.uplink is not None else "upstream not started"

@@ -140,7 +140,7 @@ do_install() {
         chgrp "$user" "$etc/fieldgate.yaml"
     fi
     local profile
-    for profile in "$source_dir"/config/profiles/*.yaml; do
+    for profile in "$source_dir"/drivers/modbus/profiles/*.yaml; do
         [ -e "$profile" ] || continue
         install_conffile "$profile" "$etc/profiles/$(basename "$profile")" 0644
     done

@@ -256,10 +256,17 @@ class Checker:
             await asyncio.sleep(0.05)
 
 
+def connect_ro(db: Path) -> sqlite3.Connection:
+    """A read-only connection to a gateway's buffer. Tests never open it read-write: a read-write connection
+    closing last after a `kill -9` merges and deletes the -wal, which the next start cannot tell from a lost
+    -wal (docs/STORE.md, the seq mark: it then jumps seq ahead and logs an ERROR)."""
+    return sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+
+
 def store_high(db: Path) -> int:
     """The store's high-water mark: the last seq the gateway's buffer handed out (read from its file, beside a
     running daemon or after it stopped; blocking: call through asyncio.to_thread from a test's loop)."""
-    conn = sqlite3.connect(db, timeout=10)
+    conn = connect_ro(db)
     try:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
         top = conn.execute("SELECT coalesce(max(seq), 0) FROM readings").fetchone()[0]

@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.config.base import Model
 from agent.config.modelkit import Field, field_validator, model_validator
-from agent.config.units import Duration, parse_duration
+from agent.config.units import Duration, duration_field, parse_duration
 from agent.control.commands import OVERRIDE_LIMIT_MS, CommandEvent, CommandProcessor
 from agent.control.suntimes import sun_event
 from agent.pipeline.reading import now_ms
@@ -121,7 +121,9 @@ class ScheduleConfig(Model):
         None, description="IANA zone; default gateway.location.timezone, else Europe/Paris"
     )
     steps: list[ScheduleStep] = Field(min_length=1)
-    retry: Duration = Field(30.0, description="first retry delay of a failed step; doubles up to 10m")
+    retry: Duration = duration_field(
+        30.0, "1s", "10m", description="first retry delay of a failed step; doubles up to 10m"
+    )
     enabled: bool = True
 
     @field_validator("timezone")

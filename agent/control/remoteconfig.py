@@ -60,8 +60,9 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-class RemoteConfigRefused(FieldgateError):
-    """A pushed config refused before anything changed; the message says why."""
+class PushRefused(FieldgateError):
+    """A pushed config or upgrade command (agent/control/upgrade.py) refused before anything changed; the
+    message says why."""
 
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         super().__init__(message)
@@ -141,42 +142,38 @@ def forbidden_changes(old: FieldgateConfig, new: FieldgateConfig) -> list[str]:
 
 
 def verify_signature(public_key_file: Path, data: bytes, signature: str | None) -> None:
-    """Raise RemoteConfigRefused unless `signature` (base64) is the Ed25519 signature of `data` by the key in the file."""
+    """Raise PushRefused unless `signature` (base64) is the Ed25519 signature of `data` by the key in the file."""
     if not signature:
-        raise RemoteConfigRefused(
+        raise PushRefused(
             f"unsigned config refused: remote_config.public_key_file ({public_key_file}) is set"
         )
     try:
         sig = base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError):
-        raise RemoteConfigRefused("signature is not valid base64") from None
+        raise PushRefused("signature is not valid base64") from None
     try:
         # Imported only here: `cryptography` is needed only by gateways that check signatures.
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
         from cryptography.hazmat.primitives.serialization import load_pem_public_key, load_ssh_public_key
     except ImportError:
-        raise RemoteConfigRefused(
+        raise PushRefused(
             "cannot check signatures: install fieldgate[remote] (the cryptography package)"
         ) from None
     try:
         raw = read_regular(public_key_file, 64 << 10)
     except OSError as exc:
-        raise RemoteConfigRefused(
-            f"public_key_file {public_key_file}: cannot read: {exc.strerror or exc}"
-        ) from None
+        raise PushRefused(f"public_key_file {public_key_file}: cannot read: {exc.strerror or exc}") from None
     try:
         key: Any = load_ssh_public_key(raw) if raw.startswith(b"ssh-ed25519") else load_pem_public_key(raw)
     except ValueError:
-        raise RemoteConfigRefused(
-            f"public_key_file {public_key_file}: not a PEM or OpenSSH public key"
-        ) from None
+        raise PushRefused(f"public_key_file {public_key_file}: not a PEM or OpenSSH public key") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise RemoteConfigRefused(f"public_key_file {public_key_file}: not an Ed25519 key")
+        raise PushRefused(f"public_key_file {public_key_file}: not an Ed25519 key")
     try:
         key.verify(sig, data)
     except InvalidSignature:
-        raise RemoteConfigRefused(
+        raise PushRefused(
             f"bad signature: the config was not signed by the key in {public_key_file}"
         ) from None
 
@@ -315,7 +312,7 @@ class RemoteConfig:
             return 0, None, None
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             # Never silently back to 0 (that would reopen every old push): refuse until it is repaired.
-            raise RemoteConfigRefused(
+            raise PushRefused(
                 f"{self.serial_path} unreadable ({exc}): the last accepted serial is unknown, pushes are "
                 'refused until it is repaired (it holds {"serial": N})'
             ) from None
@@ -406,7 +403,7 @@ class RemoteConfig:
         hostile message is refused, the MQTT session it came on stays up."""
         try:
             request = parse_request(raw)
-        except RemoteConfigRefused as exc:
+        except PushRefused as exc:
             log.error("remote config refused: %s", exc)
             self.set_state(self._doc(_id_of(raw), False, str(exc)))
             return None
@@ -426,7 +423,7 @@ class RemoteConfig:
                     )
                     return
                 new = await self._validate(request)
-            except RemoteConfigRefused as exc:
+            except PushRefused as exc:
                 log.error("remote config %s refused, nothing changed: %s", request.id, exc)
                 for line in exc.problems:
                     log.error("  %s", line)
@@ -454,13 +451,11 @@ class RemoteConfig:
         settings = self.host.config.remote_config
         gateway_id = self.host.config.gateway.id
         if request.gateway is not None and request.gateway != gateway_id:
-            raise RemoteConfigRefused(
-                f"addressed to gateway '{request.gateway}', this is '{gateway_id}': refused"
-            )
+            raise PushRefused(f"addressed to gateway '{request.gateway}', this is '{gateway_id}': refused")
         if request.serial is not None:
             last, _, _ = self.last_accepted()
             if request.serial <= last:
-                raise RemoteConfigRefused(
+                raise PushRefused(
                     f"serial {request.serial} is not newer than the last accepted ({last}): a replay or a "
                     "downgrade, refused (each push needs a higher serial)"
                 )
@@ -471,7 +466,7 @@ class RemoteConfig:
                 )
             return
         if not request.signature:
-            raise RemoteConfigRefused(
+            raise PushRefused(
                 f"unsigned config refused: remote_config.public_key_file ({settings.public_key_file}) is set"
             )
         if request.gateway is not None and request.serial is not None:
@@ -479,7 +474,7 @@ class RemoteConfig:
             verify_signature(settings.public_key_file, message, request.signature)
             return
         if not settings.accept_unbound:
-            raise RemoteConfigRefused(
+            raise PushRefused(
                 "unbound push refused: a signed push carries 'gateway' and 'serial' and its signature covers "
                 "them (docs/CONFIG_LIFECYCLE.md); remote_config.accept_unbound: true accepts the old form"
             )
@@ -499,7 +494,7 @@ class RemoteConfig:
         try:
             write_private(self.serial_path, json.dumps(doc).encode())
         except OSError as exc:
-            raise RemoteConfigRefused(f"cannot write {self.serial_path}: {exc.strerror or exc}") from None
+            raise PushRefused(f"cannot write {self.serial_path}: {exc.strerror or exc}") from None
 
     async def _validate(self, request: Request) -> FieldgateConfig:
         self._check_binding(request)
@@ -507,7 +502,7 @@ class RemoteConfig:
         try:
             write_atomic(staged, request.data)
         except OSError as exc:
-            raise RemoteConfigRefused(
+            raise PushRefused(
                 f"cannot write {staged}: {exc.strerror or exc} (the config directory must be writable by "
                 "the daemon for remote configuration)"
             ) from None
@@ -519,12 +514,12 @@ class RemoteConfig:
             problems = [public_problem(line, staged) for line in exc.problems]
             with contextlib.suppress(OSError):
                 staged.unlink()
-            raise RemoteConfigRefused(f"invalid configuration ({len(problems)} problems)", problems) from None
+            raise PushRefused(f"invalid configuration ({len(problems)} problems)", problems) from None
         forbidden = forbidden_changes(self.host.config, new)
         if forbidden:
             with contextlib.suppress(OSError):
                 staged.unlink()
-            raise RemoteConfigRefused(
+            raise PushRefused(
                 "a remote config may not change " + ", ".join(forbidden) + ": secrets, their files, "
                 "remote_config and storage.path stay local (change them on the gateway)"
             )
@@ -534,7 +529,7 @@ class RemoteConfig:
         path, staged = self.host.config_path, self._path("new")
         try:
             self._accept_serial(request)
-        except RemoteConfigRefused as exc:
+        except PushRefused as exc:
             self.set_state(self._doc(request.id, False, str(exc)))
             log.error("remote config %s not written: %s", request.id, exc)
             return
@@ -624,32 +619,30 @@ def _valid_id(value: Any) -> bool:
 
 
 def parse_request(raw: bytes) -> Request:
-    """A `config/set` message as a Request; RemoteConfigRefused (with a reason that quotes nothing of it) otherwise."""
+    """A `config/set` message as a Request; PushRefused (with a reason that quotes nothing of it) otherwise."""
     if len(raw) > MAX_CONFIG_BYTES:
-        raise RemoteConfigRefused(f"message of {len(raw)} bytes refused (at most {MAX_CONFIG_BYTES})")
+        raise PushRefused(f"message of {len(raw)} bytes refused (at most {MAX_CONFIG_BYTES})")
     try:
         doc = json.loads(raw)
     except RecursionError:
-        raise RemoteConfigRefused(
+        raise PushRefused(
             f"not JSON this gateway takes: nested deeper than {MAX_JSON_DEPTH} levels"
         ) from None
     except ValueError as exc:  # UnicodeDecodeError included; the messages give a position, not the text
-        raise RemoteConfigRefused(
+        raise PushRefused(
             f"not JSON: {type(exc).__name__} at position {getattr(exc, 'pos', getattr(exc, 'start', 0))}"
         ) from None
     if not _depth_ok(doc):
-        raise RemoteConfigRefused(f"not JSON this gateway takes: nested deeper than {MAX_JSON_DEPTH} levels")
+        raise PushRefused(f"not JSON this gateway takes: nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(doc, dict):
-        raise RemoteConfigRefused('expected a JSON object {"id", "config", "gateway", "serial", "signature"}')
+        raise PushRefused('expected a JSON object {"id", "config", "gateway", "serial", "signature"}')
     unknown = sorted(set(doc) - {"id", "config", "signature", "gateway", "serial"})
     if unknown:
         shown = ", ".join(repr(k[:40]) for k in unknown[:5])
-        raise RemoteConfigRefused(f"unknown keys {shown} (expected id, config, gateway, serial, signature)")
+        raise PushRefused(f"unknown keys {shown} (expected id, config, gateway, serial, signature)")
     request_id = doc.get("id")
     if not _valid_id(request_id):
-        raise RemoteConfigRefused(
-            f"'id' is required (a string of 1 to {MAX_ID_CHARS} characters or an integer)"
-        )
+        raise PushRefused(f"'id' is required (a string of 1 to {MAX_ID_CHARS} characters or an integer)")
     config = doc.get("config")
     try:
         if isinstance(config, str):
@@ -657,20 +650,18 @@ def parse_request(raw: bytes) -> Request:
         elif isinstance(config, dict):
             data = canonical_json(config)
         else:
-            raise RemoteConfigRefused(
-                "'config' is required: the YAML text of the config file, or a JSON object"
-            )
+            raise PushRefused("'config' is required: the YAML text of the config file, or a JSON object")
     except UnicodeEncodeError:  # a lone surrogate (\ud800) decodes from JSON but is not UTF-8
-        raise RemoteConfigRefused("'config' is not valid Unicode text") from None
+        raise PushRefused("'config' is not valid Unicode text") from None
     signature = doc.get("signature")
     if signature is not None and not isinstance(signature, str):
-        raise RemoteConfigRefused("'signature' must be a base64 string")
+        raise PushRefused("'signature' must be a base64 string")
     gateway = doc.get("gateway")
     if gateway is not None and (not isinstance(gateway, str) or not gateway):
-        raise RemoteConfigRefused("'gateway' must be the id of the gateway the push is for (a string)")
+        raise PushRefused("'gateway' must be the id of the gateway the push is for (a string)")
     serial = doc.get("serial")
     if serial is not None and (
         isinstance(serial, bool) or not isinstance(serial, int) or not 0 < serial < 2**63
     ):
-        raise RemoteConfigRefused("'serial' must be a positive integer, higher at each push")
+        raise PushRefused("'serial' must be a positive integer, higher at each push")
     return Request(request_id, data, signature, gateway, serial)

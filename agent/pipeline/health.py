@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import __version__
+from agent.config.urls import redact_url
 from agent.pipeline.reading import Reading, now_ms
 
 if TYPE_CHECKING:
@@ -172,7 +173,8 @@ def status_document(gw: Gateway) -> dict[str, Any]:
     up = gw.uplink
     if up is not None:
         doc["upstream"].update(
-            url=gw.config.upstream.mqtt.url,
+            url=redact_url(up.url),  # the broker in use (upstream.mqtt.url may list several)
+            failovers=up.failovers,
             last_error=up.last_error,
             since_ts=up.since_ts,
             messages=up.messages,

@@ -93,7 +93,10 @@ class StoreWriter:
             return
         batch, self.pending = self.pending, []
         try:
-            rows = await self.store.append(batch)
+            # Shielded: a stop cancels the writer task, and a commit still queued behind another store call
+            # on the store's thread would be dropped with `batch` (found by the config property test: a
+            # reading polled just before SIGTERM was never stored). Its rows reach the uplink as backlog.
+            rows = await asyncio.shield(self.store.append(batch))
         except StoreError as exc:
             if self.failing is None:
                 log.error("buffer write failed, holding readings in memory: %s", exc)

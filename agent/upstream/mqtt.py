@@ -8,9 +8,11 @@ marked `"backlog": true`. Each lane has its own in-flight slots (live 2, backlog
 so live data stays fresh while a backlog drains.
 
 Rows are deleted from the store only after the broker's PUBACK for the
-message that carried them. Rows in flight when the link drops are sent
-again on the next connection (at-least-once; duplicates are limited to the
-messages in flight: at most `max_inflight` backlog + 2 live messages).
+message that carried them; from their publish until then they are pinned in
+the store (not evictable), so `evicted` counts exactly the readings never
+sent. Rows in flight when the link drops are sent again on the next
+connection (at-least-once; duplicates are limited to the messages in flight:
+at most `max_inflight` backlog + 2 live messages).
 
 What goes on the wire is the format's (`agent/upstream/formats/`: fieldgate JSON, Sparkplug B, ThingsBoard): it
 encodes each batch into messages, gives the will and the birth messages, and handles its platform's
@@ -35,7 +37,7 @@ from typing import Any
 import aiomqtt
 
 from agent.aio import TaskGroup, raise_if_cancelled, settled
-from agent.config.models import MqttConfig
+from agent.config.models import MqttConfig, mqtt_endpoint
 from agent.errors import StoreError, UpstreamError
 from agent.pipeline.reading import now_ms
 from agent.pipeline.store import AsyncStore, StoredRow
@@ -46,7 +48,10 @@ from agent.upstream.formats.fieldgate import FieldgateFormat
 log = logging.getLogger("fieldgate.uplink")
 
 RECONNECT_MIN = 0.1
-RECONNECT_MAX = 1.5  # with ±20 % jitter, a broker back after an outage sees data within 2 s
+RECONNECT_MAX = 1.5  # full jitter: each wait is uniform in [0, cap]; a broker back sees data within 2 s
+FAILOVER_SPREAD = 0.5  # after losing a connected broker, the next attempt waits uniform [0, this] (no herd)
+PROBE_TIMEOUT = 1.0  # with several brokers, one that does not answer a TCP connect this fast is skipped
+CONNECT_TIMEOUT = 3.0  # with several brokers, one that accepts TCP but sends no CONNACK this fast is skipped
 LIVE_INFLIGHT = 2  # live messages awaiting PUBACK at once (the backlog has `max_inflight` of its own)
 ACK_RETRY = 1.0  # seconds between attempts to delete acknowledged rows while the disk refuses
 LIVE_LIMIT_BATCHES = 20  # past this many batches waiting live, the surplus goes the backlog way
@@ -102,6 +107,26 @@ def make_format(
 
 class PrimaryHostOffline(UpstreamError):
     """The Sparkplug primary host said offline: the session ends (NDEATH sent) and a new one waits for it."""
+
+
+def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
+    """Full jitter: uniform in [0, min(RECONNECT_MAX, RECONNECT_MIN * 2**attempt)], so a fleet that lost its
+    broker at once does not come back in lockstep; the cap keeps "data within 2 s of the broker's return"."""
+    cap = min(RECONNECT_MAX, RECONNECT_MIN * (2 ** min(attempt, 16)))
+    return (rng or random).uniform(0.0, cap)
+
+
+def connect_order(count: int, lost: int | None) -> list[int]:
+    """The brokers to try, in order of preference, the one just lost (if any) last."""
+    order = list(range(count))
+    if lost is not None and count > 1:
+        order.remove(lost)
+        order.append(lost)
+    return order
+
+
+class PreferredBrokerBack(UpstreamError):
+    """A preferred broker is healthy again: the session on a less preferred one ends on purpose."""
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -163,6 +188,10 @@ class Uplink:
         self.last_error: str | None = None
         self.since_ts: int | None = None
         self.connections = 0
+        self.urls = cfg.urls  # in order of preference (docs/FLEET.md)
+        self.index = 0  # the broker in use, or tried last
+        self.failovers = 0  # sessions begun on another broker than the previous session's
+        self._last_node: int | None = None
 
         self._next_seq = next_seq  # one past the last row offered to the uplink
         self._accepting = False
@@ -210,35 +239,75 @@ class Uplink:
 
     # -- the connection loop ---------------------------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        """The broker in use (or tried last)."""
+        return self.urls[self.index]
+
     async def run(self) -> None:
+        """Connect to the first broker that answers, in order of preference; on the loss of the one in use,
+        try the others first. A round where none answers waits a jittered backoff before the next."""
         attempt = 0
+        lost: int | None = None
         while not self._stopping:
             self.beat()
-            started = time.monotonic()
-            try:
-                await self._session()
-            except Exception as exc:
-                cause = _root_cause(exc)
-                if isinstance(cause, PrimaryHostOffline):
-                    # Not a lost link: the session ended on purpose; connect again at once and wait there.
-                    log.info("upstream %s: %s, reconnecting to wait for it", self.name, cause)
-                    self.connected = False
-                    self._accepting = False
-                    self._live.clear()
-                    attempt = 0
-                    raise_if_cancelled()
-                    continue
-                if not isinstance(cause, aiomqtt.MqttError | OSError | TimeoutError):
-                    log.error("upstream session failed: %s: %s", type(cause).__name__, cause, exc_info=cause)
-                self._disconnected(self.explain_error(cause))
-            raise_if_cancelled()  # a stop that aiomqtt swallowed (agent/aio.py) must not start a new session
-            if self._stopping:
-                break
-            if time.monotonic() - started > 10:
+            outcome = "unreachable"  # no broker of this round accepted a connection
+            session_time = 0.0
+            for index in connect_order(len(self.urls), lost):
+                started = time.monotonic()
+                had = self.connections
+                self.index = index
+                try:
+                    await self._try_session(index)
+                except Exception as exc:
+                    cause = _root_cause(exc)
+                    if isinstance(cause, PreferredBrokerBack):
+                        outcome = "failback"
+                        self._disconnected("moved back to a preferred broker")
+                    elif isinstance(cause, PrimaryHostOffline):
+                        # Not a lost link: the session ended on purpose; connect again at once and wait there.
+                        log.info("upstream %s: %s, reconnecting to wait for it", self.name, cause)
+                        outcome = "host_offline"
+                        self.connected = False
+                        self._accepting = False
+                        self._live.clear()
+                    else:
+                        if not isinstance(cause, aiomqtt.MqttError | OSError | TimeoutError):
+                            log.error(
+                                "upstream session failed: %s: %s", type(cause).__name__, cause, exc_info=cause
+                            )
+                        self._disconnected(self.explain_error(cause))
+                raise_if_cancelled()  # a stop that aiomqtt swallowed (agent/aio.py) must not start a new session
+                if self._stopping:
+                    return
+                if outcome in ("failback", "host_offline"):
+                    break
+                if self.connections != had:
+                    outcome, lost, session_time = "lost", index, time.monotonic() - started
+                    break
+            if outcome in ("failback", "host_offline"):
+                lost, attempt = None, 0
+                continue
+            if outcome == "lost" and session_time > 10:
+                # A broker in use was lost: the others are tried first, after a short random wait so that a
+                # fleet losing one broker does not land on the next in one burst.
                 attempt = 0
-            delay = min(RECONNECT_MAX, RECONNECT_MIN * (2**attempt)) * random.uniform(0.8, 1.2)
+                await asyncio.sleep(random.uniform(0.0, FAILOVER_SPREAD))
+                continue
+            # Nothing answered (or the session was short-lived: a flapping broker): jittered backoff.
+            await asyncio.sleep(backoff_delay(attempt))
             attempt += 1
-            await asyncio.sleep(delay)
+
+    async def _try_session(self, index: int) -> None:
+        if len(self.urls) > 1:
+            # With somewhere else to go, a broker that does not even accept TCP is not waited for.
+            host, port = mqtt_endpoint(self.urls[index])
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await self._session()
 
     def _disconnected(self, message: str) -> None:
         if self.connected:
@@ -258,9 +327,10 @@ class Uplink:
             if death is not None
             else None
         )
+        host, port = mqtt_endpoint(self.url)
         return aiomqtt.Client(
-            self.cfg.host,
-            self.cfg.port,
+            host,
+            port,
             identifier=self.client_id,
             username=self.cfg.username,
             password=self.password,
@@ -274,10 +344,20 @@ class Uplink:
 
     async def _session(self) -> None:
         client = self._client_for_session()
+        session_timeout = client.timeout
+        if len(self.urls) > 1:
+            # A NATS node whose cluster is electing a new leader for its MQTT streams accepts TCP and holds
+            # the CONNECT for seconds (docs/FLEET.md): try the next broker rather than wait the full timeout.
+            client.timeout = CONNECT_TIMEOUT
         async with client:
+            client.timeout = session_timeout
             self._client = client
             try:
                 raise_if_cancelled()  # the connect (wait_for inside aiomqtt) may have swallowed a stop
+                moved = self._last_node is not None and self._last_node != self.index
+                if moved:
+                    self.failovers += 1
+                self._last_node = self.index
                 self._on_connected()
                 gated = getattr(self.fmt, "primary_host_id", None) is not None
                 # Subscribed before the births: a platform that asks for them again (Sparkplug rebirth) as soon
@@ -304,6 +384,10 @@ class Uplink:
                     tg.create_task(self._health_loop(client))
                     tg.create_task(self._message_loop(client))
                     tg.create_task(self._send_unanswered())
+                    if self.index > 0 and self.cfg.failback > 0:
+                        tg.create_task(self._failback_watch(client))
+                    if moved:
+                        tg.create_task(self._rebirth_later(client))
             finally:
                 self._client = None
 
@@ -313,11 +397,10 @@ class Uplink:
         self.last_error = None
         self.since_ts = now_ms()
         log.info(
-            "upstream %s (%s) connected to %s:%d as %s",
+            "upstream %s (%s) connected to %s as %s",
             self.name,
             self.fmt.name,
-            self.cfg.host,
-            self.cfg.port,
+            self.url,
             self.client_id,
         )
         # Everything already stored is backlog; what is offered from now on is live.
@@ -385,6 +468,57 @@ class Uplink:
         self._accepting = True
         self._backlog_event.set()
 
+    # -- several brokers ---------------------------------------------------------------------------------
+
+    async def _failback_watch(self, client: aiomqtt.Client) -> None:
+        """On a less preferred broker: probe the preferred ones; once one has accepted an MQTT connection at
+        every probe for `failback` seconds, say goodbye here and end the session (run() starts over from
+        the first)."""
+        period = min(max(self.cfg.failback / 4, 0.25), 15.0)
+        healthy_since: dict[int, float] = {}
+        while True:
+            await asyncio.sleep(period)
+            for index in range(self.index):
+                if await self._answers(self.urls[index]):
+                    healthy_since.setdefault(index, time.monotonic())
+                else:
+                    healthy_since.pop(index, None)
+            if any(time.monotonic() - t >= self.cfg.failback for t in healthy_since.values()):
+                log.info("upstream %s: %s is healthy again, leaving %s", self.name, self.urls[0], self.url)
+                with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                    async with asyncio.timeout(2):
+                        for m in self.fmt.goodbye():
+                            await client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+                raise PreferredBrokerBack
+
+    async def _answers(self, url: str) -> bool:
+        """Whether the broker accepts an MQTT connection now (its own client id: never our session's)."""
+        host, port = mqtt_endpoint(url)
+        probe = aiomqtt.Client(
+            host,
+            port,
+            identifier=f"{self.client_id}-probe",
+            username=self.cfg.username,
+            password=self.password,
+            clean_session=True,
+            timeout=PROBE_TIMEOUT * 2,
+            tls_context=self.tls_context,
+        )
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT * 3):
+                async with probe:
+                    return True
+        except (aiomqtt.MqttError, OSError, TimeoutError):
+            return False
+
+    async def _rebirth_later(self, client: aiomqtt.Client) -> None:
+        """After moving to another broker of a cluster, the old one may still publish our will (retained
+        `offline`) once its keepalive expires; the retained birth messages are published again after that."""
+        await asyncio.sleep(self.cfg.keepalive * 1.5 + 1.0)
+        for m in self.fmt.birth():
+            if m.retain:
+                await settled(client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain))
+
     # -- lanes -----------------------------------------------------------------------------------------
 
     async def _publish_rows(
@@ -396,6 +530,16 @@ class Uplink:
         tg: asyncio.TaskGroup,
     ) -> None:
         await slots.acquire()
+        try:
+            # In flight from here: pinned until the ack (after the PUBACK) deletes them, so that eviction can
+            # never count a reading the platform receives. Rows evicted since they were read are not sent.
+            rows = await self.store.pin(rows, self.lane)
+        except BaseException:
+            slots.release()
+            raise
+        if not rows:
+            slots.release()
+            return
         try:
             messages = self.fmt.encode(rows, backlog)
         except Exception as exc:

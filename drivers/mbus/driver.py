@@ -8,12 +8,12 @@ import logging
 from agent.driver import Driver, DriverContext
 from agent.errors import DecodeError, DeviceProtocolError, DeviceUnreachable
 from agent.pipeline.reading import Reading, Value, now_ms
+from drivers._serial.config import SerialSettings
+from drivers._serial.counters import LineCounters
+from drivers._serial.driver import COUNTER_NAMES
+from drivers._serial.port import SerialPort
 from drivers.mbus import codec
 from drivers.mbus.config import MbusDeviceConfig
-from drivers.serialport.config import SerialSettings
-from drivers.serialport.counters import LineCounters
-from drivers.serialport.driver import COUNTER_NAMES
-from drivers.serialport.port import SerialPort
 
 log = logging.getLogger("fieldgate.mbus")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from agent.errors import DecodeError
 from agent.pipeline.reading import Value
-from drivers.serialport.counters import ScanStats, align
+from drivers._serial.counters import ScanStats, align
 
 START, SENSOR, CMD_READ_CO2 = 0xFF, 0x01, 0x86
 FRAME_LEN = 9

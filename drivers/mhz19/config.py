@@ -5,15 +5,17 @@ from __future__ import annotations
 from typing import Literal
 
 from agent.config.modelkit import Field
-from agent.config.units import Duration
-from drivers.serialport.config import SerialDeviceConfig
+from agent.config.units import Duration, duration_field
+from drivers._serial.config import SerialDeviceConfig
 
 
 class Mhz19DeviceConfig(SerialDeviceConfig):
     """An MH-Z19/MH-Z19B on a UART (9600 8N1)."""
 
     driver: Literal["mhz19"] = "mhz19"
-    preheat: Duration = Field(180.0, description="pre-heat time after power-up (datasheet: 3 minutes)")
+    preheat: Duration = duration_field(
+        180.0, "0s", "1h", description="pre-heat time after power-up (datasheet: 3 minutes)"
+    )
     during_preheat: Literal["uncertain", "withhold"] = Field(
         "uncertain", description="readings during pre-heat: published with quality uncertain, or not at all"
     )

@@ -6,10 +6,10 @@ import asyncio
 
 from agent.driver import DriverContext, PointSpec
 from agent.pipeline.reading import Reading, now_ms
+from drivers._serial.config import SerialSettings
+from drivers._serial.driver import SerialDriver
 from drivers.mhz19 import codec
 from drivers.mhz19.config import Mhz19DeviceConfig
-from drivers.serialport.config import SerialSettings
-from drivers.serialport.driver import SerialDriver
 
 _REPLY_TIMEOUT = 2.0
 

@@ -127,15 +127,13 @@ class ModbusBus:
         return self._client
 
     async def _connect(self, client: AsyncModbusTcpClient | AsyncModbusSerialClient) -> bool:
-        """Open the connection. pymodbus's `connect()` sleeps 0.1 s once the transport is up, for serial
-        adapters that need a moment; a TCP connection is usable at once, so for TCP the transport is opened
-        directly (`client.ctx`, pymodbus 3.11, pinned): 0.1 s less to the first reading and on every
-        reconnection. Serial lines keep pymodbus's pause."""
-        ctx = getattr(client, "ctx", None)
-        if isinstance(client, AsyncModbusTcpClient) and ctx is not None and hasattr(ctx, "connect"):
-            ctx.reset_delay()
-            return bool(await settled(ctx.connect()))
-        return bool(await settled(client.connect()))
+        """Open the connection. pymodbus 3.16's `connect()` returns as soon as the transport is up (3.11
+        slept 0.1 s after it, which we skipped for TCP by opening `client.ctx` directly). A serial line keeps
+        a 0.1 s pause after opening, ours now: some USB adapters need a moment before the first frame."""
+        ok = bool(await settled(client.connect()))
+        if ok and isinstance(client, AsyncModbusSerialClient):
+            await asyncio.sleep(0.1)
+        return ok
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[BusSession]:

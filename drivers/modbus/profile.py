@@ -1,4 +1,4 @@
-"""Device profiles (config/profiles/*.yaml): register maps merged into a Modbus device's config."""
+"""Device profiles (drivers/modbus/profiles/*.yaml, and the profile directories): register maps merged into a Modbus device's config."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 
 import yaml
 
+from agent.config import loader
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
 
-BUNDLED_PROFILES = Path(__file__).resolve().parents[2] / "config" / "profiles"
+BUNDLED_PROFILES = loader.bundled_profiles()  # package data: drivers/modbus/profiles/*.yaml
 PROFILE_KEYS = ("manufacturer", "model", "description", "device", "points")
 # Device fields a profile's `device:` section may not set: they identify one device on one bus.
 NOT_IN_PROFILE = frozenset({"driver", "bus", "unit_id", "points", "profile", "enabled"})
@@ -91,8 +92,6 @@ class Profile:
 
 def find_profile(ref: str, config_dir: Path | None = None) -> Path:
     """A profile's file, looked up like the config loader does (agent.config.loader.find_profile)."""
-    from agent.config import loader  # the loader's lookup; the loader calls `merge` (registry.DRIVERS)
-
     base = (config_dir or Path.cwd()) / "fieldgate.yaml"
     found = loader.find_profile(ref, base)
     if found is None:

@@ -17,13 +17,12 @@ import random
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusServerContext
-from pymodbus.datastore.context import ModbusBaseDeviceContext
 from pymodbus.exceptions import NoSuchIdException
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
@@ -84,48 +83,55 @@ class SimUnit:
         self.set(table, address, codec.encode(value, type_, order, **kw))
 
 
-class _UnitContext(ModbusBaseDeviceContext):
-    """A unit's datastore, addressed 0-based (pymodbus' own context adds 1 to every address)."""
+class _ServerContext(ModbusServerContext):
+    """The units' datastore, addressed by unit id and 0-based addresses, as on the wire.
 
-    def __init__(self, unit: SimUnit) -> None:
-        self.unit = unit
+    pymodbus 3.16 serves a `ModbusServerContext` in one of two ways: it converts the `ModbusDeviceContext`s
+    it holds to its new `SimDevice` model (fixed blocks, which can neither be silent for one unit nor change
+    between requests), or, for its own older `ModbusSimulatorContext`, it calls `async_getValues` and
+    `async_setValues` with the unit id (`old_simulator`). We take that second path: a dead or unknown unit
+    raises NoSuchIdException, which the server (ignore_missing_devices) answers with silence, as a unit absent
+    from an RS-485 line does. pymodbus is pinned to 3.16.x for this (docs/MODBUS.md, pymodbus upgrade).
+    """
 
-    def getValues(self, func_code: int, address: int, count: int = 1) -> list[int] | list[bool] | ExcCodes:
+    def __init__(self, sim: ModbusSim) -> None:
+        # Not super().__init__(): it requires a device context and logs a deprecation warning.
+        self.sim = sim
+        self.simdevices: list[Any] = []  # none for pymodbus to convert
+        self.old_simulator = True  # the server calls async_getValues/async_setValues below
+
+    def _unit(self, device_id: int) -> SimUnit:
+        unit = self.sim.units.get(device_id)
+        if unit is None or unit.dead:
+            raise NoSuchIdException(f"unit {device_id} does not answer")
+        return unit
+
+    async def async_getValues(
+        self, device_id: int, func_code: int, address: int, count: int = 1
+    ) -> list[int] | list[bool] | ExcCodes:
+        unit = self._unit(device_id)
         table = _FC_TABLE.get(func_code)
         if table is None:
             return ExcCodes.ILLEGAL_FUNCTION
-        if self.unit.illegal(table, address, count):
+        if unit.illegal(table, address, count):
             return ExcCodes.ILLEGAL_ADDRESS
-        return self.unit.get(table, address, count)
+        return unit.get(table, address, count)
 
-    def setValues(self, func_code: int, address: int, values: list[int] | list[bool]) -> ExcCodes | None:
+    async def async_setValues(
+        self, device_id: int, func_code: int, address: int, values: Sequence[int] | Sequence[bool]
+    ) -> ExcCodes | None:
+        unit = self._unit(device_id)
         table = _FC_TABLE.get(func_code)
         if table not in ("coil", "holding"):
             return ExcCodes.ILLEGAL_FUNCTION
-        if self.unit.illegal(table, address, len(values)):
+        if unit.illegal(table, address, len(values)):
             return ExcCodes.ILLEGAL_ADDRESS
-        self.unit.set(table, address, values)
+        unit.set(table, address, values)
         return None
 
-
-class _ServerContext(ModbusServerContext):
-    """Unit lookup that makes a dead or unknown unit silent (with ignore_missing_devices)."""
-
-    def __init__(self, sim: ModbusSim) -> None:
-        super().__init__(devices={}, single=False)  # type: ignore[no-untyped-call]
-        self.sim = sim
-
-    def __contains__(self, device_id: object) -> bool:
-        return device_id in self.sim.units
-
-    def __getitem__(self, device_id: int) -> _UnitContext:
-        unit = self.sim.units.get(device_id)
-        if unit is None or unit.dead:
-            raise NoSuchIdException(f"unit {device_id} does not answer")  # type: ignore[no-untyped-call]
-        return _UnitContext(unit)
-
     def device_ids(self) -> list[int]:
-        return sorted(self.sim.units)
+        """The units a broadcast (unit 0) reaches."""
+        return sorted(uid for uid, unit in self.sim.units.items() if not unit.dead)
 
 
 class ModbusSim:
@@ -241,7 +247,7 @@ SDM = {
     "export_kwh": 0x4A,
     "total_kwh": 0x156,
 }
-# Street-lamp controller (config/profiles/streetlamp-controller.yaml).
+# Street-lamp controller (drivers/modbus/profiles/streetlamp-controller.yaml).
 LAMP_RATED_W = 100.0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from agent.errors import DecodeError
 from agent.pipeline.reading import Value
-from drivers.serialport.counters import ScanStats, align
+from drivers._serial.counters import ScanStats, align
 
 HEADER = b"BM"  # 42 4D
 DATA_LENGTH = 28

@@ -7,10 +7,10 @@ import asyncio
 from agent.driver import PointSpec
 from agent.errors import DecodeError, DeviceProtocolError
 from agent.pipeline.reading import Reading, now_ms
+from drivers._serial.config import SerialSettings
+from drivers._serial.driver import SerialDriver
 from drivers.pms5003 import codec
 from drivers.pms5003.config import Pms5003DeviceConfig
-from drivers.serialport.config import SerialSettings
-from drivers.serialport.driver import SerialDriver
 
 _REPLY_TIMEOUT = 3.0  # passive answers come within ~100 ms; active frames every 0.2-2.3 s
 

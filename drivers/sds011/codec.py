@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from agent.errors import DecodeError
 from agent.pipeline.reading import Value
-from drivers.serialport.counters import ScanStats, align
+from drivers._serial.counters import ScanStats, align
 
 HEAD, TAIL, DATA, REPLY, COMMAND = 0xAA, 0xAB, 0xC0, 0xC5, 0xB4
 FRAME_LEN, COMMAND_LEN = 10, 19

@@ -6,10 +6,10 @@ import asyncio
 
 from agent.driver import DriverContext, PointSpec
 from agent.pipeline.reading import Reading, now_ms
+from drivers._serial.config import SerialSettings
+from drivers._serial.driver import SerialDriver
 from drivers.sds011 import codec
 from drivers.sds011.config import Sds011DeviceConfig
-from drivers.serialport.config import SerialSettings
-from drivers.serialport.driver import SerialDriver
 
 _REPLY_TIMEOUT = 2.0  # the sensor answers within ~100 ms; an active-mode frame comes every second
 

@@ -10,9 +10,9 @@ from contextlib import aclosing
 from agent.driver import DriverContext, PointSpec
 from agent.errors import DecodeError, DeviceUnreachable
 from agent.pipeline.reading import Reading, now_ms
-from drivers.serialport.config import SerialSettings
-from drivers.serialport.driver import SerialDriver
-from drivers.serialport.port import SerialPort
+from drivers._serial.config import SerialSettings
+from drivers._serial.driver import SerialDriver
+from drivers._serial.port import SerialPort
 from drivers.tic.codec import (
     ADDRESS_LABELS,
     BAUDRATE,

@@ -24,7 +24,6 @@ import contextlib
 import os
 import random
 import signal
-import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import pytest
 
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
-from tests.daemon import Daemon
+from tests.daemon import Daemon, connect_ro
 from tests.faults.conftest import TimedChecker, audit, fault_config, figures, store_high, tail
 
 BATCH_MAX = 50
@@ -119,7 +118,7 @@ class KillReport:
 
 def buffered_up_to(db: Path, high: int) -> int:
     """Rows with seq <= high still in the buffer (not yet acknowledged and deleted)."""
-    conn = sqlite3.connect(db, timeout=10)
+    conn = connect_ro(db)
     try:
         return int(conn.execute("SELECT count(*) FROM readings WHERE seq <= ?", (high,)).fetchone()[0])
     finally:
@@ -127,7 +126,7 @@ def buffered_up_to(db: Path, high: int) -> int:
 
 
 def buffered_seqs(db: Path) -> set[int]:
-    conn = sqlite3.connect(db, timeout=10)
+    conn = connect_ro(db)
     try:
         return {row[0] for row in conn.execute("SELECT seq FROM readings")}
     finally:

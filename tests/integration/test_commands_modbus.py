@@ -25,7 +25,7 @@ from tests.broker import Broker
 from tests.modbus_sim import ModbusSim, SimUnit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROFILE = REPO_ROOT / "config" / "profiles" / "streetlamp-controller.yaml"
+PROFILE = REPO_ROOT / "drivers" / "modbus" / "profiles" / "streetlamp-controller.yaml"
 UNIT = 3
 WRITE_CODES = (5, 6, 15, 16, 22, 23)  # every Modbus function code that changes a coil or a register
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,42 @@ def test_ctrl_c_ends_the_demo_cleanly() -> None:
     last = out.strip().splitlines()[-1]
     assert last.startswith("fieldgate demo:") and "readings received by the platform" in last
     assert int(last.split()[2]) >= 10
+
+
+def test_a_demo_that_cannot_load_its_config_leaves_no_broker_behind(tmp_path: Path) -> None:
+    """A bad profile makes the demo's config invalid: the demo says so and exits 1, and no Mosquitto of its
+    own keeps running (it used to start the broker first and leak it, holding the terminal's output)."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "eastron-sdm630.yaml").write_text("points:\n  v: {table: input, adress: 0}\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with (tmp_path / "out").open("w+") as out, (tmp_path / "err").open("w+") as err:
+        # Files, not pipes: a leaked broker would hold a pipe open and hang the test instead of failing it.
+        code = subprocess.run(
+            [*fieldgate_exe(), "demo", "--duration", "5"],
+            stdout=out,
+            stderr=err,
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=str(REPO), FIELDGATE_PROFILES=str(profiles), TMPDIR=str(tmp)),
+            timeout=60,
+        ).returncode
+    brokers = [
+        p
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and str(tmp) in _cmdline(p) and "mosquitto" in _cmdline(p)
+    ]
+    for p in brokers:  # started by this test's demo: end them by PID before failing
+        os.kill(int(p.name), signal.SIGTERM)
+    stderr = (tmp_path / "err").read_text()
+    assert not brokers, stderr
+    assert code == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "devices.meter-1" in stderr and "adress" in stderr, stderr
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -40,7 +40,7 @@ def test_install_twice_then_uninstall_then_purge(tmp_path: Path) -> None:
     assert (etc / "fieldgate.yaml").read_bytes() == (
         REPO_ROOT / "config" / "fieldgate.example.yaml"
     ).read_bytes()
-    shipped = sorted(p.name for p in (REPO_ROOT / "config" / "profiles").glob("*.yaml"))
+    shipped = sorted(p.name for p in (REPO_ROOT / "drivers" / "modbus" / "profiles").glob("*.yaml"))
     assert shipped and sorted(p.name for p in (etc / "profiles").iterdir()) == shipped
     assert (etc / "credentials").stat().st_mode & 0o777 == 0o700
     assert (etc / "fieldgate.yaml").stat().st_mode & 0o777 == 0o640
@@ -62,7 +62,7 @@ def test_install_twice_then_uninstall_then_purge(tmp_path: Path) -> None:
     assert (etc / "fieldgate.yaml").read_text() == "gateway: {id: gw-edited}\n"
     assert edited.read_text() == "# tuned on site\n"
     assert (etc / "profiles" / f"{shipped[0]}.new").read_bytes() == (
-        REPO_ROOT / "config" / "profiles" / shipped[0]
+        REPO_ROOT / "drivers" / "modbus" / "profiles" / shipped[0]
     ).read_bytes()
     assert "kept your" in out
 

@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import DecodeError
+from drivers._serial.counters import ScanStats
 from drivers.ble import bthome, ruuvi, xiaomi
 from drivers.ble.advert import Advertisement, parse_ad_structures
 from drivers.mbus import codec as mbus
 from drivers.mhz19 import codec as mhz19
 from drivers.pms5003 import codec as pms
 from drivers.sds011 import codec as sds
-from drivers.serialport.counters import ScanStats
 from drivers.tic import codec as tic
 from tests.vectors import load_vectors
 

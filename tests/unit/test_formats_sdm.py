@@ -23,7 +23,7 @@ GATEWAY = GatewayConfig(id="gw-1", location={"latitude": 45.7578, "longitude": 4
 
 
 def profile_points(name: str) -> list[tuple[str, Any, str | None]]:
-    points = yaml.safe_load((REPO / "config" / "profiles" / f"{name}.yaml").read_text())["points"]
+    points = yaml.safe_load((REPO / "drivers" / "modbus" / "profiles" / f"{name}.yaml").read_text())["points"]
     out = []
     for point, p in points.items():
         boolean = p.get("table") in ("coil", "discrete") or "bit" in p

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agent.errors import DecodeError
+from drivers._serial.counters import ScanStats
 from drivers.pms5003 import codec as pms
-from drivers.serialport.counters import ScanStats
 from tests.vectors import load_vectors
 
 V = load_vectors("air_quality_serial.json")

@@ -206,7 +206,7 @@ def test_published_problems_quote_only_the_pushed_config(tmp_path: Path) -> None
 def test_deep_json_is_refused_by_the_parser(raw: bytes) -> None:
     with pytest.raises(Exception) as info:
         parse_request(raw)
-    assert type(info.value).__name__ == "RemoteConfigRefused" and "nested deeper" in str(info.value)
+    assert type(info.value).__name__ == "PushRefused" and "nested deeper" in str(info.value)
 
 
 # --- fuzz: whatever arrives on config/set, a refusal (or an outcome) on config/state, never an exception ---
@@ -289,4 +289,4 @@ def test_fuzz_config_set_without_a_key(tmp_path: Path, raw: bytes) -> None:
 def test_malformed_requests_are_refused_in_words(raw: bytes, reason: str) -> None:
     with pytest.raises(Exception) as info:
         parse_request(raw)
-    assert type(info.value).__name__ == "RemoteConfigRefused" and reason in str(info.value)
+    assert type(info.value).__name__ == "PushRefused" and reason in str(info.value)

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from drivers.serialport.counters import LineCounters
+from drivers._serial.counters import LineCounters
 
 NAMES = ("frames_ok", "bad_checksum", "garbage_bytes")
 
@@ -56,7 +56,7 @@ def test_summary_names_the_problems_and_is_none_when_clean() -> None:
 
 
 def test_align_drops_and_counts_noise_before_a_two_byte_header() -> None:
-    from drivers.serialport.counters import ScanStats, align
+    from drivers._serial.counters import ScanStats, align
 
     stats = ScanStats()
     buf = bytearray(b"\x01\x02\xaa\x00\xaa")  # noise, a false start (AA 00), then a lone AA

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from agent.config.models import GatewayConfig, NgsiEntityConfig, NgsiLdConfig
+from agent.config.urls import redact_url
 from agent.errors import StoreError, UpstreamError
 from agent.pipeline.reading import now_ms
 from agent.pipeline.store import AsyncStore, StoredRow
@@ -499,7 +500,7 @@ class NgsiLdUplink:
                 self._multi_status(answer)
             elif status not in (200, 201, 204):
                 raise ContextBrokerError(
-                    f"HTTP {status} from {self.cfg.url}: {answer[:200].decode('utf-8', 'replace')}"
+                    f"HTTP {status} from {redact_url(self.cfg.url)}: {answer[:200].decode('utf-8', 'replace')}"
                 )
             self.messages += 1
             self.sent += len(seqs)
@@ -508,7 +509,7 @@ class NgsiLdUplink:
                 self.connected = True
                 self.last_error = None
                 self.since_ts = now_ms()
-                log.info("upstream %s (ngsi-ld) reached %s", self.name, self.cfg.url)
+                log.info("upstream %s (ngsi-ld) reached %s", self.name, redact_url(self.cfg.url))
                 for hook in self.on_connect:
                     hook()
         self.beat()

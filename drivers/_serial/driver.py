@@ -9,9 +9,9 @@ from typing import TypeVar
 
 from agent.driver import Driver, DriverContext
 from agent.errors import DecodeError, DeviceProtocolError, DeviceUnreachable
-from drivers.serialport.config import SerialDeviceConfig, SerialSettings
-from drivers.serialport.counters import LineCounters, ScanStats
-from drivers.serialport.port import SerialPort
+from drivers._serial.config import SerialDeviceConfig, SerialSettings
+from drivers._serial.counters import LineCounters, ScanStats
+from drivers._serial.port import SerialPort
 
 CfgT = TypeVar("CfgT", bound=SerialDeviceConfig)
 FrameT = TypeVar("FrameT")

@@ -19,7 +19,7 @@ from typing import Any
 import serial
 
 from agent.errors import DeviceUnreachable
-from drivers.serialport.config import SerialSettings
+from drivers._serial.config import SerialSettings
 
 _MAX_BUFFER = 64 * 1024  # a line spewing garbage with nobody reading must not grow memory without bound
 
