@@ -36,7 +36,7 @@ from agent.pipeline.health import DeviceHealth
 from agent.pipeline.polling import MAX_BACKOFF, DeviceTask
 from agent.pipeline.processing import processor_for
 from agent.pipeline.reading import now_ms
-from agent.pipeline.store import AsyncStore, Store, StoredRow, StoreStats
+from agent.pipeline.store import AsyncStore, Store, StoreStats
 from agent.pipeline.writer import StoreWriter
 from agent.safefiles import file_hash, read_regular, warn_loose_secrets, write_private
 from agent.sdnotify import Notifier
@@ -88,8 +88,8 @@ class Runtime:
         self.tasks: dict[str, DeviceTask] = {}
         self._device_runs: dict[str, asyncio.Task[None]] = {}
         self.writer: StoreWriter | None = None
-        self.uplink: Uplink | None = None  # the main upstream (`upstream.mqtt`)
-        self.extra_uplinks: dict[str, Upstream] = {}  # `upstream.extra`, by name (each its own buffer lane)
+        self.watchdog = ProgressWatchdog()
+        self.upstreams = build.Upstreams(self.store, self.watchdog)
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.last_stats: StoreStats | None = None
@@ -97,7 +97,6 @@ class Runtime:
         self.commands: CommandProcessor | None = None
         self.local: LocalServer | None = None
         self.reporter = ErrorReporter()
-        self.watchdog = ProgressWatchdog()
         self.notifier = Notifier()
         self.reload_error: str | None = None
         # The running config: sha256 of its file's bytes, when and how it was applied (docs/CONFIG_LIFECYCLE.md).
@@ -112,10 +111,18 @@ class Runtime:
         )  # remote upgrade (agent/control/upgrade.py): on under the launcher only
         self._secrets = build.secrets_fingerprint(config)
         self._tg: asyncio.TaskGroup | None = None
-        self._uplink_run: asyncio.Task[None] | None = None
         self._schedule_runs: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
+
+    @property
+    def uplink(self) -> Uplink | None:
+        """The main upstream (`upstream.mqtt`)."""
+        return self.upstreams.main
+
+    @property
+    def extra_uplinks(self) -> dict[str, Upstream]:
+        return self.upstreams.extra
 
     def health_doc(self) -> dict[str, Any]:
         return documents.health_document(self)
@@ -207,7 +214,9 @@ class Runtime:
         try:
             async with TaskGroup() as tg:
                 self._tg = tg
-                self.writer = StoreWriter(self.store, self.config.storage.commit_interval, self._offer)
+                self.writer = StoreWriter(
+                    self.store, self.config.storage.commit_interval, self.upstreams.offer
+                )
                 self._start_uplinks(stats.next_seq)
                 remote_task = tg.create_task(self.remote.publish_loop(), name="remote-config-state")
                 if self.config.remote_config.enabled:
@@ -237,7 +246,7 @@ class Runtime:
                 writer_task.cancel()
                 await asyncio.gather(writer_task, return_exceptions=True)
                 await self.writer.flush()
-                await self._stop_uplinks()
+                await self.upstreams.stop()
                 stats_task.cancel()
                 if watchdog_task is not None:
                     watchdog_task.cancel()
@@ -253,12 +262,6 @@ class Runtime:
             await self.store.close()
             self._remove_pidfile()
             log.info("stopped")
-
-    def _offer(self, rows: list[StoredRow]) -> None:
-        if self.uplink is not None:
-            self.uplink.offer(rows)
-        for up in self.extra_uplinks.values():
-            up.offer(rows)
 
     async def _run_writer(self) -> None:
         assert self.writer is not None
@@ -295,7 +298,11 @@ class Runtime:
         from agent.upstream.mqtt import Subscription  # aiomqtt is imported only by the daemon
 
         assert self._tg is not None
-        config = self.config
+        subscriptions = []
+        if self.config.remote_config.enabled:
+            subscriptions.append(Subscription(self.remote.topic("set"), self.remote.handle))
+        if self.upgrader.enabled:
+            subscriptions.append(Subscription(self.upgrader.topic("set"), self.upgrader.handle))
         wiring = build.Wiring(
             self.store,
             self.health_doc,
@@ -303,54 +310,9 @@ class Runtime:
             lambda: build.catalog_of(self.drivers),
             lambda: {n: (c.driver, getattr(c, "profile", None)) for n, c in self.config.device_items()},
         )
-        secrets = secrets if secrets is not None else build.mqtt_secrets(config.upstream.mqtt)
-        self._secrets = build.secrets_fingerprint(config)
-        self.uplink = uplink = build.main_uplink(config, wiring, next_seq, secrets)
-        if config.remote_config.enabled:
-            uplink.subscriptions.append(Subscription(self.remote.topic("set"), self.remote.handle))
-        if self.upgrader.enabled:
-            uplink.subscriptions.append(Subscription(self.upgrader.topic("set"), self.upgrader.handle))
-        self.extra_uplinks = build.extra_upstreams(config, wiring, next_seq)
-        ups: list[tuple[str, Upstream]] = [("uplink", uplink)]
-        ups += [(f"uplink:{name}", up) for name, up in self.extra_uplinks.items()]
-        for beat, up in ups:
-            extra = config.upstream.extra.get(up.name) if beat != "uplink" else None
-            mqtt = config.upstream.mqtt if extra is None else extra.mqtt
-            self.watchdog.register(beat, build.watchdog_period(mqtt))
-            up.beat = functools.partial(self.watchdog.beat, beat)
-        lanes = ["mqtt", *config.upstream.extra]
-        self._uplink_run = self._tg.create_task(self._run_uplinks(lanes, [u for _, u in ups]), name="uplink")
-
-    async def _run_uplinks(self, lanes: list[str], uplinks: list[Upstream]) -> None:
-        """Declare the lanes to the buffer first (no ack may use a lane it does not know), then run them all."""
-        while True:
-            try:
-                await self.store.set_lanes(lanes)
-                break
-            except StoreError as exc:
-                log.error("upstream lanes not set in the buffer, retrying: %s", exc)
-                await asyncio.sleep(1.0)
-        async with TaskGroup() as tg:
-            for up in uplinks:
-                tg.create_task(up.run(), name=f"uplink:{up.name}")
-
-    async def _stop_uplinks(self) -> int:
-        """Stop the upstreams cleanly (offline status, acks flushed); returns where seq continues."""
-        up, run = self.uplink, self._uplink_run
-        for name, extra in self.extra_uplinks.items():
-            await extra.stop()
-            self.watchdog.unregister(f"uplink:{name}")
-        self.extra_uplinks = {}
-        if up is not None:
-            await up.stop()
-        # Read after stop(): rows stored while it stopped were offered to it and moved its next seq; the new
-        # uplink must see them as backlog, or they would wait in SQLite until the next reconnect.
-        next_seq = up.next_seq if up is not None else 1
-        if run is not None:
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
-        self.uplink, self._uplink_run = None, None
-        return next_seq
+        secrets = secrets if secrets is not None else build.mqtt_secrets(self.config.upstream.mqtt)
+        self._secrets = build.secrets_fingerprint(self.config)
+        self.upstreams.start(self._tg, self.config, wiring, next_seq, secrets, subscriptions)
 
     def upstream_connected(self) -> bool:
         return bool(self.uplink is not None and self.uplink.connected)
@@ -498,7 +460,7 @@ class Runtime:
                 if name not in self._device_runs:
                     self.start_device(name, cfg)
             if todo.upstream_changed:
-                self._start_uplinks(await self._stop_uplinks(), secrets)
+                self._start_uplinks(await self.upstreams.stop(), secrets)
             if todo.local_changed:
                 if self.local is not None:
                     await self.local.aclose()

@@ -1,12 +1,14 @@
-"""Building the upstreams a config names: the main MQTT uplink and `upstream.extra` (MQTT or NGSI-LD).
+"""Building and running the upstreams a config names: the main MQTT uplink and `upstream.extra` (MQTT or
+NGSI-LD).
 
 Each MQTT upstream, the main one or an extra one, is built by the same function, with its password and TLS
-context read here (`mqtt_secrets`, one TLS setup for all). The runtime (agent/runtime.py) composes what it
-gets: it starts them, feeds them the stored rows and beats the watchdog for them (`watchdog_period`).
+context read here (`mqtt_secrets`, one TLS setup for all). `Upstreams` runs the set of one config: the
+runtime (agent/runtime.py) starts it, feeds it the stored rows and replaces it on a reload.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.errors import FieldgateError
+from agent.aio import TaskGroup
+from agent.errors import FieldgateError, StoreError
 from agent.safefiles import read_regular
 from agent.upstream.tls import build_ssl_context, credential_path, explain_tls_error, read_secret
 
@@ -24,10 +27,11 @@ if TYPE_CHECKING:
     from agent.config.models import FieldgateConfig, MqttConfig
     from agent.control.commands import CommandProcessor
     from agent.driver import Driver
-    from agent.pipeline.store import AsyncStore
+    from agent.pipeline.store import AsyncStore, StoredRow
     from agent.upstream.contract import Upstream
     from agent.upstream.formats import Catalog, PointInfo
-    from agent.upstream.mqtt import Uplink
+    from agent.upstream.mqtt import Subscription, Uplink
+    from agent.watchdog import ProgressWatchdog
 
 log = logging.getLogger("fieldgate.runtime")
 
@@ -174,3 +178,76 @@ def extra_upstreams(config: FieldgateConfig, wiring: Wiring, next_seq: int) -> d
             commands_topic=mqtt.format == "fieldgate",
         )
     return built
+
+
+class Upstreams:
+    """The running upstreams of the running config: the main MQTT uplink and the extra ones, in one task.
+
+    `start` builds them (the secrets were read before: a reload refuses a config whose secrets fail), beats
+    the watchdog for each, declares their lanes to the buffer and runs them; `stop` stops them cleanly and
+    says where seq continues, for the upstreams of the next config."""
+
+    def __init__(self, store: AsyncStore, watchdog: ProgressWatchdog) -> None:
+        self.store = store
+        self.watchdog = watchdog
+        self.main: Uplink | None = None  # `upstream.mqtt`
+        self.extra: dict[str, Upstream] = {}  # `upstream.extra`, by name (each its own buffer lane)
+        self._run: asyncio.Task[None] | None = None
+
+    def start(
+        self,
+        tg: asyncio.TaskGroup,
+        config: FieldgateConfig,
+        wiring: Wiring,
+        next_seq: int,
+        secrets: Secrets,
+        subscriptions: list[Subscription],
+    ) -> None:
+        self.main = main = main_uplink(config, wiring, next_seq, secrets)
+        main.subscriptions.extend(subscriptions)
+        self.extra = extra_upstreams(config, wiring, next_seq)
+        running: list[Upstream] = [main, *self.extra.values()]
+        self.watchdog.register("uplink", watchdog_period(config.upstream.mqtt))
+        main.beat = functools.partial(self.watchdog.beat, "uplink")
+        for name, up in self.extra.items():
+            self.watchdog.register(f"uplink:{name}", watchdog_period(config.upstream.extra[name].mqtt))
+            up.beat = functools.partial(self.watchdog.beat, f"uplink:{name}")
+        lanes = ["mqtt", *config.upstream.extra]
+        self._run = tg.create_task(self._run_all(lanes, running), name="uplink")
+
+    async def _run_all(self, lanes: list[str], running: list[Upstream]) -> None:
+        """Declare the lanes to the buffer first (no ack may use a lane it does not know), then run them all."""
+        while True:
+            try:
+                await self.store.set_lanes(lanes)
+                break
+            except StoreError as exc:
+                log.error("upstream lanes not set in the buffer, retrying: %s", exc)
+                await asyncio.sleep(1.0)
+        async with TaskGroup() as tg:
+            for up in running:
+                tg.create_task(up.run(), name=f"uplink:{up.name}")
+
+    def offer(self, rows: list[StoredRow]) -> None:
+        if self.main is not None:
+            self.main.offer(rows)
+        for up in self.extra.values():
+            up.offer(rows)
+
+    async def stop(self) -> int:
+        """Stop them cleanly (offline status, acks flushed); returns where seq continues."""
+        main, run = self.main, self._run
+        for name, extra in self.extra.items():
+            await extra.stop()
+            self.watchdog.unregister(f"uplink:{name}")
+        self.extra = {}
+        if main is not None:
+            await main.stop()
+        # Read after stop(): rows stored while it stopped were offered to it and moved its next seq; the new
+        # uplink must see them as backlog, or they would wait in SQLite until the next reconnect.
+        next_seq = main.next_seq if main is not None else 1
+        if run is not None:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+        self.main, self._run = None, None
+        return next_seq
