@@ -106,9 +106,7 @@ class Runtime:
         self.reloads = 0  # finished reload attempts (SIGHUP): `fieldgate reload` waits for this to move
         self.reload_ts: int | None = None
         self.remote = RemoteConfig(self)
-        self.upgrader = Upgrader(
-            self
-        )  # remote upgrade (agent/control/upgrade.py): on under the launcher only
+        self.upgrader = Upgrader(self)  # remote upgrade (control/upgrade.py): on under the launcher only
         self._secrets = build.secrets_fingerprint(config)
         self._tg: asyncio.TaskGroup | None = None
         self._schedule_runs: list[asyncio.Task[None]] = []
