@@ -18,7 +18,7 @@ FieldgateError
     ├── TlsSetupError          the TLS context cannot be built from the config's files (upstream/tls.py)
     ├── PrimaryHostOffline     the Sparkplug primary host said offline: the session ends, a new one waits
     ├── PreferredBrokerBack    a preferred broker answers again: the session on another one ends (upstream/mqtt.py)
-    └── ContextBrokerError     the NGSI-LD broker's answer means: try again later (upstream/formats/ngsild.py)
+    └── ContextBrokerError     the NGSI-LD broker's answer means: try again later (upstream/ngsild_http.py)
 ────────
 ├── SecretError            a secret file cannot be read or is empty (upstream/tls.py)
 ├── NotRegularFile         also an OSError: a FIFO, a device or an oversized file is never read (safefiles.py)

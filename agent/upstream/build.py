@@ -155,7 +155,8 @@ def extra_upstreams(config: FieldgateConfig, wiring: Wiring, next_seq: int) -> d
     built: dict[str, Upstream] = {}
     for name, extra in config.upstream.extra.items():
         if extra.ngsi_ld is not None:
-            from agent.upstream.formats.ngsild import EntityMapper, NgsiLdUplink
+            from agent.upstream.formats.ngsild import EntityMapper
+            from agent.upstream.ngsild_http import NgsiLdUplink
 
             mapper = EntityMapper(extra.ngsi_ld, config.gateway, wiring.device_kinds)
             built[name] = NgsiLdUplink(name, extra.ngsi_ld, mapper, wiring.store, name, next_seq=next_seq)

@@ -2,7 +2,7 @@
 
 An upstream is fed the rows the store writer has just made durable (`offer`, in seq order, in the event
 loop) and sends them its own way: the MQTT uplink (`agent/upstream/mqtt.py`, any MQTT format) or the
-NGSI-LD sender over HTTP (`agent/upstream/formats/ngsild.py`). It reads anything older from its lane of the
+NGSI-LD sender over HTTP (`agent/upstream/ngsild_http.py`). It reads anything older from its lane of the
 buffer, and acknowledges what the platform has accepted there, so nothing is deleted before every upstream
 has it. The runtime starts it (`run`, until `stop`), beats the watchdog through `beat`, reports its figures
 (health, status page) and, when the upstream is replaced on reload, continues from its `next_seq`.

@@ -16,8 +16,9 @@ import pytest
 from agent.config.models import GatewayConfig, MqttConfig, NgsiLdConfig
 from agent.pipeline.reading import Reading
 from agent.pipeline.store import AsyncStore, Store
-from agent.upstream.formats.ngsild import UPSERT_PATH, EntityMapper, NgsiLdUplink
+from agent.upstream.formats.ngsild import EntityMapper
 from agent.upstream.mqtt import Uplink
+from agent.upstream.ngsild_http import UPSERT_PATH, NgsiLdUplink
 from tests import sdm_schemas as sdm
 from tests.broker import Broker, free_port
 

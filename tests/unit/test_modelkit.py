@@ -42,7 +42,7 @@ import importlib, json, sys
 from agent.config import modelkit
 modelkit.select("plain")
 from agent import registry
-for name in ["agent.verbs.run", "agent.runtime", "agent.upstream.mqtt", "agent.upstream.formats.ngsild",
+for name in ["agent.verbs.run", "agent.runtime", "agent.upstream.mqtt", "agent.upstream.formats.ngsild", "agent.upstream.ngsild_http",
              "agent.upstream.formats.sparkplug", "agent.upstream.formats.thingsboard",
              "agent.control.localapi", "agent.config.diff"]:
     importlib.import_module(name)

@@ -6,7 +6,7 @@ the message that carried it (`Message.seqs`). Messages that carry no rows (a bir
 connect) travel in the same order, before the data that needs them.
 
 Formats: `fieldgate` (SPEC §3, the default), `sparkplug` (Sparkplug B), `thingsboard` (gateway MQTT API).
-NGSI-LD goes over HTTP and has its own sender (`agent/upstream/formats/ngsild.py`).
+NGSI-LD goes over HTTP: its entities are built in `ngsild.py`, sent by `agent/upstream/ngsild_http.py`.
 """
 
 from __future__ import annotations
