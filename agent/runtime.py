@@ -25,7 +25,7 @@ from agent.config.diff import describe, plan
 from agent.config.models import FieldgateConfig
 from agent.config.urls import redact_url
 from agent.control.commands import CommandProcessor, commands_db_path
-from agent.control.lamp_schedule import ScheduleRunner
+from agent.control.lamp_schedule import Schedules
 from agent.control.remoteconfig import RemoteConfig
 from agent.control.upgrade import Upgrader
 from agent.driver import Driver, DriverContext, SharedResources
@@ -38,7 +38,7 @@ from agent.pipeline.processing import processor_for
 from agent.pipeline.reading import now_ms
 from agent.pipeline.store import AsyncStore, Store, StoreStats
 from agent.pipeline.writer import StoreWriter
-from agent.safefiles import file_hash, read_regular, warn_loose_secrets, write_private
+from agent.safefiles import file_hash, pid_file, read_regular, warn_loose_secrets, write_private
 from agent.sdnotify import Notifier
 from agent.upstream import build
 from agent.upstream.contract import Upstream
@@ -109,7 +109,7 @@ class Runtime:
         self.upgrader = Upgrader(self)  # remote upgrade (control/upgrade.py): on under the launcher only
         self._secrets = build.secrets_fingerprint(config)
         self._tg: asyncio.TaskGroup | None = None
-        self._schedule_runs: list[asyncio.Task[None]] = []
+        self.schedules = Schedules()
         self._background: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
 
@@ -199,7 +199,10 @@ class Runtime:
         db = commands_db_path(self.config.storage.path)
         self.commands = CommandProcessor(db, self.drivers.get, self.health.get, self.config.commands)
         self.commands.open()
-        self._write_pidfile()
+        try:  # for `fieldgate reload` (0600); without it, reload by signal
+            write_private(pid_file(self.config.storage.path), f"{os.getpid()}\n".encode(), sync=False)
+        except OSError as exc:
+            log.debug("no pid file: %s", exc)
         warn_loose_secrets(self.config.model_dump(mode="json"))  # a password file readable by others
         log.info(
             "fieldgate %s started: %d devices, buffer %s (%d pending), upstream %s",
@@ -236,11 +239,10 @@ class Runtime:
                 log.info("stopping: draining readings to disk")
                 remote_task.cancel()
                 upgrade_task.cancel()
-                for run in [*self._device_runs.values(), *self._schedule_runs, *self._background]:
+                for run in [*self._device_runs.values(), *self._background]:
                     run.cancel()
-                await asyncio.gather(
-                    *self._device_runs.values(), *self._schedule_runs, return_exceptions=True
-                )
+                await self.schedules.stop()
+                await asyncio.gather(*self._device_runs.values(), return_exceptions=True)
                 writer_task.cancel()
                 await asyncio.gather(writer_task, return_exceptions=True)
                 await self.writer.flush()
@@ -258,7 +260,8 @@ class Runtime:
             if self.commands is not None:
                 self.commands.close()
             await self.store.close()
-            self._remove_pidfile()
+            with contextlib.suppress(OSError):
+                pid_file(self.config.storage.path).unlink()
             log.info("stopped")
 
     async def _run_writer(self) -> None:
@@ -329,17 +332,10 @@ class Runtime:
 
     def _start_schedules(self) -> None:
         assert self._tg is not None and self.commands is not None
-        for name, cfg in self.config.schedules.items():
-            runner = ScheduleRunner.from_config(
-                name, cfg, self.commands, self.config.gateway, on_result=self._publish_schedule_result
-            )
-            self._schedule_runs.append(self._tg.create_task(runner.run(), name=f"schedule:{name}"))
-
-    async def _stop_schedules(self) -> None:
-        for run in self._schedule_runs:
-            run.cancel()
-        await asyncio.gather(*self._schedule_runs, return_exceptions=True)
-        self._schedule_runs = []
+        config = self.config
+        self.schedules.start(
+            self._tg, config.schedules, self.commands, config.gateway, self._publish_schedule_result
+        )
 
     async def _publish_schedule_result(self, doc: dict[str, Any]) -> bool:
         """Schedule actions are reported upstream like command results; False (kept, retried) when offline."""
@@ -359,21 +355,6 @@ class Runtime:
             return
         self.local = server
         log.info("status page on http://%s/", local.listen)
-
-    # -- pid file (for `fieldgate reload`) ---------------------------------------------------------------
-
-    def pidfile(self) -> Path:
-        return self.config.storage.path.with_name("fieldgate.pid")
-
-    def _write_pidfile(self) -> None:
-        try:
-            write_private(self.pidfile(), f"{os.getpid()}\n".encode(), sync=False)  # 0600
-        except OSError as exc:
-            log.debug("no pid file: %s", exc)
-
-    def _remove_pidfile(self) -> None:
-        with contextlib.suppress(OSError):
-            self.pidfile().unlink()
 
     # -- reload ------------------------------------------------------------------------------------------
 
@@ -465,7 +446,7 @@ class Runtime:
                     self.local = None
                 await self._start_local()
             if todo.schedules_changed:
-                await self._stop_schedules()
+                await self.schedules.stop()
                 assert self.commands is not None
                 self.commands.config = todo.config.commands
                 self._start_schedules()

@@ -33,6 +33,12 @@ SECRET_KEYS = ("password_file", "token_file", "key_file", "bindkey_file")
 log = logging.getLogger("fieldgate.files")
 
 
+def pid_file(buffer: Path) -> Path:
+    """Where the daemon keeps its pid while it runs (`fieldgate reload`, `fieldgate buffer purge`): beside its
+    buffer, so each config's daemon has its own."""
+    return buffer.with_name("fieldgate.pid")
+
+
 def file_hash(data: bytes) -> str:
     """The digest of a file's bytes, as the running config's hash and the snapshot's key record it."""
     return hashlib.sha256(data).hexdigest()

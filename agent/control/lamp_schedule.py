@@ -463,3 +463,28 @@ class ScheduleRunner:
                     if not task.done():
                         task.cancel()
                 await asyncio.gather(sleeper, waker, return_exceptions=True)
+
+
+class Schedules:
+    """The lamp schedules of the running config, one task each, replaced as a whole on a reload."""
+
+    def __init__(self) -> None:
+        self.runs: list[asyncio.Task[None]] = []
+
+    def start(
+        self,
+        tg: asyncio.TaskGroup,
+        configs: dict[str, ScheduleConfig],
+        processor: CommandProcessor,
+        gateway: Any,
+        on_result: Callable[[dict[str, Any]], Awaitable[bool]],
+    ) -> None:
+        for name, cfg in configs.items():
+            runner = ScheduleRunner.from_config(name, cfg, processor, gateway, on_result=on_result)
+            self.runs.append(tg.create_task(runner.run(), name=f"schedule:{name}"))
+
+    async def stop(self) -> None:
+        for run in self.runs:
+            run.cancel()
+        await asyncio.gather(*self.runs, return_exceptions=True)
+        self.runs = []

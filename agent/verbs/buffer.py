@@ -30,6 +30,7 @@ import orjson
 
 from agent.config.units import parse_duration
 from agent.errors import ConfigError, FieldgateError, StoreError
+from agent.safefiles import pid_file
 
 CSV_COLUMNS = ("seq", "ts", "time", "device", "point", "value", "unit", "quality")
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -154,7 +155,7 @@ def connect_ro(path: Path) -> sqlite3.Connection:
 
 def daemon_pid(path: Path) -> int | None:
     """The pid of a running daemon using this buffer (its pid file next to it), or None."""
-    pidfile = path.with_name("fieldgate.pid")
+    pidfile = pid_file(path)
     try:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
