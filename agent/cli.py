@@ -74,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.verbs.run import take_signals_for_start_up
 
         take_signals_for_start_up()  # before anything slow: a stop during start-up is a clean stop
+    from agent.config import modelkit
+
+    # The one choice of the process's config model kit, before any config module is imported: the daemon
+    # runs on plain models (it validates in a child), every other verb on pydantic (agent/config/modelkit.py).
+    modelkit.select("plain" if first == "run" else "pydantic")
     parser = build_parser(only)
     try:
         args = parser.parse_args(args_in)

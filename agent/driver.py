@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from agent.errors import WriteRefused
-from agent.reading import Reading, Value
+from agent.pipeline.reading import Reading, Value
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -37,6 +37,7 @@ class PointSpec:
     writable: bool = False
     min: float | None = None
     max: float | None = None
+    scaled: bool = False  # an integer register with scale/offset: its values are engineering floats
 
 
 class SharedResources:

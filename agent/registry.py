@@ -19,6 +19,7 @@ class DriverEntry:
     config: str  # "package.module:Class" of the pydantic config model (no I/O imports)
     driver: str  # "package.module:Class" of the Driver subclass (imports the protocol library)
     summary: str
+    profiles: str | None = None  # "package.module:function" merging a `profile:` into a device's mapping
 
 
 DRIVERS: dict[str, DriverEntry] = {
@@ -29,6 +30,7 @@ DRIVERS: dict[str, DriverEntry] = {
             "drivers.modbus.config:ModbusDeviceConfig",
             "drivers.modbus.driver:ModbusDriver",
             "Modbus TCP / RTU / RTU-over-TCP device on a bus",
+            profiles="drivers.modbus.profile:merge",
         ),
         DriverEntry(
             "ble",
@@ -76,6 +78,12 @@ BUSES: dict[str, str] = {
 }
 
 
+def bus_resource(bus: str) -> tuple[str, str]:
+    """The key of a configured bus in the drivers' SharedResources: every device on the bus shares what its
+    driver made under it (one connection, one lock); a reload that changes the bus discards it."""
+    return ("bus", bus)
+
+
 def load(path: str) -> Any:
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -87,3 +95,9 @@ def config_class(name: str) -> Any:
 
 def driver_class(name: str) -> Any:
     return load(DRIVERS[name].driver)
+
+
+def profile_merge(name: str) -> Any:
+    """The function that applies a profile to a device of driver `name` (its mapping as read), or None."""
+    entry = DRIVERS.get(name)
+    return load(entry.profiles) if entry is not None and entry.profiles else None

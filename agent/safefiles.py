@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import stat
 from pathlib import Path
 from typing import Any
+
+from agent.errors import FieldgateError
 
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: a config of a thousand devices is about 200 kB
 PRIVATE_FILE = 0o600
@@ -30,7 +33,18 @@ SECRET_KEYS = ("password_file", "token_file", "key_file", "bindkey_file")
 log = logging.getLogger("fieldgate.files")
 
 
-class NotRegularFile(OSError):
+def pid_file(buffer: Path) -> Path:
+    """Where the daemon keeps its pid while it runs (`fieldgate reload`, `fieldgate buffer purge`): beside its
+    buffer, so each config's daemon has its own."""
+    return buffer.with_name("fieldgate.pid")
+
+
+def file_hash(data: bytes) -> str:
+    """The digest of a file's bytes, as the running config's hash and the snapshot's key record it."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class NotRegularFile(FieldgateError, OSError):
     """The path exists but is not a regular file (FIFO, device, socket, directory), or is too large."""
 
 
@@ -170,7 +184,9 @@ def _secret_paths(tree: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def warn_loose_secrets(config_tree: Any) -> list[str]:
     """Log a WARNING for every token, password or key file readable by group or others; the warnings."""
-    from agent.tls import credential_path  # the %credentials% form resolves as the daemon resolves it
+    from agent.upstream.tls import (
+        credential_path,  # the %credentials% form resolves as the daemon resolves it
+    )
 
     warnings = []
     for where, text in _secret_paths(config_tree):

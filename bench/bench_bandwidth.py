@@ -4,7 +4,7 @@ The cabinet: a three-phase meter (the eastron-sdm630 profile, polled every 10 s)
 20 street lamps (the streetlamp-controller profile, every 30 s) and an SDS011 air
 sensor (every 5 min), at night with the lamps on. Value series are simulated
 (seeded), decoded through the real Modbus codec, then run through the real
-processing (agent/processing.py) and the real payload encoding (agent/payloads.py)
+processing (agent/pipeline/processing.py) and the real payload encoding (agent/upstream/payloads.py)
 with the uplink's batching (one message per second of readings, at most
 `batch_max`), for one simulated hour: no wall clock, no sockets.
 
@@ -22,11 +22,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from agent import payloads
-from agent.clock import FixedClock
-from agent.config_base import DeviceConfigBase
-from agent.processing import WINDOW_GRACE_MS, DeviceProcessor
-from agent.reading import Reading, Value
+from agent.config.base import DeviceConfigBase
+from agent.pipeline.clock import FixedClock
+from agent.pipeline.processing import WINDOW_GRACE_MS, DeviceProcessor
+from agent.pipeline.reading import Reading, Value
+from agent.upstream import payloads
 from drivers.modbus import codec
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
 from drivers.modbus.driver import ModbusDriver

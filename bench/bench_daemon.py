@@ -286,7 +286,7 @@ async def one_run(
         drain_s = max((platform.backlog_last or back) - (platform.backlog_first or back), 1e-3)
 
         # A restart with the same file (systemd's Restart=, a power cut): the daemon starts from the snapshot
-        # of its last validation (agent/validate.py) instead of waiting for the validating child.
+        # of its last validation (agent/config/validate.py) instead of waiting for the validating child.
         daemon.stop()
         platform.first_at = None
         t1 = time.monotonic()

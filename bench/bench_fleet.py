@@ -237,7 +237,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _seconds(text: str) -> float:
-    from agent.units import parse_duration
+    from agent.config.units import parse_duration
 
     return parse_duration(text)
 

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.reading import Reading
-from agent.store import Store
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import Store
 from drivers.modbus.simulator import ModbusSim
 from tests.broker import Broker
 from tests.daemon import Daemon

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.reading import Reading
-from agent.store import Store
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import Store
 
 T0 = 1_715_000_000_000
 MAX_BYTES = 1024 * 1024 * 1024  # large enough that no run evicts

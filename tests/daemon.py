@@ -110,7 +110,7 @@ class Daemon:
         return {Path(f.split(maxsplit=5)[5]).name for f in lines if len(f.split(maxsplit=5)) == 6}
 
     def loads_pydantic(self) -> bool:
-        """Whether pydantic's core is mapped: the daemon validates in a child and must not (agent/validate.py)."""
+        """Whether pydantic's core is mapped: the daemon validates in a child and must not (agent/config/validate.py)."""
         return any(name.startswith("_pydantic_core") for name in self.mapped_files())
 
     def log_text(self) -> str:

@@ -15,14 +15,14 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from agent.units import parse_duration, parse_size
+from agent.config.units import parse_duration, parse_size
 
 _DURATION = re.compile(r"^\d+(\.\d+)?(ms|s|m|h|d)$")
 
 
 def config_schema() -> dict[str, Any]:
     """What `fieldgate schema` prints (the same function, without a subprocess)."""
-    from agent.config import FieldgateConfig
+    from agent.config.models import FieldgateConfig
 
     schema: dict[str, Any] = json.loads(json.dumps(FieldgateConfig.model_json_schema(mode="validation")))
     return schema

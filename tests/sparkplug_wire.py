@@ -3,7 +3,7 @@
 `sparkplug-b-packets` (PyPI, dev extra) carries its own protoc-generated `sparkplug_b_pb2` (Eclipse Tahu's
 sparkplug_b.proto). Its serialized FileDescriptorProto is read from that module's source and loaded into a
 private descriptor pool, so the messages the gateway publishes are parsed with the third party's schema,
-never with agent/formats/sparkplug_b_pb2.py (importing both would merge them in protobuf's default pool).
+never with agent/upstream/formats/sparkplug_b_pb2.py (importing both would merge them in protobuf's default pool).
 The datatype rules (which field carries which type, two's complement of Int8..Int64) follow Sparkplug 3.0
 §6.4.16 as the same package's Tahu encoder (`sparkplug_b.addMetric`) applies them.
 """

@@ -28,8 +28,9 @@ from typing import IO, Any
 
 import orjson
 
-from agent.errors import ConfigError, StoreError
-from agent.units import parse_duration
+from agent.config.units import parse_duration
+from agent.errors import ConfigError, FieldgateError, StoreError
+from agent.safefiles import pid_file
 
 CSV_COLUMNS = ("seq", "ts", "time", "device", "point", "value", "unit", "quality")
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -84,7 +85,7 @@ def register(
 # -- shared ------------------------------------------------------------------------------------------
 
 
-class BufferError(Exception):
+class BufferVerbFailed(FieldgateError):
     """A reason in words to stop with exit 1."""
 
 
@@ -101,7 +102,7 @@ def parse_time(text: str, now_ms: int | None = None) -> int:
     try:
         moment = datetime.fromisoformat(raw)
     except ValueError:
-        raise BufferError(
+        raise BufferVerbFailed(
             f"{text!r} is neither a time (2024-05-01T12:00:00Z, 2024-05-01) nor a duration ago (2h, 7d)"
         ) from None
     if moment.tzinfo is None:
@@ -128,7 +129,7 @@ def age_words(seconds: float) -> str:
 
 def buffer_path(args: argparse.Namespace) -> tuple[Path, int]:
     """The buffer file and its max_size, from --buffer or the config's storage section."""
-    from agent.loader import load_config
+    from agent.config.loader import load_config
 
     if args.buffer is not None:
         return Path(args.buffer), 256 * 1000**2
@@ -137,24 +138,24 @@ def buffer_path(args: argparse.Namespace) -> tuple[Path, int]:
 
 
 def connect_ro(path: Path) -> sqlite3.Connection:
-    """A read-only connection; BufferError when there is no buffer or it is not one."""
+    """A read-only connection; BufferVerbFailed when there is no buffer or it is not one."""
     if not path.exists():
-        raise BufferError(f"no buffer at {path} (has the daemon run yet? is storage.path right?)")
+        raise BufferVerbFailed(f"no buffer at {path} (has the daemon run yet? is storage.path right?)")
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         conn.execute("PRAGMA busy_timeout = 5000")
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as exc:
-        raise BufferError(f"cannot read the buffer {path}: {exc}") from None
+        raise BufferVerbFailed(f"cannot read the buffer {path}: {exc}") from None
     if not {"readings", "meta"} <= tables:
         conn.close()
-        raise BufferError(f"{path} is not a fieldgate buffer (no readings/meta tables)")
+        raise BufferVerbFailed(f"{path} is not a fieldgate buffer (no readings/meta tables)")
     return conn
 
 
 def daemon_pid(path: Path) -> int | None:
     """The pid of a running daemon using this buffer (its pid file next to it), or None."""
-    pidfile = path.with_name("fieldgate.pid")
+    pidfile = pid_file(path)
     try:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
@@ -202,7 +203,7 @@ def collect_stats(path: Path, now_ms: int | None = None) -> dict[str, Any]:
                 ).fetchall()
             )
         except sqlite3.Error as exc:
-            raise BufferError(f"cannot read the buffer {path}: {exc}") from None
+            raise BufferVerbFailed(f"cannot read the buffer {path}: {exc}") from None
     size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
     pid = daemon_pid(path)
     return {
@@ -247,7 +248,7 @@ def main_stats(args: argparse.Namespace) -> int:
     try:
         path, _ = buffer_path(args)
         doc = collect_stats(path)
-    except (BufferError, ConfigError) as exc:
+    except (BufferVerbFailed, ConfigError) as exc:
         return _fail(exc)
     print(orjson.dumps(doc).decode() if args.json else render_stats(doc))
     return 0
@@ -338,7 +339,7 @@ def main_export(args: argparse.Namespace) -> int:
         until = parse_time(args.until) if args.until else None
         path, _ = buffer_path(args)
         conn = connect_ro(path)
-    except (BufferError, ConfigError) as exc:
+    except (BufferVerbFailed, ConfigError) as exc:
         return _fail(exc)
     with closing(conn):
         try:
@@ -348,9 +349,9 @@ def main_export(args: argparse.Namespace) -> int:
                 with open(args.output, "w", encoding="utf-8", newline="") as out:
                     count = export(conn, out, args.format, args.device, since, until)
         except sqlite3.Error as exc:
-            return _fail(BufferError(f"reading {path} failed: {exc}"))
+            return _fail(BufferVerbFailed(f"reading {path} failed: {exc}"))
         except OSError as exc:
-            return _fail(BufferError(f"cannot write {args.output}: {exc.strerror or exc}"))
+            return _fail(BufferVerbFailed(f"cannot write {args.output}: {exc.strerror or exc}"))
     if args.output is not None:
         print(f"{count} readings written to {args.output}", file=sys.stderr)
     return 0
@@ -360,7 +361,7 @@ def main_export(args: argparse.Namespace) -> int:
 
 
 def main_purge(args: argparse.Namespace) -> int:
-    from agent.store import Store
+    from agent.pipeline.store import Store
 
     if not (args.all or args.device or args.before):
         print("buffer purge: say what to delete: --device D, --before TIME, or --all", file=sys.stderr)
@@ -373,7 +374,7 @@ def main_purge(args: argparse.Namespace) -> int:
         path, max_size = buffer_path(args)
         pid = daemon_pid(path)
         if pid is not None:
-            raise BufferError(
+            raise BufferVerbFailed(
                 f"the daemon (pid {pid}) is using {path}: stop it first (sudo systemctl stop fieldgate); "
                 "a purge under it would leave its pending/evicted counters wrong"
             )
@@ -387,10 +388,10 @@ def main_purge(args: argparse.Namespace) -> int:
                 params.append(before)
             where = " AND ".join(clauses) or "1"
             matching = int(conn.execute(f"SELECT count(*) FROM readings WHERE {where}", params).fetchone()[0])
-    except (BufferError, ConfigError) as exc:
+    except (BufferVerbFailed, ConfigError) as exc:
         return _fail(exc)
     except sqlite3.Error as exc:
-        return _fail(BufferError(f"cannot read the buffer {path}: {exc}"))
+        return _fail(BufferVerbFailed(f"cannot read the buffer {path}: {exc}"))
     if not args.yes:
         print(
             f"would delete {matching} unsent readings from {path} (they would count as evicted); "

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from agent.config.loader import load_config
 from agent.errors import ConfigError
-from agent.loader import load_config
 
 
 def register(

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from agent.commands import commands_db_path, read_audit
+from agent.control.commands import commands_db_path, read_audit
 from agent.errors import ConfigError
 
 
@@ -30,7 +30,7 @@ def register(
 
 
 def main(args: argparse.Namespace) -> int:
-    from agent.loader import load_config  # the loader pulls in every driver config: only when run
+    from agent.config.loader import load_config  # the loader pulls in every driver config: only when run
 
     if args.limit < 1:
         print("--limit must be at least 1", file=sys.stderr)

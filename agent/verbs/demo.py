@@ -140,7 +140,7 @@ async def watch(port: int, prefix: str, out: Any, counts: dict[str, int]) -> Non
 
 
 async def demo(args: argparse.Namespace) -> int:
-    from agent.loader import load_config
+    from agent.config.loader import load_config
     from agent.runtime import Runtime
     from drivers.modbus.simulator import start_tcp_simulator
 

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from agent.configdiff import describe
+from agent.config.diff import describe
+from agent.config.loader import load_config
 from agent.errors import ConfigError
-from agent.loader import load_config
 
 
 def register(

@@ -1,4 +1,4 @@
-"""`fieldgate fleet push|status`: the platform-side rollout of a configuration, and the fleet's state (agent/fleet.py).
+"""`fieldgate fleet push|status`: the platform-side rollout of a configuration, and the fleet's state (agent/control/fleet.py).
 
 Runs on the platform (or an operator's machine), not on a gateway: it talks to the platform's broker.
 """
@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.units import parse_duration
+from agent.config.units import parse_duration
 
 if TYPE_CHECKING:
-    from agent.fleet import Target
+    from agent.control.fleet import Target
 
 
 def register(
@@ -87,13 +87,13 @@ def register(
 def _password(args: argparse.Namespace) -> str | None:
     if args.password_file is None:
         return None
-    from agent.tls import read_secret
+    from agent.upstream.tls import read_secret
 
     return read_secret(args.password_file)
 
 
 def main_push(args: argparse.Namespace) -> int:
-    from agent.fleet import FleetError, Target, load_signing_key, parse_stages
+    from agent.control.fleet import FleetSetupError, Target, load_signing_key, parse_stages
 
     try:
         names = (
@@ -106,7 +106,7 @@ def main_push(args: argparse.Namespace) -> int:
             new, old = args.configs / f"{gw}.yaml", args.previous / f"{gw}.yaml"
             for f in (new, old):
                 if not f.is_file():
-                    raise FleetError(
+                    raise FleetSetupError(
                         f"{f}: no such file (every gateway needs its new and its previous config)"
                     )
             targets.append(Target(gw, new.read_bytes(), old.read_bytes()))
@@ -114,7 +114,7 @@ def main_push(args: argparse.Namespace) -> int:
         key = load_signing_key(args.key) if args.key is not None else None
         timeout = parse_duration(args.timeout)
         password = _password(args)
-    except (FleetError, ValueError, OSError) as exc:
+    except (FleetSetupError, ValueError, OSError) as exc:
         print(f"fleet push: {exc}", file=sys.stderr)
         return 2
     request_id = args.id or f"fleet-{int(time.time())}"
@@ -132,7 +132,7 @@ async def _push(
 ) -> int:
     import aiomqtt
 
-    from agent.fleet import FleetLink, client_for, rollout, rollout_table
+    from agent.control.fleet import FleetLink, client_for, rollout, rollout_table
 
     tlist = targets
     print(
@@ -176,7 +176,7 @@ def main_status(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace, listen: float, password: str | None) -> int:
     import aiomqtt
 
-    from agent.fleet import FleetLink, client_for, status_table
+    from agent.control.fleet import FleetLink, client_for, status_table
 
     gateways = [g.strip() for g in args.gateways.split(",") if g.strip()] if args.gateways else None
     try:

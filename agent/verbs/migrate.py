@@ -8,8 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from agent.config.migrate import CURRENT_VERSION, MigrationError, migrate_text, unified_diff
 from agent.errors import ConfigError
-from agent.migrate import CURRENT_VERSION, MigrationError, migrate_text, unified_diff
 
 
 def register(
@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _validate(text: str, path: Path) -> list[str]:
     """Load the migrated text with the real loader, from beside the original (profiles resolve the same)."""
-    from agent.loader import load_config
+    from agent.config.loader import load_config
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".migrated", dir=path.parent)
     try:

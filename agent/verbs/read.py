@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 
 import orjson
 
+from agent.config.loader import load_config
 from agent.driver import Driver
 from agent.errors import ConfigError, DeviceError, FieldgateError
-from agent.loader import load_config
 from agent.runtime import make_context, make_driver
 
 T = TypeVar("T")

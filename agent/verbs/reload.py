@@ -13,10 +13,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from agent.config.loader import load_config
+from agent.control.localapi import parse_listen
 from agent.errors import ConfigError
-from agent.loader import load_config
-from agent.localapi import parse_listen
-from agent.validate import file_hash
+from agent.safefiles import file_hash, pid_file
 
 POLL = 0.2  # seconds between two looks at the daemon's status
 
@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 1
     want = file_hash(data)
-    pidfile = config.storage.path.with_name("fieldgate.pid")
+    pidfile = pid_file(config.storage.path)
     pid = args.pid
     if pid is None:
         try:

@@ -13,8 +13,8 @@ from agent.errors import ConfigError
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from agent.config.validate import Pending
     from agent.runtime import Runtime
-    from agent.validate import Pending
 
 
 def register(
@@ -49,13 +49,13 @@ async def serve(config_path: str, pending: Pending | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
 
-    from agent import validate
+    from agent.config import validate
 
     if pending is None:
         recover_probation(Path(config_path))
         pending = validate.spawn(Path(config_path), use_snapshot=True)
-    # While the child validates the file (agent/validate.py), this process imports what it will run.
-    from agent.runtime import Runtime, prefetch
+    # While the child validates the file (agent/config/validate.py), this process imports what it will run.
+    from agent.runtime import Runtime
 
     prefetch(Path(config_path))
     config = await pending.result()
@@ -80,13 +80,13 @@ async def serve(config_path: str, pending: Pending | None = None) -> int:
 
 
 async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
-    """The daemon started from the snapshot of an earlier validation (agent/validate.py): once it is up,
+    """The daemon started from the snapshot of an earlier validation (agent/config/validate.py): once it is up,
     validate the file for real and put right whatever differs."""
     import asyncio
     import logging
 
+    from agent.config.validate import VERIFY_AFTER_S
     from agent.safefiles import read_regular
-    from agent.validate import VERIFY_AFTER_S
 
     log = logging.getLogger("fieldgate.config")
     await runtime.ready.wait()
@@ -126,13 +126,35 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
         runtime.remote.running_changed()
 
 
+def prefetch(config_path: Path) -> None:
+    """Import what the daemon will need for this file while its validation runs in the child: the uplink
+    (aiomqtt) and the drivers the text names (`driver: NAME`, or a Modbus bus type). A guess, from the text
+    without its comments: a driver missed is imported when its device starts, as without this."""
+    import contextlib
+    import re
+
+    from agent import registry
+    from agent.safefiles import read_regular
+    from agent.upstream import mqtt as _  # noqa: F401 - imported for its cost, now
+
+    try:
+        text = "\n".join(line.split("#", 1)[0] for line in read_regular(config_path).decode().splitlines())
+    except (OSError, UnicodeError):
+        return
+    for name in registry.DRIVERS:
+        wanted = rf"\bdriver:\s*['\"]?{re.escape(name)}\b" if name != "modbus" else r"\btype:\s*['\"]?modbus-"
+        if re.search(wanted, text):
+            with contextlib.suppress(Exception):  # a broken install is reported when the device starts
+                registry.driver_class(name)
+
+
 def recover_probation(config_path: Path) -> None:
     """A remote config still on probation at start means the last daemon died before the upstream confirmed
-    it: roll back to the previous file now (agent/remoteconfig.py). The usual start pays one stat."""
+    it: roll back to the previous file now (agent/control/remoteconfig.py). The usual start pays one stat."""
     import os
 
     if os.path.lexists(f"{config_path}.probation"):
-        from agent.remoteconfig import recover_at_start
+        from agent.control.remoteconfig import recover_at_start
 
         recover_at_start(config_path)
 
@@ -151,10 +173,10 @@ def take_signals_for_start_up() -> None:
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from agent import plainmodel, validate
+    from agent.config import validate
 
-    # The signals were taken over by agent.cli before anything slow (take_signals_for_start_up).
-    plainmodel.use()  # before any config model is imported: the daemon never imports pydantic
+    # agent.cli took the signals over before anything slow (take_signals_for_start_up), and selected the
+    # plain model kit before any config model was imported: the daemon never imports pydantic.
     setup_logging(args.log_level)  # 2 ms; what the snapshot lookup says is then logged as the rest
     # The child that validates the file starts first: its work (about 0.3 s, mostly importing pydantic)
     # overlaps this process's own start-up. An unchanged file whose snapshot is kept needs no child now.

@@ -88,7 +88,7 @@ class ProgressBar:
 
 
 def scan_modbus(args: argparse.Namespace) -> int:
-    from agent.units import parse_duration
+    from agent.config.units import parse_duration
     from drivers.modbus import scan
 
     try:
@@ -103,7 +103,7 @@ def scan_modbus(args: argparse.Namespace) -> int:
         return 2
     host, port, serial, rtu_tcp = args.host, 502, args.port, args.rtu_over_tcp
     if args.bus:
-        from agent.loader import load_config
+        from agent.config.loader import load_config
 
         bus = load_config(args.config).buses.get(args.bus)
         if bus is None:

@@ -6,7 +6,7 @@ import argparse
 
 import orjson
 
-from agent.config import FieldgateConfig
+from agent.config.models import FieldgateConfig
 
 
 def register(

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from agent.localapi import DEFAULT_LISTEN, parse_listen
+from agent.control.localapi import DEFAULT_LISTEN, parse_listen
 
 TIMEOUT = 5.0  # seconds; the daemon answers from memory, so a slow answer means a stuck daemon
 
@@ -78,8 +78,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _listen_from_config(path: Path) -> str:
     """local.listen from the config; the default when the file is absent or invalid (said on stderr)."""
+    from agent.config.loader import load_config
     from agent.errors import ConfigError
-    from agent.loader import load_config
 
     try:
         return load_config(path).local.listen

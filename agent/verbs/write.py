@@ -9,10 +9,10 @@ from typing import Any
 
 import orjson
 
-from agent.commands import CommandProcessor, commands_db_path
+from agent.control.commands import CommandProcessor, commands_db_path
 from agent.driver import Driver
 from agent.errors import ConfigError, FieldgateError, WriteRefused
-from agent.reading import Value
+from agent.pipeline.reading import Value
 from agent.verbs.read import format_value, with_driver
 
 
@@ -50,7 +50,7 @@ def parse_value(text: str) -> Value:
 
 
 def main(args: argparse.Namespace) -> int:
-    from agent.loader import load_config  # the loader pulls in every driver config: only when run
+    from agent.config.loader import load_config  # the loader pulls in every driver config: only when run
 
     value = parse_value(args.value)
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from agent.config_base import DeviceConfigBase
-from agent.modelkit import Field
+from agent.config.base import DeviceConfigBase
+from agent.config.modelkit import Field
 
 Parity = Literal["N", "E", "O"]
 

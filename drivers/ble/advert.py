@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from agent.reading import Value
+from agent.pipeline.reading import Value
 
 # 16-bit service data UUIDs and company ids our decoders recognise.
 BTHOME_UUID16 = 0xFCD2

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from agent.errors import DecodeError
-from agent.reading import Value
+from agent.pipeline.reading import Value
 from drivers.ble.advert import Measurement, Measurements, mac_from_bytes, scaled
 
 

@@ -6,7 +6,7 @@ import math
 import struct
 
 from agent.errors import DecodeError
-from agent.reading import Value
+from agent.pipeline.reading import Value
 
 _INTS: dict[str, tuple[int, str, bool]] = {
     "uint8": (1, "little", False),

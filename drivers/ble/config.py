@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from agent.config_base import DeviceConfigBase, Model
-from agent.modelkit import Field, model_validator
-from agent.units import Duration, duration_field
+from agent.config.base import DeviceConfigBase, Model
+from agent.config.modelkit import Field, model_validator
+from agent.config.units import Duration, duration_field
 
 Decoder = Literal["bthome", "ruuvi", "pvvx", "atc"]
 GattFormat = Literal[

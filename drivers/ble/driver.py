@@ -10,7 +10,7 @@ from pathlib import Path
 
 from agent.driver import Driver, DriverContext, PointSpec
 from agent.errors import DecodeError, DeviceError, DeviceUnreachable
-from agent.reading import Reading, now_ms
+from agent.pipeline.reading import Reading, now_ms
 from drivers.ble import bthome, ruuvi, xiaomi
 from drivers.ble.advert import (
     BTHOME_UUID16,

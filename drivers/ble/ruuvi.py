@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.errors import DecodeError
-from agent.reading import Value
+from agent.pipeline.reading import Value
 from drivers.ble.advert import Measurement, Measurements, mac_from_bytes, scaled
 
 DF5_LENGTH = 24

@@ -12,7 +12,7 @@ from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 from bleak.exc import BleakError
 
 from agent.errors import DecodeError
-from agent.reading import Value
+from agent.pipeline.reading import Value
 from drivers.ble import bthome
 from drivers.ble.advert import BTHOME_UUID16, Advertisement
 from drivers.ble.driver import decode_advertisement

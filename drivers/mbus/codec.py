@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import NamedTuple
 
 from agent.errors import DecodeError
-from agent.reading import Value
+from agent.pipeline.reading import Value
 
 ACK = 0xE5
 SHORT_START, LONG_START, STOP = 0x10, 0x68, 0x16

@@ -7,7 +7,7 @@ import logging
 
 from agent.driver import Driver, DriverContext
 from agent.errors import DecodeError, DeviceProtocolError, DeviceUnreachable
-from agent.reading import Reading, Value, now_ms
+from agent.pipeline.reading import Reading, Value, now_ms
 from drivers._serial.config import SerialSettings
 from drivers._serial.counters import LineCounters
 from drivers._serial.driver import COUNTER_NAMES

@@ -7,7 +7,7 @@ Read CO2: FF 01 86 00 00 00 00 00 79; answer FF 86 HH LL .. .. .. .. CS, ppm = H
 from __future__ import annotations
 
 from agent.errors import DecodeError
-from agent.reading import Value
+from agent.pipeline.reading import Value
 from drivers._serial.counters import ScanStats, align
 
 START, SENSOR, CMD_READ_CO2 = 0xFF, 0x01, 0x86

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from agent.modelkit import Field
-from agent.units import Duration, duration_field
+from agent.config.modelkit import Field
+from agent.config.units import Duration, duration_field
 from drivers._serial.config import SerialDeviceConfig
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from agent.driver import DriverContext, PointSpec
-from agent.reading import Reading, now_ms
+from agent.pipeline.reading import Reading, now_ms
 from drivers._serial.config import SerialSettings
 from drivers._serial.driver import SerialDriver
 from drivers.mhz19 import codec

@@ -7,7 +7,7 @@ import struct
 from collections.abc import Sequence
 
 from agent.errors import DecodeError, WriteRefused
-from agent.reading import Value
+from agent.pipeline.reading import Value
 
 # Modbus exception codes in words (Modbus Application Protocol v1.1b3, §7).
 EXCEPTION_CODES: dict[int, str] = {

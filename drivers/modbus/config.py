@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from agent.config_base import AggregateConfig, Deadband, DeviceConfigBase, Model, ReportMode
-from agent.modelkit import Field, field_validator, model_validator
-from agent.units import Duration, duration_field
+from agent.config.base import AggregateConfig, Deadband, DeviceConfigBase, Model, ReportMode
+from agent.config.modelkit import Field, field_validator, model_validator
+from agent.config.units import Duration, duration_field
 
 Table = Literal["coil", "discrete", "input", "holding"]
 PointType = Literal[

@@ -6,9 +6,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from agent import registry
 from agent.driver import Driver, DriverContext, PointSpec
 from agent.errors import ConfigError, DecodeError, DeviceProtocolError, PointError, WriteRefused
-from agent.reading import Reading, Value, now_ms
+from agent.pipeline.reading import Reading, Value, now_ms
 from drivers.modbus import codec
 from drivers.modbus.bus import BusSession, ModbusBus, ModbusExceptionResponse
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
@@ -23,7 +24,7 @@ def bus_for(context: DriverContext, bus_name: str) -> ModbusBus:
         known = ", ".join(sorted(context.buses)) or "none"
         raise ConfigError([f"unknown bus '{bus_name}' (buses: {known})"])
     config = context.buses[bus_name]
-    return context.shared.get(("modbus-bus", bus_name), lambda: ModbusBus(bus_name, config))
+    return context.shared.get(registry.bus_resource(bus_name), lambda: ModbusBus(bus_name, config))
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,7 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
     name = "modbus"
 
     def __init__(self, device: str, config: ModbusDeviceConfig, context: DriverContext) -> None:
-        # `profile:` was merged into `points` by the config loader (agent/loader.py), with file positions.
+        # `profile:` was merged into `points` by the config loader (agent/config/loader.py), with file positions.
         super().__init__(device, config, context)
         self._points: dict[str, ModbusPoint] = dict(config.points)
         self._planned = {
@@ -105,7 +106,9 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
 
     def points(self) -> dict[str, PointSpec]:
         return {
-            n: PointSpec(n, p.effective_type(), p.unit, p.writable, p.min, p.max)
+            n: PointSpec(
+                n, p.effective_type(), p.unit, p.writable, p.min, p.max, p.scale != 1.0 or p.offset != 0.0
+            )
             for n, p in self._points.items()
         }
 

@@ -8,7 +8,7 @@ Words: PM1/PM2.5/PM10 "CF=1", PM1/PM2.5/PM10 atmospheric (µg/m³), particle cou
 from __future__ import annotations
 
 from agent.errors import DecodeError
-from agent.reading import Value
+from agent.pipeline.reading import Value
 from drivers._serial.counters import ScanStats, align
 
 HEADER = b"BM"  # 42 4D

@@ -6,7 +6,7 @@ import asyncio
 
 from agent.driver import PointSpec
 from agent.errors import DecodeError, DeviceProtocolError
-from agent.reading import Reading, now_ms
+from agent.pipeline.reading import Reading, now_ms
 from drivers._serial.config import SerialSettings
 from drivers._serial.driver import SerialDriver
 from drivers.pms5003 import codec

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.errors import DecodeError
-from agent.reading import Value
+from agent.pipeline.reading import Value
 from drivers._serial.counters import ScanStats, align
 
 HEAD, TAIL, DATA, REPLY, COMMAND = 0xAA, 0xAB, 0xC0, 0xC5, 0xB4

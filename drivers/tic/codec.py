@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from agent.errors import DecodeError
-from agent.reading import Value
+from agent.pipeline.reading import Value
 
 Mode = Literal["historic", "standard"]
 

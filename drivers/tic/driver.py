@@ -9,7 +9,7 @@ from contextlib import aclosing
 
 from agent.driver import DriverContext, PointSpec
 from agent.errors import DecodeError, DeviceUnreachable
-from agent.reading import Reading, now_ms
+from agent.pipeline.reading import Reading, now_ms
 from drivers._serial.config import SerialSettings
 from drivers._serial.driver import SerialDriver
 from drivers._serial.port import SerialPort

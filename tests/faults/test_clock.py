@@ -4,7 +4,7 @@ The daemon's wall clock is faked with libfaketime (apt package `faketime`), driv
 the test rewrites; the monotonic clock stays real (FAKETIME_DONT_FAKE_MONOTONIC), as on a real clock step.
 
 The clock's synchronisation state is forced both ways, independently of the machine the test runs on: the
-daemon runs under a small harness that replaces the two sources `agent.clock.detect_synced` consults (the
+daemon runs under a small harness that replaces the two sources `agent.pipeline.clock.detect_synced` consults (the
 kernel's ntp_adjtime answer and systemd-timesyncd's flag file), so the daemon's own detection, latching and
 flagging run unchanged. The detection itself is unit-tested with injected kernel answers
 (tests/unit/test_clock.py).
@@ -41,7 +41,7 @@ LIBFAKETIME_GLOBS = (
 HARNESS = """
 import sys
 from pathlib import Path
-from agent import clock
+from agent.pipeline import clock
 state, flag = sys.argv.pop(1), Path(sys.argv.pop(1))
 clock.kernel_synced = lambda call=None: False
 clock.TIMESYNCD_FLAG = flag

@@ -28,7 +28,7 @@ from tests.faults.conftest import (
 pytestmark = pytest.mark.timeout(150)
 
 
-MAX_SIZE = 1_000_000  # "1MB" in the config (sizes are SI: agent/config.py)
+MAX_SIZE = 1_000_000  # "1MB" in the config (sizes are SI: agent/config/models.py)
 
 
 class SizeSampler:

@@ -16,7 +16,7 @@ from bumble.gatt import Characteristic, Service
 
 from agent.driver import DriverContext, SharedResources
 from agent.errors import DeviceUnreachable
-from agent.reading import Reading
+from agent.pipeline.reading import Reading
 from drivers.ble.config import BleDeviceConfig
 from drivers.ble.driver import BleDriver
 from drivers.ble.gatt import SHARED_KEY as GATT_KEY

@@ -17,7 +17,7 @@ pytest.importorskip("bleak")
 from bleak.exc import BleakDBusError
 from bumble.gatt import Characteristic, Service
 
-from agent.loader import load_config
+from agent.config.loader import load_config
 from agent.runtime import Runtime
 from drivers.ble.driver import BleDriver
 from drivers.ble.gatt import SHARED_KEY as GATT_KEY

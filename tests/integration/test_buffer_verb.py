@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.reading import Reading
-from agent.store import Store
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import Store
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import free_port
 from tests.daemon import Daemon, fieldgate_cli, write_config

@@ -13,12 +13,12 @@ import orjson
 import pytest
 import yaml
 
-from agent.commands import CommandProcessor, CommandsConfig
-from agent.config import MqttConfig
+from agent.config.models import MqttConfig
+from agent.control.commands import CommandProcessor, CommandsConfig
 from agent.driver import Driver, DriverContext, SharedResources
-from agent.health import DeviceHealth
-from agent.store import AsyncStore, Store
-from agent.uplink import Uplink
+from agent.pipeline.health import DeviceHealth
+from agent.pipeline.store import AsyncStore, Store
+from agent.upstream.mqtt import Uplink
 from drivers.modbus.config import ModbusDeviceConfig, ModbusTcpBusConfig
 from drivers.modbus.driver import ModbusDriver
 from tests.broker import Broker

@@ -29,8 +29,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.config.loader import load_config
 from agent.errors import ConfigError
-from agent.loader import load_config
 from tests.broker import Broker, free_port
 from tests.daemon import REPO, Daemon, connect_ro
 from tests.schema_strategies import SchemaStrategies, config_schema, duration_values

@@ -1,4 +1,4 @@
-"""A restart with an unchanged config starts from the snapshot of its last validation (agent/validate.py),
+"""A restart with an unchanged config starts from the snapshot of its last validation (agent/config/validate.py),
 checks it in the background, and never runs on a snapshot whose inputs changed."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import plainmodel
+from agent.config import plainmodel
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import Broker
 from tests.daemon import Daemon, write_config
@@ -163,7 +163,7 @@ async def test_a_file_broken_during_the_restart_is_reported(
 
 
 def test_the_cache_directory_defaults_to_systemds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent import validate
+    from agent.config import validate
 
     monkeypatch.delenv("FIELDGATE_CACHE_DIR", raising=False)
     monkeypatch.delenv("CACHE_DIRECTORY", raising=False)

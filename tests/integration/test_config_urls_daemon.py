@@ -3,7 +3,7 @@
 `url: mqtt://user:secret@host` once passed `check`, never connected (the userinfo went to DNS as part of the
 host name) and showed the password on the unauthenticated /api/status and in the log. Now `check` refuses it
 (pointing to username / password_file, token_file), a pushed config holding one is refused without echoing it,
-and every URL the daemon renders goes through agent.urls.redact_url.
+and every URL the daemon renders goes through agent.config.urls.redact_url.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.urls import redact_url
+from agent.config.urls import redact_url
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import Broker, free_port
 from tests.daemon import Checker, Daemon, write_config

@@ -119,8 +119,8 @@ def apt(root: Path, *args: str) -> None:
 
 STORE_WRITE = f"""
 from pathlib import Path
-from agent.reading import Reading
-from agent.store import Store
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import Store
 s = Store(Path('/var/lib/fieldgate/buffer.db'), 16 * 1024 * 1024)
 s.open()
 s.append([Reading('meter', 'energy', 1_714_564_800_000 + i, float(i), 'kWh') for i in range({ROWS})])
@@ -128,7 +128,7 @@ s.close()
 """
 STORE_READ = """
 from pathlib import Path
-from agent.store import Store
+from agent.pipeline.store import Store
 s = Store(Path('/var/lib/fieldgate/buffer.db'), 16 * 1024 * 1024)
 s.open()
 rows = s.fetch(0, None, 100000)
@@ -170,7 +170,7 @@ def test_apt_install_check_upgrade_remove_purge(tmp_path: Path, debs: dict[str, 
         dropin.parent.mkdir(parents=True)
         shutil.copy(root / "opt/fieldgate/share/fieldgate-upgrade.conf", dropin)
         verify_unit(root)
-        usage = chroot(root, "/opt/fieldgate/venv/bin/python", "-m", "agent.upgrade", check=False)
+        usage = chroot(root, "/opt/fieldgate/venv/bin/python", "-m", "agent.control.upgrade", check=False)
         assert usage.returncode == 2 and "launch ROOT" in usage.stderr
         dropin.unlink()
 

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.fleet import parse_stages
+from agent.control.fleet import parse_stages
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import Broker
 from tests.daemon import Daemon, fieldgate_cli, write_config
@@ -166,9 +166,9 @@ async def test_push_in_stages_halts_on_a_refusal_and_rolls_back(
 
 
 def test_envelope_signature_is_what_the_gateway_checks(tmp_path: Path) -> None:
-    """The message of `fleet push` verifies with the gateway's own check (agent/remoteconfig.py)."""
-    from agent.fleet import envelope
-    from agent.remoteconfig import Refused, parse_request, signed_message, verify_signature
+    """The message of `fleet push` verifies with the gateway's own check (agent/control/remoteconfig.py)."""
+    from agent.control.fleet import envelope
+    from agent.control.remoteconfig import PushRefused, parse_request, signed_message, verify_signature
 
     key = Ed25519PrivateKey.generate()
     pub = tmp_path / "platform.pub"
@@ -183,7 +183,7 @@ def test_envelope_signature_is_what_the_gateway_checks(tmp_path: Path) -> None:
     assert (request.gateway, request.serial) == ("gw-a", 7)
     verify_signature(pub, signed_message(config, "gw-a", 7), request.signature)
     for other in (signed_message(config + b"x", "gw-a", 7), signed_message(config, "gw-b", 7)):
-        with pytest.raises(Refused, match="bad signature"):
+        with pytest.raises(PushRefused, match="bad signature"):
             verify_signature(pub, other, request.signature)
     later = parse_request(json.dumps(envelope("gw-a", config, "r-3", key)).encode())
     assert later.serial is not None and later.serial > 7  # default serial: now in ms, rising

@@ -103,7 +103,7 @@ def sha(data: bytes) -> str:
 
 
 def envelope(data: bytes, gateway: str, serial: int) -> bytes:
-    """What the platform signs (docs/CONFIG_LIFECYCLE.md), built here independently of agent/remoteconfig.py."""
+    """What the platform signs (docs/CONFIG_LIFECYCLE.md), built here independently of agent/control/remoteconfig.py."""
     doc = {"config_sha256": sha(data), "gateway": gateway, "serial": serial, "type": "fieldgate.config.set/2"}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 

@@ -1,7 +1,7 @@
 """Sparkplug B against Mosquitto: births before data, NDEATH as the will, rebirth, history, DCMD to Modbus.
 
 The platform side decodes with tests/sparkplug_wire.py (raw protobuf wire parsing, field numbers from
-agent/formats/sparkplug_b.proto), not with the gateway's generated module.
+agent/upstream/formats/sparkplug_b.proto), not with the gateway's generated module.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import aiomqtt
 import pytest
 import yaml
 
-from agent.commands import CommandProcessor
-from agent.config import MqttConfig
-from agent.formats import PointInfo
-from agent.formats.sparkplug import DT, SparkplugFormat, _pb
-from agent.reading import Reading
-from agent.store import AsyncStore, Store
-from agent.uplink import Uplink
+from agent.config.models import MqttConfig
+from agent.control.commands import CommandProcessor
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import AsyncStore, Store
+from agent.upstream.formats import PointInfo
+from agent.upstream.formats.sparkplug import DT, SparkplugFormat, _pb
+from agent.upstream.mqtt import Uplink
 from tests import sparkplug_wire as wire
 from tests.broker import Broker
 from tests.integration.test_commands_modbus import PROFILE, UNIT, proc, sim  # noqa: F401 (fixtures)

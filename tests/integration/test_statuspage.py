@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.localapi import LocalServer
+from agent.control.localapi import LocalServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "artifacts"
@@ -85,7 +85,7 @@ class ChangingSource:
         return doc
 
     def history(self) -> dict[str, Any]:
-        """GET /api/history, in the shape of agent.health.history_doc()."""
+        """GET /api/history, in the shape of agent.pipeline.health.history_doc()."""
         doc = self.full()
         return {
             **doc["history"],

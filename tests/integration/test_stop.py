@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.loader import load_config
+from agent.config.loader import load_config
 from agent.runtime import Runtime
 from tests.broker import Broker, free_port
 from tests.daemon import REPO, write_config

@@ -10,12 +10,12 @@ import aiomqtt
 import orjson
 import pytest
 
-from agent.commands import CommandProcessor
-from agent.config import MqttConfig
-from agent.formats import PointInfo
-from agent.reading import Reading
-from agent.store import AsyncStore, Store
-from agent.uplink import Uplink
+from agent.config.models import MqttConfig
+from agent.control.commands import CommandProcessor
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import AsyncStore, Store
+from agent.upstream.formats import PointInfo
+from agent.upstream.mqtt import Uplink
 from tests.broker import Broker
 from tests.integration.test_commands_modbus import UNIT, proc, sim  # noqa: F401 (fixtures)
 from tests.modbus_sim import ModbusSim

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from agent.tls import (
+from agent.upstream.tls import (
     SecretError,
     TlsSetupError,
     build_ssl_context,

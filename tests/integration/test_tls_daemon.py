@@ -18,7 +18,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.tls import build_ssl_context
+from agent.upstream.tls import build_ssl_context
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import free_port
 from tests.daemon import Daemon, fieldgate_cli, write_config

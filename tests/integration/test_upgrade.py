@@ -2,7 +2,7 @@
 
 Two releases are built as wheels from temp copies of the tree: a good one (bumped version) and a broken
 one whose `fieldgate run` exits 1. They are served on 127.0.0.1. The gateway runs from a releases root in
-a temp dir through the launcher (`python -m agent.upgrade launch`, the unit's ExecStart= for remote
+a temp dir through the launcher (`python -m agent.control.upgrade launch`, the unit's ExecStart= for remote
 upgrades) under a small supervisor loop standing in for systemd's Restart=always. Readings are buffered
 throughout and every seq must reach the broker.
 """
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__
-from agent.remoteconfig import canonical_json
+from agent.control.remoteconfig import canonical_json
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import Broker
 from tests.daemon import Checker, wait_all_received, write_config
@@ -126,7 +126,7 @@ class Supervisor:
         self.cmd = [
             sys.executable,
             "-m",
-            "agent.upgrade",
+            "agent.control.upgrade",
             "launch",
             str(root),
             "--",

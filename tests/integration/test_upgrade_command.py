@@ -1,4 +1,4 @@
-"""The remote upgrade command's envelope and download, without a daemon (agent/upgrade.py)."""
+"""The remote upgrade command's envelope and download, without a daemon (agent/control/upgrade.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.remoteconfig import Refused, canonical_json
-from agent.upgrade import download, launch, parse_command, switch
+from agent.control.remoteconfig import PushRefused, canonical_json
+from agent.control.upgrade import download, launch, parse_command, switch
 
 KEY = Ed25519PrivateKey.generate()
 
@@ -68,7 +68,7 @@ def test_a_good_command_passes(pub: Path) -> None:
     ],
 )
 def test_refused(pub: Path, raw: bytes, last: int, error: str) -> None:
-    with pytest.raises(Refused, match=None) as info:
+    with pytest.raises(PushRefused, match=None) as info:
         parse_command(raw, "gw-1", last, pub)
     assert error in str(info.value)
 
@@ -76,16 +76,16 @@ def test_refused(pub: Path, raw: bytes, last: int, error: str) -> None:
 def test_tampered_after_signing_is_refused(pub: Path) -> None:
     doc = json.loads(signed())
     doc["url"] = "https://evil.example/fieldgate-0.2.0-py3-none-any.whl"
-    with pytest.raises(Refused, match="bad signature"):
+    with pytest.raises(PushRefused, match="bad signature"):
         parse_command(json.dumps(doc).encode(), "gw-1", 0, pub)
 
 
 def test_unsigned_or_without_a_key_is_refused(pub: Path) -> None:
     doc = json.loads(signed())
     del doc["signature"]
-    with pytest.raises(Refused, match="unsigned"):
+    with pytest.raises(PushRefused, match="unsigned"):
         parse_command(json.dumps(doc).encode(), "gw-1", 0, pub)
-    with pytest.raises(Refused, match="public_key_file"):
+    with pytest.raises(PushRefused, match="public_key_file"):
         parse_command(signed(), "gw-1", 0, None)
 
 
@@ -110,11 +110,11 @@ def test_download_checks_hash_and_size(tmp_path: Path, served: str) -> None:
     download(served, good, dest)
     assert dest.read_bytes() == b"x" * 100_000
     dest.unlink()
-    with pytest.raises(Refused, match="sha256 mismatch"):
+    with pytest.raises(PushRefused, match="sha256 mismatch"):
         download(served, "0" * 64, dest)
-    with pytest.raises(Refused, match="larger than 50000 bytes"):
+    with pytest.raises(PushRefused, match="larger than 50000 bytes"):
         download(served, good, dest, max_bytes=50_000)
-    with pytest.raises(Refused, match="download failed"):
+    with pytest.raises(PushRefused, match="download failed"):
         download(served.replace("pkg.whl", "missing.whl"), good, dest)
     assert not dest.exists() and not list(tmp_path.glob("*.part"))
 

@@ -13,11 +13,12 @@ import aiomqtt
 import orjson
 import pytest
 
-from agent.config import GatewayConfig, MqttConfig, NgsiLdConfig
-from agent.formats.ngsild import UPSERT_PATH, EntityMapper, NgsiLdUplink
-from agent.reading import Reading
-from agent.store import AsyncStore, Store
-from agent.uplink import Uplink
+from agent.config.models import GatewayConfig, MqttConfig, NgsiLdConfig
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import AsyncStore, Store
+from agent.upstream.formats.ngsild import EntityMapper
+from agent.upstream.mqtt import Uplink
+from agent.upstream.ngsild_http import UPSERT_PATH, NgsiLdUplink
 from tests import sdm_schemas as sdm
 from tests.broker import Broker, free_port
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.formats.ngsild import iso
+from agent.upstream.formats.ngsild import iso
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import Broker, free_port
 from tests.daemon import Checker, Daemon, write_config

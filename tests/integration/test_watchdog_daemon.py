@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 import agent.runtime
-from agent.config_base import DeviceConfigBase
+from agent.config.base import DeviceConfigBase
+from agent.config.loader import load_config
 from agent.driver import Driver, DriverContext
-from agent.loader import load_config
-from agent.reading import Reading, now_ms
+from agent.pipeline.reading import Reading, now_ms
 from agent.runtime import Runtime
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import free_port

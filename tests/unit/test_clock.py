@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from agent import clock
-from agent.clock import (
+from agent.pipeline import clock
+from agent.pipeline.clock import (
     MAXERROR_LIMIT_US,
     STA_UNSYNC,
     TIME_ERROR,

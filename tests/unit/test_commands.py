@@ -10,11 +10,11 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.commands import OUTCOME_UNKNOWN, CommandEvent, CommandProcessor, CommandsConfig, read_audit
+from agent.control.commands import OUTCOME_UNKNOWN, CommandEvent, CommandProcessor, CommandsConfig, read_audit
 from agent.driver import Driver, DriverContext, PointSpec, SharedResources
 from agent.errors import DeviceUnreachable
-from agent.health import DeviceHealth
-from agent.reading import Reading, Value
+from agent.pipeline.health import DeviceHealth
+from agent.pipeline.reading import Reading, Value
 
 T0 = 1_780_000_000_000  # a fixed instant (2026-05-28), so expiry and retention are exact
 

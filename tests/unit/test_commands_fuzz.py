@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.commands import CommandProcessor, CommandsConfig
+from agent.control.commands import CommandProcessor, CommandsConfig
 from agent.driver import Driver
-from agent.health import DeviceHealth
+from agent.pipeline.health import DeviceHealth
 from tests.unit.test_commands import FakeLamp
 
 FUZZ = settings(

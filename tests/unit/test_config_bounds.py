@@ -27,11 +27,11 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from agent import registry
-from agent.config import FieldgateConfig, listen_problem, topic_prefix_problem
+from agent.config.loader import load_config
+from agent.config.models import FieldgateConfig, listen_problem, topic_prefix_problem
+from agent.config.units import BOUND_MAX, BOUND_MIN, ZERO_OFF, format_duration, parse_duration
+from agent.config.urls import redact_url, url_problem
 from agent.errors import ConfigError
-from agent.loader import load_config
-from agent.units import BOUND_MAX, BOUND_MIN, ZERO_OFF, format_duration, parse_duration
-from agent.urls import redact_url, url_problem
 from tests.schema_strategies import SchemaStrategies, _mostly, config_schema
 
 # Durations that may be 0 (it means "none" or "off"); every other duration of a config that loads is > 0.
@@ -84,7 +84,7 @@ def test_every_integer_is_bounded() -> None:
             kinds = {type(m).__name__ for m in field.metadata}
             if not ({"Ge", "Gt"} & kinds and {"Le", "Lt"} & kinds) and name != "version":
                 loose.append(f"{model.__name__}.{name}")
-    assert loose == []  # `version` is checked against the versions this fieldgate reads (agent/migrate.py)
+    assert loose == []  # `version` is checked against the versions this fieldgate reads (agent/config/migrate.py)
 
 
 # --- the property, in process ---------------------------------------------------------------------------

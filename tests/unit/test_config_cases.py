@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main as cli
+from agent.config.loader import load_config
 from agent.errors import ConfigError
-from agent.loader import load_config
 
 CASES = Path(__file__).resolve().parents[1] / "cases" / "config"
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""`fieldgate diff`: what a new config changes, in words (agent/configdiff.py)."""
+"""`fieldgate diff`: what a new config changes, in words (agent/config/diff.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main as cli
-from agent.configdiff import describe
-from agent.loader import load_config
+from agent.config.diff import describe
+from agent.config.loader import load_config
 
 BASE = """gateway: {id: gw-1}
 upstream:

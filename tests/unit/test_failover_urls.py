@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import mqtt_endpoint
+from agent.config.loader import load_config
+from agent.config.models import mqtt_endpoint
 from agent.errors import ConfigError
-from agent.loader import load_config
-from agent.uplink import FAILOVER_SPREAD, RECONNECT_MAX, RECONNECT_MIN, backoff_delay, connect_order
+from agent.upstream.mqtt import FAILOVER_SPREAD, RECONNECT_MAX, RECONNECT_MIN, backoff_delay, connect_order
 
 
 def _load(tmp_path: Path, url: str, extra: str = "") -> object:

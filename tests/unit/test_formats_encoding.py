@@ -8,15 +8,15 @@ from typing import Any
 import orjson
 import pytest
 
-from agent import payloads
-from agent.config import GatewayConfig, NgsiEntityConfig, NgsiLdConfig
-from agent.formats import PointInfo
-from agent.formats.fieldgate import FieldgateFormat
-from agent.formats.ngsild import EntityMapper, iso
-from agent.formats.sparkplug import DT, SparkplugFormat, _pb
-from agent.formats.thingsboard import ThingsBoardFormat
-from agent.reading import Reading
-from agent.store import StoredRow
+from agent.config.models import GatewayConfig, NgsiEntityConfig, NgsiLdConfig
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import StoredRow
+from agent.upstream import payloads
+from agent.upstream.formats import PointInfo
+from agent.upstream.formats.fieldgate import FieldgateFormat
+from agent.upstream.formats.ngsild import EntityMapper, iso
+from agent.upstream.formats.sparkplug import DT, SparkplugFormat, _pb
+from agent.upstream.formats.thingsboard import ThingsBoardFormat
 from tests import sdm_schemas as sdm
 from tests import sparkplug_wire as wire
 from tests.vectors import load_vectors

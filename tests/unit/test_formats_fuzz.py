@@ -12,9 +12,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.formats import Message, PointInfo
-from agent.formats.sparkplug import SparkplugFormat
-from agent.formats.thingsboard import ThingsBoardFormat
+from agent.upstream.formats import Message, PointInfo
+from agent.upstream.formats.sparkplug import SparkplugFormat
+from agent.upstream.formats.thingsboard import ThingsBoardFormat
 from tests import sparkplug_wire as wire
 
 FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.reading import Reading
-from agent.store import Store
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import Store
 
 
 def readings(n: int, start: int = 0) -> list[Reading]:

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import yaml
 
-from agent import payloads
-from agent.config import GatewayConfig, NgsiEntityConfig, NgsiLdConfig
-from agent.formats.ngsild import DEFAULTS, EntityMapper
-from agent.reading import Reading
-from agent.store import StoredRow
+from agent.config.models import GatewayConfig, NgsiEntityConfig, NgsiLdConfig
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import StoredRow
+from agent.upstream import payloads
+from agent.upstream.formats.ngsild import DEFAULTS, EntityMapper
 from drivers.pms5003 import codec as pms5003
 from tests import sdm_schemas as sdm
 

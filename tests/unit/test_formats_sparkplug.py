@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from google.protobuf import descriptor_pb2
 
-from agent import payloads
-from agent.formats import PointInfo
-from agent.formats.sparkplug import SparkplugFormat
-from agent.reading import Reading
-from agent.store import StoredRow
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import StoredRow
+from agent.upstream import payloads
+from agent.upstream.formats import PointInfo
+from agent.upstream.formats.sparkplug import SparkplugFormat
 from tests import sparkplug_wire as wire
 
 TS = 1_700_000_000_000
@@ -174,7 +174,7 @@ def _descriptor_of(module: str) -> descriptor_pb2.FileDescriptorProto:
 
 
 def test_the_gateway_schema_is_the_third_partys() -> None:
-    ours = _descriptor_of("agent.formats.sparkplug_b_pb2")
+    ours = _descriptor_of("agent.upstream.formats.sparkplug_b_pb2")
     theirs = _descriptor_of(wire.THIRD_PARTY)
     assert ours.package == theirs.package == "org.eclipse.tahu.protobuf"
     assert list(ours.message_type) == list(theirs.message_type)
@@ -198,7 +198,7 @@ async def test_state_messages_of_the_primary_host() -> None:
     await state("spBv1.0/STATE/scada", b'{"online": false, "timestamp": 5}')
     assert fmt.holding  # same timestamp counts ("greater than or equal")
     # A rebirth request while held publishes nothing.
-    from agent.formats.sparkplug import DT, _pb
+    from agent.upstream.formats.sparkplug import DT, _pb
 
     cmd = _pb.Payload()
     m = cmd.metrics.add()
@@ -250,7 +250,7 @@ def test_sparkplug_3_0_edge_node_payload_statements() -> None:
 def test_sparkplug_ids_refuse_the_reserved_characters() -> None:
     import pydantic
 
-    from agent.config import SparkplugConfig
+    from agent.config.models import SparkplugConfig
 
     for bad in ("a/b", "a+b", "a#b", "a b"):
         for key in ("group_id", "edge_node_id", "primary_host_id"):

@@ -6,11 +6,11 @@ from typing import Any
 
 import orjson
 
-from agent import payloads
-from agent.formats import PointInfo
-from agent.formats.thingsboard import ThingsBoardFormat
-from agent.reading import Reading
-from agent.store import StoredRow
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import StoredRow
+from agent.upstream import payloads
+from agent.upstream.formats import PointInfo
+from agent.upstream.formats.thingsboard import ThingsBoardFormat
 
 TS = 1483228800000
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.reading import Reading
-from agent.store import Store
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import Store
 from tests.daemon import Checker, store_high, wait_all_received
 
 

@@ -22,10 +22,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import loader
 from agent.cli import main as cli
+from agent.config import loader
+from agent.config.loader import Positions, load_config, parse_yaml
 from agent.errors import ConfigError
-from agent.loader import Positions, load_config, parse_yaml
 from tests.hostile_configs import HOSTILE, VALID
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from agent.control.localapi import MAX_BODY, LocalServer, parse_listen
 from agent.errors import WriteRefused
-from agent.localapi import MAX_BODY, LocalServer, parse_listen
 from agent.verbs import status as status_verb
 
 TOKEN = "s3cret-token-for-tests"

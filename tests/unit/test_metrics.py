@@ -1,5 +1,5 @@
-"""agent/metrics.py's text format read back by prometheus_client's parser, and the last-hour rings of
-agent/health.py (the status page's trends)."""
+"""agent/pipeline/metrics.py's text format read back by prometheus_client's parser, and the last-hour rings of
+agent/pipeline/health.py (the status page's trends)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.health import SLOTS, STEP_MS, Activity, DeviceHealth, PointHistory, Timeline, history_doc
-from agent.metrics import Histogram, Writer, escape_label, format_value
-from agent.reading import Reading
+from agent.pipeline.health import SLOTS, STEP_MS, Activity, DeviceHealth, PointHistory, Timeline, history_doc
+from agent.pipeline.metrics import Histogram, Writer, escape_label, format_value
+from agent.pipeline.reading import Reading
 
 parser = pytest.importorskip(
     "prometheus_client.parser", reason="prometheus_client (dev extra) is not installed"
@@ -167,7 +167,7 @@ async def _get(port: int, path: str, method: str = "GET") -> tuple[int, bytes, b
 
 
 async def test_metrics_route() -> None:
-    from agent.localapi import LocalServer
+    from agent.control.localapi import LocalServer
 
     class WithMetrics(_Source):
         def metrics_text(self) -> bytes:

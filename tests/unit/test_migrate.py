@@ -1,4 +1,4 @@
-"""Config format versions: future files refused, old ones migrated visibly (agent/migrate.py, `fieldgate migrate`)."""
+"""Config format versions: future files refused, old ones migrated visibly (agent/config/migrate.py, `fieldgate migrate`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent import migrate
 from agent.cli import main as cli
+from agent.config import migrate
+from agent.config.loader import load_config
 from agent.errors import ConfigError
-from agent.loader import load_config
 
 V1 = """gateway: {id: gw-1}
 upstream:

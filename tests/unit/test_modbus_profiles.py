@@ -7,9 +7,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent import loader
+from agent import registry
+from agent.config import loader
+from agent.errors import ConfigError
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPoint
-from drivers.modbus.profile import BUNDLED_PROFILES, NOT_IN_PROFILE, load_profile, merge_profile
+from drivers.modbus.profile import (
+    BUNDLED_PROFILES,
+    NOT_IN_PROFILE,
+    Profile,
+    load_profile,
+    merge,
+    merge_profile,
+)
 
 PROFILES = sorted(BUNDLED_PROFILES.glob("*.yaml"))
 EXPECTED = {"eastron-sdm120", "eastron-sdm630", "senseair-s8", "dali-modbus-gateway", "streetlamp-controller"}
@@ -66,7 +75,7 @@ def test_unknown_profile_names_the_bundled_ones() -> None:
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
 def test_the_config_loader_merges_each_profile_as_documented(path: Path, tmp_path: Path) -> None:
-    # The daemon and `fieldgate check` merge profiles in agent/loader.py, not the driver: check that path too.
+    # The daemon and `fieldgate check` merge profiles in agent/config/loader.py, not the driver: check that path too.
     config_file = tmp_path / "fieldgate.yaml"
     config_file.write_text(
         f"""gateway: {{id: gw-1}}
@@ -88,3 +97,44 @@ devices:
     )
     assert device.points == expected.points
     assert device.max_registers_per_request == expected.max_registers_per_request
+
+
+@pytest.mark.parametrize("key", sorted(NOT_IN_PROFILE))
+def test_the_loader_and_the_driver_refuse_the_same_device_keys(key: str, tmp_path: Path) -> None:
+    # One merge (drivers/modbus/profile.py `merge`): the loader's and `merge_profile` cannot disagree.
+    (tmp_path / "profiles").mkdir()
+    value = {"points": "{}", "driver": "modbus", "enabled": "false"}.get(key, "x")
+    (tmp_path / "profiles" / "odd.yaml").write_text(
+        f"manufacturer: M\nmodel: X\ndescription: D\ndevice:\n  {key}: {value}\npoints:\n  p: {{address: 1}}\n"
+    )
+    config_file = tmp_path / "fieldgate.yaml"
+    config_file.write_text(
+        """gateway: {id: gw-1}
+upstream: {mqtt: {url: "mqtt://127.0.0.1:1883"}}
+buses:
+  rs485: {type: modbus-rtu, port: /dev/ttyUSB0}
+devices:
+  dev: {bus: rs485, profile: odd}
+"""
+    )
+    with pytest.raises(ConfigError) as info:
+        loader.load_config(config_file)
+    assert (
+        f"{tmp_path / 'profiles' / 'odd.yaml'}:5:3: {key}: a profile cannot set this device key"
+        in info.value.problems
+    )
+    profile = Profile(
+        "odd",
+        tmp_path / "odd.yaml",
+        "M",
+        "X",
+        "D",
+        data=yaml.safe_load((tmp_path / "profiles" / "odd.yaml").read_text()),
+    )
+    with pytest.raises(ValueError, match=f"{key}: a profile cannot set this device key"):
+        merge_profile(ModbusDeviceConfig(bus="rs485"), profile)
+
+
+def test_the_loader_merges_through_the_drivers_merge() -> None:
+    assert registry.profile_merge("modbus") is merge
+    assert registry.profile_merge("ble") is None

@@ -1,4 +1,4 @@
-"""The daemon's plain config models (agent/plainmodel.py, agent/validate.py) against pydantic's.
+"""The daemon's plain config models (agent/config/plainmodel.py, agent/config/validate.py) against pydantic's.
 
 The daemon validates its file in a child process and runs on plain models; every other process (this one
 included) runs on pydantic. A process cannot hold both, so the plain side runs in a subprocess here, loading
@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from agent import plainmodel
+from agent.config import modelkit
+from agent.config.loader import load_config
+from agent.config.validate import snapshot
 from agent.errors import ConfigError
-from agent.loader import load_config
-from agent.validate import snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,9 +56,9 @@ PROBE = (
         """
     import asyncio, json, sys
     from pathlib import Path
-    from agent import plainmodel
-    assert plainmodel.use()
-    from agent import validate
+    from agent.config import modelkit
+    modelkit.select("plain")
+    from agent.config import validate
     from agent.errors import ConfigError
 
     async def main():
@@ -122,7 +122,7 @@ def plain() -> dict[str, Any]:
 
 def test_the_plain_side_never_imports_pydantic_or_yaml(plain: dict[str, Any]) -> None:
     assert plain["leaked"] == []
-    assert {r.get("cls") for r in plain["results"].values() if "dump" in r} == {"agent.plainmodel"}
+    assert {r.get("cls") for r in plain["results"].values() if "dump" in r} == {"agent.config.plainmodel"}
 
 
 @pytest.mark.parametrize("path", _config_files(), ids=lambda p: str(p.relative_to(REPO)))
@@ -194,5 +194,7 @@ def test_a_snapshot_refuses_a_value_it_cannot_carry() -> None:
 
 def test_plain_mode_is_refused_once_pydantic_models_are_loaded() -> None:
     # This process built its models on pydantic: asking for plain ones now must say no, not mix the two.
-    assert plainmodel.use() is False
-    assert plainmodel.requested is False
+    with pytest.raises(modelkit.ModelKitChosenLate, match="after config models were built on 'pydantic'"):
+        modelkit.select("plain")
+    assert modelkit.selected() == "pydantic"
+    modelkit.select("pydantic")  # the same kit again is no change

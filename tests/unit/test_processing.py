@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from agent.clock import FixedClock
-from agent.config_base import DeviceConfigBase
+from agent.config.base import DeviceConfigBase
 from agent.driver import Driver, DriverContext, SharedResources
 from agent.errors import DeviceUnreachable
-from agent.health import DeviceHealth
-from agent.processing import DeviceProcessor, PointRule, changed, resolve_rule
-from agent.reading import Reading, Value
-from agent.scheduler import DeviceTask
+from agent.pipeline.clock import FixedClock
+from agent.pipeline.health import DeviceHealth
+from agent.pipeline.polling import DeviceTask
+from agent.pipeline.processing import DeviceProcessor, PointRule, changed, resolve_rule
+from agent.pipeline.reading import Reading, Value
 from drivers.modbus.config import ModbusDeviceConfig
 from drivers.modbus.profile import load_profile, merge_profile
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import loader
+from agent.config import loader
 from tests.daemon import REPO
 
 

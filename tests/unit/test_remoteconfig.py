@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import FieldgateConfig
-from agent.loader import load_config
-from agent.remoteconfig import RemoteConfig, parse_request, public_problem, recover_at_start
+from agent.config.loader import load_config
+from agent.config.models import FieldgateConfig
+from agent.control.remoteconfig import RemoteConfig, parse_request, public_problem, recover_at_start
 
 GW = "gw-u"
 
@@ -43,7 +43,7 @@ def sha(data: bytes) -> str:
 
 
 def envelope(data: bytes, gateway: str, serial: int) -> bytes:
-    """The signed message of docs/CONFIG_LIFECYCLE.md, built independently of agent/remoteconfig.py."""
+    """The signed message of docs/CONFIG_LIFECYCLE.md, built independently of agent/control/remoteconfig.py."""
     doc = {"config_sha256": sha(data), "gateway": gateway, "serial": serial, "type": "fieldgate.config.set/2"}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -206,7 +206,7 @@ def test_published_problems_quote_only_the_pushed_config(tmp_path: Path) -> None
 def test_deep_json_is_refused_by_the_parser(raw: bytes) -> None:
     with pytest.raises(Exception) as info:
         parse_request(raw)
-    assert type(info.value).__name__ == "Refused" and "nested deeper" in str(info.value)
+    assert type(info.value).__name__ == "PushRefused" and "nested deeper" in str(info.value)
 
 
 # --- fuzz: whatever arrives on config/set, a refusal (or an outcome) on config/state, never an exception ---
@@ -289,4 +289,4 @@ def test_fuzz_config_set_without_a_key(tmp_path: Path, raw: bytes) -> None:
 def test_malformed_requests_are_refused_in_words(raw: bytes, reason: str) -> None:
     with pytest.raises(Exception) as info:
         parse_request(raw)
-    assert type(info.value).__name__ == "Refused" and reason in str(info.value)
+    assert type(info.value).__name__ == "PushRefused" and reason in str(info.value)

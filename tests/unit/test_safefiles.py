@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.safefiles import MAX_FILE_BYTES, create_private, read_regular, write_private
-from agent.tls import SecretError, read_secret
+from agent.upstream.tls import SecretError, read_secret
 
 REPO = Path(__file__).resolve().parents[2]
 

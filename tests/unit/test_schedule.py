@@ -13,12 +13,18 @@ import orjson
 import pydantic
 import pytest
 
-from agent.commands import OVERRIDE_LIMIT_MS, CommandProcessor, CommandsConfig
+from agent.control.commands import OVERRIDE_LIMIT_MS, CommandProcessor, CommandsConfig
+from agent.control.lamp_schedule import (
+    ScheduleConfig,
+    ScheduleRunner,
+    ScheduleTimeline,
+    parse_at,
+    schedule_problems,
+)
+from agent.control.suntimes import sun_event
 from agent.driver import Driver
 from agent.errors import DeviceUnreachable
-from agent.health import DeviceHealth
-from agent.schedule import ScheduleConfig, ScheduleRunner, ScheduleTimeline, parse_at, schedule_problems
-from agent.suntimes import sun_event
+from agent.pipeline.health import DeviceHealth
 from tests.unit.test_commands import FakeLamp
 
 PARIS = ZoneInfo("Europe/Paris")

@@ -1,10 +1,10 @@
-"""Poll ticks on the clock's grid (agent/scheduler.py next_tick): one wake-up per tick for every device."""
+"""Poll ticks on the clock's grid (agent/pipeline/polling.py next_tick): one wake-up per tick for every device."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.scheduler import next_tick
+from agent.pipeline.polling import next_tick
 
 
 def clocks(mono: float, wall: float) -> dict[str, object]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from agent.remoteconfig import RemoteConfig
+from agent.control.remoteconfig import RemoteConfig
 from tests.unit.test_remoteconfig import GW, deliver, keyfile, setup
 
 REPO = Path(__file__).resolve().parents[2]

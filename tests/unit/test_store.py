@@ -17,10 +17,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agent import store as store_module
 from agent.errors import StoreError
-from agent.reading import Reading
-from agent.store import AsyncStore, Store
+from agent.pipeline import store as store_module
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import AsyncStore, Store
 from tests.vectors import REPO_ROOT
 
 MiB = 1024 * 1024
@@ -432,8 +432,8 @@ def test_a_buffer_from_a_newer_format_is_refused_not_replaced(db: Path) -> None:
 _WRITER = """
 import sys
 from pathlib import Path
-from agent.reading import Reading
-from agent.store import Store
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import Store
 store = Store(Path(sys.argv[1]), 64 * 1024 * 1024, sys.argv[2])
 store.open()
 i = 0

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.reading import Reading
-from agent.store import Store, StoredRow
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import Store, StoredRow
 
 T0 = 1_715_000_000_000
 BOUND = 256 * 1024  # the smallest bound: ~1,000 of these rows fill it

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import store as store_module
-from agent.reading import Reading
-from agent.store import SEQ_BLOCK, Store
+from agent.pipeline import store as store_module
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import SEQ_BLOCK, Store
 
 MiB = 1024 * 1024
 T0 = 1_715_000_000_000

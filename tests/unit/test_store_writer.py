@@ -1,4 +1,4 @@
-"""The store writer (agent/runtime.py StoreWriter) against a real buffer: one commit per poll tick."""
+"""The store writer (agent/pipeline/writer.py StoreWriter) against a real buffer: one commit per poll tick."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from agent import runtime as runtime_module
-from agent.reading import Reading, now_ms
-from agent.runtime import StoreWriter
-from agent.store import AsyncStore, Store
+from agent.pipeline import writer as writer_module
+from agent.pipeline.reading import Reading, now_ms
+from agent.pipeline.store import AsyncStore, Store
+from agent.pipeline.writer import StoreWriter
 
 INTERVAL = 0.2
 HOLD = 30.0  # the commit interval of the hold test: how long a held commit may wait, in real time
@@ -50,7 +50,7 @@ class FakeMonotonic:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeMonotonic:
     """The writer's notion of time, under the test's control (the event loop keeps the real clock)."""
     fake = FakeMonotonic()
-    monkeypatch.setattr(runtime_module, "time", fake)
+    monkeypatch.setattr(writer_module, "time", fake)
     return fake
 
 

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent.suntimes import sun_event
+from agent.control.suntimes import sun_event
 
 PARIS_TZ = ZoneInfo("Europe/Paris")
 CITIES = {

@@ -11,10 +11,10 @@ import asyncio
 import threading
 from pathlib import Path
 
-from agent.reading import Reading, now_ms
-from agent.runtime import StoreWriter
-from agent.scheduler import next_tick
-from agent.store import AsyncStore, Store
+from agent.pipeline.polling import next_tick
+from agent.pipeline.reading import Reading, now_ms
+from agent.pipeline.store import AsyncStore, Store
+from agent.pipeline.writer import StoreWriter
 
 
 async def test_a_commit_queued_when_the_writer_is_cancelled_is_still_stored(tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""The configuration: its models, the loader, validation in a child, migrations, diffs."""

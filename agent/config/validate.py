@@ -1,0 +1,314 @@
+"""Config validation in a short-lived child process, so that the daemon never imports pydantic.
+
+`fieldgate run` selects the plain model kit first thing (agent/config/modelkit.py); its config models are
+plain records. To load a file (at start, on reload, for a remote config, for a rollback) it runs
+`python -m agent.config.validate FILE`: the child loads the file with the full loader (pydantic, profiles, every
+error positioned as FILE:LINE:COL), and writes to its stdout either the validated models as a snapshot or
+the list of problems. The daemon rebuilds the snapshot on its plain classes. The child lives about 0.3 s.
+
+A process whose models are pydantic's (the tests, the other verbs) validates in-process instead, through the
+same `load()`.
+
+The snapshot travels in the `marshal` format (built in: no module to load in the daemon; it carries dicts,
+lists, tuples and scalars only, so models and paths are tagged tuples, see `snapshot`), from the daemon's own
+child, through a pipe, to the daemon.
+
+A restart with an unchanged config need not wait for the child. When a cache directory is given
+($FIELDGATE_CACHE_DIR, or systemd's $CACHE_DIRECTORY from the unit's CacheDirectory=), the daemon keeps the
+snapshot of its last successful validation there, keyed on what the result depends on: the fieldgate and
+Python versions, $FIELDGATE_PROFILES, and the contents of every file the loader read or looked for (the
+config, each profile candidate in search order, found or absent). A start whose key matches runs on that
+snapshot at once, then validates the file for real in a background child a few seconds later: a difference
+(code changed under an unchanged version, a file changed in between) is applied as a reload would apply it,
+and a file that no longer validates is reported and its snapshot dropped. docs/CONFIG_LIFECYCLE.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import marshal
+import os
+import subprocess
+import sys
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
+
+from agent import __version__
+from agent.config import modelkit, plainmodel
+from agent.errors import ConfigError
+from agent.safefiles import file_hash, private_dir, read_regular
+
+if TYPE_CHECKING:
+    from agent.config.models import FieldgateConfig
+
+log = logging.getLogger("fieldgate.config")
+
+RESULT_OK, RESULT_PROBLEMS = "ok", "problems"
+CACHE_FORMAT = 1
+VERIFY_AFTER_S = 3.0  # a start from the snapshot validates the file for real this long after it is up
+
+
+def snapshot(value: Any) -> Any:
+    """Validated (pydantic) models in marshal's types, as `plainmodel.rebuild` takes them: a model is
+    ("model", "module:QualName", fields), a path ("path", text), a tuple ("tuple", items); no other tuple
+    occurs. A value of any other type is refused here, loudly, rather than arriving changed."""
+    fields = getattr(type(value), "model_fields", None)
+    if isinstance(fields, dict) and hasattr(value, "model_dump"):
+        cls = type(value)
+        name = f"{cls.__module__}:{cls.__qualname__}"
+        return (plainmodel.MODEL, name, {field: snapshot(getattr(value, field)) for field in fields})
+    if isinstance(value, PurePath):
+        return (plainmodel.PATH, str(value))
+    if type(value) is dict:
+        return {k: snapshot(v) for k, v in value.items()}
+    if type(value) is list:
+        return [snapshot(v) for v in value]
+    if type(value) is tuple:
+        return (plainmodel.TUPLE, [snapshot(v) for v in value])
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    raise TypeError(f"a validated config holds a {type(value).__name__}: the snapshot cannot carry it")
+
+
+def in_child() -> bool:
+    """Whether `load()` validates in a child process: in a process running on plain models."""
+    return modelkit.selected() == "plain"
+
+
+class Pending:
+    """A validation under way; `result()` gives the config or raises ConfigError.
+
+    `cached` holds the snapshot of an earlier validation when the cache's key matched (no child runs then),
+    until `verify()` has compared it with the file's validation."""
+
+    def __init__(
+        self, path: Path, proc: subprocess.Popen[bytes] | None, cached: Any = None, remote: bool = False
+    ) -> None:
+        self.path = path
+        self.remote = remote
+        self.proc = proc
+        self.cached = cached
+        self.from_cache = False  # whether result() gave the snapshot's config
+
+    async def result(self) -> FieldgateConfig:
+        config, _ = await self._result()
+        return config
+
+    async def _result(self) -> tuple[FieldgateConfig, Any]:
+        """The config and the snapshot it was rebuilt from (None when validated in-process)."""
+        import asyncio  # here: the daemon starts the child before its own imports, asyncio's included
+
+        if self.cached is not None:
+            try:
+                config = _config_of(self.path, self.cached)
+            except Exception as exc:  # classes or fields changed under the same version: validate for real
+                log.warning(
+                    "the snapshot of an earlier validation is unusable (%s): validating the file", exc
+                )
+                self.cached = None
+                self.proc = _child(self.path)
+            else:
+                log.info(
+                    "config %s: unchanged since its last validation, started from its snapshot "
+                    "(validated again in the background in %gs)",
+                    self.path,
+                    VERIFY_AFTER_S,
+                )
+                self.from_cache = True
+                return config, self.cached
+        if self.proc is None:
+            from agent.config.loader import load_config  # this process runs on pydantic: validate here
+
+            return load_config(self.path, remote=self.remote), None
+        try:
+            # A thread waits for the child (the loop's default executor, which the daemon has anyway).
+            out, err = await asyncio.to_thread(self.proc.communicate)
+        except asyncio.CancelledError:
+            self.kill()
+            raise
+        config, payload, inputs = _decode(self.path, self.proc.returncode, out, err)
+        _save(self.path, payload, inputs)
+        return config, payload
+
+    async def verify(self) -> FieldgateConfig | None:
+        """After a start from the snapshot: validate the file for real, in a child at low priority. The
+        fresh config when it differs from the snapshot's, else None; ConfigError (and the snapshot dropped)
+        when the file does not validate any more."""
+        fresh = Pending(self.path, _child(self.path, background=True))
+        try:
+            config, payload = await fresh._result()  # renews the snapshot
+        except ConfigError:
+            forget(self.path)
+            raise
+        same, self.cached = payload == self.cached, None  # the snapshot is not kept in memory beyond this
+        return None if same else config
+
+    def kill(self) -> None:
+        """Stop the child if it still runs (a stop during start-up, a cancelled reload)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+
+def _child(path: Path, background: bool = False, remote: bool = False) -> subprocess.Popen[bytes]:
+    flags = [*(["--background"] if background else []), *(["--remote"] if remote else [])]
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.config.validate", *flags, str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def spawn(path: Path, use_snapshot: bool = False, remote: bool = False) -> Pending:
+    """Start validating `path`: in a child when this process runs on plain models, else in-process on
+    `result()`. With `use_snapshot` (the daemon's start), an unchanged file's last snapshot is taken instead
+    of a child. Synchronous, so that `fieldgate run` starts the child before its own imports."""
+    if not in_child():
+        return Pending(path, None, remote=remote)
+    if use_snapshot:
+        cached = _cached(path)
+        if cached is not None:
+            return Pending(path, None, cached)
+    return Pending(path, _child(path, remote=remote), remote=remote)
+
+
+async def load(path: Path, remote: bool = False) -> FieldgateConfig:
+    """The validated config of `path`; ConfigError with every problem, positioned. `remote`: a config that
+    came over the network (its profiles are names only, looked up in the profile directories)."""
+    return await spawn(path, remote=remote).result()
+
+
+def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> tuple[FieldgateConfig, Any, Any]:
+    """The child's answer: (the config, its snapshot, the inputs it depends on), or ConfigError."""
+    try:
+        kind, payload, inputs = marshal.loads(out)
+    except Exception:
+        last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        raise ConfigError(
+            [f"{path}: the config could not be validated (validator exited {returncode}: {last[0]})"]
+        ) from None
+    for line in err.decode("utf-8", "replace").splitlines():  # what the loader said besides its result
+        if line.strip():
+            log.warning("config validation: %s", line)
+    if kind == RESULT_PROBLEMS:
+        raise ConfigError([str(p) for p in payload])
+    return _config_of(path, payload), payload, inputs
+
+
+def _config_of(path: Path, payload: Any) -> FieldgateConfig:
+    from agent.config.models import FieldgateConfig
+
+    config = plainmodel.rebuild(payload)
+    if not isinstance(config, FieldgateConfig):
+        raise ConfigError([f"{path}: the validator sent {type(config).__name__}, not a configuration"])
+    return config
+
+
+# --- the snapshot of the last validation ----------------------------------------------------------------
+
+
+def cache_file(path: Path) -> Path | None:
+    """Where the snapshot of `path`'s last validation is kept; None (no snapshot) without a cache directory."""
+    base = os.environ.get("FIELDGATE_CACHE_DIR") or os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    if not base:
+        return None
+    name = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
+    return Path(base) / f"config-{name}.snapshot"
+
+
+def _digest(path: str) -> str | None:
+    """A file's content digest, as the loader records it; None for a file that does not exist."""
+    try:
+        return file_hash(read_regular(path))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # unreadable now: never equal to what was read then
+        return f"unreadable: {exc.errno}"
+
+
+def _key(inputs: list[tuple[str, str | None]]) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "fieldgate": __version__,
+        "python": sys.version,
+        "profiles_env": os.environ.get("FIELDGATE_PROFILES", ""),
+        "inputs": inputs,
+    }
+
+
+def _cached(path: Path) -> Any:
+    """The snapshot of `path`'s last validation if nothing it depends on has changed since, else None."""
+    file = cache_file(path)
+    if file is None:
+        return None
+    try:
+        entry = marshal.loads(file.read_bytes())
+        inputs = [(name, _digest(name)) for name, _ in entry["key"]["inputs"]]
+        if entry["key"] != _key(inputs):
+            return None
+        return entry["snapshot"]
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # a damaged file is a cache miss, never a failed start
+        log.warning("config snapshot %s unreadable, ignored: %s", file, exc)
+        return None
+
+
+def _save(path: Path, payload: Any, inputs: Any) -> None:
+    """Keep the snapshot of a successful validation (written whole, readable by the daemon's user only)."""
+    file = cache_file(path)
+    if file is None or not inputs:
+        return
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+    try:
+        private_dir(file.parent)  # 0700: the snapshots may hold a password
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the config may hold a password
+        with os.fdopen(fd, "wb") as f:
+            f.write(marshal.dumps({"key": _key([tuple(i) for i in inputs]), "snapshot": payload}))
+        os.replace(tmp, file)
+    except OSError as exc:  # a read-only or full cache directory costs the next start its head start, no more
+        log.warning("config snapshot not kept in %s: %s", file.parent, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def forget(path: Path) -> None:
+    file = cache_file(path)
+    if file is not None:
+        with contextlib.suppress(OSError):
+            file.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child: validate one file, write the result to stdout (marshal), exit 0 (problems are a result)."""
+    modelkit.select("pydantic")  # the child validates: the full models, whatever imported this module
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--background"]:  # a check of a running config: leave the CPU to the daemon's work
+        args = args[1:]
+        with contextlib.suppress(OSError):
+            os.nice(10)
+    remote = args[:1] == ["--remote"]  # a config that came over the network
+    if remote:
+        args = args[1:]
+    if len(args) != 1:
+        print("usage: python -m agent.config.validate [--background] [--remote] CONFIG", file=sys.stderr)
+        return 2
+    from agent.config import loader
+
+    try:
+        loaded = loader.load(Path(args[0]), remote=remote)
+        config = snapshot(loaded.config)
+        inputs = loaded.consulted
+        result: tuple[str, Any, Any] = (RESULT_OK, config, inputs)
+    except ConfigError as exc:
+        result = (RESULT_PROBLEMS, list(exc.problems), None)
+    sys.stdout.buffer.write(marshal.dumps(result))
+    sys.stdout.buffer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The way a reading travels inside the gateway: polling, processing, the durable store."""

@@ -1,0 +1,398 @@
+"""Health figures: per-device state as the scheduler sees it, and the health/status documents built from it.
+
+Also the status page's trends (GET /api/history, docs/STATUS_API.md "The last hour"): the last hour of every numeric point, of
+each device's poll cycles and of the backlog and upstream link, in fixed rings of one slot per minute
+(`SLOTS` x `STEP_MS`), so their memory never grows: 1.2 KiB per numeric point, 1 KiB per device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from array import array
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from agent import __version__
+from agent.config.urls import redact_url
+from agent.pipeline.metrics import POLL_BUCKETS, VALUE, Histogram
+from agent.pipeline.reading import Reading, now_ms
+
+if TYPE_CHECKING:
+    from agent.config.models import FieldgateConfig
+    from agent.control.commands import CommandProcessor
+    from agent.control.remoteconfig import RemoteConfig
+    from agent.pipeline.store import StoreStats
+    from agent.pipeline.writer import StoreWriter
+    from agent.upstream.contract import Upstream
+    from agent.upstream.mqtt import Uplink
+
+
+SLOTS = 60  # one hour...
+STEP_MS = 60_000  # ...of one-minute slots
+_EMPTY = -1  # a slot's minute when it was never written
+
+
+def _significant(value: float) -> float | int | None:
+    """A minute's mean as sent in JSON: 6 significant digits are more than a sparkline can show; None for
+    a minute that saw a NaN or an infinity."""
+    if not math.isfinite(value):
+        return None
+    if value == int(value) and abs(value) < 2**53:
+        return int(value)
+    return float(f"{value:.6g}")
+
+
+class PointHistory:
+    """One point's last hour: the mean of its values in each minute, in a ring of SLOTS slots.
+
+    Memory per point: three arrays of SLOTS items (minute: 4 B, sum: 8 B, count: 4 B) = 960 B of data plus
+    the object headers: 1,256 B (sys.getsizeof, docs/STATUS_API.md).
+    """
+
+    __slots__ = ("counts", "minutes", "sums")
+
+    def __init__(self) -> None:
+        self.minutes = array("i", [_EMPTY]) * SLOTS  # which minute (since the epoch) each slot holds
+        self.sums = array("d", [0.0]) * SLOTS
+        self.counts = array("I", [0]) * SLOTS
+
+    def add(self, ts: int, value: float) -> None:
+        minute = ts // STEP_MS
+        i = minute % SLOTS
+        try:
+            if self.minutes[i] != minute:
+                if minute < self.minutes[i]:
+                    return  # older than what the slot holds now: outside the hour shown
+                self.minutes[i] = minute  # OverflowError: a device's clock beyond 32-bit minutes
+                self.sums[i] = 0.0
+                self.counts[i] = 0
+            self.sums[i] += value  # OverflowError: an integer beyond a float
+        except OverflowError:
+            return
+        self.counts[i] += 1
+
+    def series(self, end_minute: int) -> list[float | int | None]:
+        """Oldest first: the mean of each of the SLOTS minutes ending with `end_minute` (None: no value)."""
+        out: list[float | int | None] = []
+        for minute in range(end_minute - SLOTS + 1, end_minute + 1):
+            i = minute % SLOTS
+            if self.minutes[i] == minute and self.counts[i]:
+                out.append(_significant(self.sums[i] / self.counts[i]))
+            else:
+                out.append(None)
+        return out
+
+
+class Activity:
+    """Per minute of the last hour: how many poll cycles succeeded and how many failed (the error strip)."""
+
+    __slots__ = ("errors", "minutes", "oks")
+
+    def __init__(self) -> None:
+        self.minutes = array("i", [_EMPTY]) * SLOTS
+        self.oks = array("I", [0]) * SLOTS
+        self.errors = array("I", [0]) * SLOTS
+
+    def _slot(self, ts: int) -> int:
+        minute = min(max(ts // STEP_MS, 0), 2**31 - 1)  # 32-bit minutes: a device's clock beyond is clamped
+        i = minute % SLOTS
+        if self.minutes[i] != minute:
+            self.minutes[i] = minute
+            self.oks[i] = 0
+            self.errors[i] = 0
+        return i
+
+    def ok(self, ts: int) -> None:
+        self.oks[self._slot(ts)] += 1
+
+    def error(self, ts: int) -> None:
+        self.errors[self._slot(ts)] += 1
+
+    def doc(self, end_minute: int) -> dict[str, list[int]]:
+        oks: list[int] = []
+        errors: list[int] = []
+        for minute in range(end_minute - SLOTS + 1, end_minute + 1):
+            i = minute % SLOTS
+            held = self.minutes[i] == minute
+            oks.append(self.oks[i] if held else 0)
+            errors.append(self.errors[i] if held else 0)
+        return {"ok": oks, "errors": errors}
+
+
+class Timeline:
+    """The gateway's last hour, sampled at each refresh of the buffer's figures (every 5 s, and before each
+    status request): the backlog (the largest `pending` seen in each minute) and the upstream link (the
+    share of samples it was connected; a reconnection within the minute counts as a disconnected sample)."""
+
+    __slots__ = ("_connections", "downs", "minutes", "pending", "ups")
+
+    def __init__(self) -> None:
+        self.minutes = array("i", [_EMPTY]) * SLOTS
+        self.pending = array("q", [0]) * SLOTS
+        self.ups = array("I", [0]) * SLOTS
+        self.downs = array("I", [0]) * SLOTS
+        self._connections = 0
+
+    def sample(self, pending: int, connected: bool, connections: int, ts: int | None = None) -> None:
+        minute = (now_ms() if ts is None else ts) // STEP_MS
+        i = minute % SLOTS
+        if self.minutes[i] != minute:
+            self.minutes[i] = minute
+            self.pending[i] = pending
+            self.ups[i] = self.downs[i] = 0
+        else:
+            self.pending[i] = max(self.pending[i], pending)
+        if connections != self._connections and self._connections:
+            self.downs[i] += 1  # reconnected since the last sample: it was down in between
+        self._connections = connections
+        if connected:
+            self.ups[i] += 1
+        else:
+            self.downs[i] += 1
+
+    def doc(self, ts: int) -> dict[str, Any]:
+        end_minute = ts // STEP_MS
+        pending: list[int | None] = []
+        connected: list[float | None] = []
+        for minute in range(end_minute - SLOTS + 1, end_minute + 1):
+            i = minute % SLOTS
+            if self.minutes[i] != minute:
+                pending.append(None)
+                connected.append(None)
+                continue
+            pending.append(self.pending[i])
+            total = self.ups[i] + self.downs[i]
+            connected.append(round(self.ups[i] / total, 3) if total else None)
+        return {
+            "step_s": STEP_MS // 1000,
+            "end_ts": (end_minute + 1) * STEP_MS,
+            "pending": pending,
+            "connected": connected,
+        }
+
+
+@dataclass(slots=True)
+class DeviceHealth:
+    """What the gateway knows of one device's recent behaviour (SPEC §3 health, plus the status page's extras)."""
+
+    driver: str
+    state: str = "unknown"  # "ok" | "failing" | "unknown"
+    errors: int = 0
+    consecutive_errors: int = 0
+    last_ok_ts: int | None = None
+    last_error: str | None = None
+    last_error_ts: int | None = None
+    point_errors: dict[str, str] = field(default_factory=dict)
+    last_readings: dict[str, Reading] = field(default_factory=dict)
+    cycles: int = 0
+    next_attempt_ts: int | None = None  # when a failing device is tried again
+    last_progress: float = field(default_factory=time.monotonic)  # monotonic; the watchdog reads it
+    counters: dict[str, int] = field(
+        default_factory=dict
+    )  # driver-specific (frames_ok, bad_checksum, restarts...)
+    # GET /metrics (agent/pipeline/metrics.py) and the status page's trends:
+    polled: dict[str, int] = field(default_factory=dict)  # readings returned by polls, by kind
+    poll_seconds: Histogram = field(default_factory=lambda: Histogram(POLL_BUCKETS))
+    history: dict[str, PointHistory] = field(default_factory=dict)  # numeric points only
+    activity: Activity = field(default_factory=Activity)
+
+    def observe(self, readings: list[Reading]) -> None:
+        """A successful cycle's readings (the scheduler, after `last_readings`): counters and trends."""
+        self.polled[VALUE] = self.polled.get(VALUE, 0) + len(readings)
+        self.activity.ok(readings[-1].ts if readings else now_ms())
+        history = self.history
+        for r in readings:
+            value = r.value
+            if (type(value) is float or type(value) is int) and r.quality != "bad":  # not bool, not str
+                hist = history.get(r.point)
+                if hist is None:
+                    hist = history[r.point] = PointHistory()
+                hist.add(r.ts, value)
+
+    def failed(self, ts: int | None = None) -> None:
+        """A failed cycle (the scheduler): the error strip."""
+        self.activity.error(now_ms() if ts is None else ts)
+
+    def spec(self) -> dict[str, Any]:
+        """The SPEC §3 per-device health object."""
+        return {
+            "state": self.state,
+            "errors": self.errors,
+            "last_ok_ts": self.last_ok_ts,
+            "last_error": self.last_error,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The richer object of /api/status: the SPEC fields plus last readings and point errors."""
+        doc = self.spec()
+        doc.update(
+            driver=self.driver,
+            point_errors=dict(self.point_errors),
+            next_attempt_ts=self.next_attempt_ts,
+            counters=dict(self.counters),
+            readings={
+                r.point: {
+                    "value": r.value,
+                    "unit": r.unit,
+                    "ts": r.ts,
+                    **({"quality": r.quality} if r.quality else {}),
+                }
+                for r in self.last_readings.values()
+            },
+        )
+        return doc
+
+    def trends(self, end_minute: int) -> dict[str, Any]:
+        """This device's part of /api/history: its poll minutes and its numeric points' last hour."""
+        return {
+            "activity": self.activity.doc(end_minute),
+            "points": {point: hist.series(end_minute) for point, hist in self.history.items()},
+        }
+
+
+class Gateway(Protocol):
+    """What the health and status documents read of the running daemon (agent/runtime.py)."""
+
+    @property
+    def config(self) -> FieldgateConfig: ...
+    @property
+    def config_path(self) -> Path: ...
+    @property
+    def started(self) -> float: ...  # monotonic
+    @property
+    def last_stats(self) -> StoreStats | None: ...
+    @property
+    def health(self) -> Mapping[str, DeviceHealth]: ...
+    @property
+    def writer(self) -> StoreWriter | None: ...
+    @property
+    def uplink(self) -> Uplink | None: ...
+    @property
+    def extra_uplinks(self) -> Mapping[str, Upstream]: ...
+    @property
+    def commands(self) -> CommandProcessor | None: ...
+    @property
+    def remote(self) -> RemoteConfig: ...
+    @property
+    def config_hash(self) -> str: ...
+    @property
+    def config_applied_ts(self) -> int: ...
+    @property
+    def config_source(self) -> str: ...
+    @property
+    def reloads(self) -> int: ...
+    @property
+    def reload_ts(self) -> int | None: ...
+    @property
+    def reload_error(self) -> str | None: ...
+
+
+def _buffer_doc(st: StoreStats | None) -> dict[str, Any]:
+    return {
+        "pending": st.pending if st else 0,
+        "oldest_ts": st.oldest_ts if st else None,
+        "evicted": st.evicted if st else 0,
+        "bytes": st.bytes if st else 0,
+    }
+
+
+def _upstreams_doc(gw: Gateway) -> dict[str, Any]:
+    """Compatible extension: every upstream's format, link and lane (pending = not yet acknowledged)."""
+    stats = gw.last_stats
+    lanes = stats.lanes if stats else {}
+    ups: list[tuple[str, Upstream | None]] = [("mqtt", gw.uplink), *gw.extra_uplinks.items()]
+    doc: dict[str, Any] = {}
+    for name, up in ups:
+        if up is None:
+            continue
+        doc[name] = {
+            "format": up.format_name,
+            "connected": bool(up.connected),
+            "sent": up.sent,
+            "pending": lanes.get(name, stats.pending if stats else 0),
+            "last_error": up.last_error,
+        }
+    return doc
+
+
+def health_document(gw: Gateway) -> dict[str, Any]:
+    """SPEC §3 health."""
+    up = gw.uplink
+    return {
+        "ts": now_ms(),
+        "uptime_s": int(time.monotonic() - gw.started),
+        "version": __version__,
+        "buffer": _buffer_doc(gw.last_stats),
+        "upstream": {"connected": bool(up and up.connected), "sent": up.sent if up else 0},
+        "upstreams": _upstreams_doc(gw),
+        "devices": {name: h.spec() for name, h in gw.health.items()},
+        # compatible extension (docs/SPEC.md "Compatible extensions: configuration")
+        "config": {
+            "hash": gw.config_hash,
+            "version": gw.config.version,
+            "reload_error": gw.reload_error,
+        },
+    }
+
+
+def status_document(gw: Gateway) -> dict[str, Any]:
+    """The local API's /api/status: health plus what a technician needs on site (docs/STATUS_API.md)."""
+    doc = health_document(gw)
+    st = gw.last_stats
+    writer = gw.writer
+    doc["gateway"] = {"id": gw.config.gateway.id, "name": gw.config.gateway.name}
+    doc["buffer"].update(
+        recovered=st.recovered if st else 0,
+        disk_errors=st.disk_errors if st else 0,
+        last_error=writer.failing if writer else None,  # cleared once the buffer is writable again
+        in_memory=len(writer.pending) if writer else 0,
+        dropped=writer.dropped if writer else 0,
+    )
+    up = gw.uplink
+    if up is not None:
+        doc["upstream"].update(
+            url=redact_url(up.url),  # the broker in use (upstream.mqtt.url may list several)
+            failovers=up.failovers,
+            last_error=up.last_error,
+            since_ts=up.since_ts,
+            messages=up.messages,
+            connections=up.connections,
+        )
+    if gw.commands is not None:
+        # messages refused before an id could be read (docs/COMMANDS.md)
+        doc["commands"] = {"malformed": gw.commands.malformed}
+    doc["devices"] = {name: h.status() for name, h in gw.health.items()}
+    doc["config"].update(
+        path=str(gw.config_path),
+        applied_ts=gw.config_applied_ts,
+        source=gw.config_source,
+        reloads=gw.reloads,
+        reload_ts=gw.reload_ts,
+        remote={
+            "enabled": gw.config.remote_config.enabled,
+            "state": gw.remote.state,
+        },
+    )
+    return doc
+
+
+def summary(gw: Gateway) -> str:
+    """One line for systemd's STATUS= and the logs."""
+    failing = sum(1 for h in gw.health.values() if h.state == "failing")
+    up = "connected" if gw.uplink and gw.uplink.connected else "offline"
+    pending = gw.last_stats.pending if gw.last_stats else 0
+    return f"{len(gw.health)} devices ({failing} failing), upstream {up}, {pending} readings pending"
+
+
+def history_doc(health: dict[str, DeviceHealth], timeline: Timeline, ts: int | None = None) -> dict[str, Any]:
+    """GET /api/history (docs/STATUS_API.md): the last hour of the gateway and of every device, the minutes
+    ending with the one of `ts`. Separate from /api/status because it is ~60 times larger (60 numbers per
+    point): the page fetches it once a minute, the status every 2 s."""
+    ts = now_ms() if ts is None else ts
+    doc = timeline.doc(ts)
+    doc["ts"] = ts
+    doc["devices"] = {name: h.trends(ts // STEP_MS) for name, h in health.items()}
+    return doc
