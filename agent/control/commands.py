@@ -38,11 +38,11 @@ from typing import Any
 import orjson
 
 from agent.config.base import Model
-from agent.pipeline import metrics
 from agent.config.modelkit import Field
 from agent.config.units import Duration, duration_field, parse_duration
 from agent.driver import Driver, PointSpec
 from agent.errors import DeviceError, FieldgateError, WriteRefused
+from agent.pipeline import metrics
 from agent.pipeline.health import DeviceHealth
 from agent.pipeline.reading import Value, now_ms
 from agent.safefiles import create_private
