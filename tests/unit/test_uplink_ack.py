@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -33,12 +33,15 @@ class RefusingStore:
         self.store = store
         self.refuse = refuse
         self.calls: list[tuple[list[int], str | None]] = []
+        self.probe: Callable[[], object] = lambda: None  # what a test wants to know at each ack call
+        self.probed: list[object] = []
         self.in_ack = asyncio.Event()
         self.release = asyncio.Event()
         self.release.set()
 
     async def ack(self, seqs: Sequence[int], lane: str | None = None) -> int:
         self.calls.append((list(seqs), lane))
+        self.probed.append(self.probe())
         self.in_ack.set()
         await self.release.wait()
         if self.refuse > 0:
@@ -138,6 +141,7 @@ async def test_flusher_retries_a_refused_delete_without_losing_or_reordering_a_s
 ) -> None:
     monkeypatch.setattr(uplink_module, "ACK_RETRY", 0.05)
     store = RefusingStore(buffer, refuse=2)
+    store.probe = lambda: [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     uplink = make_uplink(store, lane="primary")
     with caplog.at_level(logging.WARNING, logger=uplink_module.log.name):
         task = asyncio.create_task(uplink._ack_flusher())
@@ -155,9 +159,11 @@ async def test_flusher_retries_a_refused_delete_without_losing_or_reordering_a_s
     assert store.calls[2] == ([1, 2, 3], "primary")
     assert await pending(buffer) == [4, 5, 6, 7, 8, 9, 10]
     assert uplink._acks == []
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1  # said once per outage, not once per retry
-    assert "database or disk is full" in errors[0].getMessage()
+    # said at the first refusal (before the first retry), and once per outage, not once per retry
+    assert store.probed[0] == []
+    (error,) = store.probed[1]
+    assert "not yet deleted, will retry" in error and "database or disk is full" in error
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
     recovered = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(recovered) == 1 and "deleted again" in recovered[0].getMessage()
 

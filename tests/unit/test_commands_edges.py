@@ -1,0 +1,435 @@
+"""CommandProcessor edges that mutation testing found untested (docs/TESTING.md, "Mutation testing"):
+the stop-time drain, the local entry point `execute()` (made-up ids, expiry, in-flight and repeated ids),
+the re-check under the device lock, the exact results of refused and timed-out writes, the read-back of
+an unknown outcome, the audit's fields and bound, and the wording of refusals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from agent import commands as commands_module
+from agent.commands import OUTCOME_UNKNOWN, CommandEvent, CommandProcessor
+from agent.errors import WriteRefused
+from agent.health import DeviceHealth
+from agent.reading import Reading
+from tests.unit.test_commands import T0, Clock, FakeLamp, cmd, make
+
+
+@pytest.fixture
+def lamp() -> FakeLamp:
+    return FakeLamp()
+
+
+@pytest.fixture
+def health() -> dict[str, DeviceHealth]:
+    return {"lamp-1": DeviceHealth(driver="fake", state="ok")}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def proc(tmp_path: Path, lamp: FakeLamp, health: dict[str, DeviceHealth], clock: Clock) -> Any:
+    p = make(tmp_path, lamp, health, clock)
+    yield p
+    p.close()
+
+
+class CountingLamp(FakeLamp):
+    """FakeLamp that counts its reads, and can hold them (`read_gate`) or hang them (`read_hangs`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.read_hangs = False
+
+    async def read(self) -> list[Reading]:
+        self.reads += 1
+        if self.read_hangs:
+            await asyncio.Event().wait()
+        return await super().read()
+
+
+class StubbornLamp(FakeLamp):
+    """A driver that ignores its first cancellation (its write timeout) and so outlives `write_timeout`."""
+
+    async def write(self, point: str, value: Any) -> Any:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.Event().wait()  # cancelled again only by the drain
+        return value
+
+
+async def settle(condition: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.002)
+
+
+def executing_row(db_path: Path, key: str) -> tuple[Any, ...] | None:
+    conn = sqlite3.connect(db_path)
+    try:
+        row: tuple[Any, ...] | None = conn.execute(
+            "SELECT result, device, point FROM results WHERE id = ?", (key,)
+        ).fetchone()
+        return row
+    finally:
+        conn.close()
+
+
+# -- drain ---------------------------------------------------------------------------------------------
+
+
+async def test_drain_lets_a_write_in_progress_finish(
+    tmp_path: Path,
+    lamp: FakeLamp,
+    health: dict[str, DeviceHealth],
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    p = make(tmp_path, lamp, health, clock, write_timeout="5s")
+    try:
+        lamp.gate = asyncio.Event()
+        command = asyncio.create_task(p.handle(cmd(value=64)))
+        await settle(lambda: lamp.active == 1)
+        with caplog.at_level(logging.INFO, logger=commands_module.log.name):
+            drain = asyncio.create_task(p.drain())
+            await asyncio.sleep(0.01)
+            assert not drain.done()  # waiting for the write, not cancelling it
+            lamp.gate.set()
+            await drain
+        assert await command == {"id": "c1", "ok": True, "value": 64, "ts": T0}
+        assert lamp.writes == [("dim", 64)]
+        assert any("waiting for 1 command(s) in progress" in r.getMessage() for r in caplog.records)
+    finally:
+        p.close()
+
+
+async def test_drain_with_nothing_in_progress_returns_at_once(proc: CommandProcessor) -> None:
+    async with asyncio.timeout(1):
+        await proc.drain()
+
+
+async def test_drain_cancels_a_write_that_outlives_its_bound_and_keeps_it_executing(
+    tmp_path: Path, health: dict[str, DeviceHealth], clock: Clock
+) -> None:
+    lamp = StubbornLamp()
+    p = make(tmp_path, lamp, health, clock, write_timeout="50ms")
+    try:
+        command = asyncio.create_task(p.handle(cmd(id="stuck")))
+        await settle(lambda: executing_row(tmp_path / "commands.db", '"stuck"') is not None)
+        async with asyncio.timeout(10):  # bounded: write_timeout + 1 s, never forever
+            await p.drain()  # returns normally, the cancelled write is not an error of the stop
+        assert not p._running  # every write has ended when drain returns
+        assert command.done()
+        # Cancelled mid-write: the id stays executing, so after a restart a repeat is never written again.
+        assert executing_row(tmp_path / "commands.db", '"stuck"') == (None, "lamp-1", "dim")
+    finally:
+        p.close()
+
+
+# -- execute(): the local entry point ------------------------------------------------------------------
+
+
+async def test_made_up_ids_count_up_per_source_and_instant(proc: CommandProcessor) -> None:
+    first = await proc.execute("lamp-1", "on", True, source="schedule")
+    second = await proc.execute("lamp-1", "on", False, source="local")
+    assert (first["id"], second["id"]) == (f"schedule-{T0}-1", f"local-{T0}-2")
+    assert [e["id"] for e in proc.recent(2)] == [f"local-{T0}-2", f"schedule-{T0}-1"]
+
+
+async def test_execute_without_id_still_honours_expiry_and_override(
+    proc: CommandProcessor, lamp: FakeLamp
+) -> None:
+    events: list[CommandEvent] = []
+    proc.add_listener(events.append)
+    late = await proc.execute("lamp-1", "dim", 10, source="local", expires_ts=T0 - 5)
+    assert late["ok"] is False and late["error"] == f"expired: expires_ts {T0 - 5} is 5 ms in the past"
+    assert lamp.writes == []
+    done = await proc.execute("lamp-1", "dim", 10, source="schedule", override_s=900.0)
+    assert done["ok"] is True
+    assert [(e.source, e.override_s, e.ok) for e in events] == [("schedule", 900.0, True)]
+
+
+async def test_execute_with_an_id_in_flight_waits_for_its_result(
+    proc: CommandProcessor, lamp: FakeLamp
+) -> None:
+    lamp.gate = asyncio.Event()
+    first = asyncio.create_task(proc.execute("lamp-1", "dim", 20, source="local", command_id="L1"))
+    await settle(lambda: lamp.active == 1)
+    second = asyncio.create_task(proc.execute("lamp-1", "dim", 20, source="local", command_id="L1"))
+    await asyncio.sleep(0.01)
+    assert not second.done()  # the first attempt's result answers it
+    lamp.gate.set()
+    a, b = await asyncio.gather(first, second)
+    assert a == b == {"id": "L1", "ok": True, "value": 20, "ts": T0}
+    assert lamp.writes == [("dim", 20)]
+    latest = proc.recent(1)[0]
+    assert (latest["outcome"], latest["source"], latest["received_ts"], latest["result_value"]) == (
+        "duplicate",
+        "local",
+        T0,
+        20,
+    )
+
+
+async def test_execute_with_a_known_id_answers_from_the_database(
+    proc: CommandProcessor, lamp: FakeLamp
+) -> None:
+    first = await proc.execute("lamp-1", "dim", 30, source="local", command_id=17)
+    again = await proc.execute("lamp-1", "dim", 99, source="cli", command_id=17)
+    assert again == first == {"id": 17, "ok": True, "value": 30, "ts": T0}
+    assert lamp.writes == [("dim", 30)]
+    entry = proc.recent(1)[0]
+    assert (entry["outcome"], entry["source"], entry["id"], entry["value"]) == ("duplicate", "cli", 17, 99)
+
+
+async def test_an_unknown_outcome_without_a_stored_point_reads_back_the_requested_one(
+    tmp_path: Path, health: dict[str, DeviceHealth], clock: Clock
+) -> None:
+    lamp = CountingLamp()
+    p = make(tmp_path, lamp, health, clock)
+    try:
+        # A row of a commands.db written before results kept the device and point.
+        unknown = orjson.dumps({"id": "old", "ok": False, "error": OUTCOME_UNKNOWN}).decode()
+        p._conn().execute("INSERT INTO results (id, ts, result) VALUES (?, ?, ?)", ('"old"', T0, unknown))
+        lamp.values["dim"] = 33
+        answer = await p.execute("lamp-1", "dim", 80, source="local", command_id="old")
+        assert answer == {"id": "old", "ok": False, "error": OUTCOME_UNKNOWN, "value": 33, "ts": T0}
+        assert lamp.writes == []
+    finally:
+        p.close()
+
+
+# -- the re-check under the device lock ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("last_error", "said"), [("no answer from 10.0.0.7:502", None), (None, "no answer")])
+async def test_a_device_failing_while_a_command_waits_refuses_it(
+    proc: CommandProcessor,
+    lamp: FakeLamp,
+    health: dict[str, DeviceHealth],
+    last_error: str | None,
+    said: str | None,
+) -> None:
+    lamp.gate = asyncio.Event()
+    first = asyncio.create_task(proc.handle(cmd(id="a", value=1)))
+    await settle(lambda: lamp.active == 1)
+    queued = asyncio.create_task(proc.handle(cmd(id="b", value=2)))
+    await asyncio.sleep(0.01)
+    health["lamp-1"].state = "failing"  # the first write's failure marks the device failing meanwhile
+    health["lamp-1"].last_error = last_error
+    lamp.gate.set()
+    await first
+    result = await queued
+    assert result == {"id": "b", "ok": False, "error": f"device 'lamp-1' is failing: {said or last_error}"}
+    assert lamp.writes == [("dim", 1)]
+    assert proc.recent(1)[0]["outcome"] == "refused"
+
+
+# -- exact results of refused and timed-out writes -----------------------------------------------------
+
+
+async def test_a_write_the_device_refuses_is_a_failed_command(proc: CommandProcessor, lamp: FakeLamp) -> None:
+    events: list[CommandEvent] = []
+    proc.add_listener(events.append)
+    lamp.fail_with = WriteRefused("point 'dim' is locked by the local switch")
+    result = await proc.handle(cmd())
+    assert result == {"id": "c1", "ok": False, "error": "point 'dim' is locked by the local switch"}
+    assert proc.recent(1)[0]["outcome"] == "failed"
+    assert [e.ok for e in events] == [False]
+
+
+async def test_a_timed_out_write_is_a_failed_command(
+    tmp_path: Path, lamp: FakeLamp, health: dict[str, DeviceHealth], clock: Clock
+) -> None:
+    p = make(tmp_path, lamp, health, clock, write_timeout="20ms")
+    events: list[CommandEvent] = []
+    p.add_listener(events.append)
+    lamp.gate = asyncio.Event()
+    try:
+        result = await p.handle(cmd())
+        assert result == {
+            "id": "c1",
+            "ok": False,
+            "error": "no answer within 0.02s; the write may or may not have reached the device",
+        }
+        assert p.recent(1)[0]["outcome"] == "failed"
+        assert [e.ok for e in events] == [False]
+    finally:
+        p.close()
+
+
+# -- read-back of an unknown outcome ------------------------------------------------------------------
+
+
+async def unknown_outcome(p: CommandProcessor, lamp: FakeLamp, command_id: str = "u1") -> None:
+    """Leave `command_id` with an unknown outcome (a driver bug during its write)."""
+    lamp.fail_with = ZeroDivisionError("bug in a driver")
+    await p.handle(cmd(id=command_id))
+    lamp.fail_with = None
+
+
+async def test_read_back_of_a_point_the_device_no_longer_has_reads_nothing(
+    tmp_path: Path, health: dict[str, DeviceHealth], clock: Clock
+) -> None:
+    lamp = CountingLamp()
+    p = make(tmp_path, lamp, health, clock)
+    try:
+        await unknown_outcome(p, lamp)
+        p._conn().execute("UPDATE results SET point = 'gone' WHERE id = '\"u1\"'")
+        reads = lamp.reads
+        answer = await p.handle(cmd(id="u1"))
+        assert answer == {"id": "u1", "ok": False, "error": OUTCOME_UNKNOWN}
+        assert lamp.reads == reads  # no request for a point it does not have
+    finally:
+        p.close()
+
+
+async def test_read_back_of_a_device_no_longer_configured_is_answered_without_value(
+    tmp_path: Path, lamp: FakeLamp, health: dict[str, DeviceHealth], clock: Clock
+) -> None:
+    p = make(tmp_path, lamp, health, clock)
+    try:
+        await unknown_outcome(p, lamp)
+        p._conn().execute("UPDATE results SET device = 'lamp-9' WHERE id = '\"u1\"'")
+        assert await p.handle(cmd(id="u1")) == {"id": "u1", "ok": False, "error": OUTCOME_UNKNOWN}
+        assert lamp.writes == []
+    finally:
+        p.close()
+
+
+async def test_read_back_waits_for_the_write_in_progress_on_the_device(
+    tmp_path: Path, lamp: FakeLamp, health: dict[str, DeviceHealth], clock: Clock
+) -> None:
+    p = make(tmp_path, lamp, health, clock)
+    try:
+        await unknown_outcome(p, lamp)
+        lamp.gate = asyncio.Event()
+        writing = asyncio.create_task(p.handle(cmd(id="w", value=77)))
+        await settle(lambda: lamp.active == 1)
+        repeat = asyncio.create_task(p.handle(cmd(id="u1")))
+        await asyncio.sleep(0.01)
+        assert not repeat.done()  # the read-back queues behind the write like any other request
+        lamp.gate.set()
+        await writing
+        assert await repeat == {"id": "u1", "ok": False, "error": OUTCOME_UNKNOWN, "value": 77, "ts": T0}
+    finally:
+        p.close()
+
+
+async def test_read_back_that_hangs_is_bounded_and_logged(
+    tmp_path: Path, health: dict[str, DeviceHealth], clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    lamp = CountingLamp()
+    p = make(tmp_path, lamp, health, clock, write_timeout="30ms")
+    try:
+        await unknown_outcome(p, lamp)
+        lamp.read_hangs = True
+        with caplog.at_level(logging.WARNING, logger=commands_module.log.name):
+            async with asyncio.timeout(10):
+                answer = await p.handle(cmd(id="u1"))
+        assert answer == {"id": "u1", "ok": False, "error": OUTCOME_UNKNOWN}
+        (warning,) = [r.getMessage() for r in caplog.records if "read-back" in r.getMessage()]
+        assert warning.startswith("command u1: read-back of lamp-1.dim failed: ")
+    finally:
+        p.close()
+
+
+async def test_read_back_of_an_unknown_outcome_reports_the_value_now(
+    tmp_path: Path, lamp: FakeLamp, health: dict[str, DeviceHealth], clock: Clock
+) -> None:
+    p = make(tmp_path, lamp, health, clock)
+    try:
+        await unknown_outcome(p, lamp)
+        lamp.values["dim"] = 12
+        lamp.values["on"] = True
+        clock.ts = T0 + 1000
+        answer = await p.handle(cmd(id="u1"))
+        assert answer == {"id": "u1", "ok": False, "error": OUTCOME_UNKNOWN, "value": 12, "ts": T0 + 1000}
+    finally:
+        p.close()
+
+
+# -- the audit -----------------------------------------------------------------------------------------
+
+
+async def test_audit_entries_carry_every_field(
+    proc: CommandProcessor, lamp: FakeLamp, clock: Clock, tmp_path: Path
+) -> None:
+    await proc.handle(cmd(id="a1", value=5))
+    clock.ts = T0 + 250
+    await proc.handle(cmd(id="a2", value=6))
+    newest, oldest = proc.recent(2)
+    assert newest == {
+        "seq": oldest["seq"] + 1,
+        "received_ts": T0 + 250,
+        "done_ts": T0 + 250,
+        "source": "mqtt",
+        "id": "a2",
+        "device": "lamp-1",
+        "point": "dim",
+        "value": 6,
+        "outcome": "executed",
+        "error": None,
+        "result_value": 6,
+    }
+
+
+async def test_recent_defaults_to_fifty_and_honours_its_limit(proc: CommandProcessor) -> None:
+    for i in range(60):
+        await proc.handle(cmd(id=f"r{i}", value=i % 100))
+    assert len(proc.recent()) == 50
+    assert [e["id"] for e in proc.recent(3)] == ["r59", "r58", "r57"]
+    conn = sqlite3.connect(proc.db_path)
+    try:
+        assert len(commands_module.read_audit(conn)) == 50
+    finally:
+        conn.close()
+
+
+async def test_a_structured_value_is_audited_by_its_kind_only(proc: CommandProcessor) -> None:
+    refused = await proc.handle(cmd(id="s1", value={"level": 5}))
+    assert refused is not None and refused["ok"] is False
+    assert proc.recent(1)[0]["value"] == "<an object>"
+    await proc.handle(cmd(id="s2", value=[1, 2]))
+    assert proc.recent(1)[0]["value"] == "<an array>"
+    await proc.handle(cmd(id="s3", value=8))
+    await proc.handle(cmd(id="s3", value=9))  # a duplicate keeps a scalar as it is
+    assert [e["value"] for e in proc.recent(2)] == [9, 8]
+
+
+# -- wording of refusals -------------------------------------------------------------------------------
+
+
+async def test_refusals_name_what_they_got(proc: CommandProcessor) -> None:
+    long_label = "x" * 200
+    on = await proc.execute("lamp-1", "on", long_label, source="local")
+    assert on["error"] == "point 'on' expects true or false, got " + f"the string {long_label!r}"[:80]
+    raw = await proc.execute("lamp-1", "on", b"\x01", source="local")
+    assert raw["error"] == "point 'on' expects true or false, got bytes"
+    inf = await proc.execute("lamp-1", "setpoint", float("inf"), source="local")
+    assert inf["error"] == "point 'setpoint' expects a finite number"
+    await proc.handle(orjson.dumps({"id": {"n": 1}}))
+    assert proc.recent(1)[0]["error"] == "'id' must be a string or an integer, got an object"
+    await proc.handle(orjson.dumps({"id": [1]}))
+    assert proc.recent(1)[0]["error"] == "'id' must be a string or an integer, got an array"
+
+
+async def test_the_bounds_themselves_are_accepted(proc: CommandProcessor, lamp: FakeLamp) -> None:
+    assert (await proc.execute("lamp-1", "dim", 100, source="local"))["ok"] is True
+    assert (await proc.execute("lamp-1", "dim", 0, source="local"))["ok"] is True
+    assert (await proc.execute("lamp-1", "setpoint", 10.5, source="local"))["ok"] is True
+    assert (await proc.execute("lamp-1", "setpoint", -10.5, source="local"))["ok"] is True
+    assert lamp.writes == [("dim", 100), ("dim", 0), ("setpoint", 10.5), ("setpoint", -10.5)]
