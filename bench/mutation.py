@@ -11,7 +11,8 @@ It needs mutmut (`.venv/bin/pip install -e '.[mutation]'`). Each module runs in 
 tree, build/mutation/<module>/ (agent/, drivers/, tests/ and pyproject.toml with a generated `[tool.mutmut]`
 section naming the one file to mutate and the module's tests), so the modules' runs have different test
 selections, mutmut's `mutants/` directory never lands in the worktree, and a rerun starts from scratch
-(`--keep` reuses the previous run's results: mutmut then only reruns what changed). Each module's run is
+(`--keep` reuses the previous run's results: mutmut then only reruns what changed;
+`--retest-survivors` reruns only the mutants the previous run did not kill, after tests were added). Each module's run is
 bounded by `--budget` seconds; at the end it is interrupted and the mutants not tried are reported as
 `not_checked` (the score is then of a partial run, and says so).
 
@@ -23,6 +24,7 @@ docs/TESTING.md), mutants no selected test reaches, and the score = (killed + ti
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -134,10 +136,32 @@ def prepare(target: Target, keep: bool) -> Path:
     return work
 
 
-def run_target(target: Target, max_children: int, budget: float, keep: bool) -> dict[str, Any]:
+def previous_results(target: Target) -> dict[str, int | None]:
+    meta_path = SCRATCH / target.name / "mutants" / (target.path + ".meta")
+    if not meta_path.exists():
+        return {}
+    codes: dict[str, int | None] = json.loads(meta_path.read_text())["exit_code_by_key"]
+    if target.functions:
+        codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, g) for g in target.functions)}
+    return codes
+
+
+def run_target(
+    target: Target, max_children: int, budget: float, keep: bool, retest: bool = False
+) -> dict[str, Any]:
+    selection = list(target.functions)
+    if retest:
+        # Only the mutants not killed last time: the code is unchanged (mutmut would notice otherwise and
+        # regenerate), so a killed mutant stays killed, and the tests added since get their chance.
+        keep = True
+        selection = [
+            k for k, v in previous_results(target).items() if STATUS.get(v) not in ("killed", "timeout")
+        ]
+        if not selection:
+            selection = list(target.functions)
     work = prepare(target, keep)
     log_path = work / "mutmut.log"
-    cmd = [str(mutmut_exe()), "run", "--max-children", str(max_children), *target.functions]
+    cmd = [str(mutmut_exe()), "run", "--max-children", str(max_children), *selection]
     started = time.monotonic()
     interrupted = False
     with log_path.open("w") as log:
@@ -161,8 +185,6 @@ def run_target(target: Target, max_children: int, budget: float, keep: bool) -> 
     meta = json.loads(meta_path.read_text())
     codes: dict[str, int | None] = meta["exit_code_by_key"]
     if target.functions:
-        import fnmatch
-
         codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, g) for g in target.functions)}
     by_status: dict[str, list[str]] = {}
     for name, code in sorted(codes.items()):
@@ -220,6 +242,11 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--budget", type=float, default=1500, help="seconds per module (default 1500)")
     parser.add_argument("--keep", action="store_true", help="reuse the previous run's results (incremental)")
+    parser.add_argument(
+        "--retest-survivors",
+        action="store_true",
+        help="rerun only the previous run's surviving and unchecked mutants (after adding tests)",
+    )
     parser.add_argument("--json", type=Path, help="also write the JSON to this file")
     args = parser.parse_args()
     names = args.modules or list(TARGETS)
@@ -230,7 +257,9 @@ def main() -> None:
     results = []
     for name in names:
         print(f"bench.mutation: {name} ...", file=sys.stderr, flush=True)
-        results.append(run_target(TARGETS[name], args.max_children, args.budget, args.keep))
+        results.append(
+            run_target(TARGETS[name], args.max_children, args.budget, args.keep, args.retest_survivors)
+        )
     doc = {"tool": "mutmut " + _mutmut_version(), "max_children": args.max_children, "modules": results}
     text = json.dumps(doc, indent=2, ensure_ascii=False)
     print(text)

@@ -122,15 +122,18 @@ async def test_drain_with_nothing_in_progress_returns_at_once(proc: CommandProce
 
 
 async def test_drain_cancels_a_write_that_outlives_its_bound_and_keeps_it_executing(
-    tmp_path: Path, health: dict[str, DeviceHealth], clock: Clock
+    tmp_path: Path, health: dict[str, DeviceHealth], clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     lamp = StubbornLamp()
     p = make(tmp_path, lamp, health, clock, write_timeout="50ms")
     try:
         command = asyncio.create_task(p.handle(cmd(id="stuck")))
         await settle(lambda: executing_row(tmp_path / "commands.db", '"stuck"') is not None)
-        async with asyncio.timeout(10):  # bounded: write_timeout + 1 s, never forever
-            await p.drain()  # returns normally, the cancelled write is not an error of the stop
+        with caplog.at_level(logging.ERROR):
+            async with asyncio.timeout(10):  # bounded: write_timeout + 1 s, never forever
+                await p.drain()  # returns normally, the cancelled write is not an error of the stop
+            await asyncio.sleep(0)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
         assert not p._running  # every write has ended when drain returns
         assert command.done()
         # Cancelled mid-write: the id stays executing, so after a restart a repeat is never written again.
@@ -433,3 +436,157 @@ async def test_the_bounds_themselves_are_accepted(proc: CommandProcessor, lamp: 
     assert (await proc.execute("lamp-1", "setpoint", 10.5, source="local"))["ok"] is True
     assert (await proc.execute("lamp-1", "setpoint", -10.5, source="local"))["ok"] is True
     assert lamp.writes == [("dim", 100), ("dim", 0), ("setpoint", 10.5), ("setpoint", -10.5)]
+
+
+# -- _run: the audit id, the unknown outcome, listeners -------------------------------------------------
+
+
+async def test_a_string_id_that_looks_like_a_number_stays_a_string(proc: CommandProcessor) -> None:
+    result = await proc.handle(cmd(id="7"))
+    assert result is not None and result["id"] == "7"
+    assert proc.recent(1)[0]["id"] == "7"
+
+
+async def test_an_unknown_outcome_is_audited_and_recorded_once(
+    tmp_path: Path,
+    lamp: FakeLamp,
+    health: dict[str, DeviceHealth],
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    p = make(tmp_path, lamp, health, clock)
+    try:
+        with caplog.at_level(logging.ERROR, logger=commands_module.log.name):
+            await unknown_outcome(p, lamp)
+        entry = p.recent(1)[0]
+        assert {k: entry[k] for k in ("id", "device", "point", "value", "outcome", "error", "source")} == {
+            "id": "u1",
+            "device": "lamp-1",
+            "point": "dim",
+            "value": 50,
+            "outcome": "unknown",
+            "error": OUTCOME_UNKNOWN,
+            "source": "mqtt",
+        }
+        assert any(
+            '"u1" on lamp-1.dim: unexpected error during the write' in r.getMessage() for r in caplog.records
+        )
+    finally:
+        p.close()
+    # Its outcome is already recorded: a restart finds nothing interrupted.
+    again = make(tmp_path, lamp, health, clock)
+    try:
+        assert [e["outcome"] for e in again.recent()] == ["unknown"]
+    finally:
+        again.close()
+
+
+async def test_listeners_learn_device_point_and_time(
+    proc: CommandProcessor, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[CommandEvent] = []
+
+    def broken(event: CommandEvent) -> None:
+        raise RuntimeError("listener bug")
+
+    proc.add_listener(broken)
+    proc.add_listener(events.append)
+    clock.ts = T0 + 42
+    with caplog.at_level(logging.ERROR, logger=commands_module.log.name):
+        result = await proc.handle(cmd(id="ev", point="on", value=True))
+    assert result == {"id": "ev", "ok": True, "value": True, "ts": T0 + 42}  # the write stands
+    assert events == [CommandEvent("lamp-1", "on", "mqtt", True, T0 + 42, None)]
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.getMessage() == 'command "ev": a listener failed'
+    assert error.exc_info is not None
+
+
+async def test_a_failed_write_is_audited_with_its_error_and_point(
+    proc: CommandProcessor, lamp: FakeLamp
+) -> None:
+    lamp.fail_with = WriteRefused("locked")
+    await proc.handle(cmd(id="f1", point="setpoint", value=1.5))
+    entry = proc.recent(1)[0]
+    assert (entry["point"], entry["outcome"], entry["error"], entry["result_value"]) == (
+        "setpoint",
+        "failed",
+        "locked",
+        None,
+    )
+
+
+async def test_a_successful_command_logs_no_error(
+    proc: CommandProcessor, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        assert (await proc.handle(cmd()))["ok"] is True  # type: ignore[index]
+        await asyncio.sleep(0)  # the task's done callback
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_processor_closed_under_a_write_answers_an_internal_error_and_logs_it(
+    tmp_path: Path,
+    lamp: FakeLamp,
+    health: dict[str, DeviceHealth],
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    p = make(tmp_path, lamp, health, clock)
+    lamp.gate = asyncio.Event()
+    command = asyncio.create_task(p.handle(cmd(id="late")))
+    await settle(lambda: lamp.active == 1)
+    p.close()  # the result can no longer be stored
+    with caplog.at_level(logging.ERROR, logger=commands_module.log.name):
+        lamp.gate.set()
+        result = await command
+        await asyncio.sleep(0)
+    assert result == {"id": "late", "ok": False, "error": "internal error in the gateway (see its log)"}
+    failed = [r for r in caplog.records if r.getMessage() == "command task failed"]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+
+
+# -- _validate ----------------------------------------------------------------------------------------
+
+# A clock this many whole days before the end a schedule can hold: the limit falls exactly on a day.
+DAYS_LEFT = 2_912_293
+
+
+async def test_an_override_must_end_before_the_year_9999(
+    proc: CommandProcessor, clock: Clock, lamp: FakeLamp
+) -> None:
+    clock.ts = commands_module.OVERRIDE_LIMIT_MS - DAYS_LEFT * 86_400_000
+    too_long = await proc.handle(cmd(id="o1", override=f"{DAYS_LEFT + 1}d"))
+    assert too_long == {
+        "id": "o1",
+        "ok": False,
+        "error": "'override' is longer than a schedule can hold: it must end before 9999-12-30"
+        f" (at most {DAYS_LEFT}d from now)",
+    }
+    assert lamp.writes == []
+    longest = await proc.handle(cmd(id="o2", override=f"{DAYS_LEFT}d"))  # ends exactly on the limit
+    assert longest is not None and longest["ok"] is True
+    clock.ts += 1
+    assert (await proc.handle(cmd(id="o3", override=f"{DAYS_LEFT}d")))["ok"] is False  # type: ignore[index]
+    one_hour = await proc.execute("lamp-1", "dim", 5, source="local", override_s=3600.0)
+    assert one_hour["ok"] is True
+
+
+async def test_an_unknown_point_without_a_close_name_gets_no_hint(proc: CommandProcessor) -> None:
+    result = await proc.handle(cmd(point="zzz"))
+    assert result == {"id": "c1", "ok": False, "error": "unknown point 'zzz' on device 'lamp-1'"}
+
+
+async def test_a_failing_device_refuses_at_once_even_behind_a_write_in_progress(
+    proc: CommandProcessor, lamp: FakeLamp, health: dict[str, DeviceHealth]
+) -> None:
+    lamp.gate = asyncio.Event()
+    first = asyncio.create_task(proc.handle(cmd(id="slow", value=1)))
+    await settle(lambda: lamp.active == 1)
+    health["lamp-1"].state = "failing"
+    health["lamp-1"].last_error = "timeout"
+    async with asyncio.timeout(10):
+        refused = await proc.handle(cmd(id="next", value=2))  # not queued behind the slow write
+    assert refused == {"id": "next", "ok": False, "error": "device 'lamp-1' is failing: timeout"}
+    assert not first.done()
+    lamp.gate.set()
+    await first
