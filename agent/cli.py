@@ -31,6 +31,7 @@ VERBS = [
     "reload",
     "diff",
     "migrate",
+    "fleet",
 ]
 
 

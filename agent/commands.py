@@ -44,7 +44,7 @@ from agent.health import DeviceHealth
 from agent.modelkit import Field
 from agent.reading import Value, now_ms
 from agent.safefiles import create_private
-from agent.units import Duration, parse_duration
+from agent.units import Duration, duration_field, parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,20 @@ OVERRIDE_LIMIT_MS = 253_402_128_000_000  # 9999-12-30T00:00:00Z
 class CommandsConfig(Model):
     """The `commands:` section: how long ids are remembered and how much audit is kept."""
 
-    result_retention: Duration = Field(
+    result_retention: Duration = duration_field(
         86400.0,
+        "1m",
+        "30d",
         description="how long a command's result is remembered to answer a repeated id without executing",
     )
     audit_max_rows: int = Field(
         10000, ge=10, le=10_000_000, description="audit rows kept; the oldest go first"
     )
-    write_timeout: Duration = Field(
-        10.0, description="longest a device write (with its read-back) may take before the command fails"
+    write_timeout: Duration = duration_field(
+        10.0,
+        "10ms",
+        "5m",
+        description="longest a device write (with its read-back) may take before the command fails",
     )
 
 

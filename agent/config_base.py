@@ -5,14 +5,35 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from agent.modelkit import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
-from agent.units import Duration
+from agent.modelkit import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from agent.units import Duration, bound_problem, duration_field
 
 
 class Model(BaseModel):
     """A config section: strict about unknown keys, immutable once loaded."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: .nan and .inf are YAML floats; no field of the config means them (a nan scale or deadband
+    # would make every value nan, an infinite duration a timer that never fires).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _within_bounds(cls, value: Any, info: Any) -> Any:
+        """Durations and sizes declared with units.duration_field / size_field stay within their bounds."""
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and field.json_schema_extra is not None:
+            problem = bound_problem(field.json_schema_extra, value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
 
 # --- edge processing options (docs/EDGE_PROCESSING.md), shared by devices, points and profiles --------------
@@ -28,8 +49,8 @@ def parse_deadband(value: Any) -> float | str:
     if isinstance(value, bool):
         raise ValueError("a deadband is a number (absolute, e.g. 0.5) or a percentage (relative, e.g. '2%')")
     if isinstance(value, int | float):
-        if value < 0 or value != value:
-            raise ValueError("a deadband cannot be negative")
+        if value < 0 or value != value or value == float("inf"):
+            raise ValueError("a deadband cannot be negative, nan or infinite")
         return float(value)
     if isinstance(value, str):
         m = _RELATIVE.match(value)
@@ -53,7 +74,9 @@ Deadband = Annotated[
 class AggregateConfig(Model):
     """Windowed aggregates of a point, aligned on the clock, sent instead of its raw values."""
 
-    window: Duration = Field(description="window length, aligned on the clock (1m windows end at :00)")
+    window: Duration = duration_field(
+        ..., "1s", "1d", description="window length, aligned on the clock (1m windows end at :00)"
+    )
     functions: list[AggregateFunction] = Field(
         default_factory=lambda: list(DEFAULT_FUNCTIONS),
         min_length=1,
@@ -74,8 +97,12 @@ class ReportOptions(Model):
 
     report: ReportMode | None = Field(None, description="always | on_change | deadband; default always")
     deadband: Deadband | None = Field(None, description="0.5 (absolute) or '2%' (relative): report: deadband")
-    heartbeat: Duration | None = Field(
-        None, description="longest time without sending an unchanged value (default 15m)"
+    heartbeat: Duration | None = duration_field(
+        None,
+        "1s",
+        "7d",
+        zero_off=True,
+        description="longest time without sending an unchanged value (default 15m)",
     )
     aggregate: AggregateConfig | None = None
 
@@ -95,9 +122,13 @@ class DeviceConfigBase(Model):
     """Fields every device has, whatever its driver. Drivers narrow `driver` to a Literal of their name."""
 
     driver: str
-    poll: Duration = Field(10.0, description="time between two reads of the device (polled drivers)")
-    timeout: Duration | None = Field(
+    poll: Duration = duration_field(
+        10.0, "10ms", "1d", description="time between two reads of the device (polled drivers)"
+    )
+    timeout: Duration | None = duration_field(
         None,
+        "10ms",
+        "1h",
         description="longest time one read cycle may take, queueing on a shared bus included; "
         "default: 3 x poll, between 10s and 60s",
     )
@@ -106,8 +137,12 @@ class DeviceConfigBase(Model):
         None, description="always | on_change | deadband, for every point of the device; default always"
     )
     deadband: Deadband | None = Field(None, description="0.5 (absolute) or '2%' (relative): report: deadband")
-    heartbeat: Duration | None = Field(
-        None, description="longest time without sending an unchanged value (default 15m)"
+    heartbeat: Duration | None = duration_field(
+        None,
+        "1s",
+        "7d",
+        zero_off=True,
+        description="longest time without sending an unchanged value (default 15m)",
     )
     aggregate: AggregateConfig | None = Field(None, description="windowed aggregates instead of raw values")
     processing: dict[str, ReportOptions] = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import stat
 import types
 import typing
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent.config import FieldgateConfig
 from agent.errors import ConfigError
-from agent.safefiles import kind_of, present, read_regular
+from agent.safefiles import MAX_FILE_BYTES, kind_of, present, read_regular
 from agent.validate import file_hash
 
 Loc = tuple[str | int, ...]
@@ -67,10 +68,95 @@ def _mark(node: yaml.Node, file: str) -> Mark:
     return Mark(file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _to_python(
-    node: yaml.Node, loc: Loc, pos: Positions, file: str, problems: list[str], ctor: yaml.SafeLoader
-) -> Any:
+# --- bounds on what a file may cost (docs/SPEC.md §2, "What a broken or hostile file costs") -------------
+# Every file the loader reads is bounded before and while it is parsed, so that a broken or hostile file (a
+# remote config is text from the network) gives positioned problems in well under 2 s and 100 MiB, never a
+# traceback: see tests/unit/test_loader_hostile.py and bench/bench_config_hostile.py for the figures.
+MAX_DEPTH = 64  # nesting levels; a config needs about 8 (devices.NAME.points.NAME.aggregate.functions)
+MAX_VALUES = 250_000  # values of a file, aliases expanded
+MAX_EVENTS = 200_000  # parser events (values, keys, collection ends); 100 devices x 100 points: 131k
+PRESCAN_BYTES = 64 * 1024  # a larger file's events are counted before its nodes are built (about 600 B each)
+MAX_ALIAS_VALUES = 20_000  # values reached again through aliases (*name): a billion-laughs bomb stops here
+MAX_PURE_PYTHON_BYTES = 256 * 1024  # the pure-Python parser re-reads a refused file only up to this size
+# YAML 1.1 §5.1 (as PyYAML's reader): what a YAML stream may hold; C0 controls but TAB/LF/CR, DEL, C1 but NEL.
+_NON_PRINTABLE = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# The tags a config value may have: what JSON has. Timestamps (an unquoted 2024-01-01) are read as their text.
+_PLAIN_TAGS = {
+    "tag:yaml.org,2002:str",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null",
+}
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+_CHAR_NAMES = {0: "NUL", 0x1B: "ESC", 0x7F: "DEL", 0x08: "BS", 0x0C: "FF", 0x0B: "VT"}
+
+
+class _Walk:
+    """One file's node tree -> Python data and positions, within the depth and value budgets."""
+
+    def __init__(self, pos: Positions, file: str, problems: list[str], ctor: yaml.SafeLoader) -> None:
+        self.pos = pos
+        self.file = file
+        self.problems = problems
+        self.ctor = ctor
+        self.values = 0
+        self.seen: set[int] = set()  # the nodes visited: an alias is the same node object, visited again
+        self.again = 0
+        self.over_budget = False
+
+    def value(self, node: yaml.Node, loc: Loc, depth: int) -> Any:
+        if self.over_budget:
+            return None
+        self.values += 1
+        if id(node) in self.seen:
+            self.again += 1
+        else:
+            self.seen.add(id(node))
+        if self.values > MAX_VALUES or self.again > MAX_ALIAS_VALUES:
+            self.over_budget = True
+            self.problems.append(
+                f"{_mark(node, self.file)}: {_dotted(loc[:4])}: the document holds more than "
+                f"{MAX_VALUES} values, or more than {MAX_ALIAS_VALUES} through aliases (*name); "
+                "a config needs far fewer"
+            )
+            return None
+        if depth > MAX_DEPTH and isinstance(node, yaml.CollectionNode):
+            self.over_budget = True
+            self.problems.append(
+                f"{_mark(node, self.file)}: {_dotted(loc[:4])}...: nested more than {MAX_DEPTH} levels deep"
+            )
+            return None
+        return _to_python(node, loc, self, depth)
+
+
+def _scalar(node: yaml.Node, loc: Loc, walk: _Walk) -> Any:
+    tag = node.tag
+    if tag == _TIMESTAMP_TAG and isinstance(node.value, str):
+        return node.value  # a date is text to every field of the config
+    if tag not in _PLAIN_TAGS:
+        walk.problems.append(
+            f"{_mark(node, walk.file)}: {_dotted(loc)}: YAML tag {tag} is not supported "
+            "(a config value is a string, number, boolean or null)"
+        )
+        return None
+    try:
+        return walk.ctor.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:  # e.g. an int too long to convert
+        walk.problems.append(f"{_mark(node, walk.file)}: {_dotted(loc)}: unreadable value: {str(exc)[:200]}")
+        return None
+
+
+def _to_python(node: yaml.Node, loc: Loc, walk: _Walk, depth: int) -> Any:
+    pos, file, problems = walk.pos, walk.file, walk.problems
     pos.values[loc] = _mark(node, file)
+    if isinstance(node, yaml.CollectionNode) and node.tag not in _COLLECTION_TAGS:
+        problems.append(
+            f"{_mark(node, file)}: {_dotted(loc)}: YAML tag {node.tag} is not supported "
+            "(a config value is a mapping, a list, a string, a number, a boolean or null)"
+        )
+        return None
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -82,18 +168,18 @@ def _to_python(
             # Keys are names: take the text as written, so that a point called `on` (YAML 1.1 would read
             # it as the boolean true) stays the point "on".
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if not isinstance(key, str):
+            if not isinstance(key, str) or key_node.tag not in (*_PLAIN_TAGS, _TIMESTAMP_TAG):
                 problems.append(f"{_mark(key_node, file)}: {_dotted(loc)}: keys must be plain strings")
                 continue
             if key in out:
                 problems.append(f"{_mark(key_node, file)}: {_dotted((*loc, key))}: duplicate key")
                 continue
             pos.keys[(*loc, key)] = _mark(key_node, file)
-            out[key] = _to_python(value_node, (*loc, key), pos, file, problems, ctor)
+            out[key] = walk.value(value_node, (*loc, key), depth + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(child, (*loc, i), pos, file, problems, ctor) for i, child in enumerate(node.value)]
-    return ctor.construct_object(node, deep=True)
+        return [walk.value(child, (*loc, i), depth + 1) for i, child in enumerate(node.value)]
+    return _scalar(node, loc, walk)
 
 
 def _dotted(loc: Loc) -> str:
@@ -108,23 +194,99 @@ def load_yaml(path: Path, pos: Positions, base: Loc = ()) -> tuple[Any, list[str
     except (OSError, ValueError) as exc:
         return None, [f"{file}:1:1: (file): cannot read: {getattr(exc, 'strerror', None) or exc}"]
     _consulted[os.path.abspath(path)] = file_hash(raw)  # the bytes this result comes from
-    text = raw.decode("utf-8")
+    return parse_yaml(raw, file, pos, base)
+
+
+def _position(text: str, index: int) -> tuple[int, int]:
+    """1-based line and column of character `index` of `text`."""
+    line_start = text.rfind("\n", 0, index) + 1
+    return text.count("\n", 0, index) + 1, index - line_start + 1
+
+
+def _decode(raw: bytes, file: str) -> tuple[str | None, str | None]:
+    """The text of a config file (UTF-8, as YAML 1.2 and SPEC §2 say), or a positioned problem."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
+        return None, f"{file}:1:1: (file): the file is UTF-16 or UTF-32 (byte order mark); save it as UTF-8"
     try:
-        try:
-            node = yaml.compose(text, Loader=_FastLoader)
-        except yaml.MarkedYAMLError:
-            node = yaml.compose(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else f"{file}:1:1"
-        return None, [f"{where}: (syntax): {exc.problem or exc.context}"]
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = raw[: exc.start].decode("utf-8", "replace")
+        line, col = _position(before, len(before))
+        return None, (
+            f"{file}:{line}:{col}: (file): byte 0x{raw[exc.start]:02x} is not UTF-8; save the file as UTF-8"
+        )
+    bad = _NON_PRINTABLE.search(text)
+    if bad is not None:
+        line, col = _position(text, bad.start())
+        code = ord(bad.group())
+        name = _CHAR_NAMES.get(code, "a control character")
+        return None, (
+            f"{file}:{line}:{col}: (file): character U+{code:04X} ({name}) is not allowed in a YAML file"
+        )
+    return text, None
+
+
+def parse_yaml(raw: bytes, file: str, pos: Positions, base: Loc = ()) -> tuple[Any, list[str]]:
+    """The bytes of one YAML file -> (data, problems), positions recorded under `base`. Never raises: a file
+    that is too large, not UTF-8, too deep or too expanding is a problem at a FILE:LINE:COL."""
+    if len(raw) > MAX_FILE_BYTES:
+        return None, [
+            f"{file}:1:1: (file): {len(raw)} bytes; a config file is at most {MAX_FILE_BYTES // 1024**2} MiB"
+        ]
+    text, problem = _decode(raw, file)
+    if text is None:
+        return None, [problem or f"{file}:1:1: (file): unreadable"]
+    try:
+        if len(raw) > PRESCAN_BYTES:
+            count = _count_events(text)
+            if count > MAX_EVENTS:
+                return None, [
+                    f"{file}:1:1: (file): more than {MAX_EVENTS} YAML values, keys and collections; "
+                    "a config needs far fewer"
+                ]
+        node = yaml.compose(text, Loader=_FastLoader)
+    except yaml.MarkedYAMLError as fast_exc:
+        node, problem = None, _syntax_problem(fast_exc, file)
+        nesting = "nesting depth" in problem  # libyaml's bound (1000 levels): the Python parser would recurse
+        if _FastLoader is not _Loader and len(raw) <= MAX_PURE_PYTHON_BYTES and not nesting:
+            try:  # the pure-Python parser's messages are the documented ones
+                node = yaml.compose(text, Loader=_Loader)
+            except yaml.MarkedYAMLError as exc:
+                problem = _syntax_problem(exc, file)
+            except RecursionError:  # a file nested beyond libyaml's bound (1000 levels): its message stays
+                pass
+        if node is None:
+            return None, [problem]
+    except yaml.YAMLError as exc:  # no position (the reader checks were done above): never expected
+        return None, [f"{file}:1:1: (syntax): {str(exc)[:300]}"]
+    except RecursionError:  # the pure-Python parser (no libyaml) on a deeply nested file
+        return None, [f"{file}:1:1: (syntax): nested more than {MAX_DEPTH} levels deep"]
     if node is None:
+        pos.values.setdefault(base, Mark(file, 1, 1))
         return {}, []
     problems: list[str] = []
     # One constructor for the whole file: making one per scalar took most of the load time (and memory
     # churn) of a large config (100 devices x 100 points: 1.2 s).
-    data = _to_python(node, base, pos, file, problems, _Loader(""))
+    walk = _Walk(pos, file, problems, _Loader(""))
+    data = walk.value(node, base, len(base))
     return data, problems
+
+
+def _count_events(text: str) -> int:
+    """The parser events of `text`, up to just past MAX_EVENTS, without building its nodes."""
+    count = 0
+    for _ in yaml.parse(text, Loader=_FastLoader):
+        count += 1
+        if count > MAX_EVENTS:
+            break
+    return count
+
+
+def _syntax_problem(exc: yaml.MarkedYAMLError, file: str) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else f"{file}:1:1"
+    what = " ".join(str(exc.problem or exc.context).split())
+    return f"{where}: (syntax): {what}"
 
 
 # --- profiles -------------------------------------------------------------------------------------------
@@ -448,7 +610,7 @@ def load_config(path: Path, *, remote: bool = False) -> FieldgateConfig:
     pos = Positions()
     data, problems = load_yaml(path, pos)
     if data is None or problems:
-        raise ConfigError(problems or [f"{path}:1:1: (file): empty"])
+        raise ConfigError(problems or [f"{path}:1:1: (file): unreadable"])
     if not isinstance(data, dict):
         raise ConfigError(
             [f"{pos.find(())}: (top): the config file must be a mapping (gateway, upstream, ...)"]

@@ -31,6 +31,7 @@ from agent.scheduler import MAX_BACKOFF, DeviceTask
 from agent.sdnotify import Notifier
 from agent.store import AsyncStore, Store, StoreStats
 from agent.tls import build_ssl_context, credential_path, explain_tls_error, read_secret
+from agent.urls import redact_url
 from agent.validate import file_hash
 from agent.watchdog import ProgressWatchdog
 
@@ -165,7 +166,10 @@ class StoreWriter:
             return
         batch, self.pending = self.pending, []
         try:
-            rows = await self.store.append(batch)
+            # Shielded: a stop cancels the writer task, and a commit still queued behind another store call
+            # on the store's thread would be dropped with `batch` (found by the config property test: a
+            # reading polled just before SIGTERM was never stored). Its rows reach the uplink as backlog.
+            rows = await asyncio.shield(self.store.append(batch))
         except StoreError as exc:
             if self.failing is None:
                 log.error("buffer write failed, holding readings in memory: %s", exc)
@@ -291,7 +295,8 @@ class Runtime:
         up = self.uplink
         if up is not None:
             doc["upstream"].update(
-                url=self.config.upstream.mqtt.url,
+                url=redact_url(up.url),  # the broker in use (upstream.mqtt.url may list several)
+                failovers=up.failovers,
                 last_error=up.last_error,
                 since_ts=up.since_ts,
                 messages=up.messages,
@@ -400,7 +405,7 @@ class Runtime:
             len(self.config.devices),
             self.config.storage.path,
             stats.pending,
-            self.config.upstream.mqtt.url,
+            ", ".join(redact_url(u) for u in self.config.upstream.mqtt.urls),
         )
         try:
             async with TaskGroup() as tg:
@@ -465,8 +470,16 @@ class Runtime:
         """Devices and their points now, for the formats that announce them (Sparkplug births, ThingsBoard)."""
         from agent.formats import PointInfo
 
+        def scaled(driver: Any, point: str) -> bool:
+            # A Modbus point's scale/offset (its points() gives the register type): engineering floats.
+            spec = getattr(driver, "_points", {}).get(point)
+            return getattr(spec, "scale", 1.0) != 1.0 or getattr(spec, "offset", 0.0) != 0.0
+
         return {
-            name: [PointInfo(p.name, p.type, p.unit, p.writable) for p in driver.points().values()]
+            name: [
+                PointInfo(p.name, p.type, p.unit, p.writable, scaled(driver, p.name))
+                for p in driver.points().values()
+            ]
             for name, driver in self.drivers.items()
         }
 

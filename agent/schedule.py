@@ -33,7 +33,7 @@ from agent.config_base import Model
 from agent.modelkit import Field, field_validator, model_validator
 from agent.reading import now_ms
 from agent.suntimes import sun_event
-from agent.units import Duration, parse_duration
+from agent.units import Duration, duration_field, parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,9 @@ class ScheduleConfig(Model):
         None, description="IANA zone; default gateway.location.timezone, else Europe/Paris"
     )
     steps: list[ScheduleStep] = Field(min_length=1)
-    retry: Duration = Field(30.0, description="first retry delay of a failed step; doubles up to 10m")
+    retry: Duration = duration_field(
+        30.0, "1s", "10m", description="first retry delay of a failed step; doubles up to 10m"
+    )
     enabled: bool = True
 
     @field_validator("timezone")

@@ -24,6 +24,9 @@ from agent.reading import Reading, now_ms
 log = logging.getLogger("fieldgate.scheduler")
 
 MAX_BACKOFF = 300.0  # a failing device is probed at least every 5 minutes
+# The shortest poll interval the scheduler runs with. The config refuses shorter ones (`poll` is at least
+# 10ms, docs/SPEC.md §2 bounds); this guard keeps a driver's own cycle_interval() of 0 from dividing by zero.
+MIN_INTERVAL = 0.01
 STATE_POINT = "_state"  # device events: "failing" when it starts failing, "ok" when it recovers
 ERROR_POINT = "_error"  # sent with "failing": the error, in words
 
@@ -63,6 +66,8 @@ def next_tick(
     every whole second, 10 s polls at :00, :10...) at least half an interval after the cycle `started`
     (monotonic). Ticks already past (a cycle longer than the interval) are skipped. The grid is read anew
     each time, so a clock step moves the phase once and never bunches polls."""
+    if not interval >= MIN_INTERVAL:  # also nan
+        interval = MIN_INTERVAL
     now = monotonic()
     earliest = max(started + interval / 2, now)
     wall_earliest = wall() + (earliest - now)

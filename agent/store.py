@@ -9,6 +9,18 @@ Rules this module keeps (docs/STORE.md explains them for operators):
 - Rows leave the buffer only through `ack` (after the broker's PUBACK), `purge` (an operator's decision) or
   eviction at the size bound. Eviction and purge are counted in the persisted `evicted` counter, which is
   therefore the count of every gap in `seq`.
+- A row handed to an upstream is *pinned* (`pin`, called by the uplink just before it publishes) and is not
+  evictable until that upstream's `ack` (after the PUBACK) takes it out: a message in flight may reach the
+  platform, so evicting its rows would count as lost readings that arrive. A pin outlives a lost connection
+  (the PUBACK may have been lost, not the message); the rows are sent again on the next one and acked then.
+  `pin` gives back only the rows still present: a row evicted between its fetch (or its append) and its
+  publish is not sent. Hence gaps == `evicted` exactly, per lane too (`lane_evicted`).
+- `seq` never goes backwards, even when the file loses its tail (a lost `-wal`) or its content (a 0-byte
+  file): a side file `<name>.seq` (0600, replaced atomically) holds a mark H that every handed-out seq is
+  below, reserved `SEQ_BLOCK` seqs ahead of use (one side-file write per block), and says whether the store was
+  closed cleanly (then H is exactly the next seq). A start that finds the database behind the mark (a clean
+  close, but the database is older or empty; an unclean stop whose `-wal` has vanished) resumes at H, logs
+  one ERROR and counts one `recovered`.
 - A corrupt or unreadable file is moved aside (`<name>.corrupt-<UTC time>`, with its -wal/-shm renamed the
   same way so that the set still opens in sqlite3 for forensics) and a fresh buffer is started; `recovered`
   is incremented and persisted. The new buffer continues from the old high-water mark when it can still be
@@ -28,9 +40,11 @@ Rules this module keeps (docs/STORE.md explains them for operators):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import logging
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -71,7 +85,10 @@ _EVICT_LOG_INTERVAL = 10.0
 _ROW_OVERHEAD = 16
 """Approximate bytes a row costs beyond its body, device and point (record header, cell pointer, rowid)."""
 _VACUUM_MIN_FREE_BYTES = 1024 * 1024
+_TXN_OVERHEAD_PAGES = 8
 _SEQ_MAX = 2**63 - 1
+SEQ_BLOCK = 10_000
+"""Seqs reserved per write of the side file (`<buffer>.seq`): the hot path writes it once per block."""
 _monotonic = time.monotonic  # the eviction log's rate limit; a seam for tests
 
 _SCHEMA = """
@@ -85,6 +102,7 @@ CREATE TABLE IF NOT EXISTS readings(
 );
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS lanes(name TEXT PRIMARY KEY, bit INTEGER NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS inflight(seq INTEGER PRIMARY KEY, lanes INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('evicted', 0), ('recovered', 0);
 """
 
@@ -127,6 +145,10 @@ class StoreStats:
     last_error: str | None
     lanes: dict[str, int] = field(default_factory=dict)
     """Rows each upstream lane has not acknowledged yet."""
+    lane_evicted: dict[str, int] = field(default_factory=dict)
+    """Rows each lane lost to eviction or purge before it acknowledged them (its platform's gaps)."""
+    pinned: int = 0
+    """Rows in flight on some upstream (not evictable until acknowledged)."""
 
 
 class _CorruptBuffer(Exception):
@@ -184,7 +206,11 @@ class Store:
         self.synchronous = synchronous
         self._max_page_count = max_page_count
         self._wal_bytes = min(4 * 1024 * 1024, max(64 * 1024, max_bytes // 16))
-        self._data_budget = max_bytes - self._wal_bytes
+        # Each transaction also rewrites pages beyond the rows it adds or frees (page 1, the tables' interior
+        # pages, the freelist trunk, the pointer map, meta, sqlite_sequence), and a WAL frame is a page plus a
+        # 24-byte header: measured, the WAL of a 1 MB buffer under eviction reached its share + 5 frames. The
+        # rows' budget leaves room for that, so that db + WAL stay within max_bytes (tests/faults/test_disk.py).
+        self._data_budget = max_bytes - self._wal_bytes - _TXN_OVERHEAD_PAGES * (4096 + 24)
         # A transaction writes about one WAL frame per page it fills or frees. The WAL's share is split in
         # quarters: up to one quarter before a checkpoint, one quarter of eviction (or of shrinking) per
         # transaction, and half for the batch itself.
@@ -204,6 +230,14 @@ class Store:
         self._full_mask = 1
         self._lane_pending: dict[str, int] = {}  # several lanes only (one lane: `_pending`)
         self._lane_gone: dict[str, int] = {}  # rows taken out per lane by the running eviction/purge
+        self._lane_evicted: dict[str, int] = {}  # several lanes only (one lane: `_evicted`)
+        # seq -> mask of the lanes that have it in flight (handed to the client, no PUBACK deleted it yet).
+        # Only touched on the store's thread (AsyncStore), like everything else here.
+        self._pins: dict[int, int] = {}
+        self.seq_path = Path(f"{self.path}.seq")
+        self._seq_mark = 0  # every seq handed out is below it (the side file says so, durably)
+        self._mark_floor: int | None = None  # during open: the side file's H - 1
+        self._wal_mode = True  # False where the filesystem refused WAL (then no -wal is ever left behind)
 
     # -- opening, recovery -------------------------------------------------------------------------------
 
@@ -217,10 +251,17 @@ class Store:
             raise StoreError(
                 f"cannot create the buffer directory {self.path.parent}: {exc.strerror}"
             ) from exc
+        mark = self._read_mark()
+        # Looked at before SQLite opens the file (which creates an empty -wal).
+        had_db = _file_size(self.path) > 0
+        had_wal = Path(f"{self.path}-wal").exists()
+        self._mark_floor = mark[0] - 1 if mark is not None else None
+        recovered_now = False
         try:
             conn = self._connect_checked()
         except _CorruptBuffer as corrupt:
             conn = self._recover(str(corrupt))
+            recovered_now = True
         try:
             self._load_state(conn)
         except sqlite3.Error as exc:
@@ -228,8 +269,105 @@ class Store:
             if not _is_corruption(exc):
                 raise self._error("open", exc) from exc
             conn = self._recover(str(exc))
+            recovered_now = True
             self._load_state(conn)
+        try:
+            if mark is not None and not recovered_now:
+                self._check_mark(conn, mark, had_db=had_db, had_wal=had_wal)
+            self._seq_mark = 0
+            self._reserve(self._next_seq)
+        except (StoreError, sqlite3.Error) as exc:
+            conn.close()
+            if isinstance(exc, StoreError):
+                raise
+            raise self._error("open", exc) from exc
         self._conn = conn
+
+    # -- the seq mark (side file) --------------------------------------------------------------------------
+
+    def _read_mark(self) -> tuple[int, bool] | None:
+        """The side file's (H, closed cleanly), or None when there is none (a first start, an older version)."""
+        try:
+            text = self.seq_path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("seq mark %s unreadable (%s): ignored", self.seq_path, exc)
+            return None
+        parts = text.split()
+        if len(parts) != 2 or not parts[0].isdigit() or parts[1] not in ("open", "closed"):
+            log.warning("seq mark %s unreadable (%r): ignored", self.seq_path, text[:80])
+            return None
+        return int(parts[0]), parts[1] == "closed"
+
+    def _write_mark(self, high: int, closed: bool) -> None:
+        """Replace the side file atomically and durably: temp file, fsync, rename, fsync of the directory."""
+        tmp = Path(f"{self.seq_path}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, f"{high} {'closed' if closed else 'open'}\n".encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.seq_path)
+            dfd = os.open(self.seq_path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            self._disk_errors += 1
+            self._last_error = f"buffer seq mark {self.seq_path} not written: {exc.strerror or exc}"
+            raise StoreError(self._last_error) from exc
+
+    def _reserve(self, next_seq: int) -> None:
+        """Make the side file cover every seq below `next_seq` (one write per SEQ_BLOCK seqs)."""
+        if next_seq > self._seq_mark:
+            high = next_seq + SEQ_BLOCK
+            self._write_mark(high, closed=False)
+            self._seq_mark = high
+
+    def _check_mark(
+        self, conn: sqlite3.Connection, mark: tuple[int, bool], *, had_db: bool, had_wal: bool
+    ) -> None:
+        """Resume at the mark when the database went back behind it (lost -wal, emptied or older file)."""
+        high, closed = mark
+        if self._next_seq >= high:
+            return
+        if closed:
+            why = (
+                f"it was closed cleanly at seq {high - 1}, but the file only goes to seq {self._next_seq - 1}"
+            )
+        elif not had_db:
+            why = "the database file is missing or empty"
+        elif not had_wal and self._wal_mode:
+            why = (
+                "the process stopped without closing it and its write-ahead log (-wal) is gone (lost, or merged"
+                " by another program that opened the file read-write)"
+            )
+        else:
+            return  # an unclean stop, its -wal intact: the file is right, the seqs reserved beyond it unused
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM sqlite_sequence WHERE name = 'readings'")
+            conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('readings', ?)", (high - 1,))
+            conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'recovered'")
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            self._rollback(conn)
+            raise
+        log.error(
+            "buffer %s went back: %s; readings pending in the lost part are gone, and seq resumes at %d "
+            "(the mark in %s) so that no seq already sent is used again",
+            self.path,
+            why,
+            high,
+            self.seq_path,
+        )
+        self._next_seq = high
+        self._recovered += 1
 
     def _connect_checked(self) -> sqlite3.Connection:
         """Connect, check integrity, apply pragmas and schema; raise _CorruptBuffer for an unusable file."""
@@ -250,6 +388,7 @@ class Store:
                 # Only effective before the first table exists; lets acks give space back (see _maybe_vacuum).
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            self._wal_mode = mode == "wal"
             if mode != "wal":
                 log.warning("buffer %s: the filesystem refused WAL mode (journal_mode=%s)", self.path, mode)
             if not new:
@@ -306,7 +445,8 @@ class Store:
         aside = self._move_aside(stamp)
         salvage = self._salvage(aside)
         conn = self._connect_checked_fresh()
-        high_water = salvage.high_water if salvage.high_water is not None else _time_floor_seq() - 1
+        floors = [h for h in (salvage.high_water, self._mark_floor) if h is not None]
+        high_water = max(floors) if floors else _time_floor_seq() - 1
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("UPDATE meta SET value = ? WHERE key = 'evicted'", (salvage.evicted,))
@@ -319,8 +459,8 @@ class Store:
             conn.close()
             raise self._error("recovery", exc) from exc
         how = (
-            "continuing after the old file's last seq"
-            if salvage.high_water is not None
+            "continuing after the old file's last seq and the seq mark"
+            if floors
             else "its last seq was unreadable, so seq jumps to a time-based value"
         )
         log.error(
@@ -400,6 +540,15 @@ class Store:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         self._evicted = int(meta.get("evicted", 0))
         self._recovered = int(meta.get("recovered", 0))
+        # Rows in flight when the last run stopped (kept by close): still maybe delivered, still pinned.
+        # A lane's bit goes once that lane acknowledged the row; a row gone (acked) is no longer held.
+        self._pins = {
+            int(seq): int(mask) & ~int(acked)
+            for seq, mask, acked in conn.execute(
+                "SELECT i.seq, i.lanes, r.acked FROM inflight i JOIN readings r ON r.seq = i.seq"
+            )
+            if int(mask) & ~int(acked)
+        }
 
     # -- lanes (one per upstream) ------------------------------------------------------------------------
 
@@ -447,13 +596,25 @@ class Store:
         self._lanes = lanes
         self._full_mask = sum(lanes.values())
         self._lane_pending = {}
+        self._lane_evicted = {}
+        # A forgotten lane's in-flight messages no longer hold rows (nothing will ack them for it).
+        full = self._full_mask
+        self._pins = {s: m & full for s, m in self._pins.items() if m & full}
         if len(lanes) > 1:
             for name, bit in lanes.items():
                 row = conn.execute("SELECT count(*) FROM readings WHERE acked & ? = 0", (bit,)).fetchone()
                 self._lane_pending[name] = int(row[0])
+                row = conn.execute("SELECT value FROM meta WHERE key = ?", (f"evicted:{name}",)).fetchone()
+                self._lane_evicted[name] = int(row[0]) if row is not None else 0
 
     def lanes(self) -> list[str]:
         return list(self._lanes)
+
+    def lane_evicted(self) -> dict[str, int]:
+        """Rows each lane lost (evicted or purged before it acknowledged them): its platform's gaps."""
+        if len(self._lanes) > 1:
+            return dict(self._lane_evicted)
+        return dict.fromkeys(self._lanes, self._evicted)
 
     def lane_pending(self) -> dict[str, int]:
         """Rows each lane has not acknowledged yet."""
@@ -471,10 +632,22 @@ class Store:
         for name, count in zip(names, row, strict=True):
             self._lane_gone[name] = self._lane_gone.get(name, 0) + int(count)
 
+    def _persist_lane_gone(self, conn: sqlite3.Connection) -> None:
+        """In the eviction's (purge's) transaction: what each lane lost, added to its `evicted:<lane>`."""
+        for name, gone in self._lane_gone.items():
+            if gone:
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES (?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                    (f"evicted:{name}", gone),
+                )
+
     def _apply_lane_gone(self, added: int) -> None:
         if len(self._lanes) > 1:
             for name in self._lane_pending:
-                self._lane_pending[name] += added - self._lane_gone.get(name, 0)
+                gone = self._lane_gone.get(name, 0)
+                self._lane_pending[name] += added - gone
+                self._lane_evicted[name] = self._lane_evicted.get(name, 0) + gone
         self._lane_gone = {}
 
     # -- the hot path ----------------------------------------------------------------------------------
@@ -512,6 +685,7 @@ class Store:
             seq += 1
         if not params:
             return []
+        self._reserve(seq)  # before any of these seqs can be committed (and then sent)
         # Generous on purpose: an estimate too low would let the inserts grow the file past the bound.
         incoming = int((incoming + _ROW_OVERHEAD * len(params)) * 1.1) + 2 * self._page_size
         evicted = 0
@@ -530,7 +704,7 @@ class Store:
                 if used <= self._data_budget or rows_in_table == 0:
                     break
                 # The batch's own rows go last, and only when they alone exceed the bound.
-                older_left = rows_in_table > len(params)
+                older_left = rows_in_table - len(self._pins) > len(params)
                 n, last = self._evict_oldest(conn, used, rows_in_table, first - 1 if older_left else _SEQ_MAX)
                 if n == 0:
                     break
@@ -539,6 +713,7 @@ class Store:
                 rows_in_table -= n
             if evicted:
                 conn.execute("UPDATE meta SET value = value + ? WHERE key = 'evicted'", (evicted,))
+                self._persist_lane_gone(conn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(conn)
@@ -562,16 +737,31 @@ class Store:
     ) -> tuple[int, int]:
         """Delete the oldest rows (seq <= max_seq) to bring `used` bytes down to the target.
 
-        Returns (rows deleted, highest seq deleted). One range DELETE: rows are sized from the average.
+        Returns (rows deleted, highest seq considered). Rows are sized from the average. Pinned rows (in
+        flight) are skipped: the cutoff moves past them so that `count` evictable rows go, and the DELETE is
+        one range per run between pinned rows.
         """
         excess = used - self._evict_target
         if excess <= 0 or rows_in_table <= 0:
             return 0, 0
         count = max(1, math.ceil(excess / max(1.0, used / rows_in_table)))
-        row = conn.execute("SELECT seq FROM readings ORDER BY seq LIMIT 1 OFFSET ?", (count - 1,)).fetchone()
-        cutoff = min(row[0], max_seq) if row is not None else max_seq
-        self._count_lane_rows(conn, "seq <= ?", (cutoff,))
-        return int(conn.execute("DELETE FROM readings WHERE seq <= ?", (cutoff,)).rowcount), cutoff
+        pinned = sorted(self._pins) if self._pins else []
+        held = 0
+        while True:
+            row = conn.execute(
+                "SELECT seq FROM readings ORDER BY seq LIMIT 1 OFFSET ?", (count - 1 + held,)
+            ).fetchone()
+            cutoff = min(row[0], max_seq) if row is not None else max_seq
+            below = bisect.bisect_right(pinned, cutoff)  # pinned rows are in the table (see pin/ack)
+            if below <= held or row is None or cutoff == max_seq:
+                break
+            held = below
+        ranges = _complement(pinned[:below], cutoff)
+        deleted = 0
+        for lo, hi in ranges:
+            self._count_lane_rows(conn, "seq BETWEEN ? AND ?", (lo, hi))
+            deleted += int(conn.execute("DELETE FROM readings WHERE seq BETWEEN ? AND ?", (lo, hi)).rowcount)
+        return deleted, cutoff
 
     def _note_eviction(self, count: int) -> None:
         self._evict_unlogged += count
@@ -612,6 +802,48 @@ class Store:
             raise self._error("fetch", exc) from exc
         return list(starmap(StoredRow, rows))
 
+    def _pin_mask(self, lane: str | None) -> int:
+        if lane is None or len(self._lanes) <= 1:
+            return self._full_mask
+        return self._lane_bit(lane)
+
+    def pin(self, rows: Sequence[StoredRow], lane: str | None = None) -> list[StoredRow]:
+        """Rows about to be published on `lane`: those still in the buffer are pinned (not evictable until
+        `ack` for that lane) and returned; those evicted since they were fetched or appended are dropped, so
+        that an evicted row is never sent (it is counted in `evicted`, and is a gap, exactly once)."""
+        conn = self._require_open()
+        if not rows:
+            return []
+        mask = self._pin_mask(lane)
+        seqs = [r.seq for r in rows]
+        try:
+            present: set[int] = set()
+            for lo, hi in _ranges(seqs):
+                present.update(
+                    r[0] for r in conn.execute("SELECT seq FROM readings WHERE seq BETWEEN ? AND ?", (lo, hi))
+                )
+        except sqlite3.Error as exc:
+            raise self._error(f"pin of {len(seqs)} readings", exc) from exc
+        pins = self._pins
+        for s in present:
+            pins[s] = pins.get(s, 0) | mask
+        if len(present) == len(rows):
+            return list(rows)
+        return [r for r in rows if r.seq in present]
+
+    def _unpin(self, seqs: Sequence[int], mask: int) -> None:
+        pins = self._pins
+        if not pins:
+            return
+        for s in seqs:
+            m = pins.get(s)
+            if m is not None:
+                m &= ~mask
+                if m:
+                    pins[s] = m
+                else:
+                    del pins[s]
+
     def _lane_bit(self, lane: str) -> int:
         try:
             return self._lanes[lane]
@@ -635,6 +867,7 @@ class Store:
             self._rollback(conn)
             raise self._error(f"ack of {len(seqs)} readings", exc) from exc
         self._pending -= deleted
+        self._unpin(seqs, self._full_mask)
         self._maybe_vacuum(conn)
         return deleted
 
@@ -662,6 +895,7 @@ class Store:
             raise self._error(f"ack of {len(seqs)} readings for upstream {lane!r}", exc) from exc
         self._lane_pending[lane] -= marked
         self._pending -= deleted
+        self._unpin(seqs, bit)
         if deleted:
             self._maybe_vacuum(conn)
         return deleted
@@ -696,6 +930,7 @@ class Store:
                 )
                 n = int(conn.execute(sql, [*args, chunk]).rowcount)
                 conn.execute("UPDATE meta SET value = value + ? WHERE key = 'evicted'", (n,))
+                self._persist_lane_gone(conn)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback(conn)
@@ -758,6 +993,8 @@ class Store:
             disk_errors=self._disk_errors,
             last_error=self._last_error,
             lanes=self.lane_pending(),
+            lane_evicted=self.lane_evicted(),
+            pinned=len(self._pins),
         )
 
     def _rollback(self, conn: sqlite3.Connection) -> None:
@@ -792,16 +1029,50 @@ class Store:
         self._last_error = message
         return StoreError(message)
 
+    def _keep_pins(self, conn: sqlite3.Connection) -> None:
+        """At a stop, the rows still in flight (no PUBACK came) stay pinned for the next run: they may have
+        reached the platform, so evicting them before they are sent again would count a delivered reading."""
+        try:
+            if not self._pins and conn.execute("SELECT 1 FROM inflight LIMIT 1").fetchone() is None:
+                return  # nothing to record (the usual case): no write at close
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM inflight")
+            conn.executemany("INSERT INTO inflight(seq, lanes) VALUES (?, ?)", self._pins.items())
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            log.warning("buffer %s: the rows in flight were not recorded at close: %s", self.path, exc)
+
     def close(self) -> None:
         """Close the file (SQLite checkpoints the WAL into it). Safe to call twice."""
         if self._evict_unlogged:
             self._log_eviction()
         conn, self._conn = self._conn, None
         if conn is not None:
+            self._keep_pins(conn)
             try:
                 conn.close()
             except sqlite3.Error as exc:
                 log.warning("closing the buffer %s failed: %s", self.path, exc)
+                return
+            try:
+                # Closed cleanly: the mark is now exactly the next seq (the next start checks the file against it).
+                self._write_mark(self._next_seq, closed=True)
+            except StoreError as exc:
+                log.warning("%s (the next start resumes at the reserved mark instead)", exc)
+
+
+def _complement(pinned: Sequence[int], cutoff: int) -> list[tuple[int, int]]:
+    """The runs of [0, cutoff] between the sorted `pinned` seqs (all <= cutoff)."""
+    out: list[tuple[int, int]] = []
+    lo = 0
+    for p in pinned:
+        if p > lo:
+            out.append((lo, p - 1))
+        lo = p + 1
+    if lo <= cutoff:
+        out.append((lo, cutoff))
+    return out
 
 
 def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
@@ -845,6 +1116,9 @@ class AsyncStore:
         self, after_seq: int, before_seq: int | None, limit: int, lane: str | None = None
     ) -> list[StoredRow]:
         return await self._call(functools.partial(self.store.fetch, after_seq, before_seq, limit, lane))
+
+    async def pin(self, rows: Sequence[StoredRow], lane: str | None = None) -> list[StoredRow]:
+        return await self._call(functools.partial(self.store.pin, rows, lane))
 
     async def ack(self, seqs: Sequence[int], lane: str | None = None) -> int:
         return await self._call(functools.partial(self.store.ack, seqs, lane))

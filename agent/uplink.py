@@ -8,9 +8,11 @@ marked `"backlog": true`. Each lane has its own in-flight slots (live 2, backlog
 so live data stays fresh while a backlog drains.
 
 Rows are deleted from the store only after the broker's PUBACK for the
-message that carried them. Rows in flight when the link drops are sent
-again on the next connection (at-least-once; duplicates are limited to the
-messages in flight: at most `max_inflight` backlog + 2 live messages).
+message that carried them; from their publish until then they are pinned in
+the store (not evictable), so `evicted` counts exactly the readings never
+sent. Rows in flight when the link drops are sent again on the next
+connection (at-least-once; duplicates are limited to the messages in flight:
+at most `max_inflight` backlog + 2 live messages).
 
 What goes on the wire is the format's (`agent/formats/`: fieldgate JSON, Sparkplug B, ThingsBoard): it
 encodes each batch into messages, gives the will and the birth messages, and handles its platform's
@@ -29,13 +31,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
 from agent import payloads
 from agent.aio import TaskGroup, raise_if_cancelled, settled
-from agent.config import MqttConfig
+from agent.config import MqttConfig, mqtt_endpoint
 from agent.errors import StoreError
 from agent.formats import Catalog, CommandExecutor, Message, MqttFormat
 from agent.formats.fieldgate import FieldgateFormat
@@ -45,7 +48,10 @@ from agent.store import AsyncStore, StoredRow
 log = logging.getLogger("fieldgate.uplink")
 
 RECONNECT_MIN = 0.1
-RECONNECT_MAX = 1.5  # with ±20 % jitter, a broker back after an outage sees data within 2 s
+RECONNECT_MAX = 1.5  # full jitter: each wait is uniform in [0, cap]; a broker back sees data within 2 s
+FAILOVER_SPREAD = 0.5  # after losing a connected broker, the next attempt waits uniform [0, this] (no herd)
+PROBE_TIMEOUT = 1.0  # with several brokers, one that does not answer a TCP connect this fast is skipped
+CONNECT_TIMEOUT = 3.0  # with several brokers, one that accepts TCP but sends no CONNACK this fast is skipped
 LIVE_INFLIGHT = 2  # live messages awaiting PUBACK at once (the backlog has `max_inflight` of its own)
 ACK_RETRY = 1.0  # seconds between attempts to delete acknowledged rows while the disk refuses
 LIVE_LIMIT_BATCHES = 20  # past this many batches waiting live, the surplus goes the backlog way
@@ -73,18 +79,54 @@ def make_format(
     topics: payloads.Topics,
     catalog: Catalog | None = None,
     execute: CommandExecutor | None = None,
+    state_file: Path | None = None,
 ) -> MqttFormat:
-    """The format `cfg.format` names (Sparkplug's protobuf module is imported only when chosen)."""
+    """The format `cfg.format` names (Sparkplug's protobuf module is imported only when chosen).
+
+    `state_file`: where a format keeps what must outlive a restart (Sparkplug: the last bdSeq)."""
     if cfg.format == "sparkplug":
         from agent.formats.sparkplug import SparkplugFormat
 
         sp = cfg.sparkplug
-        return SparkplugFormat(sp.group_id, sp.edge_node_id or gateway_id, catalog, execute, version)
+        bd_seq_file = state_file.with_name(state_file.name + ".bdseq") if state_file is not None else None
+        return SparkplugFormat(
+            sp.group_id,
+            sp.edge_node_id or gateway_id,
+            catalog,
+            execute,
+            version,
+            bd_seq_file,
+            sp.primary_host_id,
+        )
     if cfg.format == "thingsboard":
         from agent.formats.thingsboard import ThingsBoardFormat
 
         return ThingsBoardFormat(catalog, execute)
     return FieldgateFormat(topics, gateway_id, version, cfg.compression)
+
+
+class HostOffline(Exception):
+    """The Sparkplug primary host said offline: the session ends (NDEATH sent) and a new one waits for it."""
+
+
+def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
+    """Full jitter: uniform in [0, min(RECONNECT_MAX, RECONNECT_MIN * 2**attempt)], so a fleet that lost its
+    broker at once does not come back in lockstep; the cap keeps "data within 2 s of the broker's return"."""
+    cap = min(RECONNECT_MAX, RECONNECT_MIN * (2 ** min(attempt, 16)))
+    return (rng or random).uniform(0.0, cap)
+
+
+def connect_order(count: int, lost: int | None) -> list[int]:
+    """The brokers to try, in order of preference, the one just lost (if any) last."""
+    order = list(range(count))
+    if lost is not None and count > 1:
+        order.remove(lost)
+        order.append(lost)
+    return order
+
+
+class _Failback(Exception):
+    """A preferred broker is healthy again: the session on a less preferred one ends on purpose."""
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -124,7 +166,11 @@ class Uplink:
         self.tls_context = tls_context
         self.health_doc = health_doc
         self.topics = payloads.Topics(cfg.topic_prefix, gateway_id)
-        self.fmt: MqttFormat = fmt or make_format(cfg, gateway_id, version, self.topics, catalog, execute)
+        buffer = getattr(getattr(store, "store", None), "path", None)  # the state lives beside the buffer
+        state_file = Path(f"{buffer}.{name}") if buffer is not None else None
+        self.fmt: MqttFormat = fmt or make_format(
+            cfg, gateway_id, version, self.topics, catalog, execute, state_file
+        )
         self.lane = lane  # None: the only upstream (acks delete at once)
         self.name = name
         self.subscriptions: list[Subscription] = []
@@ -142,6 +188,10 @@ class Uplink:
         self.last_error: str | None = None
         self.since_ts: int | None = None
         self.connections = 0
+        self.urls = cfg.urls  # in order of preference (docs/FLEET.md)
+        self.index = 0  # the broker in use, or tried last
+        self.failovers = 0  # sessions begun on another broker than the previous session's
+        self._last_node: int | None = None
 
         self._next_seq = next_seq  # one past the last row offered to the uplink
         self._accepting = False
@@ -181,26 +231,75 @@ class Uplink:
 
     # -- the connection loop ---------------------------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        """The broker in use (or tried last)."""
+        return self.urls[self.index]
+
     async def run(self) -> None:
+        """Connect to the first broker that answers, in order of preference; on the loss of the one in use,
+        try the others first. A round where none answers waits a jittered backoff before the next."""
         attempt = 0
+        lost: int | None = None
         while not self._stopping:
             self.beat()
-            started = time.monotonic()
-            try:
-                await self._session()
-            except Exception as exc:
-                cause = _root_cause(exc)
-                if not isinstance(cause, aiomqtt.MqttError | OSError | TimeoutError):
-                    log.error("upstream session failed: %s: %s", type(cause).__name__, cause, exc_info=cause)
-                self._disconnected(self.explain_error(cause))
-            raise_if_cancelled()  # a stop that aiomqtt swallowed (agent/aio.py) must not start a new session
-            if self._stopping:
-                break
-            if time.monotonic() - started > 10:
+            outcome = "unreachable"  # no broker of this round accepted a connection
+            session_time = 0.0
+            for index in connect_order(len(self.urls), lost):
+                started = time.monotonic()
+                had = self.connections
+                self.index = index
+                try:
+                    await self._try_session(index)
+                except Exception as exc:
+                    cause = _root_cause(exc)
+                    if isinstance(cause, _Failback):
+                        outcome = "failback"
+                        self._disconnected("moved back to a preferred broker")
+                    elif isinstance(cause, HostOffline):
+                        # Not a lost link: the session ended on purpose; connect again at once and wait there.
+                        log.info("upstream %s: %s, reconnecting to wait for it", self.name, cause)
+                        outcome = "host_offline"
+                        self.connected = False
+                        self._accepting = False
+                        self._live.clear()
+                    else:
+                        if not isinstance(cause, aiomqtt.MqttError | OSError | TimeoutError):
+                            log.error(
+                                "upstream session failed: %s: %s", type(cause).__name__, cause, exc_info=cause
+                            )
+                        self._disconnected(self.explain_error(cause))
+                raise_if_cancelled()  # a stop that aiomqtt swallowed (agent/aio.py) must not start a new session
+                if self._stopping:
+                    return
+                if outcome in ("failback", "host_offline"):
+                    break
+                if self.connections != had:
+                    outcome, lost, session_time = "lost", index, time.monotonic() - started
+                    break
+            if outcome in ("failback", "host_offline"):
+                lost, attempt = None, 0
+                continue
+            if outcome == "lost" and session_time > 10:
+                # A broker in use was lost: the others are tried first, after a short random wait so that a
+                # fleet losing one broker does not land on the next in one burst.
                 attempt = 0
-            delay = min(RECONNECT_MAX, RECONNECT_MIN * (2**attempt)) * random.uniform(0.8, 1.2)
+                await asyncio.sleep(random.uniform(0.0, FAILOVER_SPREAD))
+                continue
+            # Nothing answered (or the session was short-lived: a flapping broker): jittered backoff.
+            await asyncio.sleep(backoff_delay(attempt))
             attempt += 1
-            await asyncio.sleep(delay)
+
+    async def _try_session(self, index: int) -> None:
+        if len(self.urls) > 1:
+            # With somewhere else to go, a broker that does not even accept TCP is not waited for.
+            host, port = mqtt_endpoint(self.urls[index])
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await self._session()
 
     def _disconnected(self, message: str) -> None:
         if self.connected:
@@ -220,9 +319,10 @@ class Uplink:
             if death is not None
             else None
         )
+        host, port = mqtt_endpoint(self.url)
         return aiomqtt.Client(
-            self.cfg.host,
-            self.cfg.port,
+            host,
+            port,
             identifier=self.client_id,
             username=self.cfg.username,
             password=self.password,
@@ -236,27 +336,50 @@ class Uplink:
 
     async def _session(self) -> None:
         client = self._client_for_session()
+        session_timeout = client.timeout
+        if len(self.urls) > 1:
+            # A NATS node whose cluster is electing a new leader for its MQTT streams accepts TCP and holds
+            # the CONNECT for seconds (docs/FLEET.md): try the next broker rather than wait the full timeout.
+            client.timeout = CONNECT_TIMEOUT
         async with client:
+            client.timeout = session_timeout
             self._client = client
             try:
                 raise_if_cancelled()  # the connect (wait_for inside aiomqtt) may have swallowed a stop
+                moved = self._last_node is not None and self._last_node != self.index
+                if moved:
+                    self.failovers += 1
+                self._last_node = self.index
                 self._on_connected()
-                for message in self.fmt.birth():
-                    await settled(
-                        client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
-                    )
+                gated = getattr(self.fmt, "primary_host_id", None) is not None
+                # Subscribed before the births: a platform that asks for them again (Sparkplug rebirth) as soon
+                # as it sees the gateway cannot ask in between and go unheard.
                 for sub in self.subscriptions:
                     await settled(client.subscribe(sub.topic, qos=1))
                 for topic, _ in self.fmt.inbound():
                     await settled(client.subscribe(topic, qos=1))
+                if not gated:
+                    for message in self.fmt.birth():
+                        await settled(
+                            client.publish(
+                                message.topic, message.payload, qos=message.qos, retain=message.retain
+                            )
+                        )
                 async with TaskGroup() as tg:
-                    # Each lane has its own in-flight slots, so a draining backlog never delays live batches.
-                    tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
-                    tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
+                    if gated:
+                        tg.create_task(self._lanes_while_host_online(client))
+                    else:
+                        # Each lane has its own in-flight slots, so a draining backlog never delays live batches.
+                        tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
+                        tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
                     tg.create_task(self._ack_flusher())
                     tg.create_task(self._health_loop(client))
                     tg.create_task(self._message_loop(client))
                     tg.create_task(self._send_unanswered())
+                    if self.index > 0 and self.cfg.failback > 0:
+                        tg.create_task(self._failback_watch(client))
+                    if moved:
+                        tg.create_task(self._rebirth_later(client))
             finally:
                 self._client = None
 
@@ -266,11 +389,10 @@ class Uplink:
         self.last_error = None
         self.since_ts = now_ms()
         log.info(
-            "upstream %s (%s) connected to %s:%d as %s",
+            "upstream %s (%s) connected to %s as %s",
             self.name,
             self.fmt.name,
-            self.cfg.host,
-            self.cfg.port,
+            self.url,
             self.client_id,
         )
         # Everything already stored is backlog; what is offered from now on is live.
@@ -281,6 +403,113 @@ class Uplink:
         self._backlog_event.set()
         for hook in self.on_connect:
             hook()
+
+    # -- Sparkplug primary host: hold, then birth ------------------------------------------------------
+
+    async def _lanes_while_host_online(self, client: aiomqtt.Client) -> None:
+        """Births and both lanes only while the format's primary host is online (Sparkplug 3.0).
+
+        Until its STATE says online, nothing is published: readings stay in the buffer (the live lane does
+        not take them) and the connection stays up, subscribed to STATE. Online: NBIRTH, DBIRTHs, then
+        everything stored since the connection came up is replayed in seq order (historical), then live.
+        A valid offline STATE ends the session as the specification wants: NDEATH, DISCONNECT, and a new
+        connection that waits again (`HostOffline`)."""
+        fmt: Any = self.fmt
+        if not fmt.host_online:
+            self._hold()
+            while not fmt.host_online:
+                fmt.host_changed.clear()
+                await fmt.host_changed.wait()
+            self._release()
+        for message in fmt.birth():
+            await settled(
+                client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            )
+        try:
+            async with TaskGroup() as tg:
+                tg.create_task(self._live_lane(client, asyncio.Semaphore(LIVE_INFLIGHT)))
+                tg.create_task(self._backlog_lane(client, asyncio.Semaphore(self.cfg.max_inflight)))
+                while fmt.host_online:
+                    fmt.host_changed.clear()
+                    await fmt.host_changed.wait()
+                raise HostOffline(f"Sparkplug primary host {fmt.primary_host_id} offline")
+        except* HostOffline:
+            pass
+        self._hold()
+        for message in fmt.goodbye():  # NDEATH, then a clean DISCONNECT (the broker keeps the will to itself)
+            await settled(
+                client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            )
+        raise HostOffline(f"Sparkplug primary host {fmt.primary_host_id} offline")
+
+    def _hold(self) -> None:
+        """Nothing leaves while held: new rows stay in the buffer only (the link is up, not 'lost')."""
+        self._accepting = False
+        self._live.clear()
+        held = f"held: Sparkplug primary host {getattr(self.fmt, 'primary_host_id', '?')} offline"
+        if self.last_error != held:
+            log.info("upstream %s %s: readings stay in the buffer", self.name, held)
+        self.last_error = held
+
+    def _release(self) -> None:
+        """Everything stored so far goes the backlog way, in seq order; what comes next is live."""
+        self.last_error = None
+        self._live.clear()
+        self._boundary = self._next_seq
+        self._cursor = 0
+        self._accepting = True
+        self._backlog_event.set()
+
+    # -- several brokers ---------------------------------------------------------------------------------
+
+    async def _failback_watch(self, client: aiomqtt.Client) -> None:
+        """On a less preferred broker: probe the preferred ones; once one has accepted an MQTT connection at
+        every probe for `failback` seconds, say goodbye here and end the session (run() starts over from
+        the first)."""
+        period = min(max(self.cfg.failback / 4, 0.25), 15.0)
+        healthy_since: dict[int, float] = {}
+        while True:
+            await asyncio.sleep(period)
+            for index in range(self.index):
+                if await self._answers(self.urls[index]):
+                    healthy_since.setdefault(index, time.monotonic())
+                else:
+                    healthy_since.pop(index, None)
+            if any(time.monotonic() - t >= self.cfg.failback for t in healthy_since.values()):
+                log.info("upstream %s: %s is healthy again, leaving %s", self.name, self.urls[0], self.url)
+                with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                    async with asyncio.timeout(2):
+                        for m in self.fmt.goodbye():
+                            await client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+                raise _Failback
+
+    async def _answers(self, url: str) -> bool:
+        """Whether the broker accepts an MQTT connection now (its own client id: never our session's)."""
+        host, port = mqtt_endpoint(url)
+        probe = aiomqtt.Client(
+            host,
+            port,
+            identifier=f"{self.client_id}-probe",
+            username=self.cfg.username,
+            password=self.password,
+            clean_session=True,
+            timeout=PROBE_TIMEOUT * 2,
+            tls_context=self.tls_context,
+        )
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT * 3):
+                async with probe:
+                    return True
+        except (aiomqtt.MqttError, OSError, TimeoutError):
+            return False
+
+    async def _rebirth_later(self, client: aiomqtt.Client) -> None:
+        """After moving to another broker of a cluster, the old one may still publish our will (retained
+        `offline`) once its keepalive expires; the retained birth messages are published again after that."""
+        await asyncio.sleep(self.cfg.keepalive * 1.5 + 1.0)
+        for m in self.fmt.birth():
+            if m.retain:
+                await settled(client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain))
 
     # -- lanes -----------------------------------------------------------------------------------------
 
@@ -293,6 +522,16 @@ class Uplink:
         tg: asyncio.TaskGroup,
     ) -> None:
         await slots.acquire()
+        try:
+            # In flight from here: pinned until the ack (after the PUBACK) deletes them, so that eviction can
+            # never count a reading the platform receives. Rows evicted since they were read are not sent.
+            rows = await self.store.pin(rows, self.lane)
+        except BaseException:
+            slots.release()
+            raise
+        if not rows:
+            slots.release()
+            return
         try:
             messages = self.fmt.encode(rows, backlog)
         except Exception as exc:

@@ -95,6 +95,28 @@ class Broker:
         self.stop()
         self.start()
 
+    def kill9(self) -> None:
+        """SIGKILL: the broker dies without closing anything cleanly (failover tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+BROKERS = ("mosquitto", "nats")  # the implementations the delivery contract runs against (PLATFORMS.md)
+
+
+def make_broker(kind: str) -> Broker:
+    """A started broker of `kind` that keeps persistent sessions across its restarts (NATS: JetStream).
+
+    The NATS node (tests/natsbroker.py) has the same interface: host, port, url, start, stop, restart, cleanup.
+    """
+    if kind == "nats":
+        from tests.natsbroker import NatsNode
+
+        return NatsNode().start()  # type: ignore[return-value]
+    return Broker(persistence=True).start()

@@ -258,8 +258,11 @@ class Checker:
 
 def store_high(db: Path) -> int:
     """The store's high-water mark: the last seq the gateway's buffer handed out (read from its file, beside a
-    running daemon or after it stopped; blocking: call through asyncio.to_thread from a test's loop)."""
-    conn = sqlite3.connect(db, timeout=10)
+    running daemon or after it stopped; blocking: call through asyncio.to_thread from a test's loop).
+
+    Read-only: a read-write connection closing last (the daemon killed) would merge and delete the -wal, which
+    the next start cannot tell from a lost -wal (docs/STORE.md, the seq mark)."""
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
     try:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
         top = conn.execute("SELECT coalesce(max(seq), 0) FROM readings").fetchone()[0]

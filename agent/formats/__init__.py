@@ -46,6 +46,7 @@ class PointInfo:
     type: str | None = None  # "bool", "int16", ..., "float32", "string"
     unit: str | None = None
     writable: bool = False
+    scaled: bool = False  # an integer register with scale/offset: its values are engineering floats
 
 
 Catalog = Callable[[], dict[str, list[PointInfo]]]

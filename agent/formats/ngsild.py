@@ -36,6 +36,7 @@ from agent.formats import decode_rows
 from agent.reading import now_ms
 from agent.store import AsyncStore, StoredRow
 from agent.tls import read_secret
+from agent.urls import redact_url
 
 log = logging.getLogger("fieldgate.ngsild")
 
@@ -45,7 +46,7 @@ RECONNECT_MAX = 5.0
 
 UNIT_CODES = {
     "V": "VLT", "A": "AMP", "W": "WTT", "kW": "KWT", "Wh": "WHR", "kWh": "KWH", "Hz": "HTZ",
-    "VA": "D46", "kVAr": "KVR", "kVArh": "K3", "°C": "CEL", "%": "P1", "hPa": "A97", "ppm": "59",
+    "VA": "D46", "VAr": "D44", "var": "D44", "kVAr": "KVR", "kVArh": "K3", "°C": "CEL", "%": "P1", "hPa": "A97", "ppm": "59",
     "ppb": "61", "µg/m³": "GQ", "ug/m3": "GQ", "mg/m³": "GP", "m³": "MTQ", "L": "LTR", "l": "LTR",
     "L/h": "E32", "m³/h": "MQH", "h": "HUR", "lx": "LUX", "m/s": "MTS",
 }  # fmt: skip
@@ -61,16 +62,20 @@ REQUIRED = {
 """Required attributes a batch may not carry: the last value sent, else this default (or `static`)."""
 
 DEFAULTS: dict[str, NgsiEntityConfig] = {
+    # Every built-in point goes to the model's own attribute (tests/data/sdm: the official schemas); a point
+    # the model has no place for (an average, a sum, a burning-hours counter...) is left out (only_mapped):
+    # a user who wants it sends it under a name of their choice with `devices:`/`profiles:` mappings.
     "eastron-sdm120": NgsiEntityConfig(
         type="ThreePhaseAcMeasurement",
         attributes={
             "voltage": "phaseVoltage.L1", "current": "current.L1", "active_power": "totalActivePower",
             "apparent_power": "totalApparentPower", "reactive_power": "totalReactivePower",
-            "power_factor": "powerFactor", "frequency": "frequency",
+            "power_factor": "totalPowerFactor", "frequency": "frequency",
             "import_active_energy": "totalActiveEnergyImport", "export_active_energy": "totalActiveEnergyExport",
             "import_reactive_energy": "totalReactiveEnergyImport",
             "export_reactive_energy": "totalReactiveEnergyExport",
         },
+        only_mapped=True,
     ),
     "eastron-sdm630": NgsiEntityConfig(
         type="ThreePhaseAcMeasurement",
@@ -81,24 +86,33 @@ DEFAULTS: dict[str, NgsiEntityConfig] = {
             **{f"apparent_power_l{i}": f"apparentPower.L{i}" for i in (1, 2, 3)},
             **{f"reactive_power_l{i}": f"reactivePower.L{i}" for i in (1, 2, 3)},
             **{f"power_factor_l{i}": f"powerFactor.L{i}" for i in (1, 2, 3)},
+            "voltage_l1_l2": "phaseToPhaseVoltage.L12", "voltage_l2_l3": "phaseToPhaseVoltage.L23",
+            "voltage_l3_l1": "phaseToPhaseVoltage.L31",
             "total_active_power": "totalActivePower", "total_apparent_power": "totalApparentPower",
-            "total_reactive_power": "totalReactivePower", "frequency": "frequency",
+            "total_reactive_power": "totalReactivePower", "total_power_factor": "totalPowerFactor",
+            "frequency": "frequency",
             "import_active_energy": "totalActiveEnergyImport", "export_active_energy": "totalActiveEnergyExport",
             "import_reactive_energy": "totalReactiveEnergyImport",
             "export_reactive_energy": "totalReactiveEnergyExport",
         },
+        only_mapped=True,
     ),
     "streetlamp-controller": NgsiEntityConfig(
         type="Streetlight",
         attributes={
-            "dim": "illuminanceLevel", "power": "powerConsumption", "energy": "lifetimePowerConsumption",
-            "voltage": "voltage", "lamp_failure": "status",
+            "on": "powerState", "dim": "illuminanceLevel", "power": "powerConsumption",
+            "energy": "lifetimePowerConsumption", "voltage": "voltage", "lamp_failure": "status",
         },
+        only_mapped=True,
     ),
     "senseair-s8": NgsiEntityConfig(type="AirQualityObserved", attributes={"co2": "co2"}, only_mapped=True),
-    "sds011": NgsiEntityConfig(type="AirQualityObserved", attributes={"pm2_5": "pm25", "pm10": "pm10"}),
-    "pms5003": NgsiEntityConfig(type="AirQualityObserved", attributes={"pm2_5": "pm25", "pm10": "pm10"}),
-    "mhz19": NgsiEntityConfig(type="AirQualityObserved", attributes={"co2": "co2"}),
+    "sds011": NgsiEntityConfig(
+        type="AirQualityObserved", attributes={"pm2_5": "pm25", "pm10": "pm10"}, only_mapped=True
+    ),
+    "pms5003": NgsiEntityConfig(
+        type="AirQualityObserved", attributes={"pm1_0": "pm1", "pm2_5": "pm25", "pm10": "pm10"}, only_mapped=True
+    ),
+    "mhz19": NgsiEntityConfig(type="AirQualityObserved", attributes={"co2": "co2"}, only_mapped=True),
     "mbus": NgsiEntityConfig(
         type="WaterConsumptionObserved", attributes={"volume": "waterConsumption"}, only_mapped=True
     ),
@@ -112,7 +126,8 @@ def iso(ts_ms: int) -> str:
 
 
 def _convert(attr: str, value: Any, unit: str | None) -> tuple[Any, str | None]:
-    """Model-specific value rules: % -> 0..1 ratios, a lamp-failure flag -> Streetlight `status`."""
+    """Model-specific value rules: % -> 0..1 ratios, a lamp-failure flag -> Streetlight `status`, an on/off
+    flag -> Streetlight `powerState`, a water meter's volume -> whole litres."""
     if (
         attr in RATIO_ATTRIBUTES
         and unit == "%"
@@ -122,6 +137,11 @@ def _convert(attr: str, value: Any, unit: str | None) -> tuple[Any, str | None]:
         return value / 100, None
     if attr == "status" and isinstance(value, bool):
         return ("defectiveLamp" if value else "ok"), None
+    if attr == "waterConsumption" and unit in ("m³", "L", "l") and isinstance(value, int | float):
+        # WaterConsumptionObserved wants an integer meter reading; its examples count litres (LTR).
+        return round(value * 1000 if unit == "m³" else value), "L"
+    if attr == "powerState" and isinstance(value, bool):
+        return ("on" if value else "off"), None  # Streetlight's enum: bootingUp, low, off, on
     return value, unit
 
 
@@ -471,7 +491,7 @@ class NgsiLdUplink:
                 self._multi_status(answer)
             elif status not in (200, 201, 204):
                 raise HttpError(
-                    f"HTTP {status} from {self.cfg.url}: {answer[:200].decode('utf-8', 'replace')}"
+                    f"HTTP {status} from {redact_url(self.cfg.url)}: {answer[:200].decode('utf-8', 'replace')}"
                 )
             self.messages += 1
             self.sent += len(seqs)
@@ -480,7 +500,7 @@ class NgsiLdUplink:
                 self.connected = True
                 self.last_error = None
                 self.since_ts = now_ms()
-                log.info("upstream %s (ngsi-ld) reached %s", self.name, self.cfg.url)
+                log.info("upstream %s (ngsi-ld) reached %s", self.name, redact_url(self.cfg.url))
                 for hook in self.on_connect:
                     hook()
         self.beat()

@@ -2,8 +2,10 @@
 
 The gateway logs in with the access token of a ThingsBoard *gateway* device (`username`) and speaks for its
 devices: `v1/gateway/connect` `{"device": D}` before a device's first data in a session,
-`v1/gateway/telemetry` `{D: [{"ts": T, "values": {POINT: X, ...}}, ...], ...}` (readings of one device taken at
-the same `ts` share one entry), `v1/gateway/disconnect` on a clean stop. Server-side RPC arrives on
+`v1/gateway/attributes` `{D: {"points": {POINT: {"type", "unit", "writable"}}}}` (client-side attributes: what
+the device measures and which RPC writes it takes), `v1/gateway/telemetry`
+`{D: [{"ts": T, "values": {POINT: X, ...}}, ...], ...}` (readings of one device taken at the same `ts` share
+one entry), `v1/gateway/disconnect` on a clean stop. Server-side RPC arrives on
 `v1/gateway/rpc` as `{"device": D, "data": {"id": N, "method": M, "params": P}}` and is answered on the same
 topic with `{"device": D, "id": N, "data": RESULT}`. Methods: `write` with `{"point": P, "value": X}`, or
 `set_<point>` with the value as params; both go through the commands path (validated, audited, read back).
@@ -24,6 +26,7 @@ log = logging.getLogger("fieldgate.thingsboard")
 CONNECT = "v1/gateway/connect"
 DISCONNECT = "v1/gateway/disconnect"
 TELEMETRY = "v1/gateway/telemetry"
+ATTRIBUTES = "v1/gateway/attributes"
 RPC = "v1/gateway/rpc"
 
 
@@ -45,11 +48,23 @@ class ThingsBoardFormat:
     def birth(self) -> list[Message]:
         self.connected.clear()
         try:
-            devices = sorted(self.catalog())
+            catalog = self.catalog()
         except Exception as exc:
             log.warning("device catalog unavailable for the ThingsBoard connects: %s", exc)
-            devices = []
-        return [self._connect(d) for d in devices]
+            catalog = {}
+        out = [self._connect(d) for d in sorted(catalog)]
+        attributes = {
+            device: {
+                "points": {
+                    p.name: {"type": p.type, "unit": p.unit, "writable": p.writable} for p in catalog[device]
+                }
+            }
+            for device in sorted(catalog)
+            if catalog[device]
+        }
+        if attributes:
+            out.append(Message(ATTRIBUTES, orjson.dumps(attributes)))
+        return out
 
     def encode(self, rows: list[StoredRow], backlog: bool) -> list[Message]:
         doc: dict[str, list[dict[str, Any]]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 import orjson
 
@@ -55,6 +56,14 @@ def main(args: argparse.Namespace) -> int:
         else:
             print(f"rejected: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a codec bug: said as one, with what a bug report needs
+        message = f"codec bug in {args.codec} (please report it with the hex): {type(exc).__name__}: {exc}"
+        if args.json:
+            print(orjson.dumps({"ok": False, "error": message}).decode())
+        else:
+            print(message, file=sys.stderr)
+            traceback.print_exception(exc, file=sys.stderr)
+        return 2
     if args.json:
         print(orjson.dumps(values).decode())
     else:

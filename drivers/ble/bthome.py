@@ -19,7 +19,7 @@ class _Object(NamedTuple):
     factor: float = 1.0
     decimals: int = 0
     unit: str | None = None
-    kind: str = "number"  # number | binary | button | dimmer | text | raw | firmware
+    kind: str = "number"  # number | binary | button | dimmer | command | text | raw | firmware
 
 
 def _n(
@@ -37,7 +37,8 @@ def _b(name: str) -> _Object:
     return _Object(name, 1, kind="binary")
 
 
-# Every object id of the BTHome v2 format (bthome.io/format). The names are point names.
+# Every object id of the BTHome v2 format (bthome.io/format, checked against the format author's parser
+# bthome-ble 3.25 by tests/differential/test_bthome_reference.py). The names are point names.
 OBJECTS: dict[int, _Object] = {
     0x00: _n("packet_id", 1),
     0x01: _n("battery", 1, unit="%"),
@@ -88,6 +89,7 @@ OBJECTS: dict[int, _Object] = {
     0x2E: _n("humidity", 1, unit="%"),
     0x2F: _n("moisture", 1, unit="%"),
     0x3A: _Object("button", 1, kind="button"),
+    0x3B: _Object("command", 0, kind="command"),  # length byte (low 5 bits: argument bytes), opcode, args
     0x3C: _Object("dimmer", 2, kind="dimmer"),
     0x3D: _n("count", 2),
     0x3E: _n("count", 4),
@@ -126,6 +128,10 @@ OBJECTS: dict[int, _Object] = {
     0x5F: _n("precipitation", 2, 0.1, 1, "mm"),
     0x60: _n("channel", 1),
     0x61: _n("rotational_speed", 2, unit="rpm"),
+    0x62: _n("speed", 4, 0.000001, 6, "m/s", signed=True),
+    0x63: _n("acceleration", 4, 0.000001, 6, "m/s²", signed=True),
+    0x64: _n("light_level", 1),
+    0x65: _n("settings_revision", 1),
     0xF0: _n("device_type_id", 2),
     0xF1: _Object("firmware_version", 4, kind="firmware"),
     0xF2: _Object("firmware_version", 3, kind="firmware"),
@@ -139,8 +145,10 @@ BUTTON_EVENTS = {
     0x05: "long_double_press",
     0x06: "long_triple_press",
     0x80: "hold_press",
+    0x81: "hold_release",
 }
 DIMMER_EVENTS = {0x01: "rotate_left", 0x02: "rotate_right"}
+COMMAND_EVENTS = {0x00: "off", 0x01: "on", 0x02: "toggle", 0x03: "step_up", 0x04: "step_down"}
 
 _SERVICE_UUID_LE = b"\xd2\xfc"
 _MIC_LEN = 4
@@ -155,6 +163,8 @@ class Packet:
     values: Measurements = field(default_factory=dict)
     mac: str | None = None  # the MAC carried in the payload (bit 1), as printed
     counter: int | None = None  # encryption counter (encrypted packets only)
+    unknown: UnknownObject | None = None  # an object id this decoder does not know, and what it cost
+    skipped: list[str] = field(default_factory=list)  # objects located but unreadable, with why
 
     @property
     def encrypted(self) -> bool:
@@ -187,23 +197,56 @@ def _mac_bytes(address: str) -> bytes:
     return raw
 
 
+class UnknownObject(NamedTuple):
+    """An object id not in the table: its size is unknown, so the objects after it cannot be located."""
+
+    object_id: int
+    offset: int  # where it starts in the (decrypted) object sequence
+    bytes_lost: int  # from the unknown id to the end of the sequence, not decoded
+
+    def __str__(self) -> str:
+        return (
+            f"unknown BTHome object id 0x{self.object_id:02X} at byte {self.offset}: "
+            f"{self.bytes_lost} byte(s) from there on not decoded"
+        )
+
+
 def decode_objects(payload: bytes) -> Measurements:
-    """The measurements of a (decrypted) object sequence; repeated names become name, name_2, name_3..."""
+    """The measurements of a (decrypted) object sequence; repeated names become name, name_2, name_3...
+
+    An unknown object id ends the sequence (see `decode_object_sequence`), keeping what came before it.
+    """
+    return decode_object_sequence(payload)[0]
+
+
+def decode_object_sequence(
+    payload: bytes, skipped: list[str] | None = None
+) -> tuple[Measurements, UnknownObject | None]:
+    """The measurements, and the unknown object id that ended decoding early (None if all were known).
+
+    An object that is located but cannot be read (text that is not UTF-8) is left out and described
+    in `skipped`; the objects around it are kept.
+
+    Object ids come in ascending order, so everything before an id this table lacks (one added
+    to the format later) was decoded correctly; sizes are only known per id, so past it nothing
+    can be located safely. A truncated or malformed object raises DecodeError (the advertisement
+    is damaged, not merely newer than this decoder).
+    """
     values: Measurements = {}
     seen: dict[str, int] = {}
     i = 0
     while i < len(payload):
-        object_id = payload[i]
+        start, object_id = i, payload[i]
         obj = OBJECTS.get(object_id)
         if obj is None:
-            # Sizes are only known per id: past an unknown id nothing can be located safely.
-            raise DecodeError(f"unknown BTHome object id 0x{object_id:02X} at byte {i}")
+            return values, UnknownObject(object_id, i, len(payload) - i)
         i += 1
         size = obj.size
-        if obj.kind in ("text", "raw"):
+        if obj.kind in ("text", "raw", "command"):
             if i >= len(payload):
                 raise DecodeError(f"BTHome object 0x{object_id:02X} has no length byte")
-            size = payload[i]
+            # command: the low 5 bits count the arguments that follow the opcode byte
+            size = payload[i] if obj.kind != "command" else 1 + (payload[i] & 0x1F)
             i += 1
         if i + size > len(payload):
             raise DecodeError(
@@ -211,13 +254,29 @@ def decode_objects(payload: bytes) -> Measurements:
             )
         chunk = payload[i : i + size]
         i += size
-        measurement = _value_of(obj, chunk)
-        if measurement is None:
+        try:
+            decoded = _values_of(obj, chunk)
+        except DecodeError as exc:
+            if skipped is None:
+                raise
+            skipped.append(f"object 0x{object_id:02X} at byte {start}: {exc}")
             continue
-        count = seen.get(obj.name, 0) + 1
-        seen[obj.name] = count
-        values[obj.name if count == 1 else f"{obj.name}_{count}"] = measurement
-    return values
+        for name, measurement in decoded:
+            count = seen.get(name, 0) + 1
+            seen[name] = count
+            values[name if count == 1 else f"{name}_{count}"] = measurement
+    return values, None
+
+
+def _values_of(obj: _Object, chunk: bytes) -> list[tuple[str, Measurement]]:
+    if obj.kind == "command":
+        opcode, args = chunk[0], chunk[1:]
+        out = [(obj.name, Measurement(COMMAND_EVENTS.get(opcode, f"command_0x{opcode:02X}")))]
+        if args:
+            out.append((f"{obj.name}_args", Measurement(args.hex().upper())))
+        return out
+    measurement = _value_of(obj, chunk)
+    return [] if measurement is None else [(obj.name, measurement)]
 
 
 def _value_of(obj: _Object, chunk: bytes) -> Measurement | None:
@@ -296,7 +355,7 @@ def parse(data: bytes, *, key: bytes | None = None, address: str | None = None) 
         body, packet.counter = _decrypt(info, _mac_bytes(sender), body, key)
     elif key is not None:
         raise DecodeError("unencrypted BTHome advertisement refused: this device has a bindkey (downgrade)")
-    packet.values = decode_objects(body)
+    packet.values, packet.unknown = decode_object_sequence(body, packet.skipped)
     return packet
 
 
@@ -328,4 +387,8 @@ def decode_cli(data: bytes, options: dict[str, str]) -> dict[str, Value]:
         out["mac"] = packet.mac
     if packet.counter is not None:
         out["encryption_counter"] = packet.counter
+    if packet.unknown is not None:
+        out["unknown_object"] = str(packet.unknown)
+    if packet.skipped:
+        out["skipped_objects"] = "; ".join(packet.skipped)
     return out

@@ -49,4 +49,7 @@ def decode_value(fmt: str, data: bytes, scale: float = 1.0, offset: float = 0.0)
         raw = int.from_bytes(data[:size], order, signed=signed)  # type: ignore[arg-type]
     if scale == 1.0 and offset == 0.0:
         return raw
-    return round(raw * scale + offset, 9)
+    value = raw * scale + offset
+    if not math.isfinite(value):
+        raise DecodeError(f"{fmt} value {raw} × {scale:g} + {offset:g} is out of range")
+    return round(value, 9)

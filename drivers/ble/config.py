@@ -7,7 +7,7 @@ from typing import Literal
 
 from agent.config_base import DeviceConfigBase, Model
 from agent.modelkit import Field, model_validator
-from agent.units import Duration
+from agent.units import Duration, duration_field
 
 Decoder = Literal["bthome", "ruuvi", "pvvx", "atc"]
 GattFormat = Literal[
@@ -66,12 +66,18 @@ class BleDeviceConfig(DeviceConfigBase):
     mode: Literal["advertisement", "gatt"] = "advertisement"
     decoder: Decoder | None = Field(None, description="advertisement format: bthome | ruuvi | pvvx | atc")
     bindkey_file: Path | None = Field(None, description="file holding the 32-hex-digit BTHome bindkey")
-    min_interval: Duration = Field(
-        30.0, description="at most one batch per interval: the latest advertisement of each interval is kept"
+    min_interval: Duration = duration_field(
+        30.0,
+        "0s",
+        "1d",
+        description="at most one batch per interval: the latest advertisement of each interval is kept",
     )
     rssi: bool = Field(True, description="add an `rssi` point (dBm) to each batch")
-    scanner_watchdog: Duration = Field(
-        300.0, description="restart the shared scanner when no advertisement at all arrived for this long"
+    scanner_watchdog: Duration = duration_field(
+        300.0,
+        "0s",
+        "1d",
+        description="restart the shared scanner when no advertisement at all arrived for this long",
     )
     adapter: str = Field("hci0", pattern=r"^hci\d+$")
     scanning_mode: Literal["passive", "active"] = Field(
@@ -82,7 +88,9 @@ class BleDeviceConfig(DeviceConfigBase):
         default_factory=dict, description="mode gatt: point name -> characteristic"
     )
     connect_attempts: int = Field(3, ge=1, le=10, description="mode gatt: connection attempts per read")
-    connect_timeout: Duration = Field(10.0, description="mode gatt: bound on one connection attempt")
+    connect_timeout: Duration = duration_field(
+        10.0, "100ms", "5m", description="mode gatt: bound on one connection attempt"
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> BleDeviceConfig:

@@ -35,14 +35,26 @@ DEFAULT_ONE_SHOT_WAIT = 60.0
 
 
 def decode_advertisement(
-    decoder: str, advert: Advertisement, receiver: bthome.BTHomeReceiver | None = None
+    decoder: str,
+    advert: Advertisement,
+    receiver: bthome.BTHomeReceiver | None = None,
+    unknown: Callable[[bthome.UnknownObject | str], None] | None = None,
 ) -> Measurements | None:
-    """The measurements of an advertisement for `decoder`, or None when it carries no such payload."""
+    """The measurements of an advertisement for `decoder`, or None when it carries no such payload.
+
+    `unknown` is told of a BTHome object id the decoder does not know (the objects before it are kept),
+    and of each object located but unreadable (a string: why; the other objects are kept).
+    """
     if decoder == "bthome":
         data = advert.service_data.get(BTHOME_UUID16)
         if data is None:
             return None
         packet = (receiver or bthome.BTHomeReceiver()).receive(data, advert.address)
+        if unknown is not None:
+            if packet.unknown is not None:
+                unknown(packet.unknown)
+            for reason in packet.skipped:
+                unknown(reason)
         return packet.values
     if decoder == "ruuvi":
         data = advert.manufacturer_data.get(RUUVI_COMPANY_ID)
@@ -73,6 +85,10 @@ class BleDriver(Driver[BleDeviceConfig]):
         self.clock = clock
         self.decode_errors = 0  # advertisements of this device rejected by its decoder
         self.accepted = 0  # advertisements decoded
+        self.unknown_objects = 0  # BTHome adverts cut short by an object id the decoder does not know
+        self._unknown_ids: set[int] = set()  # each logged once
+        self.skipped_objects = 0  # BTHome objects located but unreadable (e.g. text not UTF-8), left out
+        self.codec_bugs = 0  # unexpected exceptions in a decoder (a bug: logged with traceback once)
         self._receiver: bthome.BTHomeReceiver | None = None
         self._scanner: BleScanner | None = None
         self._unregister: Callable[[], None] | None = None
@@ -85,7 +101,13 @@ class BleDriver(Driver[BleDeviceConfig]):
         """Health counters (the scheduler copies them into /api/status): what the radio brought this device."""
         if self.config.mode == "gatt":
             return {}
-        out = {"adverts_decoded": self.accepted, "adverts_rejected": self.decode_errors}
+        out = {
+            "adverts_decoded": self.accepted,
+            "adverts_rejected": self.decode_errors,
+            "unknown_object": self.unknown_objects,
+            "skipped_objects": self.skipped_objects,
+            "codec_bugs": self.codec_bugs,
+        }
         scanner = self._scanner
         if scanner is not None:
             # Shared by every advertisement device: the scanner's own figures, repeated on each.
@@ -142,18 +164,40 @@ class BleDriver(Driver[BleDeviceConfig]):
     def _on_advert(self, advert: Advertisement) -> None:
         assert self.config.decoder is not None
         try:
-            values = decode_advertisement(self.config.decoder, advert, self._receiver)
+            values = decode_advertisement(self.config.decoder, advert, self._receiver, self._on_unknown)
         except DecodeError as exc:
             self.decode_errors += 1
             self.point_errors["advertisement"] = str(exc)
             log.debug("%s: advertisement rejected: %s", self.device, exc)
             return
+        except Exception as exc:  # a decoder bug: counted and reported, never the end of the device
+            self.codec_bugs += 1
+            self.decode_errors += 1
+            self.point_errors["advertisement"] = f"decoder bug: {type(exc).__name__}: {exc}"
+            if self.codec_bugs == 1:
+                log.exception(
+                    "%s: the %s decoder failed on an advertisement (a bug)", self.device, self.config.decoder
+                )
+            return
         if values is None:
             return
-        self.accepted += 1
         self.point_errors.pop("advertisement", None)
+        if not values:
+            return  # nothing decoded (e.g. an unknown object id first): the last readings stay the latest
+        self.accepted += 1
         self._latest = self._readings(values, advert.rssi)
         self._wake.set()
+
+    def _on_unknown(self, unknown: bthome.UnknownObject | str) -> None:
+        if isinstance(unknown, str):
+            self.skipped_objects += 1
+            self.point_errors["skipped_object"] = unknown
+            return
+        self.unknown_objects += 1
+        self.point_errors["unknown_object"] = str(unknown)
+        if unknown.object_id not in self._unknown_ids:
+            self._unknown_ids.add(unknown.object_id)
+            log.warning("%s: %s (logged once per id)", self.device, unknown)
 
     def _on_failure(self, err: DeviceUnreachable) -> None:
         self._failure = err
@@ -245,6 +289,12 @@ class BleDriver(Driver[BleDeviceConfig]):
                 value = decode_value(spec.format, data, spec.scale, spec.offset)
             except DecodeError as exc:
                 self.point_errors[name] = str(exc)
+                continue
+            except Exception as exc:  # a decoder bug: this characteristic only, counted and logged once
+                self.codec_bugs += 1
+                self.point_errors[name] = f"decoder bug: {type(exc).__name__}: {exc}"
+                if self.codec_bugs == 1:
+                    log.exception("%s: decoding characteristic %s failed (a bug)", self.device, name)
                 continue
             readings.append(Reading(self.device, name, ts, value, spec.unit))
         if not readings and self.point_errors:

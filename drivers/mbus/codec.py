@@ -12,6 +12,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import NamedTuple
 
 from agent.errors import DecodeError
 from agent.reading import Value
@@ -129,6 +130,8 @@ class Telegram:
     header: dict[str, Value] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # records that could not be decoded (DecodeError), why
+    bugs: list[tuple[str, Exception]] = field(default_factory=list)  # unexpected exceptions: codec bugs
     more_follows: bool = False  # DIF 1F: the meter has another telegram
 
     def values(self) -> dict[str, tuple[Value, str | None]]:
@@ -166,12 +169,54 @@ _DURATION_VIFS = {
 _FD_NAMES = {
     0x08: "access_number", 0x09: "medium_code", 0x0A: "manufacturer_code", 0x0B: "parameter_set",
     0x0C: "model_version", 0x0D: "hardware_version", 0x0E: "firmware_version", 0x0F: "software_version",
-    0x10: "customer_location", 0x11: "customer", 0x16: "password", 0x17: "error_flags",
-    0x1A: "digital_output", 0x1B: "digital_input", 0x1C: "baudrate", 0x74: "battery_remaining_days",
+    0x10: "customer_location", 0x11: "customer", 0x12: "access_code_user", 0x13: "access_code_operator",
+    0x14: "access_code_system_operator", 0x15: "access_code_developer", 0x16: "password",
+    0x17: "error_flags", 0x18: "error_mask",
+    0x1A: "digital_output", 0x1B: "digital_input", 0x1C: "baudrate", 0x1D: "response_delay",
+    0x1E: "retry", 0x20: "first_storage_number", 0x21: "last_storage_number",
+    0x22: "storage_block_size", 0x3A: "dimensionless", 0x60: "reset_counter", 0x61: "cumulation_counter",
+    0x62: "control_signal", 0x63: "day_of_week", 0x64: "week_number", 0x65: "time_point_of_day_change",
+    0x66: "parameter_activation_state", 0x67: "special_supplier_information",
+    0x74: "battery_remaining_days",
 }  # fmt: skip
-# VIFE qualifiers we know how to name; any other VIFE makes the record skipped.
+_FD_UNITS = {0x1C: "Bd", 0x1D: "bit times", 0x74: "d"}
+# FD durations: name, then (factor, unit) for codes base..base+3, EN 13757-3 Table 14. Months and
+# years have no fixed length in seconds: their count is published as such.
+_SECONDS = ((1, "s"), (60, "s"), (3600, "s"), (86400, "s"))
+_CALENDAR = ((1, "month"), (1, "a"))
+_FD_DURATIONS: dict[int, tuple[str, tuple[tuple[int, str], ...]]] = {
+    0x24: ("storage_interval", _SECONDS),
+    0x28: ("storage_interval", _CALENDAR),
+    0x2C: ("duration_since_last_readout", _SECONDS),
+    0x34: ("tariff_period", _SECONDS),
+    0x38: ("tariff_period", _CALENDAR),
+    0x68: ("duration_since_last_cumulation", ((3600, "s"), (86400, "s"), *_CALENDAR)),
+    0x6C: ("battery_operating_time", ((3600, "s"), (86400, "s"), *_CALENDAR)),
+}
+# FB (first extension table, EN 13757-3 Table 14): (mask, base, name, unit, exponent of the code's n).
+_FB_RANGES: tuple[tuple[int, int, str, str, int], ...] = (
+    (0x7E, 0x00, "energy", "Wh", 5),  # 10^(n-1) MWh
+    (0x7E, 0x08, "energy", "J", 8),  # 10^(n-1) GJ
+    (0x7E, 0x10, "volume", "m³", 2),  # 10^(n+2) m³
+    (0x7E, 0x18, "mass", "kg", 5),  # 10^(n+2) t
+    (0x7E, 0x28, "power", "W", 5),  # 10^(n-1) MW
+    (0x7E, 0x30, "power", "J/h", 8),  # 10^(n-1) GJ/h
+    (0x7C, 0x58, "flow_temperature", "°F", -3),
+    (0x7C, 0x5C, "return_temperature", "°F", -3),
+    (0x7C, 0x60, "temperature_difference", "°F", -3),
+    (0x7C, 0x64, "external_temperature", "°F", -3),
+    (0x7C, 0x70, "temperature_limit", "°F", -3),
+    (0x7C, 0x74, "temperature_limit", "°C", -3),
+    (0x78, 0x78, "cumulative_max_power", "W", -3),
+)  # fmt: skip
+# VIFE qualifiers we know how to name (EN 13757-3 Table 15), with what they do to the unit: a rate
+# ("per hour") divides the base unit by its time (m³ per hour is m³/h, not m³), a pulse weight by a
+# pulse. 0x7F (manufacturer-specific VIFE) and any other VIFE make the record an error, never a guess.
 _VIFE_SUFFIX = {0x20: "_per_second", 0x21: "_per_minute", 0x22: "_per_hour", 0x23: "_per_day",
+                0x24: "_per_week", 0x25: "_per_month", 0x26: "_per_year",
                 0x28: "_per_pulse_in0", 0x29: "_per_pulse_in1"}  # fmt: skip
+_VIFE_UNIT = {0x20: "/s", 0x21: "/min", 0x22: "/h", 0x23: "/d", 0x24: "/week", 0x25: "/month",
+              0x26: "/a", 0x28: "/pulse", 0x29: "/pulse"}  # fmt: skip
 _DATA_LEN = {
     0x0: 0,
     0x1: 1,
@@ -196,15 +241,25 @@ def _scaled(raw: int, exponent: int) -> float | int:
     return float(Decimal(raw).scaleb(exponent))
 
 
+def _year(b0: int, b1: int) -> int:
+    """Year of a type F/G/I date: 7 bits split over two bytes; 0-80 are 2000-2080, 81-99 are 1981-1999.
+
+    EN 13757-3 Annex A: the century is not transmitted; for compatibility with older meters the
+    values 81-99 mean 1981-1999 (libmbus and pyMeterBus read them so).
+    """
+    year = ((b0 & 0xE0) >> 5) | ((b1 & 0xF0) >> 1)
+    return (1900 if year >= 81 else 2000) + year
+
+
 def _date_g(b: bytes) -> str | None:
     day, month = b[0] & 0x1F, b[1] & 0x0F
-    year = ((b[0] & 0xE0) >> 5) | ((b[1] & 0xF0) >> 1)
     if not (1 <= day <= 31 and 1 <= month <= 12):
         return None  # 00-00: "no date" (e.g. a due date not yet set)
-    return f"{2000 + year:04d}-{month:02d}-{day:02d}"
+    return f"{_year(b[0], b[1]):04d}-{month:02d}-{day:02d}"
 
 
 def _datetime_f(b: bytes) -> str | None:
+    """Type F, 32 bits: minute (IV flag in bit 7), hour, then a type G date."""
     if b[0] & 0x80:  # IV bit: the meter flags its own time as invalid
         return None
     minute, hour = b[0] & 0x3F, b[1] & 0x1F
@@ -212,6 +267,17 @@ def _datetime_f(b: bytes) -> str | None:
     if date is None or minute > 59 or hour > 23:
         return None
     return f"{date}T{hour:02d}:{minute:02d}:00"
+
+
+def _datetime_i(b: bytes) -> str | None:
+    """Type I, 48 bits: second, minute (IV flag in bit 7), hour, then a type G date, then week data."""
+    if b[1] & 0x80:
+        return None
+    second = b[0] & 0x3F
+    minute = _datetime_f(b[1:5])
+    if minute is None or second > 59:
+        return None
+    return f"{minute[:-2]}{second:02d}"
 
 
 def _sanitize(text: str) -> str:
@@ -247,67 +313,112 @@ def _decode_number(dtype: int, raw: bytes) -> int | None:
 
 
 def _parse_records(data: bytes, telegram: Telegram) -> None:
+    """Every record of `data` into `telegram`. One record's trouble never costs the others.
+
+    A record whose data can be located but not read is an error for that record alone; one that
+    cannot even be located (cut short, reserved coding) ends the parse, keeping the records before it.
+    """
     cur = _Cursor(data)
     seen: dict[str, int] = {}
     while cur.left():
         start = cur.pos
-        dif = cur.take(1, "DIF")[0]
-        if dif == 0x2F:  # idle filler
-            continue
-        if dif in (0x0F, 0x1F):
-            rest = cur.take(cur.left(), "manufacturer data")
-            telegram.more_follows = dif == 0x1F
-            if rest:
-                telegram.skipped.append(f"manufacturer-specific data ({len(rest)} bytes)")
+        try:
+            located = _locate_record(cur, data, telegram)
+        except DecodeError as exc:
+            telegram.errors.append(f"record at byte {start}: {exc}")
             return
-        dtype, function = dif & 0x0F, (dif >> 4) & 0x03
-        storage, tariff, subunit = (dif >> 6) & 0x01, 0, 0
-        ext, n = dif, 0
-        while ext & 0x80:
-            ext = cur.take(1, "DIFE")[0]
-            storage |= (ext & 0x0F) << (1 + 4 * n)
-            tariff |= ((ext >> 4) & 0x03) << (2 * n)
-            subunit |= ((ext >> 6) & 0x01) << n
-            n += 1
-            if n > 10:
-                raise DecodeError("malformed record: more than 10 DIFEs")
-        vif = cur.take(1, "VIF")[0]
-        text_vif: str | None = None
-        if vif & 0x7F == 0x7C:
-            tlen = cur.take(1, "plain-text VIF length")[0]
-            text_vif = cur.take(tlen, "plain-text VIF")[::-1].decode("latin-1")
-        vifes: list[int] = []
-        ext = vif
-        while ext & 0x80:
-            ext = cur.take(1, "VIFE")[0]
-            vifes.append(ext)
-            if len(vifes) > 10:
-                raise DecodeError("malformed record: more than 10 VIFEs")
-        if dtype == 0xD:
-            lvar = cur.take(1, "LVAR")[0]
-            raw = cur.take(_lvar_size(lvar), "variable-length data")
-        elif dtype == 0x8 or dtype not in _DATA_LEN:
-            raise DecodeError(f"unsupported DIF {dif:02X} (data type {dtype:X})")
-        else:
-            lvar = -1
-            raw = cur.take(_DATA_LEN[dtype], "record data")
-        coding = data[start : cur.pos - len(raw) - (1 if dtype == 0xD else 0)].hex(" ").upper()
-        record = _interpret(dtype, vif, vifes, text_vif, raw, lvar)
+        if located is None:
+            if telegram.more_follows or cur.left() == 0:
+                return
+            continue
+        dtype, function, coding = located.dif & 0x0F, (located.dif >> 4) & 0x03, located.coding
+        try:
+            record = _interpret(
+                dtype, located.vif, located.vifes, located.text_vif, located.raw, located.lvar
+            )
+        except DecodeError as exc:
+            telegram.errors.append(f"{coding}: {exc}")
+            continue
+        except Exception as exc:  # a codec bug: reported, and only this record is lost
+            telegram.bugs.append((coding, exc))
+            continue
         if isinstance(record, str):
             telegram.skipped.append(f"{coding}: {record}")
             continue
         name, value, unit = record
-        name += _FUNCTION_SUFFIX[function]
-        if storage:
-            name += f"_s{storage}"
-        if tariff:
-            name += f"_t{tariff}"
-        if subunit:
-            name += f"_u{subunit}"
+        name += _FUNCTION_SUFFIX[function] + located.suffix()
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name}_{seen[name]}"
         telegram.records.append(Record(name, value, unit, coding))
+
+
+class _Located(NamedTuple):
+    dif: int
+    vif: int
+    vifes: list[int]
+    text_vif: str | None
+    raw: bytes
+    lvar: int
+    coding: str  # DIF DIFE* VIF VIFE*, as hex
+    storage: int
+    tariff: int
+    subunit: int
+
+    def suffix(self) -> str:
+        out = f"_s{self.storage}" if self.storage else ""
+        if self.tariff:
+            out += f"_t{self.tariff}"
+        if self.subunit:
+            out += f"_u{self.subunit}"
+        return out
+
+
+def _locate_record(cur: _Cursor, data: bytes, telegram: Telegram) -> _Located | None:
+    """Read one record's DIB, VIB and data; None for fillers and the manufacturer-specific tail."""
+    start = cur.pos
+    dif = cur.take(1, "DIF")[0]
+    if dif == 0x2F:  # idle filler
+        return None
+    if dif in (0x0F, 0x1F):
+        rest = cur.take(cur.left(), "manufacturer data")
+        telegram.more_follows = dif == 0x1F
+        if rest:
+            telegram.skipped.append(f"manufacturer-specific data ({len(rest)} bytes)")
+        return None
+    dtype = dif & 0x0F
+    storage, tariff, subunit = (dif >> 6) & 0x01, 0, 0
+    ext, n = dif, 0
+    while ext & 0x80:
+        ext = cur.take(1, "DIFE")[0]
+        storage |= (ext & 0x0F) << (1 + 4 * n)
+        tariff |= ((ext >> 4) & 0x03) << (2 * n)
+        subunit |= ((ext >> 6) & 0x01) << n
+        n += 1
+        if n > 10:
+            raise DecodeError("malformed record: more than 10 DIFEs")
+    vif = cur.take(1, "VIF")[0]
+    text_vif: str | None = None
+    if vif & 0x7F == 0x7C:
+        tlen = cur.take(1, "plain-text VIF length")[0]
+        text_vif = cur.take(tlen, "plain-text VIF")[::-1].decode("latin-1")
+    vifes: list[int] = []
+    ext = vif
+    while ext & 0x80:
+        ext = cur.take(1, "VIFE")[0]
+        vifes.append(ext)
+        if len(vifes) > 10:
+            raise DecodeError("malformed record: more than 10 VIFEs")
+    if dtype == 0xD:
+        lvar = cur.take(1, "LVAR")[0]
+        raw = cur.take(_lvar_size(lvar), "variable-length data")
+    elif dtype == 0x8 or dtype not in _DATA_LEN:
+        raise DecodeError(f"unsupported DIF {dif:02X} (data type {dtype:X})")
+    else:
+        lvar = -1
+        raw = cur.take(_DATA_LEN[dtype], "record data")
+    coding = data[start : cur.pos - len(raw) - (1 if dtype == 0xD else 0)].hex(" ").upper()
+    return _Located(dif, vif, vifes, text_vif, raw, lvar, coding, storage, tariff, subunit)
 
 
 def _lvar_size(lvar: int) -> int:
@@ -326,40 +437,48 @@ def _lvar_size(lvar: int) -> int:
 def _interpret(
     dtype: int, vif: int, vifes: list[int], text_vif: str | None, raw: bytes, lvar: int
 ) -> tuple[str, Value, str | None] | str:
-    """(name, value, unit) of one record, or the reason (in words) it is skipped."""
+    """(name, value, unit) of one record, or the reason (in words) it is deliberately not published.
+
+    A record this codec cannot read raises DecodeError (the caller counts it for that record alone).
+    """
     if dtype == 0x0:
         return "no data"
     if dtype == 0xD:
         if lvar >= 0xC0:
-            return f"variable-length data of type LVAR {lvar:02X} not supported"
+            raise DecodeError(f"variable-length data of type LVAR {lvar:02X} not supported")
         text: str | None = raw[::-1].decode("latin-1")
-        number = None
+        number: int | float | None = None
     elif dtype == 0x5:
-        text, number = None, None
+        text, number = None, struct.unpack("<f", raw)[0]
     else:
         text, number = None, _decode_number(dtype, raw)
         if number is None:
-            return "invalid BCD digits"
-    suffix = ""
-    if vif & 0x7F not in (0x7D, 0x7B):  # in FD/FB the first VIFE is the code itself
-        for e in vifes:
-            if (e & 0x7F) not in _VIFE_SUFFIX:
-                return f"VIF extension {e:02X} not understood"
-            suffix += _VIFE_SUFFIX[e & 0x7F]
-    elif len(vifes) > 1:
-        return f"VIF extension {vifes[1]:02X} not understood"
-    if dtype == 0x5:
-        fvalue = struct.unpack("<f", raw)[0]
-        return _name_value(vif, vifes, text_vif, fvalue, None, suffix)
-    return _name_value(vif, vifes, text_vif, number, text, suffix)
+            raise DecodeError("invalid BCD digits")
+    if vif & 0x7F == 0x7F:  # its VIFEs, if any, are the manufacturer's too
+        return f"manufacturer-specific VIF {vif:02X}: its meaning is the manufacturer's"
+    suffix, unit_suffix = "", ""
+    qualifiers = vifes if vif & 0x7F not in (0x7D, 0x7B) else vifes[1:]  # in FD/FB the first is the code
+    for e in qualifiers:
+        if e & 0x7F == 0x7F:
+            return f"manufacturer-specific VIF extension {e:02X}: its meaning is the manufacturer's"
+        if (e & 0x7F) not in _VIFE_SUFFIX:
+            raise DecodeError(f"VIF extension {e:02X} not understood")
+        suffix += _VIFE_SUFFIX[e & 0x7F]
+        unit_suffix += _VIFE_UNIT[e & 0x7F]
+    out = _name_value(dtype, vif, vifes, text_vif, number, text, raw, suffix)
+    if isinstance(out, str) or not unit_suffix or out[2] is None:
+        return out
+    return out[0], out[1], out[2] + unit_suffix
 
 
 def _name_value(
+    dtype: int,
     vif: int,
     vifes: list[int],
     text_vif: str | None,
     number: int | float | None,
     text: str | None,
+    raw: bytes,
     suffix: str,
 ) -> tuple[str, Value, str | None] | str:
     v = vif & 0x7F
@@ -367,43 +486,88 @@ def _name_value(
         value: Value = text if text is not None else number if number is not None else ""
         return _sanitize(text_vif) + suffix, value, None
     if v == 0x7D:
-        code = vifes[0] & 0x7F if vifes else -1
-        if code in _FD_NAMES:
-            return _FD_NAMES[code] + suffix, text if text is not None else _num(number), None
-        if 0x40 <= code <= 0x4F and number is not None:
-            return "voltage" + suffix, _scaled_num(number, (code & 0x0F) - 9), "V"
-        if 0x50 <= code <= 0x5F and number is not None:
-            return "current" + suffix, _scaled_num(number, (code & 0x0F) - 12), "A"
-        return f"extended VIF FD {code:02X} not understood"
-    if v in (0x7E, 0x7F, 0x7B):
-        return f"VIF {vif:02X} (any / manufacturer-specific / extension FB) not mapped"
-    if v == 0x6C:
-        if text is not None or number is None:
-            return "date with unexpected data type"
-        date = _date_g(int(number).to_bytes(2, "little", signed=True))
-        return ("date" + suffix, date, None) if date else "no date (00-00)"
-    if v == 0x6D:
-        if text is not None or number is None:
-            return "date-time with unexpected data type"
-        dt = _datetime_f(int(number).to_bytes(4, "little", signed=True))
-        return ("datetime" + suffix, dt, None) if dt else "invalid date-time"
+        return _fd(vifes[0] & 0x7F if vifes else -1, number, text, suffix)
+    if v == 0x7B:
+        return _fb(vifes[0] & 0x7F if vifes else -1, number, text, suffix)
+    if v == 0x7F:
+        return f"manufacturer-specific VIF {vif:02X}: its meaning is the manufacturer's"
+    if v == 0x7E:
+        return f"VIF {vif:02X} (any VIF, for readout selection) carries no quantity"
+    if v in (0x6C, 0x6D):
+        return _date_record(dtype, v, raw, suffix)
+    if v == 0x6E and number is not None and text is None:
+        return "hca_units" + suffix, number, None  # heat cost allocator: dimensionless units
     if v == 0x78:
         if number is None:
-            return "fabrication number with unexpected data type"
+            raise DecodeError("fabrication number with unexpected data type")
         return "fabrication_number" + suffix, str(int(number)), None
     if v == 0x79:
         return "enhanced_identification" + suffix, str(number if text is None else text), None
     if v == 0x7A:
         return "bus_address" + suffix, _num(number), None
     if text is not None or number is None:
-        return f"VIF {vif:02X} with text data not mapped"
+        raise DecodeError(f"VIF {vif:02X} with text data not mapped")
     for base, name in _DURATION_VIFS.items():
         if base <= v <= base + 3:
-            return name + suffix, int(number) * _DURATION_FACTOR[v - base], "s"
+            return name + suffix, _scaled_num(number, 0) * _DURATION_FACTOR[v - base], "s"
     for mask, base, name, unit, offset in _VIF_RANGES:
         if v & mask == base:
             return name + suffix, _scaled_num(number, (v & ~mask & 0x7F) + offset), unit
-    return f"VIF {vif:02X} not mapped"
+    raise DecodeError(f"VIF {vif:02X} not mapped")
+
+
+def _date_record(dtype: int, v: int, raw: bytes, suffix: str) -> tuple[str, Value, str | None] | str:
+    """VIF 6C (type G date, 16 bits) and 6D (type F date-time, 32 bits; type I with seconds, 48 bits)."""
+    if v == 0x6C:
+        if dtype != 0x2:
+            raise DecodeError(f"date (VIF 6C) in data type {dtype:X}: only type G (16 bits, DIF x2)")
+        date = _date_g(raw)
+        return ("date" + suffix, date, None) if date else "no date (00-00)"
+    if dtype == 0x4:
+        dt = _datetime_f(raw)
+    elif dtype == 0x6:
+        dt = _datetime_i(raw)
+    else:
+        raise DecodeError(
+            f"date-time (VIF 6D) in data type {dtype:X}: only type F (32 bits, DIF x4) or I (48 bits, DIF x6)"
+        )
+    return ("datetime" + suffix, dt, None) if dt else "invalid date-time (flagged or out of range)"
+
+
+def _fd(
+    code: int, number: int | float | None, text: str | None, suffix: str
+) -> tuple[str, Value, str | None] | str:
+    """Second extension table (VIF FD), EN 13757-3 Table 14."""
+    if code in _FD_NAMES:
+        return _FD_NAMES[code] + suffix, text if text is not None else _num(number), _FD_UNITS.get(code)
+    if code == 0x71 and number is not None and text is None:
+        return "rssi" + suffix, int(number) * 2 - 130, "dBm"
+    if number is None or text is not None:
+        raise DecodeError(f"extended VIF FD {code:02X} with text data not mapped")
+    if 0x00 <= code <= 0x07:
+        name = "credit" if code < 0x04 else "debit"
+        return name + suffix, _scaled_num(number, (code & 0x03) - 3), "currency units"
+    if 0x40 <= code <= 0x4F:
+        return "voltage" + suffix, _scaled_num(number, (code & 0x0F) - 9), "V"
+    if 0x50 <= code <= 0x5F:
+        return "current" + suffix, _scaled_num(number, (code & 0x0F) - 12), "A"
+    for base, (name, units) in _FD_DURATIONS.items():
+        if base <= code < base + len(units):
+            factor, unit = units[code - base]
+            return name + suffix, _scaled_num(number, 0) * factor, unit
+    raise DecodeError(f"extended VIF FD {code:02X} not understood")
+
+
+def _fb(
+    code: int, number: int | float | None, text: str | None, suffix: str
+) -> tuple[str, Value, str | None] | str:
+    """First extension table (VIF FB), EN 13757-3 Table 14: large units and °F temperatures."""
+    if number is None or text is not None:
+        raise DecodeError(f"extended VIF FB {code:02X} with text data not mapped")
+    for mask, base, name, unit, offset in _FB_RANGES:
+        if code & mask == base:
+            return name + suffix, _scaled_num(number, (code & ~mask & 0x7F) + offset), unit
+    raise DecodeError(f"extended VIF FB {code:02X} not understood")
 
 
 def _num(number: int | float | None) -> Value:
@@ -412,6 +576,8 @@ def _num(number: int | float | None) -> Value:
 
 def _scaled_num(number: int | float, exponent: int) -> float | int:
     if isinstance(number, float):
+        if exponent == 0:
+            return number
         return number * 10.0**exponent
     return _scaled(number, exponent)
 
@@ -456,4 +622,8 @@ def decode_cli(data: bytes, options: dict[str, str]) -> dict[str, Value]:
     telegram = decode_long_frame(data)
     out: dict[str, Value] = {"address": telegram.address}
     out.update({k: v for k, (v, _unit) in telegram.values().items()})
+    if telegram.errors:
+        out["record_errors"] = "; ".join(telegram.errors)
+    if telegram.bugs:
+        out["codec_bugs"] = "; ".join(f"{c}: {type(e).__name__}: {e}" for c, e in telegram.bugs)
     return out

@@ -48,6 +48,8 @@ class MbusDriver(Driver[MbusDeviceConfig]):
         )
         self.meter_id: str | None = None
         self.skipped: list[str] = []  # records of the last answer not published, with why
+        self.line.values.update({"bad_records": 0, "codec_bugs": 0})
+        self._logged: set[str] = set()  # record codings already logged (each once)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -102,6 +104,11 @@ class MbusDriver(Driver[MbusDeviceConfig]):
                 problem = str(exc)
                 self.line.add("malformed", problem=problem)
                 continue
+            except Exception as exc:  # a codec bug: counted and reported, traceback logged once
+                problem = f"codec bug: {type(exc).__name__}: {exc}"
+                self._codec_bug(exc, frame.hex().upper())
+                continue
+            self._record_problems(telegram)
             if telegram.address != self.config.address:
                 problem = f"answer from address {telegram.address}, expected {self.config.address}"
                 self.line.add("malformed", problem=problem)
@@ -114,6 +121,28 @@ class MbusDriver(Driver[MbusDeviceConfig]):
                 f"after {self.config.retries + 1} request(s)"
             )
         raise DeviceProtocolError(f"M-Bus address {self.config.address}: {problem}")
+
+    def _codec_bug(self, exc: Exception, where: str) -> None:
+        self.line.add("codec_bugs", problem=f"codec bug ({where[:60]}): {type(exc).__name__}: {exc}")
+        if "codec_bug" not in self._logged:
+            self._logged.add("codec_bug")
+            log.error(
+                "%s: the M-Bus codec failed on %s (a bug; logged once)",
+                self.device,
+                where,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+
+    def _record_problems(self, telegram: codec.Telegram) -> None:
+        """Records of an answer that could not be decoded: counted, each coding logged once; the rest kept."""
+        for error in telegram.errors:
+            self.line.add("bad_records", problem=error)
+            key = error.partition(":")[0]
+            if key not in self._logged:
+                self._logged.add(key)
+                log.warning("%s: record not decoded (logged once per coding): %s", self.device, error)
+        for coding, exc in telegram.bugs:
+            self._codec_bug(exc, f"record {coding}")
 
     async def read(self) -> list[Reading]:
         try:

@@ -40,7 +40,7 @@ class Mhz19Driver(SerialDriver[Mhz19DeviceConfig]):
         frame = await self.exchange(
             codec.read_co2_command(), self.frame_scan(codec.scan), _REPLY_TIMEOUT, "answer to read CO2"
         )
-        ppm = codec.parse_co2(frame)
+        ppm = self.decode(codec.parse_co2, frame, "answer to read CO2")
         quality = None
         if self.preheating():
             if self.config.during_preheat == "withhold":

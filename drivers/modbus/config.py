@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 from agent.config_base import AggregateConfig, Deadband, DeviceConfigBase, Model, ReportMode
-from agent.modelkit import Field, model_validator
-from agent.units import Duration
+from agent.modelkit import Field, field_validator, model_validator
+from agent.units import Duration, duration_field
 
 Table = Literal["coil", "discrete", "input", "holding"]
 PointType = Literal[
@@ -42,12 +42,16 @@ class ModbusPoint(Model):
     writable: bool = False
     min: float | None = None
     max: float | None = None
-    poll: Duration | None = Field(None, description="overrides the device's poll interval")
+    poll: Duration | None = duration_field(
+        None, "10ms", "1d", description="overrides the device's poll interval"
+    )
     description: str | None = None
     # Edge processing (docs/EDGE_PROCESSING.md): override the device's report options for this point.
     report: ReportMode | None = Field(None, description="always | on_change | deadband; default the device's")
     deadband: Deadband | None = Field(None, description="0.5 (absolute) or '2%' (relative): report: deadband")
-    heartbeat: Duration | None = Field(None, description="longest time without sending an unchanged value")
+    heartbeat: Duration | None = duration_field(
+        None, "1s", "7d", zero_off=True, description="longest time without sending an unchanged value"
+    )
     aggregate: AggregateConfig | None = Field(None, description="windowed aggregates instead of raw values")
 
     @model_validator(mode="after")
@@ -66,6 +70,11 @@ class ModbusPoint(Model):
             raise ValueError(f"{kind} are read-only; only coils and holding registers can be written")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError("min is greater than max")
+        last = self.address + self.register_count() - 1
+        if last > 65535:
+            raise ValueError(
+                f"the point spans addresses {self.address}-{last}: past the last Modbus address (65535)"
+            )
         return self
 
     def effective_type(self) -> str:
@@ -90,7 +99,9 @@ class ModbusPoint(Model):
 class ModbusDeviceConfig(DeviceConfigBase):
     driver: Literal["modbus"] = "modbus"
     bus: str = Field(description="name of a bus in `buses`")
-    unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (slave) id")
+    unit_id: int = Field(
+        1, ge=0, le=255, description="Modbus unit (slave) id: 0-247 on a serial line, 0-255 over TCP"
+    )
     profile: str | None = Field(
         None, description="a profile name in config/profiles/ or a path; its points are merged"
     )
@@ -102,27 +113,52 @@ class ModbusDeviceConfig(DeviceConfigBase):
     )
 
 
-class ModbusTcpBusConfig(Model):
-    type: Literal["modbus-tcp"]
+def host_problem(host: str) -> str | None:
+    """Why `host` is not a host name or address a socket can connect to (None when it is)."""
+    if not host or len(host) > 253:
+        return "a host name or address (1 to 253 characters)"
+    if "@" in host or "/" in host:
+        return f"'{host}' is a host name or address only (no scheme, credentials or path)"
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in host):
+        return "a host name cannot contain spaces or control characters"
+    return None
+
+
+class _TcpBus(Model):
     host: str
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        problem = host_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
+class ModbusTcpBusConfig(_TcpBus):
+    type: Literal["modbus-tcp"]
     port: int = Field(502, ge=1, le=65535)
-    timeout: Duration = 1.0
+    timeout: Duration = duration_field(1.0, "10ms", "1m")
 
 
-class ModbusRtuTcpBusConfig(Model):
+class ModbusRtuTcpBusConfig(_TcpBus):
     """RTU framing over a TCP socket (serial device servers)."""
 
     type: Literal["modbus-rtu-tcp"]
-    host: str
     port: int = Field(502, ge=1, le=65535)
-    timeout: Duration = 1.0
+    timeout: Duration = duration_field(1.0, "10ms", "1m")
 
 
 class ModbusRtuBusConfig(Model):
     type: Literal["modbus-rtu"]
-    port: str = Field(description="serial port; prefer /dev/serial/by-id/... (stable across reboots)")
+    port: str = Field(
+        min_length=1,
+        pattern=r"^[^\x00]+$",
+        description="serial port; prefer /dev/serial/by-id/... (stable across reboots)",
+    )
     baudrate: int = Field(9600, ge=300, le=921600)
     parity: Literal["N", "E", "O"] = "N"
     stopbits: Literal[1, 2] = 1
     bytesize: Literal[7, 8] = 8
-    timeout: Duration = 0.5
+    timeout: Duration = duration_field(0.5, "10ms", "1m")

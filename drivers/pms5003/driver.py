@@ -42,7 +42,7 @@ class Pms5003Driver(SerialDriver[Pms5003DeviceConfig]):
         for attempt in range(3):
             frame = await self.exchange(request, self.frame_scan(codec.scan), _REPLY_TIMEOUT, "data frame")
             try:
-                values = codec.decode(frame)
+                values = self.decode(codec.decode, frame, "data frame")
                 break
             except DecodeError as exc:
                 # Checksum-valid but implausible (warming up, glitch): never published; ask again.

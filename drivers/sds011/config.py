@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from agent.modelkit import Field
-from agent.units import Duration
+from agent.units import Duration, duration_field
 from drivers.serialport.config import SerialDeviceConfig
 
 
@@ -13,14 +13,18 @@ class Sds011DeviceConfig(SerialDeviceConfig):
     """An SDS011 on a USB-serial adapter (9600 8N1)."""
 
     driver: Literal["sds011"] = "sds011"
-    poll: Duration = Field(300.0, description="time between two measurements (default 5m saves the laser)")
+    poll: Duration = duration_field(
+        300.0, "10ms", "1d", description="time between two measurements (default 5m saves the laser)"
+    )
     reporting: Literal["query", "active"] = Field(
         "query", description="query: the gateway asks for each value; active: the sensor sends every second"
     )
     sleep_between_reads: bool = Field(
         True, description="put the sensor to sleep between reads (laser and fan last ~8000 h of work)"
     )
-    warmup: Duration = Field(30.0, description="after waking, how long the fan runs before a value is taken")
+    warmup: Duration = duration_field(
+        30.0, "0s", "10m", description="after waking, how long the fan runs before a value is taken"
+    )
     device_id: str | None = Field(
         None, pattern=r"^[0-9A-Fa-f]{4}$", description="4 hex digits (ID1 ID2); default: any sensor (FFFF)"
     )

@@ -50,7 +50,7 @@ class Sds011Driver(SerialDriver[Sds011DeviceConfig]):
             request, self.frame_scan(codec.scan, lambda f: f[1] == codec.DATA), _REPLY_TIMEOUT, "data frame"
         )
         ts = now_ms()
-        m = codec.parse_data(frame)
+        m = self.decode(codec.parse_data, frame, "data frame")
         if self.config.sleep_between_reads:
             await self._command(codec.sleep_command(True, self._id), "answer to sleep")
         return [

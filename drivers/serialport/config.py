@@ -30,8 +30,9 @@ class SerialDeviceConfig(DeviceConfigBase):
     port: str = Field(
         description="serial device path; prefer /dev/serial/by-id/... (stable across reboots, re-plugging)",
         min_length=1,
+        pattern=r"^[^\x00]+$",
     )
-    baudrate: int | None = Field(None, gt=0, description="default: the protocol's")
+    baudrate: int | None = Field(None, ge=50, le=4_000_000, description="default: the protocol's")
     bytesize: Literal[7, 8] | None = Field(None, description="data bits; default: the protocol's")
     parity: Parity | None = Field(None, description="N, E or O; default: the protocol's")
     stopbits: Literal[1, 2] | None = Field(None, description="default: the protocol's")

@@ -8,13 +8,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from agent.driver import Driver, DriverContext
-from agent.errors import DeviceUnreachable
+from agent.errors import DecodeError, DeviceProtocolError, DeviceUnreachable
 from drivers.serialport.config import SerialDeviceConfig, SerialSettings
 from drivers.serialport.counters import LineCounters, ScanStats
 from drivers.serialport.port import SerialPort
 
 CfgT = TypeVar("CfgT", bound=SerialDeviceConfig)
 FrameT = TypeVar("FrameT")
+T = TypeVar("T")
 
 COUNTER_NAMES = ("frames_ok", "bad_checksum", "malformed", "garbage_bytes", "timeouts", "port_lost")
 
@@ -30,6 +31,7 @@ class SerialDriver(Driver[CfgT]):
         super().__init__(device, config, context)
         self.line = LineCounters(device, COUNTER_NAMES, log)
         self.port: SerialPort | None = None
+        self._bug_logged = False
 
     @property
     def counters(self) -> dict[str, int]:
@@ -62,6 +64,31 @@ class SerialDriver(Driver[CfgT]):
         else:
             self.point_errors.pop("serial_line", None)
 
+    def codec_bug(self, exc: Exception, what: str) -> None:
+        """An unexpected exception in a codec is a bug: counted as `codec_bugs`, its traceback logged once."""
+        self.line.add("codec_bugs", problem=f"codec bug in the {what}: {type(exc).__name__}: {exc}")
+        if not self._bug_logged:
+            self._bug_logged = True
+            log.error(
+                "%s: the codec failed on the %s (a bug; logged once)",
+                self.device,
+                what,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+
+    def decode(self, func: Callable[[bytes], T], frame: bytes, what: str) -> T:
+        """`func(frame)`; a DecodeError passes, any other exception is a counted codec bug for this frame."""
+        try:
+            return func(frame)
+        except DecodeError:
+            raise
+        except Exception as exc:
+            self.codec_bug(exc, what)
+            self.publish_line_summary()
+            raise DeviceProtocolError(
+                f"{self.config.port}: codec bug decoding the {what}: {type(exc).__name__}: {exc}"
+            ) from exc
+
     def frame_scan(
         self,
         scan: Callable[[bytearray, ScanStats], bytes | None],
@@ -73,7 +100,12 @@ class SerialDriver(Driver[CfgT]):
         def run(buf: bytearray) -> bytes | None:
             while True:
                 garbage, bad = stats.garbage_bytes, stats.bad_checksum
-                frame = scan(buf, stats)
+                try:
+                    frame = scan(buf, stats)
+                except Exception as exc:  # a scanner bug: counted, and the byte it choked on dropped
+                    self.codec_bug(exc, "frame scanner")
+                    del buf[:1]
+                    continue
                 g, b = stats.garbage_bytes - garbage, stats.bad_checksum - bad
                 self.line.add("garbage_bytes", g, problem=f"{g} garbage byte(s)" if g else None)
                 self.line.add("bad_checksum", b, problem=stats.last_problem)

@@ -24,6 +24,7 @@ BAUDRATE: dict[Mode, int] = {"historic": 1200, "standard": 9600}
 _LABEL = re.compile(r"^[A-Z0-9][A-Z0-9+\-]*$")
 _HORODATE = re.compile(r"^[HhEe ]\d{12}$")
 MAX_FRAME = 8192  # a standard frame is ~1 KB; past this it is noise, not a frame
+MAX_DIGITS = 15  # the longest TIC number is a 9-digit index (Wh); past 15 digits it is not a reading
 
 # Numeric labels and their units (Enedis-NOI-CPT_54E; historic labels from NOI-CPT_02E).
 _HISTORIC_UNITS: dict[str, str] = {
@@ -286,8 +287,12 @@ def value_of(group: TicGroup, mode: Mode) -> tuple[Value, str | None]:
     unit = units.get(group.label)
     if unit is not None or (mode == "standard" and group.label in _STANDARD_PLAIN_NUMBERS):
         digits = group.data.strip()
-        if not digits.isdigit():
-            raise DecodeError(f"bad value in group {group.label}: {group.data!r} is not a number")
+        if not (digits.isascii() and digits.isdigit()):
+            raise DecodeError(f"bad value in group {group.label}: {group.data[:20]!r} is not a number")
+        if len(digits) > MAX_DIGITS:
+            raise DecodeError(
+                f"bad value in group {group.label}: {len(digits)} digits, no TIC value has more than {MAX_DIGITS}"
+            )
         return int(digits), unit
     return group.data.strip(), None
 

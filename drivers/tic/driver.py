@@ -93,7 +93,11 @@ class TicDriver(SerialDriver[TicDeviceConfig]):
 
     def _frame_readings(self, body: bytes, ts: int) -> list[Reading]:
         mode = self.mode or "historic"
-        result = parse_frame_body(body, mode)
+        try:
+            result = parse_frame_body(body, mode)
+        except Exception as exc:  # a codec bug: counted and reported, the next frame is another chance
+            self.codec_bug(exc, "frame")
+            return []
         for err in result.errors:
             self.line.add("bad_checksum" if err.startswith("bad checksum") else "malformed", problem=err)
         if result.groups:
@@ -107,6 +111,9 @@ class TicDriver(SerialDriver[TicDeviceConfig]):
                 value, unit = value_of(group, mode)
             except DecodeError as exc:
                 self.line.add("bad_value", problem=str(exc))
+                continue
+            except Exception as exc:  # a codec bug costs this group only
+                self.codec_bug(exc, f"group {group.label}")
                 continue
             quality = "uncertain" if group.horodate is not None and group.horodate.degraded else None
             readings.append(Reading(self.device, group.label, ts, value, unit, quality))

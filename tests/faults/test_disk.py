@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,56 @@ from tests.faults.conftest import (
 pytestmark = pytest.mark.timeout(150)
 
 
+MAX_SIZE = 1_000_000  # "1MB" in the config (sizes are SI: agent/config.py)
+
+
+class SizeSampler:
+    """os.stat of the database and its -wal every 100 ms, from a task beside the test, noted by phase.
+
+    How max_size bounds the files (docs/STORE.md, "Bound and eviction"): the database and its write-ahead log
+    together stay within `max_size` (the WAL has a fixed share of it, the rows the rest). The -shm (SQLite's
+    32 KiB shared-memory index, rebuilt at every open) is not part of the bound. While nothing is in flight (an
+    outage), the bound is strict; during a drain the rows of the messages in flight are not evictable
+    (docs/STORE.md), so the bound may be passed by at most those rows.
+    """
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.phase = "before"
+        self.samples: dict[str, list[int]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def size(self) -> int:
+        total = 0
+        for p in (self.db, Path(f"{self.db}-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                total += p.stat().st_size
+        return total
+
+    async def _run(self) -> None:
+        while True:
+            self.samples.setdefault(self.phase, []).append(self.size())
+            await asyncio.sleep(0.1)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+def outage_rows(db: Path, above: int) -> list[int]:
+    """The seqs above `above` in the buffer, read beside the daemon (WAL lets a reader in)."""
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    try:
+        return [r[0] for r in conn.execute("SELECT seq FROM readings WHERE seq > ? ORDER BY seq", (above,))]
+    finally:
+        conn.close()
+
+
 async def test_max_size_evicts_the_oldest_and_counts_them(
     tmp_path: Path, pbroker: Broker, sim: ModbusSim, local_port: int
 ) -> None:
@@ -33,22 +85,37 @@ async def test_max_size_evicts_the_oldest_and_counts_them(
     cfg = fault_config(
         tmp_path, pbroker.port, sim.port, poll="100ms", registers=60, max_size="1MB", local_port=local_port
     )
+    db = tmp_path / "buffer.db"
     daemon = Daemon(cfg, tmp_path / "daemon.log")
+    sizes = SizeSampler(db)
     async with TimedChecker(pbroker.port) as checker:
         daemon.start()
+        sizes.start()
         try:
             await checker.wait_for(lambda: len(checker.data.readings) >= 500, what="first readings")
             pbroker.stop()
+            sizes.phase = "outage"
+            # Every seq above this one is stored during the outage (those at most are in flight or pending).
+            before_outage = store_high(db)
             await wait_status(
                 local_port, lambda d: d["buffer"]["evicted"] > 2000, timeout=60, what="eviction at max_size"
             )
+            # The oldest went: the outage's surviving rows are the newest ones, without a hole, and everything
+            # stored in the outage below them was evicted (read with the broker still down: no ack, no send).
+            survivors = outage_rows(db, before_outage)
+            assert survivors, "rows stored during the outage are in the buffer"
+            lowest = survivors[0]
+            assert survivors == list(range(lowest, survivors[-1] + 1)), "eviction left a hole: not the oldest"
+            assert lowest > before_outage + 1, "the outage's oldest rows were evicted"
             pbroker.start()
+            sizes.phase = "drain"
             await wait_status(local_port, lambda d: d["upstream"]["connected"], what="reconnection")
             # Evictions go on until the drain has made room; the status figures are refreshed every second.
             await wait_status(local_port, lambda d: d["buffer"]["pending"] < 2000, timeout=60, what="drained")
+            sizes.phase = "after"
             await asyncio.sleep(1.5)
             final = await wait_status(local_port, lambda d: True)
-            high = store_high(tmp_path / "buffer.db")
+            high = store_high(db)
             await checker.wait_for_seqs(high, timeout=60, missing_ok=final["buffer"]["evicted"])
             await checker.wait_for(
                 lambda: any(
@@ -57,14 +124,28 @@ async def test_max_size_evicts_the_oldest_and_counts_them(
                 what="a health message with the final evicted count",
             )
         finally:
+            await sizes.stop()
             assert daemon.stop() == 0, tail(daemon)
     a = audit(checker, high)
     figures(a)
+    peaks = {phase: max(v) for phase, v in sizes.samples.items()}
+    print(
+        f"SIZES max_size {MAX_SIZE}: peak db+wal per phase {peaks}, {len(sizes.samples['outage'])} outage samples"
+    )
     assert a.gaps, "the outage overflowed the buffer: some seqs must be missing"
+    # Exact: every seq the platform never got was evicted, and no evicted reading arrived (rows in flight are
+    # pinned until their PUBACK; docs/STORE.md).
     assert len(a.gaps) == final["buffer"]["evicted"], (len(a.gaps), final["buffer"])
     assert a.conflicting == [] and a.counter_reused == [] and a.counter_disorder == 0
-    # Evicted are the oldest unsent: every gap is older than the newest reading that survived the outage.
+    # The outage's evicted rows (all of those below its lowest survivor) never reached the platform. (Gaps
+    # above it are possible: once the broker is back the buffer is still full, and the next oldest unsent
+    # rows, just past the drain's messages in flight, go while the drain runs.)
+    gaps = set(a.gaps)
+    assert all(s in gaps for s in range(before_outage + 1, lowest))
     assert max(a.gaps) < high
+    # The bound held while the outage ran, sampled every 100 ms.
+    assert len(sizes.samples["outage"]) >= 10
+    assert peaks["outage"] <= MAX_SIZE, peaks
     assert "buffer full" in daemon.log_text()
 
 

@@ -175,6 +175,7 @@ def test_the_cache_directory_defaults_to_systemds(tmp_path: Path, monkeypatch: p
     file = validate.cache_file(tmp_path / "f.yaml")
     assert file is not None and file.parent == tmp_path / "c"
 
+
 async def test_an_unusable_cache_directory_costs_only_the_head_start(
     tmp_path: Path, broker: Broker, sim: ModbusSim
 ) -> None:

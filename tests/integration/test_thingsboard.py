@@ -12,6 +12,7 @@ import pytest
 
 from agent.commands import CommandProcessor
 from agent.config import MqttConfig
+from agent.formats import PointInfo
 from agent.reading import Reading
 from agent.store import AsyncStore, Store
 from agent.uplink import Uplink
@@ -41,7 +42,7 @@ async def test_thingsboard_telemetry_and_rpc(
         store,
         "test",
         next_seq=rows[-1].seq + 1,
-        catalog=lambda: {"lamp-1": []},
+        catalog=lambda: {"lamp-1": [PointInfo("dim", "uint16", "%", True)]},
         execute=proc.execute,
     )
     seen: list[tuple[str, Any]] = []
@@ -61,6 +62,11 @@ async def test_thingsboard_telemetry_and_rpc(
 
             await until(lambda: any(t == "v1/gateway/telemetry" for t, _ in seen))
             assert seen[0] == ("v1/gateway/connect", {"device": "lamp-1"})
+            # Client-side attributes (docs: `v1/gateway/attributes` {"Device A": {"key": value}}).
+            assert seen[1] == (
+                "v1/gateway/attributes",
+                {"lamp-1": {"points": {"dim": {"type": "uint16", "unit": "%", "writable": True}}}},
+            )
             assert (
                 "v1/gateway/telemetry",
                 {"lamp-1": [{"ts": 1483228800000, "values": {"power": 42.5, "dim": 40}}]},
@@ -75,6 +81,16 @@ async def test_thingsboard_telemetry_and_rpc(
                 reply["device"] == "lamp-1" and reply["data"]["ok"] is True and reply["data"]["value"] == 70
             )
             assert sim.units[UNIT].get("holding", 0) == [70]
+            # An unknown method: answered with the error, nothing written.
+            bad = {"device": "lamp-1", "data": {"id": 2, "method": "reboot", "params": {}}}
+            await tb.publish("v1/gateway/rpc", orjson.dumps(bad), qos=1)
+            await until(lambda: any(d.get("id") == 2 and "method" not in d.get("data", {}) for _, d in seen))
+            reply = next(d for t, d in seen if t == "v1/gateway/rpc" and d.get("id") == 2)
+            assert reply["device"] == "lamp-1" and reply["data"]["ok"] is False
+            # A clean stop disconnects every device it connected.
+            await uplink.stop()
+            await until(lambda: any(t == "v1/gateway/disconnect" for t, _ in seen))
+            assert ("v1/gateway/disconnect", {"device": "lamp-1"}) in seen
     finally:
         await uplink.stop()
         if run is not None:

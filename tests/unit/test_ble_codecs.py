@@ -93,7 +93,6 @@ def test_bthome_rejected_vectors(vector: dict[str, Any]) -> None:
         ("", {}, "empty"),
         ("4002CA", {}, "needs 2 bytes"),
         ("2002CA0903BF13", {}, "version 1"),
-        ("40FF00", {}, "unknown BTHome object id 0xFF"),
         ("42B2188D", {}, "MAC"),
         ("41A47266C95F73", {"key": KEY, "address": ENCRYPTED_MAC}, "too short"),
         ("41A47266C95F730011223378237214", {}, "no bindkey"),
@@ -103,7 +102,6 @@ def test_bthome_rejected_vectors(vector: dict[str, Any]) -> None:
         ("41A47266C95F730011223378237214", {"key": "00", "address": ENCRYPTED_MAC}, "16 bytes"),
         ("41A47266C95F730011223378237214", {"key": "zz" * 16, "address": ENCRYPTED_MAC}, "hexadecimal"),
         ("4053FF41", {}, "needs 255 bytes"),
-        ("405302FFFE", {}, "UTF-8"),
     ],
 )
 def test_bthome_malformed(hex_data: str, options: dict[str, str], reason: str) -> None:
@@ -145,13 +143,22 @@ def test_bthome_other_objects() -> None:
 
 def test_bthome_object_table_is_complete_and_consistent() -> None:
     for object_id, obj in bthome.OBJECTS.items():
-        assert obj.kind in ("number", "binary", "button", "dimmer", "text", "raw", "firmware"), hex(object_id)
+        assert obj.kind in (
+            "number",
+            "binary",
+            "button",
+            "dimmer",
+            "command",
+            "text",
+            "raw",
+            "firmware",
+        ), hex(object_id)
         if obj.kind == "number":
             assert 1 <= obj.size <= 4, hex(object_id)
     binary_ids = [i for i, o in bthome.OBJECTS.items() if o.kind == "binary"]
     assert binary_ids == list(range(0x0F, 0x12)) + list(range(0x15, 0x2E))
     assert all(i in bthome.OBJECTS for i in range(0x00, 0x30) if i not in (0x30,))
-    assert all(i in bthome.OBJECTS for i in range(0x3D, 0x62))
+    assert all(i in bthome.OBJECTS for i in range(0x3A, 0x66))
 
 
 RUUVI_NAMES = {
@@ -275,3 +282,48 @@ def test_gatt_short_value_rejected() -> None:
         decode_value("uint32le", b"\x01\x02")
     with pytest.raises(DecodeError, match="finite"):
         decode_value("float32le", bytes.fromhex("0000c07f"))
+
+
+# -- issue 23: the current BTHome v2 table, and an unknown id costs only what follows it ---------------
+
+
+@pytest.mark.parametrize(
+    ("hex_objects", "expected"),
+    [
+        # 0x62 speed sint32 x 0.000001 m/s, 0x63 acceleration sint32 x 0.000001 m/s² (bthome.io/format)
+        ("6240420F00", {"speed": 1.0}),
+        ("62C0BDF0FF", {"speed": -1.0}),
+        ("6387D61200", {"acceleration": 1.234567}),
+        ("6401", {"light_level": 1}),
+        ("6507", {"settings_revision": 7}),
+        # 0x3B command: length byte (low 5 bits = argument bytes), opcode, arguments
+        ("3B0002", {"command": "toggle"}),
+        ("3B0101AB", {"command": "on", "command_args": "AB"}),
+        ("3A81", {"button": "hold_release"}),
+        ("3A07", {"button": "event_0x07"}),  # a code the specification does not name
+    ],
+)
+def test_bthome_newer_object_ids(hex_objects: str, expected: dict[str, Any]) -> None:
+    assert bthome.decode_cli(bytes.fromhex("40" + hex_objects), {}) == expected
+
+
+def test_bthome_unknown_id_keeps_what_precedes_it() -> None:
+    """Ids come in ascending order: temperature and humidity decode, the unknown 0xEE ends the sequence."""
+    packet = bthome.parse(bytes.fromhex("4002CA0903BF13EE0102"))
+    assert {k: m.value for k, m in packet.values.items()} == {"temperature": 25.06, "humidity": 50.55}
+    assert packet.unknown == bthome.UnknownObject(0xEE, 6, 3)
+    assert "unknown BTHome object id 0xEE at byte 6" in str(packet.unknown)
+
+
+@pytest.mark.parametrize("object_id", [0x3B, 0x62, 0x63, 0x64, 0x65])
+def test_bthome_ids_of_issue_23_are_known(object_id: int) -> None:
+    assert object_id in bthome.OBJECTS
+
+
+def test_bthome_unreadable_text_costs_that_object_only() -> None:
+    """Text that is not UTF-8 rejected the whole advertisement; now only that object is left out."""
+    packet = bthome.parse(bytes.fromhex("4002CA095302FFFE2101"))
+    assert {k: m.value for k, m in packet.values.items()} == {"temperature": 25.06, "motion": True}
+    assert packet.skipped == ["object 0x53 at byte 3: BTHome text object is not valid UTF-8"]
+    with pytest.raises(DecodeError, match="UTF-8"):
+        bthome.decode_objects(bytes.fromhex("5302FFFE"))  # the plain helper still says it

@@ -140,11 +140,82 @@ async def test_dispatch_by_address_and_latest_per_interval(tmp_path: Path) -> No
     assert driver.accepted == 0 and scanner.received == 1
     scanner._on_detection(me, _adv({bthome_uuid: bytes.fromhex("4012E204")}, rssi=-80))
     scanner._on_detection(me, _adv({bthome_uuid: bytes.fromhex("4012E804")}, rssi=-60))
-    scanner._on_detection(me, _adv({bthome_uuid: bytes.fromhex("40FF")}))  # garbage: counted, skipped
+    scanner._on_detection(me, _adv({bthome_uuid: bytes.fromhex("4002CA")}))  # garbage: counted, skipped
     assert driver.accepted == 2 and driver.decode_errors == 1
-    assert "0xFF" in driver.point_errors["advertisement"]
+    assert "needs 2 bytes" in driver.point_errors["advertisement"]
     batch = {r.point: r for r in await asyncio.wait_for(driver._next_batch(), 1)}
     assert batch["co2"].value == 1256 and batch["rssi"].value == -60  # the latest one
     await driver.close()
     scanner._on_detection(me, _adv({bthome_uuid: bytes.fromhex("4012E204")}))
     assert driver.accepted == 2  # unregistered
+
+
+async def test_unknown_bthome_object_keeps_the_readings_before_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An object id this decoder lacks ends decoding there: the objects before it are published,
+    the rest counted as `unknown_object`, and the id logged once (it dropped the whole advert before)."""
+    scanner = BleScanner()
+    shared = SharedResources()
+    shared.get(SHARED_KEY, lambda: scanner)
+    driver = BleDriver("t", config(decoder="bthome", min_interval="0s"), DriverContext(shared, {}, tmp_path))
+    await driver.open()
+    bthome_uuid = "0000fcd2-0000-1000-8000-00805f9b34fb"
+    me = BLEDevice("a4:c1:38:12:34:56", None, None)
+    # co2 1250 ppm, then 0xEE (no such id), then bytes that cannot be located
+    for _ in range(3):
+        scanner._on_detection(me, _adv({bthome_uuid: bytes.fromhex("4012E204EE0102")}))
+    assert driver.accepted == 3 and driver.decode_errors == 0
+    assert driver.counters["unknown_object"] == 3
+    assert "0xEE at byte 3" in driver.point_errors["unknown_object"]
+    assert [r.message for r in caplog.records].count(
+        "t: unknown BTHome object id 0xEE at byte 3: 3 byte(s) from there on not decoded (logged once per id)"
+    ) == 1
+    # An unknown id first: nothing decoded, no reading; the latest readings stay those of before.
+    scanner._on_detection(me, _adv({bthome_uuid: bytes.fromhex("40EE0102")}))
+    assert driver.accepted == 3 and driver.counters["unknown_object"] == 4
+    batch = {r.point: r.value for r in await asyncio.wait_for(driver._next_batch(), 1)}
+    assert batch["co2"] == 1250
+    await driver.close()
+
+
+async def test_decoder_bug_is_counted_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception in a decoder is a bug: counted, its traceback logged once, the device goes on."""
+    from drivers.ble import ruuvi
+
+    def broken(data: bytes) -> Any:
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(ruuvi, "decode", broken)
+    scanner = BleScanner()
+    shared = SharedResources()
+    shared.get(SHARED_KEY, lambda: scanner)
+    driver = BleDriver("t", config(decoder="ruuvi", min_interval="0s"), DriverContext(shared, {}, tmp_path))
+    await driver.open()
+    me = BLEDevice("a4:c1:38:12:34:56", None, None)
+    adv = AdvertisementData(None, {0x0499: bytes(24)}, {}, [], None, -70, ())
+    scanner._on_detection(me, adv)
+    scanner._on_detection(me, adv)
+    assert driver.counters["codec_bugs"] == 2 and driver.decode_errors == 2
+    assert "ZeroDivisionError" in driver.point_errors["advertisement"]
+    assert sum(1 for r in caplog.records if r.exc_info) == 1
+    await driver.close()
+
+
+async def test_unreadable_bthome_object_is_counted_and_the_others_published(tmp_path: Path) -> None:
+    scanner = BleScanner()
+    shared = SharedResources()
+    shared.get(SHARED_KEY, lambda: scanner)
+    driver = BleDriver("t", config(decoder="bthome", min_interval="0s"), DriverContext(shared, {}, tmp_path))
+    await driver.open()
+    me = BLEDevice("a4:c1:38:12:34:56", None, None)
+    scanner._on_detection(
+        me, _adv({"0000fcd2-0000-1000-8000-00805f9b34fb": bytes.fromhex("4002CA095302FFFE")})
+    )
+    assert driver.accepted == 1 and driver.counters["skipped_objects"] == 1
+    assert "not valid UTF-8" in driver.point_errors["skipped_object"]
+    batch = {r.point: r.value for r in await asyncio.wait_for(driver._next_batch(), 1)}
+    assert batch["temperature"] == 25.06
+    await driver.close()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import orjson
 import pytest
 
@@ -19,6 +17,7 @@ from agent.formats.sparkplug import DT, SparkplugFormat, _pb
 from agent.formats.thingsboard import ThingsBoardFormat
 from agent.reading import Reading
 from agent.store import StoredRow
+from tests import sdm_schemas as sdm
 from tests import sparkplug_wire as wire
 from tests.vectors import load_vectors
 
@@ -58,7 +57,14 @@ def test_sparkplug_birth_then_data_with_aliases_and_history() -> None:
     assert will is not None and will.topic == "spBv1.0/city/NDEATH/gw-1"
     death = wire.payload(will.payload)
     assert "seq" not in death and death["metrics"] == [
-        {"name": "bdSeq", "timestamp": death["timestamp"], "datatype": DT.UInt64, "value": 0}
+        {
+            "name": "bdSeq",
+            "timestamp": death["timestamp"],
+            "datatype": DT.Int64,
+            "type": "Int64",
+            "field": "long_value",
+            "value": 0,
+        }
     ]
     nbirth, dbirth = fmt.birth()
     assert nbirth.topic == "spBv1.0/city/NBIRTH/gw-1" and dbirth.topic == "spBv1.0/city/DBIRTH/gw-1/lamp-1"
@@ -70,7 +76,7 @@ def test_sparkplug_birth_then_data_with_aliases_and_history() -> None:
     assert db["seq"] == 1
     dim = next(m for m in db["metrics"] if m["name"] == "dim")
     assert (
-        dim["datatype"] == DT.Double
+        dim["type"] == "UInt16"  # the point's declared type, from the first birth on
         and dim["is_null"]
         and dim["properties"] == {"engUnit": "%", "writable": 1}
     )
@@ -86,7 +92,7 @@ def test_sparkplug_birth_then_data_with_aliases_and_history() -> None:
     aliases = {m["name"]: m["alias"] for m in rebirth["metrics"]}
     assert {"dim", "on", "power.mean"} <= set(aliases)
     assert [(m["alias"], m["value"], m["timestamp"], m.get("is_historical")) for m in data["metrics"]] == [
-        (aliases["dim"], 40.0, TS, True),
+        (aliases["dim"], 40, TS, True),
         (aliases["power.mean"], 12.5, TS, True),
     ]
     assert all("name" not in m for m in data["metrics"])  # data by alias only
@@ -187,11 +193,6 @@ async def test_thingsboard_shapes_and_rpc() -> None:
     assert orjson.loads(reply.payload)["data"]["ok"] is False and len(calls) == 2
 
 
-def schema(type_: str) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads((DATA / "sdm" / f"{type_}.schema.json").read_text())
-    return loaded
-
-
 GATEWAY = GatewayConfig(id="gw-lyon-0042", location={"latitude": 45.7578, "longitude": 4.8320})  # type: ignore[arg-type]
 
 
@@ -227,7 +228,8 @@ def test_ngsild_entities_validate_against_the_smart_data_models(
     assert sorted(s for _, seqs in requests for s in seqs) == [r.seq for r in stored]  # each row once
     assert entities and all(e["type"] == type_ for e in entities)
     for e in entities:
-        jsonschema.validate(e, schema(type_), format_checker=jsonschema.FormatChecker())
+        assert sdm.errors(e) == []  # the official schema, key-values form, formats checked
+        assert set(e) - {"@context"} <= sdm.declared(type_)  # only the model's own attribute names
         assert e["id"].startswith(f"urn:ngsi-ld:{type_}:gw-lyon-0042:dev")
         assert e["location"]["value"] == {"type": "Point", "coordinates": [4.8320, 45.7578]}
         assert e["@context"]
@@ -241,7 +243,8 @@ def test_ngsild_entities_validate_against_the_smart_data_models(
     if type_ == "AirQualityObserved":
         assert first["pm25"] == {"type": "Property", "value": 3.1, "observedAt": iso(TS), "unitCode": "GQ"}
     if type_ == "WaterConsumptionObserved":
-        assert first["waterConsumption"]["unitCode"] == "MTQ" and "fabrication_no" not in first
+        assert first["waterConsumption"]["value"] == 54321  # the model's integer reading, in litres
+        assert first["waterConsumption"]["unitCode"] == "LTR" and "fabrication_no" not in first
 
 
 def test_ngsild_one_entity_per_request_in_time_order_and_required_attributes_kept() -> None:
@@ -253,7 +256,7 @@ def test_ngsild_one_entity_per_request_in_time_order_and_required_attributes_kep
                 static={
                     "refStreetlightGroup": {
                         "type": "Relationship",
-                        "object": "urn:ngsi-ld:StreetlightGroup:g1",
+                        "object": ["urn:ngsi-ld:StreetlightGroup:g1"],  # the model: an array of groups
                     }
                 },
                 attributes={"p": "totalActivePower"},
@@ -266,7 +269,7 @@ def test_ngsild_one_entity_per_request_in_time_order_and_required_attributes_kep
     )
     assert [[e["totalActivePower"]["value"] for e in body] for body, _ in requests] == [[1.0], [2.0]]
     for body, _ in requests:
-        jsonschema.validate(body[0], schema("StreetlightControlCabinet"))
+        assert sdm.errors(body[0]) == []
         assert body[0]["workingMode"]["value"] == "automatic"
     assert iso(TS) == "2023-11-14T22:13:20.000Z"
 
@@ -274,25 +277,35 @@ def test_ngsild_one_entity_per_request_in_time_order_and_required_attributes_kep
 SDM_VECTORS = "fiware_smart_data_models.json"
 
 
+OFFICIAL_EXAMPLE_ERRORS = {
+    # Upstream's own example disagrees with upstream's own schema (AirQualityObserved 0.1.4, commit f0150e5):
+    # kept here so that a fix upstream, or a change in our key-values conversion, shows.
+    "AirQualityObserved": [
+        "dateObserved: '2016-03-15T11:00:00' is not a 'date-time'",  # no time zone (RFC 3339 wants one)
+        "tsp: 73.3 is not of type 'integer'",
+        "windDirection: 186 is greater than the maximum of 180",
+    ],
+}
+
+
 @pytest.mark.parametrize("index", range(len(load_vectors(SDM_VECTORS)["official_examples"])))
-def test_our_sdm_schemas_accept_the_official_normalized_examples(index: int) -> None:
-    """The vendored schemas were written by hand: the official examples prove they are not stricter than the
-    Smart Data Models themselves (a failure here means our schema is wrong, not the example)."""
+def test_the_official_normalized_examples_pass_the_official_schemas(index: int) -> None:
+    """Checks the normalized -> key-values conversion of tests/sdm_schemas.py on the models' own examples."""
     vector = load_vectors(SDM_VECTORS)["official_examples"][index]
     example = vector["official_normalized_example"]
     assert example["type"] == vector["entity_type"]
-    jsonschema.validate(example, schema(vector["entity_type"]), format_checker=jsonschema.FormatChecker())
+    assert sdm.errors(example) == OFFICIAL_EXAMPLE_ERRORS.get(vector["entity_type"], [])
     for name in vector["required_attributes"]:
         assert name in example, f"{vector['id']}: the official example lacks required {name!r}"
-    assert set(vector["required_attributes"]) <= set(schema(vector["entity_type"])["required"])
+    assert set(vector["required_attributes"]) <= set(sdm.schema(vector["entity_type"])["required"])
 
 
 @pytest.mark.parametrize("index", range(len(load_vectors(SDM_VECTORS)["minimal_valid_entities_built_by_us"])))
-def test_our_sdm_schemas_accept_the_minimal_entities_and_refuse_them_broken(index: int) -> None:
+def test_the_official_schemas_accept_the_minimal_entities_and_refuse_them_broken(index: int) -> None:
     entity = load_vectors(SDM_VECTORS)["minimal_valid_entities_built_by_us"][index]
-    checker = schema(entity["type"])
-    jsonschema.validate(entity, checker, format_checker=jsonschema.FormatChecker())
-    for name in checker["required"]:  # each required attribute is really enforced
+    assert sdm.errors(entity) == []
+    for name in sdm.schema(entity["type"])["required"]:  # each required attribute is really enforced
+        if name in ("id", "type"):
+            continue
         broken = {k: v for k, v in entity.items() if k != name}
-        with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(broken, checker)
+        assert any(name in e for e in sdm.errors(broken))

@@ -107,7 +107,10 @@ def _plain_side(files: list[Path]) -> dict[str, Any]:
 
 
 def _config_files() -> list[Path]:
-    files = [REPO / "config" / "fieldgate.example.yaml", *sorted((REPO / "config" / "examples").glob("*.yaml"))]
+    files = [
+        REPO / "config" / "fieldgate.example.yaml",
+        *sorted((REPO / "config" / "examples").glob("*.yaml")),
+    ]
     files += sorted((REPO / "tests" / "cases" / "config").glob("*/fieldgate.yaml"))
     return files
 

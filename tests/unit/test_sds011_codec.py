@@ -54,3 +54,33 @@ def test_sds011_rejects_length_and_scanner_skips_noise() -> None:
     buf += good[4:]
     assert sds.scan(buf, stats) == good
     assert stats.bad_checksum == 1 and stats.garbage_bytes >= 3
+
+
+def test_a_codec_exception_is_a_counted_bug_never_a_crash(caplog: pytest.LogCaptureFixture) -> None:
+    """The serial drivers' codec calls: only DecodeError is expected; anything else is a bug, counted."""
+    from pathlib import Path
+
+    from agent.driver import DriverContext, SharedResources
+    from agent.errors import DeviceProtocolError
+    from drivers.sds011.config import Sds011DeviceConfig
+    from drivers.sds011.driver import Sds011Driver
+
+    config = Sds011DeviceConfig.model_validate({"driver": "sds011", "port": "/dev/null"})
+    driver = Sds011Driver("pm", config, DriverContext(SharedResources(), {}, Path(".")))
+
+    def broken(frame: bytes) -> object:
+        raise IndexError("boom")
+
+    with pytest.raises(DeviceProtocolError, match="codec bug decoding the data frame: IndexError"):
+        driver.decode(broken, b"\xaa", "data frame")
+
+    def broken_scan(buf: bytearray, stats: ScanStats) -> bytes | None:
+        if buf[:1] == b"\x00":
+            raise IndexError("boom")
+        return None
+
+    buf = bytearray(b"\x00\x00\xaa")
+    assert driver.frame_scan(broken_scan)(buf) is None
+    assert buf == bytearray(b"\xaa")  # the bytes the scanner choked on were dropped, one at a time
+    assert driver.counters["codec_bugs"] == 3
+    assert sum(1 for r in caplog.records if r.exc_info) == 1

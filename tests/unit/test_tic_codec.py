@@ -114,3 +114,48 @@ def test_assembler_resynchronises_after_partial_frames_and_garbage() -> None:
     assert asm.garbage_bytes > 0
     good = [codec.parse_frame_body(b, "historic") for b in bodies]
     assert [len(r.groups) for r in good] == [2, 2]
+
+
+# -- issue 17: a value with thousands of digits is a counted bad_value ---------------------------------
+
+
+def _historic_group(label: str, data: str) -> bytes:
+    payload = f"{label} {data}".encode()
+    return b"\n" + payload + b" " + codec.checksum(payload).encode() + b"\r"
+
+
+def test_value_with_thousands_of_digits_is_a_decode_error() -> None:
+    """int() of 5000 digits raised ValueError (the interpreter's digit limit), escaping as a crash."""
+    group = codec.parse_group(_historic_group("BASE", "9" * 5000)[1:-1], "historic")
+    with pytest.raises(DecodeError, match="5000 digits"):
+        codec.value_of(group, "historic")
+
+
+def test_driver_counts_a_huge_value_as_bad_value_and_keeps_the_other_groups(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+
+    from agent.driver import DriverContext, SharedResources
+    from drivers.tic import driver as tic_driver
+    from drivers.tic.config import TicDeviceConfig
+
+    config = TicDeviceConfig.model_validate({"driver": "linky-tic", "port": "/dev/null", "labels": "all"})
+    driver = tic_driver.TicDriver("linky", config, DriverContext(SharedResources(), {}, Path(".")))
+    body = _historic_group("BASE", "1" * 5000) + _historic_group("PAPP", "00420")
+    readings = driver._frame_readings(body, 0)
+    assert [(r.point, r.value) for r in readings] == [("PAPP", 420)]
+    assert driver.counters["bad_value"] == 1
+
+    # An unexpected exception in the codec is a bug: counted, logged once with its traceback, group lost only.
+    def broken(group: codec.TicGroup, mode: codec.Mode) -> tuple[object, object]:
+        if group.label == "BASE":
+            raise ZeroDivisionError("boom")
+        return codec.value_of(group, mode)
+
+    monkeypatch.setattr(tic_driver, "value_of", broken)
+    for _ in range(2):
+        readings = driver._frame_readings(_historic_group("BASE", "1") + _historic_group("PAPP", "00420"), 0)
+        assert [r.point for r in readings] == ["PAPP"]
+    assert driver.counters["codec_bugs"] == 2
+    assert sum(1 for r in caplog.records if r.exc_info) == 1
