@@ -27,6 +27,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,7 @@ class Target:
     path: str  # the one file mutated
     tests: tuple[str, ...]  # the module's fast unit tests: the only tests run against its mutants
     functions: tuple[str, ...] = ()  # mutmut mutant-name globs, when only part of the file is under test
+    deselect: tuple[str, ...] = ()  # tests of the selected files left out (pytest --deselect)
     note: str = ""
 
 
@@ -74,7 +76,17 @@ TARGETS: dict[str, Target] = {
         Target(
             "store",
             "agent/store.py",
-            ("tests/unit/test_store.py", "tests/unit/test_store_writer.py"),
+            (
+                "tests/unit/test_store.py",
+                "tests/unit/test_store_writer.py",
+                "tests/unit/test_store_ledger.py",
+                "tests/unit/test_store_seqmark.py",
+            ),
+            deselect=(
+                # checks that the ledger's model can fail (with Store.pin patched out): 10 s, and no
+                # assertion on the store's own behaviour
+                "tests/unit/test_store_ledger.py::test_the_model_catches_an_eviction_of_rows_in_flight",
+            ),
         ),
     )
 }
@@ -126,8 +138,13 @@ def prepare(target: Target, keep: bool) -> Path:
     section = {
         "source_paths": ["agent", "drivers"],  # the whole packages are importable from mutants/
         "only_mutate": [target.path],
-        "pytest_add_cli_args_test_selection": list(target.tests),
-        "pytest_add_cli_args": ["-p", "no:cacheprovider"],
+        "pytest_add_cli_args_test_selection": [
+            *target.tests,
+            *(arg for test in target.deselect for arg in ("--deselect", test)),
+        ],
+        # A mutant that makes a test wait forever uses no CPU, so mutmut's CPU-time limit never fires:
+        # pytest-timeout ends it (the project's default of 120 s is for the integration tests).
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "--timeout=30"],
         "use_git_change_detection": False,  # the scratch copy is no git tree
     }
     lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in section.items()]
@@ -147,8 +164,15 @@ def previous_results(target: Target) -> dict[str, int | None]:
 
 
 def run_target(
-    target: Target, max_children: int, budget: float, keep: bool, retest: bool = False
+    target: Target,
+    max_children: int,
+    budget: float,
+    keep: bool,
+    retest: bool = False,
+    report_only: bool = False,
 ) -> dict[str, Any]:
+    if report_only:
+        return report(target, SCRATCH / target.name, None, False, 0.0)
     selection = list(target.functions)
     if retest:
         # Only the mutants not killed last time: the code is unchanged (mutmut would notice otherwise and
@@ -177,7 +201,11 @@ def run_target(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 rc = proc.wait()
-    elapsed = time.monotonic() - started
+    return report(target, work, rc, interrupted, time.monotonic() - started)
+
+
+def report(target: Target, work: Path, rc: int | None, interrupted: bool, elapsed: float) -> dict[str, Any]:
+    log_path = work / "mutmut.log"
     meta_path = work / "mutants" / (target.path + ".meta")
     if not meta_path.exists():
         tail = log_path.read_text(errors="replace")[-2000:]
@@ -192,10 +220,17 @@ def run_target(
     total = len(codes)
     killed = len(by_status.get("killed", []))
     timeouts = len(by_status.get("timeout", []))
+    survivors = by_status.get("survived", []) + by_status.get("no_tests", [])
+    classified = {}
+    for name, diff in diffs(work, target.path, survivors).items():
+        kind, line = classify(diff)
+        classified[name] = {"class": kind, "change": line, "status": STATUS.get(codes[name], "?")}
+    equivalent = sum(1 for c in classified.values() if c["class"] == "sql-case")
     return {
         "module": target.name,
         "file": target.path,
         "tests": list(target.tests),
+        "deselected": list(target.deselect),
         "functions": list(target.functions),
         "note": target.note,
         "total": total,
@@ -210,7 +245,12 @@ def run_target(
             if k not in ("killed", "timeout", "survived", "no_tests", "not_checked", "interrupted")
         ),
         "score": round((killed + timeouts) / total, 4) if total else None,
-        "survivors": by_status.get("survived", []) + by_status.get("no_tests", []),
+        "sql_case_equivalent": equivalent,
+        "text_only": sum(1 for c in classified.values() if c["class"] == "text"),
+        "score_without_equivalent": round((killed + timeouts) / (total - equivalent), 4)
+        if total > equivalent
+        else None,
+        "survivors": classified,
         "partial": interrupted or bool(by_status.get("not_checked")),
         "seconds": round(elapsed, 1),
         "mutmut_rc": rc,
@@ -218,10 +258,58 @@ def run_target(
     }
 
 
+SQL_WORDS = re.compile(
+    r"\b(SELECT|INSERT|UPDATE|DELETE|BEGIN|COMMIT|ROLLBACK|PRAGMA|CREATE|ALTER|VACUUM|FROM|WHERE|VALUES)\b",
+    re.IGNORECASE,
+)
+_DIFFS = """
+import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+path = sys.argv[1]
+print(json.dumps({name: get_diff_for_mutant(name, path=path) for name in json.load(sys.stdin)}))
+"""
+
+
+def diffs(work: Path, path: str, names: list[str]) -> dict[str, str]:
+    """The diff of each mutant against the original function, from mutmut itself (`mutmut show`)."""
+    if not names:
+        return {}
+    out = subprocess.run(
+        [sys.executable, "-c", _DIFFS, path],
+        cwd=work,
+        input=json.dumps(names),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, str] = json.loads(out.stdout)
+    return result
+
+
+def classify(diff: str) -> tuple[str, str]:
+    """(class, the changed line) of a surviving mutant, from its diff.
+
+    sql-case: only the case of an SQL statement changed; SQLite's keywords and identifiers are
+    case-insensitive, so the mutant is equivalent. text: only a string literal's wording changed (mutmut's
+    "XX...XX" or its case), a log or error message's text. other: to be read (docs/TESTING.md lists them).
+    """
+    minus = [line[1:] for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+    plus = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    shown = (plus[0] if plus else minus[0] if minus else "").strip()
+    if len(minus) == len(plus) and minus:
+        pairs = list(zip(minus, plus, strict=True))
+        if all(a.lower() == b.lower() for a, b in pairs) and all(SQL_WORDS.search(a) for a, _ in pairs):
+            return "sql-case", shown
+        if all(a.lower() == b.replace("XX", "").lower() for a, b in pairs):
+            return "text", shown
+    return "other", shown
+
+
 def table(results: list[dict[str, Any]]) -> str:
     out = [
-        "| module | file | killed / total | timeouts | survived | no test reaches | not checked | score | time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| module | file | killed / total | timeouts | survived | no test reaches | not checked | score "
+        "| of them SQL case (equivalent) | text only | score without the SQL-case ones | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         score = "n/a" if r["score"] is None else f"{100 * r['score']:.1f} %"
@@ -229,9 +317,14 @@ def table(results: list[dict[str, Any]]) -> str:
             score += " (partial)"
         out.append(
             f"| {r['module']} | {r['file']} | {r['killed'] + r['timeout']} / {r['total']} | {r['timeout']} "
-            f"| {r['survived']} | {r['no_tests']} | {r['not_checked']} | {score} | {r['seconds']:.0f} s |"
+            f"| {r['survived']} | {r['no_tests']} | {r['not_checked']} | {score} | {r['sql_case_equivalent']} "
+            f"| {r['text_only']} | {pct(r['score_without_equivalent'])} | {r['seconds']:.0f} s |"
         )
     return "\n".join(out)
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
 def main() -> None:
@@ -247,6 +340,9 @@ def main() -> None:
         action="store_true",
         help="rerun only the previous run's surviving and unchecked mutants (after adding tests)",
     )
+    parser.add_argument(
+        "--report-only", action="store_true", help="no run: the figures of the last run in build/mutation/"
+    )
     parser.add_argument("--json", type=Path, help="also write the JSON to this file")
     args = parser.parse_args()
     names = args.modules or list(TARGETS)
@@ -258,7 +354,14 @@ def main() -> None:
     for name in names:
         print(f"bench.mutation: {name} ...", file=sys.stderr, flush=True)
         results.append(
-            run_target(TARGETS[name], args.max_children, args.budget, args.keep, args.retest_survivors)
+            run_target(
+                TARGETS[name],
+                args.max_children,
+                args.budget,
+                args.keep,
+                args.retest_survivors,
+                args.report_only,
+            )
         )
     doc = {"tool": "mutmut " + _mutmut_version(), "max_children": args.max_children, "modules": results}
     text = json.dumps(doc, indent=2, ensure_ascii=False)
