@@ -499,3 +499,90 @@ async def test_async_store_round_trip(db: Path) -> None:
     assert store_threads() == []
     with pytest.raises(StoreError, match="closed"):
         await astore.stats()
+
+
+# -- found by mutation testing (docs/TESTING.md): the async wrappers' arguments, lanes in a purge, the words
+# of each SQLite failure, corruption detection without an error code, the names of moved-aside files ------
+
+
+async def test_async_store_passes_every_argument_through(db: Path) -> None:
+    s = AsyncStore(Store(db, 64 * MiB))
+    await s.open()
+    try:
+        await s.set_lanes(["a", "b"])
+        assert s.store.lanes() == ["a", "b"]
+        rows = await s.append(readings(4) + readings(2, start=10, device="meter-2"))
+        assert [r.seq for r in await s.pin(rows[:2], "a")] == [1, 2]
+        assert s.store.stats().pinned == 2
+        assert await s.ack([1, 2], "a") == 0  # lane b has not acknowledged them: nothing deleted yet
+        assert [r.seq for r in await s.fetch(0, None, 10, "a")] == [3, 4, 5, 6]
+        assert [r.seq for r in await s.fetch(0, None, 10, "b")] == [1, 2, 3, 4, 5, 6]
+        assert await s.ack([1], "b") == 1
+        assert await s.purge(device="meter-2") == 2
+        assert await s.purge(before_ts=T0 + 3000) == 2  # seqs 2 and 3
+        stats = await s.stats()
+        assert (stats.pending, stats.evicted) == (1, 4)
+        # Each lane's gaps: b lost 2, 3, 5, 6; a had acknowledged 2 before the purge.
+        assert stats.lane_evicted == {"a": 3, "b": 4}
+        assert stats.lanes == {"a": 1, "b": 1}
+    finally:
+        await s.close()
+    again = Store(db, 64 * MiB)
+    again.open()
+    try:
+        again.set_lanes(["a", "b"])
+        assert again.lane_evicted() == {"a": 3, "b": 4}  # persisted
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (13, "the disk is full (or the buffer reached its page limit)"),
+        (778, "I/O error on {path} (boom)"),  # SQLITE_IOERR_WRITE: an extended code, its primary is 10
+        (5, "{path} is locked by another process (boom)"),
+        (6, "{path} is locked by another process (boom)"),
+        (8, "{path} is read-only (boom)"),
+        (14, "cannot open {path} (boom)"),
+        (11, "{path} is corrupt (boom); the next start replaces it"),
+        (26, "{path} is corrupt (boom); the next start replaces it"),
+        (1, "boom"),
+    ],
+)
+def test_each_sqlite_failure_is_said_in_words_and_counted(
+    store: Store, db: Path, code: int, words: str
+) -> None:
+    exc = sqlite3.OperationalError("boom")
+    exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+    error = store._error("append", exc)
+    message = f"buffer append failed: {words.format(path=db)}"
+    assert str(error).startswith(message)
+    stats = store.stats()
+    assert (stats.disk_errors, stats.last_error) == (1, str(error))
+
+
+def test_corruption_is_recognised_by_its_code_or_else_by_its_words() -> None:
+    def error(text: str, code: int | None) -> sqlite3.DatabaseError:
+        exc = sqlite3.DatabaseError(text)
+        if code is not None:
+            exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+        return exc
+
+    assert store_module._is_corruption(error("x", 11))
+    assert store_module._is_corruption(error("x", 26))
+    assert store_module._is_corruption(error("x", 11 | (1 << 8)))  # an extended code of SQLITE_CORRUPT
+    assert not store_module._is_corruption(error("database disk image is malformed", 10))  # the code decides
+    assert store_module._is_corruption(error("database disk image is malformed", None))
+    assert store_module._is_corruption(error("file is not a database", None))
+    assert not store_module._is_corruption(error("disk I/O error", None))
+
+
+def test_files_moved_aside_in_the_same_second_get_the_next_free_number(store: Store, db: Path) -> None:
+    stamp = "20260101T000000Z"
+    Path(f"{db}.corrupt-{stamp}").write_bytes(b"")
+    Path(f"{db}.corrupt-{stamp}-1").write_bytes(b"")
+    store.close()
+    aside = store._move_aside(stamp)
+    assert aside.name == f"{db.name}.corrupt-{stamp}-2"
+    assert aside.exists() and not db.exists()
