@@ -52,6 +52,11 @@ class CountingLamp(FakeLamp):
         super().__init__()
         self.reads = 0
         self.read_hangs = False
+        self.asked: list[list[str]] = []
+
+    async def read_points(self, names: list[str]) -> list[Reading]:
+        self.asked.append(list(names))
+        return await super().read_points(names)
 
     async def read(self) -> list[Reading]:
         self.reads += 1
@@ -98,7 +103,7 @@ async def test_drain_lets_a_write_in_progress_finish(
     clock: Clock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    p = make(tmp_path, lamp, health, clock, write_timeout="5s")
+    p = make(tmp_path, lamp, health, clock, write_timeout="1s")
     try:
         lamp.gate = asyncio.Event()
         command = asyncio.create_task(p.handle(cmd(value=64)))
@@ -345,7 +350,8 @@ async def test_read_back_that_hangs_is_bounded_and_logged(
                 answer = await p.handle(cmd(id="u1"))
         assert answer == {"id": "u1", "ok": False, "error": OUTCOME_UNKNOWN}
         (warning,) = [r.getMessage() for r in caplog.records if "read-back" in r.getMessage()]
-        assert warning.startswith("command u1: read-back of lamp-1.dim failed: ")
+        assert warning == f"command u1: read-back of lamp-1.dim failed: {TimeoutError()}"
+        assert lamp.asked == [["dim"]]  # only the command's point is asked for
     finally:
         p.close()
 
@@ -590,3 +596,111 @@ async def test_a_failing_device_refuses_at_once_even_behind_a_write_in_progress(
     assert not first.done()
     lamp.gate.set()
     await first
+
+
+# -- _handle_doc: redeliveries, repeats, refusals of shape --------------------------------------------
+
+
+async def test_a_redelivery_while_executing_is_audited_and_not_answered(
+    proc: CommandProcessor, lamp: FakeLamp, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    lamp.gate = asyncio.Event()
+    first = asyncio.create_task(proc.handle(cmd(id="r1", value=40)))
+    await settle(lambda: lamp.active == 1)
+    clock.ts = T0 + 5
+    with caplog.at_level(logging.INFO, logger=commands_module.log.name):
+        assert await proc.handle(cmd(id="r1", value=[1, 2]), source="local") is None
+    entry = proc.recent(1)[0]
+    assert {
+        k: entry[k] for k in ("received_ts", "source", "id", "device", "point", "value", "outcome", "error")
+    } == {
+        "received_ts": T0 + 5,
+        "source": "local",
+        "id": "r1",
+        "device": "lamp-1",
+        "point": "dim",
+        "value": "<an array>",
+        "outcome": "duplicate",
+        "error": "already executing: answered by the first attempt's result",
+    }
+    assert any(
+        r.getMessage() == 'command "r1" from local: already executing; answered when it ends'
+        for r in caplog.records
+    )
+    lamp.gate.set()
+    await first
+    assert lamp.writes == [("dim", 40)]
+
+
+async def test_a_repeat_is_answered_before_any_validation_and_audited(
+    proc: CommandProcessor, lamp: FakeLamp, clock: Clock
+) -> None:
+    first = await proc.handle(cmd(id="k1", value=60))
+    clock.ts = T0 + 9
+    # The same id, now malformed (no value): still the first result, never a refusal replacing it.
+    again = await proc.handle(cmd(id="k1", value=...), source="local")
+    assert again == first == {"id": "k1", "ok": True, "value": 60, "ts": T0}
+    entry = proc.recent(1)[0]
+    assert {
+        k: entry[k]
+        for k in (
+            "received_ts",
+            "source",
+            "id",
+            "device",
+            "point",
+            "value",
+            "outcome",
+            "error",
+            "result_value",
+        )
+    } == {
+        "received_ts": T0 + 9,
+        "source": "local",
+        "id": "k1",
+        "device": "lamp-1",
+        "point": "dim",
+        "value": None,
+        "outcome": "duplicate",
+        "error": None,
+        "result_value": 60,
+    }
+    refused = await proc.handle(cmd(id="k2", value=101))
+    await proc.handle(cmd(id="k2", value=5))
+    entry = proc.recent(1)[0]
+    assert (entry["outcome"], entry["error"], entry["value"]) == ("duplicate", refused["error"], 5)  # type: ignore[index]
+    assert lamp.writes == [("dim", 60)]
+
+
+async def test_a_refusal_of_shape_is_remembered_and_audited(proc: CommandProcessor, lamp: FakeLamp) -> None:
+    refused = await proc.handle(cmd(id="s1", point="", value={"x": 1}))
+    assert refused == {
+        "id": "s1",
+        "ok": False,
+        "error": "'point' must be a non-empty string, got the string ''",
+    }
+    entry = proc.recent(1)[0]
+    assert {k: entry[k] for k in ("id", "device", "point", "value", "outcome", "error")} == {
+        "id": "s1",
+        "device": "lamp-1",
+        "point": "",
+        "value": "<an object>",
+        "outcome": "refused",
+        "error": refused["error"],
+    }
+    assert await proc.handle(cmd(id="s1", point="dim", value=3)) == refused  # remembered: a repeat gets it
+    assert proc.recent(1)[0]["outcome"] == "duplicate"
+    numeric = await proc.handle(cmd(id="s2", point=5))
+    assert numeric is not None and numeric["error"] == "'point' must be a non-empty string, got the number 5"
+    assert lamp.writes == []
+
+
+async def test_a_value_json_cannot_carry_is_audited_by_its_kind(proc: CommandProcessor) -> None:
+    await proc.execute("lamp-1", "on", b"\x01", source="local")
+    assert proc.recent(1)[0]["value"] == "<bytes>"
+
+
+async def test_a_closed_processor_says_so(proc: CommandProcessor) -> None:
+    proc.close()
+    with pytest.raises(RuntimeError, match="open\\(\\) was not called"):
+        proc.recent()
