@@ -704,3 +704,173 @@ async def test_a_closed_processor_says_so(proc: CommandProcessor) -> None:
     proc.close()
     with pytest.raises(RuntimeError, match="open\\(\\) was not called"):
         proc.recent()
+
+
+# -- malformed messages, purge of old results, ids left executing --------------------------------------
+
+
+async def test_malformed_messages_are_counted_and_audited_with_the_reason(
+    proc: CommandProcessor, caplog: pytest.LogCaptureFixture
+) -> None:
+    limit = commands_module.MAX_PAYLOAD
+    at_limit = orjson.dumps({"id": "big", "device": "lamp-1", "point": "label", "value": ""})
+    at_limit = at_limit[:-2] + b"x" * (limit - len(at_limit)) + b'"}'
+    assert len(at_limit) == limit
+    with caplog.at_level(logging.WARNING, logger=commands_module.log.name):
+        assert (await proc.handle(at_limit))["ok"] is True  # type: ignore[index]  # the limit itself is fine
+        assert await proc.handle(at_limit + b" ") is None
+        assert await proc.handle(b"{nope") is None
+        assert await proc.handle(b"[1]") is None
+        assert await proc.handle(b'{"device": "lamp-1"}') is None
+    assert proc.malformed == 4
+    errors = [e["error"] for e in proc.recent(4)][::-1]
+    assert errors[0] == f"payload of {limit + 1} bytes is larger than {limit}"
+    assert errors[1].startswith("not JSON: ")
+    assert errors[2:] == ["expected a JSON object, got an array", "no 'id' field, so no result can be sent"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings[-1] == "command from mqtt ignored: no 'id' field, so no result can be sent"
+
+
+async def test_an_id_of_the_longest_length_is_accepted(proc: CommandProcessor) -> None:
+    longest = "i" * commands_module.MAX_ID_LENGTH
+    assert (await proc.handle(cmd(id=longest)))["ok"] is True  # type: ignore[index]
+    assert await proc.handle(cmd(id=longest + "i")) is None
+
+
+async def test_an_unexpected_error_before_the_write_is_logged_with_the_command(
+    proc: CommandProcessor, caplog: pytest.LogCaptureFixture
+) -> None:
+    proc.close()
+    with caplog.at_level(logging.ERROR, logger=commands_module.log.name):
+        result = await proc.handle(cmd(id="x1"), source="local")
+    assert result == {"id": "x1", "ok": False, "error": "internal error in the gateway (see its log)"}
+    assert [r.getMessage() for r in caplog.records] == ["command 'x1' from local: unexpected error"]
+
+
+async def test_old_results_are_purged_once_a_minute(
+    tmp_path: Path, lamp: FakeLamp, health: dict[str, DeviceHealth], clock: Clock
+) -> None:
+    p = make(tmp_path, lamp, health, clock, result_retention="1m")  # opened (and purged) at T0
+
+    def ids() -> list[str]:
+        return [row[0] for row in p._conn().execute("SELECT id FROM results ORDER BY id")]
+
+    try:
+        clock.ts = T0 - 2
+        await p.handle(cmd(id="c0"))
+        clock.ts = T0 + 59_999  # c0 is past retention, but the last purge is less than a minute old
+        await p.handle(cmd(id="c1"))
+        assert ids() == ['"c0"', '"c1"']
+        clock.ts = T0 + 60_000  # a minute after the last purge: the expired result goes
+        await p.handle(cmd(id="c2"))
+        assert ids() == ['"c1"', '"c2"']
+    finally:
+        p.close()
+
+
+def test_the_database_directory_is_created(tmp_path: Path, lamp: FakeLamp, clock: Clock) -> None:
+    drivers: dict[str, Any] = {"lamp-1": lamp}
+    p = CommandProcessor(
+        tmp_path / "state" / "gw" / "commands.db",
+        drivers.get,
+        {}.get,
+        commands_module.CommandsConfig(),
+        clock,
+    )
+    with pytest.raises(RuntimeError, match="was not called"):
+        p.recent()
+    p.open()
+    try:
+        assert (tmp_path / "state" / "gw" / "commands.db").exists()
+    finally:
+        p.close()
+
+
+def unknown_json(key: str) -> dict[str, Any]:
+    return {"id": orjson.loads(key), "ok": False, "error": OUTCOME_UNKNOWN}
+
+
+async def test_an_id_executing_in_another_process_is_answered_unknown_and_recorded(
+    tmp_path: Path, lamp: FakeLamp, health: dict[str, DeviceHealth], clock: Clock
+) -> None:
+    drivers: dict[str, Any] = {"lamp-1": lamp}
+    daemon = make(tmp_path, lamp, health, clock)
+    # What a second process (the `write` verb) sees of a command the daemon is executing, or an id left
+    # executing when recovery is off: the row exists, its result is NULL, nothing runs here.
+    daemon._store_executing('"e1"', T0, "lamp-1", "dim")
+    verb = CommandProcessor(daemon.db_path, drivers.get, health.get, commands_module.CommandsConfig(), clock)
+    verb.open(recover=False)
+    try:
+        lamp.values["dim"] = 21
+        answer = await verb.handle(cmd(id="e1", value=90))
+        assert answer == {"id": "e1", "ok": False, "error": OUTCOME_UNKNOWN, "value": 21, "ts": T0}
+        assert lamp.writes == []
+        (stored,) = verb._conn().execute("SELECT result FROM results WHERE id = ?", ('"e1"',)).fetchone()
+        assert orjson.loads(stored) == unknown_json('"e1"')
+    finally:
+        verb.close()
+        daemon.close()
+
+
+async def test_a_restart_records_each_interrupted_command(
+    tmp_path: Path,
+    lamp: FakeLamp,
+    health: dict[str, DeviceHealth],
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = make(tmp_path, lamp, health, clock)
+    first._store_executing("17", T0, "lamp-1", "setpoint")
+    first.close()
+    clock.ts = T0 + 3000
+    with caplog.at_level(logging.WARNING, logger=commands_module.log.name):
+        again = make(tmp_path, lamp, health, clock)
+    try:
+        entry = again.recent(1)[0]
+        assert {
+            k: entry[k]
+            for k in ("received_ts", "source", "id", "device", "point", "value", "outcome", "error")
+        } == {
+            "received_ts": T0 + 3000,
+            "source": "gateway",
+            "id": 17,
+            "device": "lamp-1",
+            "point": "setpoint",
+            "value": None,
+            "outcome": "interrupted",
+            "error": f"the gateway stopped during the write; {OUTCOME_UNKNOWN}",
+        }
+        (stored,) = again._conn().execute("SELECT result FROM results WHERE id = '17'").fetchone()
+        assert orjson.loads(stored) == unknown_json("17")
+        assert [r.getMessage() for r in caplog.records] == [
+            "command 17 was interrupted by a stop of the gateway; it will not run again"
+        ]
+    finally:
+        again.close()
+
+
+async def test_a_duplicate_through_execute_is_audited_with_the_first_answer(
+    proc: CommandProcessor, lamp: FakeLamp
+) -> None:
+    lamp.fail_with = WriteRefused("locked")
+    await proc.execute("lamp-1", "dim", 30, source="local", command_id="d1")
+    lamp.fail_with = None
+    await proc.execute("lamp-1", "dim", 31, source="local", command_id="d1")
+    entry = proc.recent(1)[0]
+    assert {k: entry[k] for k in ("device", "point", "value", "outcome", "error", "result_value")} == {
+        "device": "lamp-1",
+        "point": "dim",
+        "value": 31,
+        "outcome": "duplicate",
+        "error": "locked",
+        "result_value": None,
+    }
+
+
+async def test_a_failing_device_without_an_error_text_says_no_answer(
+    proc: CommandProcessor, health: dict[str, DeviceHealth]
+) -> None:
+    health["lamp-1"].state = "failing"
+    health["lamp-1"].last_error = None
+    result = await proc.handle(cmd())
+    assert result == {"id": "c1", "ok": False, "error": "device 'lamp-1' is failing: no answer"}
