@@ -170,6 +170,7 @@ def run_target(
     keep: bool,
     retest: bool = False,
     report_only: bool = False,
+    only: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     if report_only:
         return report(target, SCRATCH / target.name, None, False, 0.0)
@@ -179,7 +180,10 @@ def run_target(
         # regenerate), so a killed mutant stays killed, and the tests added since get their chance.
         keep = True
         selection = [
-            k for k, v in previous_results(target).items() if STATUS.get(v) not in ("killed", "timeout")
+            k
+            for k, v in previous_results(target).items()
+            if STATUS.get(v) not in ("killed", "timeout")
+            and (not only or any(fnmatch.fnmatch(k, g) for g in only))
         ]
         if not selection:
             selection = list(target.functions)
@@ -341,6 +345,13 @@ def main() -> None:
         help="rerun only the previous run's surviving and unchecked mutants (after adding tests)",
     )
     parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="with --retest-survivors: only the survivors whose mutmut name matches (repeatable)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="no run: the figures of the last run in build/mutation/"
     )
     parser.add_argument("--json", type=Path, help="also write the JSON to this file")
@@ -361,6 +372,7 @@ def main() -> None:
                 args.keep,
                 args.retest_survivors,
                 args.report_only,
+                tuple(args.only),
             )
         )
     doc = {"tool": "mutmut " + _mutmut_version(), "max_children": args.max_children, "modules": results}
