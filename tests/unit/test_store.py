@@ -586,3 +586,45 @@ def test_files_moved_aside_in_the_same_second_get_the_next_free_number(store: St
     aside = store._move_aside(stamp)
     assert aside.name == f"{db.name}.corrupt-{stamp}-2"
     assert aside.exists() and not db.exists()
+
+
+def recovery_log(caplog: pytest.LogCaptureFixture) -> str:
+    (record,) = [
+        r for r in caplog.records if r.levelno == logging.ERROR and "moved it aside" in r.getMessage()
+    ]
+    return record.getMessage()
+
+
+def test_a_recovery_says_where_the_file_went_and_where_seq_resumes(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5000))
+    s.close()
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.ERROR):
+        s = Store(db, 64 * MiB)
+        s.open()
+    s.close()
+    (aside,) = aside_files(db)
+    message = recovery_log(caplog)
+    assert message.startswith(f"buffer {db} was unusable (")
+    assert f"moved it aside to {aside} and started a fresh buffer at seq 5001 (" in message
+    assert "(continuing after the old file's last seq and the seq mark)" in message
+
+
+def test_a_recovery_without_any_seq_left_jumps_to_a_time_value_and_says_so(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db.write_bytes(os.urandom(3000))  # garbage, and no seq mark beside it
+    with caplog.at_level(logging.ERROR):
+        s = Store(db, 64 * MiB)
+        s.open()
+    next_seq = s.stats().next_seq
+    s.close()
+    assert next_seq % 1000 == 0  # exactly the time value (milliseconds x 1000), no seq below it skipped
+    message = recovery_log(caplog)
+    assert f"started a fresh buffer at seq {next_seq} (" in message
+    assert "(its last seq was unreadable, so seq jumps to a time-based value)" in message
