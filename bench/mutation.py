@@ -185,6 +185,13 @@ def run_target(
             if STATUS.get(v) not in ("killed", "timeout")
             and (not only or any(fnmatch.fnmatch(k, g) for g in only))
         ]
+        # SQL-case mutants are equivalent: no test can kill them, retesting them only costs time.
+        equivalent = {
+            name
+            for name, diff in diffs(SCRATCH / target.name, target.path, selection).items()
+            if classify(diff)[0] == "sql-case"
+        }
+        selection = [k for k in selection if k not in equivalent]
         if not selection:
             selection = list(target.functions)
     work = prepare(target, keep)
