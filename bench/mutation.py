@@ -193,7 +193,7 @@ def run_target(
         }
         selection = [k for k in selection if k not in equivalent]
         if not selection:
-            selection = list(target.functions)
+            return report(target, SCRATCH / target.name, None, False, 0.0)  # nothing left to retest
     work = prepare(target, keep)
     log_path = work / "mutmut.log"
     cmd = [str(mutmut_exe()), "run", "--max-children", str(max_children), *selection]
