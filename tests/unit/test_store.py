@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -432,6 +433,7 @@ def test_a_buffer_from_a_newer_format_is_refused_not_replaced(db: Path) -> None:
 _WRITER = """
 import sys
 from pathlib import Path
+from typing import Any
 from agent.reading import Reading
 from agent.store import Store
 store = Store(Path(sys.argv[1]), 64 * 1024 * 1024, sys.argv[2])
@@ -628,3 +630,64 @@ def test_a_recovery_without_any_seq_left_jumps_to_a_time_value_and_says_so(
     message = recovery_log(caplog)
     assert f"started a fresh buffer at seq {next_seq} (" in message
     assert "(its last seq was unreadable, so seq jumps to a time-based value)" in message
+
+
+def salvage_file(path: Path, sequence: int | None, seqs: list[int], meta: dict[str, int]) -> Path:
+    """A buffer-shaped file (as a corrupt one may still be readable) with the given seq state and counters."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE readings (seq INTEGER PRIMARY KEY AUTOINCREMENT, x)")
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER)")
+    conn.executemany("INSERT INTO readings (seq) VALUES (?)", [(s,) for s in seqs])
+    conn.execute("DELETE FROM sqlite_sequence")
+    if sequence is not None:
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('readings', ?)", (sequence,))
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+    conn.commit()
+    conn.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("sequence", "seqs", "meta", "expected"),
+    [
+        (7, [3, 9], {"evicted": 4, "recovered": 2}, (9, 4, 2)),  # the higher of the counter and the rows
+        (12, [3], {"evicted": 0}, (12, 0, 0)),  # a counter missing: 0, not guessed
+        (0, [], {}, (0, 0, 0)),  # seq 0 is a seq
+        (None, [], {"recovered": 1}, (None, 0, 1)),  # nothing says where seq was
+        (2**62 - 1, [], {}, (2**62 - 1, 0, 0)),
+        (2**62, [], {}, (None, 0, 0)),  # beyond any seq the store hands out: garbage, not a mark
+        (-5, [], {"evicted": -1}, (None, 0, 0)),
+    ],
+)
+def test_salvage_reads_what_it_can_and_nothing_implausible(
+    tmp_path: Path, sequence: int | None, seqs: list[int], meta: dict[str, int], expected: tuple[Any, ...]
+) -> None:
+    path = salvage_file(tmp_path / "old.db", sequence, seqs, meta)
+    got = Store._salvage(path)
+    assert (got.high_water, got.evicted, got.recovered) == expected
+
+
+def test_salvage_of_a_file_that_cannot_be_opened(tmp_path: Path) -> None:
+    got = Store._salvage(tmp_path / "gone.db")
+    assert (got.high_water, got.evicted, got.recovered) == (None, 0, 0)
+    assert not (tmp_path / "gone.db").exists()  # read-only: never creates anything
+
+
+def test_as_many_lanes_as_the_limit_are_accepted(store: Store) -> None:
+    names = [f"up{i}" for i in range(store_module.MAX_LANES)]
+    store.set_lanes(names)
+    assert store.lanes() == names
+    with pytest.raises(ValueError, match=f"at most {store_module.MAX_LANES} upstreams, not 63"):
+        store.set_lanes([*names, "one-more"])
+
+
+def test_an_operator_purge_is_logged_with_what_it_deleted(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.append(readings(3) + readings(2, device="meter-2"))
+    with caplog.at_level(logging.WARNING):
+        store.purge(device="meter-2", before_ts=T0 + 10_000)
+    assert [r.getMessage() for r in caplog.records if "purged" in r.getMessage()] == [
+        f"buffer purged by the operator (device=meter-2, before_ts={T0 + 10_000}): 2 unsent readings deleted, "
+        "counted as evicted"
+    ]
