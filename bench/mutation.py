@@ -237,6 +237,7 @@ def report(target: Target, work: Path, rc: int | None, interrupted: bool, elapse
         kind, line = classify(diff)
         classified[name] = {"class": kind, "change": line, "status": STATUS.get(codes[name], "?")}
     equivalent = sum(1 for c in classified.values() if c["class"] == "sql-case")
+    unchecked = len(by_status.get("not_checked", [])) + len(by_status.get("interrupted", []))
     return {
         "module": target.name,
         "file": target.path,
@@ -256,6 +257,8 @@ def report(target: Target, work: Path, rc: int | None, interrupted: bool, elapse
             if k not in ("killed", "timeout", "survived", "no_tests", "not_checked", "interrupted")
         ),
         "score": round((killed + timeouts) / total, 4) if total else None,
+        # of a partial run: the score of the mutants it did check
+        "score_checked": round((killed + timeouts) / (total - unchecked), 4) if total > unchecked else None,
         "sql_case_equivalent": equivalent,
         "text_only": sum(1 for c in classified.values() if c["class"] == "text"),
         "score_without_equivalent": round((killed + timeouts) / (total - equivalent), 4)
@@ -325,7 +328,7 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         score = "n/a" if r["score"] is None else f"{100 * r['score']:.1f} %"
         if r["partial"]:
-            score += " (partial)"
+            score += f" (partial; {pct(r['score_checked'])} of those checked)"
         out.append(
             f"| {r['module']} | {r['file']} | {r['killed'] + r['timeout']} / {r['total']} | {r['timeout']} "
             f"| {r['survived']} | {r['no_tests']} | {r['not_checked']} | {score} | {r['sql_case_equivalent']} "
