@@ -80,3 +80,40 @@ def test_split_in_halves_by_points() -> None:
     (single,) = plan(pts("holding", [(0, 2)]), Limits())
     with pytest.raises(ValueError, match="cannot be split"):
         split_in_halves(single)
+
+
+def test_split_keeps_overlapping_points_together_and_every_point_in_one_half() -> None:
+    # Two `bit` points share register 6 (an overlapping group, not the last), then two lone points.
+    points = [
+        PlannedPoint("b0", "coil", 6, 1),
+        PlannedPoint("b1", "coil", 6, 1),
+        PlannedPoint("energy", "coil", 9, 2),
+        PlannedPoint("power", "coil", 12, 2),
+    ]
+    (request,) = plan(points, Limits())
+    halves, barrier = split_in_halves(request)
+    assert [h.table for h in halves] == ["coil", "coil"]
+    assert [[p.name for p in h.points] for h in halves] == [["b0", "b1"], ["energy", "power"]]
+    assert [(h.address, h.count) for h in halves] == [(6, 1), (9, 5)]
+    assert barrier == ("coil", 9)
+    # the halves are requests the driver can plan around: together they hold every point once
+    assert sorted(p.name for h in halves for p in h.points) == sorted(p.name for p in points)
+
+
+def test_split_of_two_touching_points() -> None:
+    # Adjacent points (one ends where the next starts) do not overlap: two groups, one per half.
+    (request,) = plan(pts("holding", [(0, 2), (2, 2)]), Limits())
+    halves, barrier = split_in_halves(request)
+    assert [(h.address, h.count, [p.name for p in h.points]) for h in halves] == [
+        (0, 2, ["holding0"]),
+        (2, 2, ["holding2"]),
+    ]
+    assert barrier == ("holding", 2)
+
+
+def test_split_refusal_says_why() -> None:
+    (overlapping,) = plan([PlannedPoint("a", "holding", 3, 1), PlannedPoint("b", "holding", 3, 1)], Limits())
+    with pytest.raises(
+        ValueError, match=r"^a request of one point \(or of overlapping points\) cannot be split$"
+    ):
+        split_in_halves(overlapping)

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -432,6 +433,7 @@ def test_a_buffer_from_a_newer_format_is_refused_not_replaced(db: Path) -> None:
 _WRITER = """
 import sys
 from pathlib import Path
+from typing import Any
 from agent.pipeline.reading import Reading
 from agent.pipeline.store import Store
 store = Store(Path(sys.argv[1]), 64 * 1024 * 1024, sys.argv[2])
@@ -499,3 +501,193 @@ async def test_async_store_round_trip(db: Path) -> None:
     assert store_threads() == []
     with pytest.raises(StoreError, match="closed"):
         await astore.stats()
+
+
+# -- found by mutation testing (docs/TESTING.md): the async wrappers' arguments, lanes in a purge, the words
+# of each SQLite failure, corruption detection without an error code, the names of moved-aside files ------
+
+
+async def test_async_store_passes_every_argument_through(db: Path) -> None:
+    s = AsyncStore(Store(db, 64 * MiB))
+    await s.open()
+    try:
+        await s.set_lanes(["a", "b"])
+        assert s.store.lanes() == ["a", "b"]
+        rows = await s.append(readings(4) + readings(2, start=10, device="meter-2"))
+        assert [r.seq for r in await s.pin(rows[:2], "a")] == [1, 2]
+        assert s.store.stats().pinned == 2
+        assert await s.ack([1, 2], "a") == 0  # lane b has not acknowledged them: nothing deleted yet
+        assert [r.seq for r in await s.fetch(0, None, 10, "a")] == [3, 4, 5, 6]
+        assert [r.seq for r in await s.fetch(0, None, 10, "b")] == [1, 2, 3, 4, 5, 6]
+        assert await s.ack([1], "b") == 1
+        assert await s.purge(device="meter-2") == 2
+        assert await s.purge(before_ts=T0 + 3000) == 2  # seqs 2 and 3
+        stats = await s.stats()
+        assert (stats.pending, stats.evicted) == (1, 4)
+        # Each lane's gaps: b lost 2, 3, 5, 6; a had acknowledged 2 before the purge.
+        assert stats.lane_evicted == {"a": 3, "b": 4}
+        assert stats.lanes == {"a": 1, "b": 1}
+    finally:
+        await s.close()
+    again = Store(db, 64 * MiB)
+    again.open()
+    try:
+        again.set_lanes(["a", "b"])
+        assert again.lane_evicted() == {"a": 3, "b": 4}  # persisted
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (13, "the disk is full (or the buffer reached its page limit)"),
+        (778, "I/O error on {path} (boom)"),  # SQLITE_IOERR_WRITE: an extended code, its primary is 10
+        (5, "{path} is locked by another process (boom)"),
+        (6, "{path} is locked by another process (boom)"),
+        (8, "{path} is read-only (boom)"),
+        (14, "cannot open {path} (boom)"),
+        (11, "{path} is corrupt (boom); the next start replaces it"),
+        (26, "{path} is corrupt (boom); the next start replaces it"),
+        (1, "boom"),
+    ],
+)
+def test_each_sqlite_failure_is_said_in_words_and_counted(
+    store: Store, db: Path, code: int, words: str
+) -> None:
+    exc = sqlite3.OperationalError("boom")
+    exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+    error = store._error("append", exc)
+    message = f"buffer append failed: {words.format(path=db)}"
+    assert str(error).startswith(message)
+    stats = store.stats()
+    assert (stats.disk_errors, stats.last_error) == (1, str(error))
+
+
+def test_corruption_is_recognised_by_its_code_or_else_by_its_words() -> None:
+    def error(text: str, code: int | None) -> sqlite3.DatabaseError:
+        exc = sqlite3.DatabaseError(text)
+        if code is not None:
+            exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+        return exc
+
+    assert store_module._is_corruption(error("x", 11))
+    assert store_module._is_corruption(error("x", 26))
+    assert store_module._is_corruption(error("x", 11 | (1 << 8)))  # an extended code of SQLITE_CORRUPT
+    assert not store_module._is_corruption(error("database disk image is malformed", 10))  # the code decides
+    assert store_module._is_corruption(error("database disk image is malformed", None))
+    assert store_module._is_corruption(error("file is not a database", None))
+    assert not store_module._is_corruption(error("disk I/O error", None))
+
+
+def test_files_moved_aside_in_the_same_second_get_the_next_free_number(store: Store, db: Path) -> None:
+    stamp = "20260101T000000Z"
+    Path(f"{db}.corrupt-{stamp}").write_bytes(b"")
+    Path(f"{db}.corrupt-{stamp}-1").write_bytes(b"")
+    store.close()
+    aside = store._move_aside(stamp)
+    assert aside.name == f"{db.name}.corrupt-{stamp}-2"
+    assert aside.exists() and not db.exists()
+
+
+def recovery_log(caplog: pytest.LogCaptureFixture) -> str:
+    (record,) = [
+        r for r in caplog.records if r.levelno == logging.ERROR and "moved it aside" in r.getMessage()
+    ]
+    return record.getMessage()
+
+
+def test_a_recovery_says_where_the_file_went_and_where_seq_resumes(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5000))
+    s.close()
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.ERROR):
+        s = Store(db, 64 * MiB)
+        s.open()
+    s.close()
+    (aside,) = aside_files(db)
+    message = recovery_log(caplog)
+    assert message.startswith(f"buffer {db} was unusable (")
+    assert f"moved it aside to {aside} and started a fresh buffer at seq 5001 (" in message
+    assert "(continuing after the old file's last seq and the seq mark)" in message
+
+
+def test_a_recovery_without_any_seq_left_jumps_to_a_time_value_and_says_so(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db.write_bytes(os.urandom(3000))  # garbage, and no seq mark beside it
+    with caplog.at_level(logging.ERROR):
+        s = Store(db, 64 * MiB)
+        s.open()
+    next_seq = s.stats().next_seq
+    s.close()
+    assert next_seq % 1000 == 0  # exactly the time value (milliseconds x 1000), no seq below it skipped
+    message = recovery_log(caplog)
+    assert f"started a fresh buffer at seq {next_seq} (" in message
+    assert "(its last seq was unreadable, so seq jumps to a time-based value)" in message
+
+
+def salvage_file(path: Path, sequence: int | None, seqs: list[int], meta: dict[str, int]) -> Path:
+    """A buffer-shaped file (as a corrupt one may still be readable) with the given seq state and counters."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE readings (seq INTEGER PRIMARY KEY AUTOINCREMENT, x)")
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER)")
+    conn.executemany("INSERT INTO readings (seq) VALUES (?)", [(s,) for s in seqs])
+    conn.execute("DELETE FROM sqlite_sequence")
+    if sequence is not None:
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('readings', ?)", (sequence,))
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+    conn.commit()
+    conn.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("sequence", "seqs", "meta", "expected"),
+    [
+        (7, [3, 9], {"evicted": 4, "recovered": 2}, (9, 4, 2)),  # the higher of the counter and the rows
+        (12, [3], {"evicted": 0}, (12, 0, 0)),  # a counter missing: 0, not guessed
+        (0, [], {}, (0, 0, 0)),  # seq 0 is a seq
+        (None, [], {"recovered": 1}, (None, 0, 1)),  # nothing says where seq was
+        (2**62 - 1, [], {}, (2**62 - 1, 0, 0)),
+        (2**62, [], {}, (None, 0, 0)),  # beyond any seq the store hands out: garbage, not a mark
+        (-5, [], {"evicted": -1}, (None, 0, 0)),
+    ],
+)
+def test_salvage_reads_what_it_can_and_nothing_implausible(
+    tmp_path: Path, sequence: int | None, seqs: list[int], meta: dict[str, int], expected: tuple[Any, ...]
+) -> None:
+    path = salvage_file(tmp_path / "old.db", sequence, seqs, meta)
+    got = Store._salvage(path)
+    assert (got.high_water, got.evicted, got.recovered) == expected
+
+
+def test_salvage_of_a_file_that_cannot_be_opened(tmp_path: Path) -> None:
+    got = Store._salvage(tmp_path / "gone.db")
+    assert (got.high_water, got.evicted, got.recovered) == (None, 0, 0)
+    assert not (tmp_path / "gone.db").exists()  # read-only: never creates anything
+
+
+def test_as_many_lanes_as_the_limit_are_accepted(store: Store) -> None:
+    names = [f"up{i}" for i in range(store_module.MAX_LANES)]
+    store.set_lanes(names)
+    assert store.lanes() == names
+    with pytest.raises(ValueError, match=f"at most {store_module.MAX_LANES} upstreams, not 63"):
+        store.set_lanes([*names, "one-more"])
+
+
+def test_an_operator_purge_is_logged_with_what_it_deleted(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.append(readings(3) + readings(2, device="meter-2"))
+    with caplog.at_level(logging.WARNING):
+        store.purge(device="meter-2", before_ts=T0 + 10_000)
+    assert [r.getMessage() for r in caplog.records if "purged" in r.getMessage()] == [
+        f"buffer purged by the operator (device=meter-2, before_ts={T0 + 10_000}): 2 unsent readings deleted, "
+        "counted as evicted"
+    ]

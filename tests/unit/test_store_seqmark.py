@@ -210,3 +210,26 @@ def test_a_side_file_that_cannot_be_written_fails_the_append_and_consumes_no_seq
     monkeypatch.setattr(store_module.os, "replace", real_replace)
     assert s.append(readings(10, start=SEQ_BLOCK))[0].seq == SEQ_BLOCK
     s.close()
+
+
+def test_the_regression_is_said_with_both_seqs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    db = tmp_path / "buffer.db"
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(100))
+    s.close()
+    old = tmp_path / "old.db"
+    shutil.copy2(db, old)
+    s.open()
+    s.append(readings(100, start=100))
+    s.close()
+    shutil.copy2(old, db)
+    with caplog.at_level(logging.ERROR):
+        s = Store(db, 64 * MiB)
+        s.open()
+    s.close()
+    (message,) = [r.getMessage() for r in regressions(caplog)]
+    assert message.startswith(
+        f"buffer {db} went back: it was closed cleanly at seq 200, but the file only goes to seq 100; "
+    )
+    assert f"seq resumes at 201 (the mark in {s.seq_path})" in message

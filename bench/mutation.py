@@ -1,0 +1,404 @@
+"""Mutation testing of the modules that must not lose or repeat anything (issue 19): mutmut 3 over each module,
+with that module's own fast unit tests as the only runner.
+
+Run (one command, about 10-25 minutes per module on a loaded 2-core machine; never in CI):
+
+    .venv/bin/python -m bench.mutation                      # every module below
+    .venv/bin/python -m bench.mutation commands planner     # some of them
+    .venv/bin/python -m bench.mutation --max-children 1 --budget 900 --json out.json
+
+It needs mutmut (`.venv/bin/pip install -e '.[mutation]'`). Each module runs in its own scratch copy of the
+tree, build/mutation/<module>/ (agent/, drivers/, tests/ and pyproject.toml with a generated `[tool.mutmut]`
+section naming the one file to mutate and the module's tests), so the modules' runs have different test
+selections, mutmut's `mutants/` directory never lands in the worktree, and a rerun starts from scratch
+(`--keep` reuses the previous run's results: mutmut then only reruns what changed;
+`--retest-survivors` reruns only the mutants the previous run did not kill, after tests were added). Each module's run is
+bounded by `--budget` seconds; at the end it is interrupted and the mutants not tried are reported as
+`not_checked` (the score is then of a partial run, and says so).
+
+Prints one JSON object, then a Markdown table: per module, mutants killed / total, timeouts (counted as
+killed: the mutant made the tests hang, the per-test timeout caught it), survivors (with their names, for
+docs/TESTING.md), mutants no selected test reaches, and the score = (killed + timeouts) / total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRATCH = ROOT / "build" / "mutation"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    path: str  # the one file mutated
+    tests: tuple[str, ...]  # the module's fast unit tests: the only tests run against its mutants
+    functions: tuple[str, ...] = ()  # mutmut mutant-name globs, when only part of the file is under test
+    deselect: tuple[str, ...] = ()  # tests of the selected files left out (pytest --deselect)
+    note: str = ""
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target(
+            "commands",
+            "agent/control/commands.py",
+            ("tests/unit/test_commands.py", "tests/unit/test_commands_edges.py"),
+            note="test_commands_fuzz.py left out: ~10 s of hypothesis per surviving mutant would take the run "
+            "past an hour",
+        ),
+        Target("planner", "drivers/modbus/planner.py", ("tests/unit/test_modbus_planner.py",)),
+        Target(
+            "uplink_ack",
+            "agent/upstream/mqtt.py",
+            ("tests/unit/test_uplink_ack.py",),
+            functions=(
+                "agent.upstream.mqtt.xǁUplinkǁ_ack_flusher__mutmut_*",
+                "agent.upstream.mqtt.xǁUplinkǁflush_acks__mutmut_*",
+            ),
+            note="the ack path only: Uplink._ack_flusher and Uplink.flush_acks",
+        ),
+        Target(
+            "store",
+            "agent/pipeline/store.py",
+            (
+                "tests/unit/test_store.py",
+                "tests/unit/test_store_writer.py",
+                "tests/unit/test_store_ledger.py",
+                "tests/unit/test_store_seqmark.py",
+            ),
+            deselect=(
+                # checks that the ledger's model can fail (with Store.pin patched out): 10 s, and no
+                # assertion on the store's own behaviour
+                "tests/unit/test_store_ledger.py::test_the_model_catches_an_eviction_of_rows_in_flight",
+            ),
+        ),
+    )
+}
+
+# mutmut's exit-code classes (mutmut/stats.py), folded into the columns of the table.
+STATUS = {
+    1: "killed",
+    3: "killed",  # pytest internal error under the mutant: a kill
+    0: "survived",
+    5: "no_tests",
+    33: "no_tests",
+    34: "skipped",
+    36: "timeout",
+    24: "timeout",
+    -24: "timeout",
+    152: "timeout",
+    255: "timeout",
+    37: "killed",  # caught by the type checker (not configured here)
+    -11: "segfault",
+    -9: "segfault",
+    2: "interrupted",
+    None: "not_checked",
+}
+
+
+def mutmut_exe() -> Path:
+    exe = Path(sys.executable).parent / "mutmut"
+    if not exe.exists():
+        sys.exit(
+            "bench.mutation: mutmut is not installed in this venv: .venv/bin/pip install -e '.[mutation]'"
+        )
+    return exe
+
+
+def prepare(target: Target, keep: bool) -> Path:
+    """A scratch copy of the tree with a pyproject naming this target's file and tests."""
+    work = SCRATCH / target.name
+    if work.exists() and not keep:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+    for tree in ("agent", "drivers", "tests"):
+        shutil.copytree(ROOT / tree, work / tree, ignore=ignore, dirs_exist_ok=True)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    if "[tool.mutmut]" in pyproject:
+        sys.exit(
+            "bench.mutation: pyproject.toml has its own [tool.mutmut]; this script generates it per module"
+        )
+    section = {
+        "source_paths": ["agent", "drivers"],  # the whole packages are importable from mutants/
+        "only_mutate": [target.path],
+        "pytest_add_cli_args_test_selection": [
+            *target.tests,
+            *(arg for test in target.deselect for arg in ("--deselect", test)),
+        ],
+        # A mutant that makes a test wait forever uses no CPU, so mutmut's CPU-time limit never fires:
+        # pytest-timeout ends it (the project's default of 120 s is for the integration tests).
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "--timeout=30"],
+        "use_git_change_detection": False,  # the scratch copy is no git tree
+    }
+    lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in section.items()]
+    (work / "pyproject.toml").write_text(pyproject + "\n".join(lines) + "\n")
+    tomllib.loads((work / "pyproject.toml").read_text())  # a broken section fails here, not inside mutmut
+    return work
+
+
+def previous_results(target: Target) -> dict[str, int | None]:
+    meta_path = SCRATCH / target.name / "mutants" / (target.path + ".meta")
+    if not meta_path.exists():
+        return {}
+    codes: dict[str, int | None] = json.loads(meta_path.read_text())["exit_code_by_key"]
+    if target.functions:
+        codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, g) for g in target.functions)}
+    return codes
+
+
+def run_target(
+    target: Target,
+    max_children: int,
+    budget: float,
+    keep: bool,
+    retest: bool = False,
+    report_only: bool = False,
+    only: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    if report_only:
+        return report(target, SCRATCH / target.name, None, False, 0.0)
+    selection = list(target.functions)
+    if retest:
+        # Only the mutants not killed last time: the code is unchanged (mutmut would notice otherwise and
+        # regenerate), so a killed mutant stays killed, and the tests added since get their chance.
+        keep = True
+        selection = [
+            k
+            for k, v in previous_results(target).items()
+            if STATUS.get(v) not in ("killed", "timeout")
+            and (not only or any(fnmatch.fnmatch(k, g) for g in only))
+        ]
+        # SQL-case mutants are equivalent: no test can kill them, retesting them only costs time.
+        equivalent = {
+            name
+            for name, diff in diffs(SCRATCH / target.name, target.path, selection).items()
+            if classify(diff)[0] == "sql-case"
+        }
+        selection = [k for k in selection if k not in equivalent]
+        if not selection:
+            return report(target, SCRATCH / target.name, None, False, 0.0)  # nothing left to retest
+    work = prepare(target, keep)
+    log_path = work / "mutmut.log"
+    cmd = [str(mutmut_exe()), "run", "--max-children", str(max_children), *selection]
+    started = time.monotonic()
+    interrupted = False
+    with log_path.open("w") as log:
+        # Its own process group, so that the interrupt at the budget reaches mutmut's forked workers too.
+        proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            interrupted = True
+            os.killpg(proc.pid, signal.SIGINT)  # mutmut stops its workers and keeps the results so far
+            try:
+                rc = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait()
+    return report(target, work, rc, interrupted, time.monotonic() - started)
+
+
+def report(target: Target, work: Path, rc: int | None, interrupted: bool, elapsed: float) -> dict[str, Any]:
+    log_path = work / "mutmut.log"
+    meta_path = work / "mutants" / (target.path + ".meta")
+    if not meta_path.exists():
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise SystemExit(f"bench.mutation: {target.name}: mutmut produced no results (rc {rc}):\n{tail}")
+    meta = json.loads(meta_path.read_text())
+    codes: dict[str, int | None] = meta["exit_code_by_key"]
+    if target.functions:
+        codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, g) for g in target.functions)}
+    by_status: dict[str, list[str]] = {}
+    for name, code in sorted(codes.items()):
+        by_status.setdefault(STATUS.get(code, "suspicious"), []).append(name)
+    total = len(codes)
+    killed = len(by_status.get("killed", []))
+    timeouts = len(by_status.get("timeout", []))
+    survivors = by_status.get("survived", []) + by_status.get("no_tests", [])
+    classified = {}
+    for name, diff in diffs(work, target.path, survivors).items():
+        kind, line = classify(diff)
+        classified[name] = {"class": kind, "change": line, "status": STATUS.get(codes[name], "?")}
+    equivalent = sum(1 for c in classified.values() if c["class"] == "sql-case")
+    unchecked = len(by_status.get("not_checked", [])) + len(by_status.get("interrupted", []))
+    return {
+        "module": target.name,
+        "file": target.path,
+        "tests": list(target.tests),
+        "deselected": list(target.deselect),
+        "functions": list(target.functions),
+        "note": target.note,
+        "total": total,
+        "killed": killed,
+        "timeout": timeouts,
+        "survived": len(by_status.get("survived", [])),
+        "no_tests": len(by_status.get("no_tests", [])),
+        "not_checked": len(by_status.get("not_checked", [])) + len(by_status.get("interrupted", [])),
+        "other": sum(
+            len(v)
+            for k, v in by_status.items()
+            if k not in ("killed", "timeout", "survived", "no_tests", "not_checked", "interrupted")
+        ),
+        "score": round((killed + timeouts) / total, 4) if total else None,
+        # of a partial run: the score of the mutants it did check
+        "score_checked": round((killed + timeouts) / (total - unchecked), 4) if total > unchecked else None,
+        "sql_case_equivalent": equivalent,
+        "text_only": sum(1 for c in classified.values() if c["class"] == "text"),
+        "score_without_equivalent": round((killed + timeouts) / (total - equivalent), 4)
+        if total > equivalent
+        else None,
+        "survivors": classified,
+        "partial": interrupted or bool(by_status.get("not_checked")),
+        "seconds": round(elapsed, 1),
+        "mutmut_rc": rc,
+        "log": str(log_path.relative_to(ROOT)),
+    }
+
+
+SQL_WORDS = re.compile(
+    r"\b(SELECT|INSERT|UPDATE|DELETE|BEGIN|COMMIT|ROLLBACK|PRAGMA|CREATE|ALTER|VACUUM|FROM|WHERE|VALUES)\b",
+    re.IGNORECASE,
+)
+_DIFFS = """
+import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+path = sys.argv[1]
+print(json.dumps({name: get_diff_for_mutant(name, path=path) for name in json.load(sys.stdin)}))
+"""
+
+
+def diffs(work: Path, path: str, names: list[str]) -> dict[str, str]:
+    """The diff of each mutant against the original function, from mutmut itself (`mutmut show`)."""
+    if not names:
+        return {}
+    out = subprocess.run(
+        [sys.executable, "-c", _DIFFS, path],
+        cwd=work,
+        input=json.dumps(names),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, str] = json.loads(out.stdout)
+    return result
+
+
+def classify(diff: str) -> tuple[str, str]:
+    """(class, the changed line) of a surviving mutant, from its diff.
+
+    sql-case: only the case of an SQL statement changed; SQLite's keywords and identifiers are
+    case-insensitive, so the mutant is equivalent. text: only a string literal's wording changed (mutmut's
+    "XX...XX" or its case), a log or error message's text. other: to be read (docs/TESTING.md lists them).
+    """
+    minus = [line[1:] for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+    plus = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    shown = (plus[0] if plus else minus[0] if minus else "").strip()
+    if len(minus) == len(plus) and minus:
+        pairs = list(zip(minus, plus, strict=True))
+        if all(a.lower() == b.lower() for a, b in pairs) and all(SQL_WORDS.search(a) for a, _ in pairs):
+            return "sql-case", shown
+        if all(a.lower() == b.replace("XX", "").lower() for a, b in pairs):
+            return "text", shown
+    return "other", shown
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    out = [
+        "| module | file | killed / total | timeouts | survived | no test reaches | not checked | score "
+        "| of them SQL case (equivalent) | text only | score without the SQL-case ones | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        score = "n/a" if r["score"] is None else f"{100 * r['score']:.1f} %"
+        if r["partial"]:
+            score += f" (partial; {pct(r['score_checked'])} of those checked)"
+        out.append(
+            f"| {r['module']} | {r['file']} | {r['killed'] + r['timeout']} / {r['total']} | {r['timeout']} "
+            f"| {r['survived']} | {r['no_tests']} | {r['not_checked']} | {score} | {r['sql_case_equivalent']} "
+            f"| {r['text_only']} | {pct(r['score_without_equivalent'])} | {r['seconds']:.0f} s |"
+        )
+    return "\n".join(out)
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("modules", nargs="*", help="some of: " + ", ".join(TARGETS) + " (default: all)")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--budget", type=float, default=1500, help="seconds per module (default 1500)")
+    parser.add_argument("--keep", action="store_true", help="reuse the previous run's results (incremental)")
+    parser.add_argument(
+        "--retest-survivors",
+        action="store_true",
+        help="rerun only the previous run's surviving and unchecked mutants (after adding tests)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="with --retest-survivors: only the survivors whose mutmut name matches (repeatable)",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="no run: the figures of the last run in build/mutation/"
+    )
+    parser.add_argument("--json", type=Path, help="also write the JSON to this file")
+    args = parser.parse_args()
+    names = args.modules or list(TARGETS)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        parser.error(f"unknown module {', '.join(unknown)}: choose among {', '.join(TARGETS)}")
+    mutmut_exe()
+    results = []
+    for name in names:
+        print(f"bench.mutation: {name} ...", file=sys.stderr, flush=True)
+        results.append(
+            run_target(
+                TARGETS[name],
+                args.max_children,
+                args.budget,
+                args.keep,
+                args.retest_survivors,
+                args.report_only,
+                tuple(args.only),
+            )
+        )
+    doc = {"tool": "mutmut " + _mutmut_version(), "max_children": args.max_children, "modules": results}
+    text = json.dumps(doc, indent=2, ensure_ascii=False)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print()
+    print(table(results))
+
+
+def _mutmut_version() -> str:
+    from importlib.metadata import version
+
+    return version("mutmut")
+
+
+if __name__ == "__main__":
+    main()
