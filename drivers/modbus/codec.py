@@ -124,7 +124,10 @@ def decode(
             r = ((r & 0xFF) << 8) | (r >> 8)
         if type_ == "int16" and r >= 0x8000:
             r -= 0x10000
-        return apply_scale(r, scale, offset)
+        scaled = apply_scale(r, scale, offset)
+        if isinstance(scaled, float) and not math.isfinite(scaled):
+            raise DecodeError("value out of range after scale/offset")
+        return scaled
     fmt = _STRUCT.get(type_)
     if fmt is None:
         raise DecodeError(f"unknown type '{type_}'")
