@@ -10,6 +10,7 @@ from pathlib import Path
 
 from agent.config.migrate import CURRENT_VERSION, MigrationError, migrate_text, unified_diff
 from agent.errors import ConfigError
+from agent.safefiles import read_regular
 
 
 def register(
@@ -31,9 +32,9 @@ def register(
 def main(args: argparse.Namespace) -> int:
     path: Path = args.file or args.config
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        text = read_regular(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return 1
     try:
         result = migrate_text(text)

@@ -16,7 +16,7 @@ from typing import Any
 from agent.config.loader import load_config
 from agent.control.localapi import parse_listen
 from agent.errors import ConfigError
-from agent.safefiles import file_hash, pid_file
+from agent.safefiles import file_hash, pid_file, read_regular
 
 POLL = 0.2  # seconds between two looks at the daemon's status
 
@@ -40,7 +40,7 @@ def register(
 def main(args: argparse.Namespace) -> int:
     path: Path = args.config
     try:
-        data = path.read_bytes()
+        data = read_regular(path)  # a FIFO or a device is refused at once, as the loader does
         config = load_config(path)
     except ConfigError as exc:
         for line in exc.problems:

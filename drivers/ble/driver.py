@@ -11,6 +11,7 @@ from pathlib import Path
 from agent.driver import Driver, DriverContext, PointSpec
 from agent.errors import DecodeError, DeviceError, DeviceUnreachable
 from agent.pipeline.reading import Reading, now_ms
+from agent.safefiles import read_regular
 from drivers.ble import bthome, ruuvi, xiaomi
 from drivers.ble.advert import (
     BTHOME_UUID16,
@@ -150,7 +151,7 @@ class BleDriver(Driver[BleDeviceConfig]):
         if not path.is_absolute():
             path = Path(self.context.config_dir) / path
         try:
-            text = path.read_text()
+            text = read_regular(path, 64 << 10).decode("utf-8", "replace")  # never a FIFO or /dev/zero
         except OSError as exc:
             raise DeviceError(f"bindkey_file {path}: {exc.strerror or exc}") from None
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,12 @@ async def test_missing_bindkey_file_is_a_device_error(tmp_path: Path) -> None:
         "t", config(decoder="bthome", bindkey_file="bad.key"), DriverContext(SharedResources(), {}, tmp_path)
     )
     with pytest.raises(DeviceError, match="not hexadecimal"):
+        await driver.open()
+    os.mkfifo(tmp_path / "fifo.key")  # nobody writes to it: a blocking read would hang the test
+    driver = BleDriver(
+        "t", config(decoder="bthome", bindkey_file="fifo.key"), DriverContext(SharedResources(), {}, tmp_path)
+    )
+    with pytest.raises(DeviceError, match="FIFO, not a regular file"):
         await driver.open()
 
 

@@ -126,3 +126,21 @@ def test_a_config_that_is_a_fifo_is_refused_at_once(tmp_path: Path, verb: str) -
     said = done.stdout + done.stderr
     assert done.returncode == 1, said[-2000:]
     assert f"{fifo}:1:1: (file): cannot read: a FIFO, not a regular file: refused" in said, said[-2000:]
+
+
+@pytest.mark.parametrize("verb", ["reload", "migrate"])
+def test_the_config_verbs_refuse_a_fifo_at_once(tmp_path: Path, verb: str) -> None:
+    """`fieldgate reload` and `migrate` read the file themselves: a FIFO is refused, never waited on."""
+    fifo = tmp_path / "fieldgate.yaml"
+    os.mkfifo(fifo)  # nobody writes to it: any blocking open or read hangs (the timeout fails the test)
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", verb, "-c", str(fifo)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=60,
+    )
+    said = done.stdout + done.stderr
+    assert done.returncode == 1, said[-2000:]
+    assert "FIFO, not a regular file: refused" in said, said[-2000:]
