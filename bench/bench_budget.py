@@ -276,14 +276,23 @@ class BudgetDaemon(BenchDaemon):
         precompile()
         out = open(self.log, "ab")  # noqa: SIM115 - owned by the process
         env = dict(os.environ, PYTHONPATH=str(REPO), FIELDGATE_CACHE_DIR=str(self.config.parent / "cache"))
+        cmd = [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "-c",
+            str(self.config),
+            "--log-level",
+            self.log_level,
+        ]
         self.proc = subprocess.Popen(
-            [*self.budget.prefix(), sys.executable, "-m", "agent.cli", "run", "-c", str(self.config)]
-            + ["--log-level", self.log_level],
+            [*self.budget.prefix(), *cmd],
             stdout=out,
             stderr=out,
             cwd=REPO,
             env=env,
-            preexec_fn=self.budget.enter,  # noqa: PLW1509 - only file writes, no locks
+            preexec_fn=self.budget.enter,  # in the child before exec: only file writes
         )
         out.close()
         return self
