@@ -464,17 +464,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.outage, args.runs = 15, 10, 1
-    try:
-        budget = make_budget(args.cpu_quota, args.memory)
-    except Refused as e:
-        print(f"bench_budget: cannot run under a budget here: {e}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        runs = []
-        for _ in range(args.runs):
+    runs = []
+    for _ in range(args.runs):
+        # A fresh cgroup per run: its counters (throttling, peak memory) are the run's own.
+        try:
+            budget = make_budget(args.cpu_quota, args.memory)
+        except Refused as e:
+            print(f"bench_budget: cannot run under a budget here: {e}", file=sys.stderr)
+            sys.exit(2)
+        try:
             runs.append(asyncio.run(one_run(budget, args.seconds, args.outage, args.devices, args.registers)))
-    finally:
-        budget.remove()
+        finally:
+            budget.remove()
     report(args, budget, runs)
 
 
