@@ -515,11 +515,6 @@ class Collector:
         self.no_ts = 0
         self.ready = asyncio.Event()
 
-    def reset(self) -> None:
-        self.ts.clear()
-        self.count = 0
-        self.no_ts = 0
-
     async def run(self) -> None:
         while True:
             try:
