@@ -164,7 +164,10 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--no-load", action="store_true", help="without the busy-loop children")
     parser.add_argument("--max-seconds", type=float, default=900, help="no new run starts past this")
+    parser.add_argument("--quick", action="store_true", help="CI size: 3 runs, at most 2 minutes")
     args = parser.parse_args()
+    if args.quick:
+        args.runs, args.max_seconds = min(args.runs, 3), min(args.max_seconds, 120)
     out = asyncio.run(main(args.runs, not args.no_load, args.max_seconds))
     print(json.dumps(out, indent=2))
     print()
