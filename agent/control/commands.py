@@ -30,7 +30,7 @@ import asyncio
 import logging
 import math
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,9 +253,8 @@ class CommandProcessor:
         if command_id is None:
             self._local_ids += 1
             made_up = f"{source}-{received}-{self._local_ids}"
-            return await self._start(
-                made_up, None, device, point, value, source, expires_ts, override_s, received
-            )
+            run = self._run(made_up, None, device, point, value, source, expires_ts, override_s, received)
+            return await self._start(run, None, made_up)
         key = _id_key(command_id)
         running = self._inflight.get(key)
         if running is not None:
@@ -275,9 +274,8 @@ class CommandProcessor:
                 known.get("value"),
             )
             return known
-        return await self._start(
-            command_id, key, device, point, value, source, expires_ts, override_s, received
-        )
+        run = self._run(command_id, key, device, point, value, source, expires_ts, override_s, received)
+        return await self._start(run, key, command_id)
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest audit entries first."""
@@ -370,22 +368,11 @@ class CommandProcessor:
         )
 
     async def _start(
-        self,
-        command_id: Any,
-        key: str | None,
-        device: str,
-        point: str,
-        value: Any,
-        source: str,
-        expires_ts: int | None,
-        override_s: float | None,
-        received: int,
+        self, run: Coroutine[Any, Any, dict[str, Any]], key: str | None, command_id: Any
     ) -> dict[str, Any]:
-        """Run `_run` in its own task (shielded from the caller's cancellation) and wait for its result."""
-        task = asyncio.get_running_loop().create_task(
-            self._run(command_id, key, device, point, value, source, expires_ts, override_s, received),
-            name=f"command {key or command_id}",
-        )
+        """Run a command (`_run`) in its own task, shielded from the caller's cancellation, and wait for its
+        result; while it runs, its id's `key` points at it so that a repeat waits for the same result."""
+        task = asyncio.get_running_loop().create_task(run, name=f"command {key or command_id}")
         self._running.add(task)
         task.add_done_callback(self._finished)
         if key is not None:

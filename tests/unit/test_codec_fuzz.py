@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +21,7 @@ from agent.errors import DecodeError
 from drivers._serial.counters import ScanStats
 from drivers.ble import bthome, ruuvi, xiaomi
 from drivers.ble.advert import Advertisement, parse_ad_structures
+from drivers.ble.config import GattFormat
 from drivers.mbus import codec as mbus
 from drivers.mhz19 import codec as mhz19
 from drivers.pms5003 import codec as pms
@@ -293,26 +294,7 @@ def test_regression_tic_value_of_4301_digits() -> None:
 
 @FUZZ
 @given(
-    st.sampled_from(
-        [
-            "uint8",
-            "int8",
-            "uint16le",
-            "int16le",
-            "uint16be",
-            "int16be",
-            "uint24le",
-            "int24le",
-            "uint32le",
-            "int32le",
-            "uint32be",
-            "int32be",
-            "float32le",
-            "float32be",
-            "utf8",
-            "bool",
-        ]
-    ),
+    st.sampled_from(get_args(GattFormat)),  # every format the config accepts
     st.binary(max_size=8),
     st.floats(-1e300, 1e300) | st.just(1.0),
     st.floats(-1e300, 1e300) | st.just(0.0),
