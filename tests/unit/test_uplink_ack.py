@@ -181,6 +181,11 @@ async def test_flusher_waits_between_refused_deletes(buffer: AsyncStore) -> None
         assert uplink._acks == [1]  # kept meanwhile
         await wait_for(lambda: len(store.calls) == 2)
         await wait_for(lambda: not uplink._acks)
+        # The acks leave `_acks` when the delete starts: wait for the delete itself before stopping the
+        # flusher (cancelling it earlier could cut the retried delete short on a loaded machine).
+        async with asyncio.timeout(10):
+            while await pending(buffer) != list(range(2, 11)):
+                await asyncio.sleep(0.005)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
