@@ -300,9 +300,13 @@ def render(rt: Any) -> bytes:
     )
     w.family("fieldgate_buffer_evicted_readings_total", "counter",
              "Readings dropped because the buffer reached storage.max_size.", [({}, buf.get("evicted", 0))])  # fmt: skip
+    recoveries = [({}, buf.get("recovered", 0))]
+    w.family("fieldgate_buffer_recoveries_total", "counter",
+             "Starts that found the buffer corrupt (moved aside) or behind its seq mark (seq resumed above it).",
+             recoveries)  # fmt: skip
     w.family("fieldgate_buffer_recovered_readings_total", "counter",
-             "Readings found in the buffer at start (left by a crash, a reboot or an outage).",
-             [({}, buf.get("recovered", 0))])  # fmt: skip
+             "Deprecated name of fieldgate_buffer_recoveries_total (it counts recoveries, not readings).",
+             recoveries)  # fmt: skip
     w.family("fieldgate_buffer_bytes", "gauge", "Size of the buffer's SQLite files on disk.",
              [({}, buf.get("bytes", 0))])  # fmt: skip
     w.family("fieldgate_buffer_disk_errors_total", "counter", "Failed writes to the buffer (disk full, I/O).",
