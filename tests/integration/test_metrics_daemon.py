@@ -175,7 +175,10 @@ async def test_metrics_parse_and_match_the_status(tmp_path: Path, sim: ModbusSim
         recoveries = sample(fams, "fieldgate_buffer_recoveries", "fieldgate_buffer_recoveries_total")
         assert recoveries == status["buffer"]["recovered"] == 0
         # the deprecated name serves the same counter
-        assert sample(fams, "fieldgate_buffer_recovered_readings", "fieldgate_buffer_recovered_readings_total") == 0
+        assert (
+            sample(fams, "fieldgate_buffer_recovered_readings", "fieldgate_buffer_recovered_readings_total")
+            == 0
+        )
         assert sample(fams, "fieldgate_upstream_connected", upstream="mqtt") == 1
         assert sample(fams, "fieldgate_upstream_reconnects", "fieldgate_upstream_reconnects_total") == 0
         assert sample(fams, "fieldgate_upstream_inflight_messages", upstream="mqtt") == 0
