@@ -22,13 +22,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 from agent import __version__
 
 if TYPE_CHECKING:
-    from agent.config.models import FieldgateConfig
-    from agent.pipeline.health import DeviceHealth
+    from agent.pipeline.health import Gateway
     from agent.pipeline.polling import DeviceTask
-    from agent.pipeline.store import StoreStats
-    from agent.pipeline.writer import StoreWriter
     from agent.upstream.contract import Upstream
-    from agent.upstream.mqtt import Uplink
+
+    class Source(Gateway, Protocol):
+        """What `render` reads of the running daemon (agent/runtime.py): what /api/status reads, and the
+        device tasks (their processing's counters)."""
+
+        @property
+        def tasks(self) -> Mapping[str, DeviceTask]: ...
+
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -201,25 +205,6 @@ def _sorted(items: Iterable[tuple[Any, int]]) -> Iterator[tuple[Any, int]]:
 def bus_of(name: str, cfg: Any) -> str:
     """The poll-duration histogram a device counts in: its bus, its serial port, or itself."""
     return str(getattr(cfg, "bus", None) or getattr(cfg, "port", None) or name)
-
-
-class Source(Protocol):
-    """What `render` reads of the running daemon (agent/runtime.py): the objects /api/status reads."""
-
-    @property
-    def config(self) -> FieldgateConfig: ...
-    @property
-    def health(self) -> Mapping[str, DeviceHealth]: ...
-    @property
-    def tasks(self) -> Mapping[str, DeviceTask]: ...
-    @property
-    def last_stats(self) -> StoreStats | None: ...
-    @property
-    def writer(self) -> StoreWriter | None: ...
-    @property
-    def uplink(self) -> Uplink | None: ...
-    @property
-    def extra_uplinks(self) -> Mapping[str, Upstream]: ...
 
 
 def render(rt: Source) -> bytes:
