@@ -14,28 +14,25 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__, registry
 from agent.aio import TaskGroup
-from agent.config import validate
-from agent.config.base import DeviceConfigBase
-from agent.config.diff import describe, plan
+from agent.config.diff import plan
 from agent.config.models import FieldgateConfig
 from agent.config.urls import redact_url
+from agent.control import reload
 from agent.control.commands import CommandProcessor, commands_db_path
 from agent.control.lamp_schedule import Schedules
 from agent.control.remoteconfig import RemoteConfig
 from agent.control.upgrade import Upgrader
-from agent.driver import Driver, DriverContext, SharedResources
-from agent.errors import ConfigError, StoreError
 from agent.logsetup import ErrorReporter
 from agent.pipeline import health as documents
 from agent.pipeline import metrics
-from agent.pipeline.health import DeviceHealth, Timeline, history_doc
-from agent.pipeline.polling import MAX_BACKOFF, DeviceTask
-from agent.pipeline.processing import processor_for
+from agent.pipeline.devices import Devices, make_context
+from agent.pipeline.health import BufferFigures, history_doc
 from agent.pipeline.reading import now_ms
 from agent.pipeline.store import AsyncStore, Store, StoreStats
 from agent.pipeline.writer import StoreWriter
@@ -51,20 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fieldgate.runtime")
 
-STATS_EVERY = 5.0  # seconds between two background reads of the buffer's figures (systemd STATUS=, health)
-STATS_FRESH = 0.5  # seconds: a status request reads them again when they are older than this
-
-
-def make_driver(name: str, cfg: DeviceConfigBase, context: DriverContext) -> Driver[Any]:
-    """Instantiate the driver of one device (imports its protocol library now, not before)."""
-    cls = registry.driver_class(cfg.driver)
-    driver: Driver[Any] = cls(name, cfg, context)
-    return driver
-
-
-def make_context(config: FieldgateConfig, config_path: Path) -> DriverContext:
-    return DriverContext(shared=SharedResources(), buses=dict(config.buses), config_dir=config_path.parent)
-
 
 def _hash_of(path: Path) -> str:
     try:
@@ -74,7 +57,11 @@ def _hash_of(path: Path) -> str:
 
 
 class Runtime:
-    """The running daemon (a `documents.Gateway` for the health and status documents)."""
+    """The running daemon: its parts, built from the config, run in one task group until `request_stop`.
+
+    It is what the parts it composes read of each other: a `documents.Gateway` (the health and status
+    documents), the local API's `StatusSource`, remote configuration's `ConfigHost`, remote upgrade's
+    `UpgradeHost` and a reload's `Reloadable` (agent/control/reload.py)."""
 
     def __init__(self, config: FieldgateConfig, config_path: Path) -> None:
         self.config = config
@@ -84,36 +71,35 @@ class Runtime:
             Store(config.storage.path, config.storage.max_size, config.storage.synchronous)
         )
         self.context = make_context(config, config_path)
-        self.health: dict[str, DeviceHealth] = {}
-        self.drivers: dict[str, Driver[Any]] = {}
-        self.tasks: dict[str, DeviceTask] = {}
-        self._device_runs: dict[str, asyncio.Task[None]] = {}
-        self.writer: StoreWriter | None = None
         self.watchdog = ProgressWatchdog()
+        self.reporter = ErrorReporter()
+        self.devices = Devices(self.context, self.watchdog, self.reporter)
+        # the devices' own dicts, never rebound: the documents, the metrics and the commands read them
+        self.health, self.drivers, self.tasks = self.devices.health, self.devices.drivers, self.devices.tasks
+        self.writer: StoreWriter | None = None
         self.upstreams = build.Upstreams(self.store, self.watchdog)
+        self.figures = BufferFigures(self.store, lambda: self.upstreams.main)
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
-        self.last_stats: StoreStats | None = None
-        self._stats_at = 0.0
         self.commands: CommandProcessor | None = None
         self.local: LocalServer | None = None
-        self.reporter = ErrorReporter()
         self.notifier = Notifier()
-        self.reload_error: str | None = None
-        # The running config: sha256 of its file's bytes, when and how it was applied (docs/CONFIG_LIFECYCLE.md).
+        # The running config's record (agent/control/reload.py, docs/CONFIG_LIFECYCLE.md): the sha256 of its
+        # file's bytes, when and how it was applied, and the outcome of the last reload.
         self.config_hash = _hash_of(config_path)
         self.config_applied_ts = now_ms()
         self.config_source = "file"
+        self.reload_error: str | None = None
         self.reloads = 0  # finished reload attempts (SIGHUP): `fieldgate reload` waits for this to move
         self.reload_ts: int | None = None
         self.remote = RemoteConfig(self)
         self.upgrader = Upgrader(self)  # remote upgrade (control/upgrade.py): on under the launcher only
-        self._secrets = build.secrets_fingerprint(config)
         self._tg: asyncio.TaskGroup | None = None
         self.schedules = Schedules()
         self._background: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
-        self.timeline = Timeline()  # the status page's last hour of backlog and upstream link
+
+    # -- what the parts read: documents (agent/pipeline/health.py, metrics.py), the local API's actions ---
 
     @property
     def uplink(self) -> Uplink | None:
@@ -124,6 +110,10 @@ class Runtime:
     def extra_uplinks(self) -> dict[str, Upstream]:
         return self.upstreams.extra
 
+    @property
+    def last_stats(self) -> StoreStats | None:
+        return self.figures.last
+
     def health_doc(self) -> dict[str, Any]:
         return documents.health_document(self)
 
@@ -133,53 +123,55 @@ class Runtime:
     def summary(self) -> str:
         return documents.summary(self)
 
-    # -- devices ---------------------------------------------------------------------------------------
+    def metrics_text(self) -> bytes:
+        """GET /metrics (agent/pipeline/metrics.py)."""
+        return metrics.render(self)
 
-    def watchdog_period(self, cfg: DeviceConfigBase) -> float:
-        """The longest a healthy device task may go without progress: its longest sleep plus one cycle."""
-        return max(cfg.poll, MAX_BACKOFF * 1.2) + cfg.cycle_timeout() + 30.0
+    def history(self) -> dict[str, Any]:
+        """GET /api/history: the status page's last hour (agent/pipeline/health.py)."""
+        return history_doc(self.health, self.figures.timeline)
 
-    def start_device(self, name: str, cfg: DeviceConfigBase) -> None:
-        assert self._tg is not None and self.writer is not None
-        health = self.health.setdefault(name, DeviceHealth(driver=cfg.driver))
-        try:
-            driver = make_driver(name, cfg, self.context)
-        except ImportError as exc:
-            health.state = "failing"
-            health.last_error = (
-                f"driver '{cfg.driver}' unavailable: {exc} (install its extra, e.g. fieldgate[ble])"
-            )
-            log.error("%s: %s", name, health.last_error)
-            return
-        beat = None
-        if driver.stream() is None:  # push devices may be silent for long: their drivers supervise themselves
-            self.watchdog.register(name, self.watchdog_period(cfg))
-            beat = functools.partial(self.watchdog.beat, name)
-        processor = processor_for(driver, self.config, self.writer.put)
-        task = DeviceTask(driver, health, processor, self.reporter, beat, self.writer.polling)
-        self.drivers[name] = driver
-        self.tasks[name] = task
-        self._device_runs[name] = self._tg.create_task(task.run(), name=f"device:{name}")
-
-    async def stop_device(self, name: str) -> None:
-        run = self._device_runs.pop(name, None)
-        if run is not None:
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
-        self.watchdog.unregister(name)
-        self.tasks.pop(name, None)
-        self.drivers.pop(name, None)
-        self.health.pop(name, None)
-        self.reporter.forget(name)
+    async def refresh(self) -> None:
+        await self.figures.refresh()
 
     async def poll_now(self, device: str) -> None:
-        self.tasks[device].poll_now()  # KeyError for an unknown device: the local API answers 404
+        self.devices.poll_now(device)  # KeyError for an unknown device: the local API answers 404
 
     async def write(self, device: str, point: str, value: Any, source: str = "local") -> dict[str, Any]:
         """A write from the local API: the same validated, audited path as a platform command."""
         assert self.commands is not None
         result: dict[str, Any] = await self.commands.execute(device, point, value, source=source)
         return result
+
+    # -- what remote configuration and remote upgrade use (agent/control/) --------------------------------
+
+    def upstream_connected(self) -> bool:
+        return self.upstreams.connected()
+
+    def upstream_error(self) -> str | None:
+        return self.upstreams.last_error()
+
+    async def publish(self, topic: str, doc: dict[str, Any], *, retain: bool = False) -> bool:
+        return await self.upstreams.publish(topic, doc, retain=retain)
+
+    def polled_since(self, ts_ms: int) -> bool:
+        return self.devices.polled_since(ts_ms)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `coro` in the daemon's task group; its failure is logged, never the daemon's end."""
+        if self._tg is None:
+            coro.close()
+            return
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("%s failed", name)
+
+        task = self._tg.create_task(guarded(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- life cycle --------------------------------------------------------------------------------------
 
@@ -197,7 +189,7 @@ class Runtime:
 
     async def run(self) -> None:
         await self.store.open()
-        stats = self.last_stats = await self.store.stats()
+        stats = await self.figures.first()
         db = commands_db_path(self.config.storage.path)
         self.commands = CommandProcessor(db, self.drivers.get, self.health.get, self.config.commands)
         self.commands.open()
@@ -230,7 +222,7 @@ class Runtime:
                 writer_task = tg.create_task(self._run_writer(), name="store-writer")
                 stats_task = tg.create_task(self._refresh_stats(), name="stats")
                 for name, cfg in self.config.device_items():
-                    self.start_device(name, cfg)
+                    self.devices.start(tg, name, cfg, self.config, self.writer)
                 self._start_schedules()
                 await self._start_local()
                 watchdog_task = self._start_watchdog()
@@ -241,10 +233,11 @@ class Runtime:
                 log.info("stopping: draining readings to disk")
                 remote_task.cancel()
                 upgrade_task.cancel()
-                for run in [*self._device_runs.values(), *self._background]:
+                self.devices.cancel()
+                for run in self._background:
                     run.cancel()
                 await self.schedules.stop()
-                await asyncio.gather(*self._device_runs.values(), return_exceptions=True)
+                await self.devices.stopped()
                 writer_task.cancel()
                 await asyncio.gather(writer_task, return_exceptions=True)
                 await self.writer.flush()
@@ -279,35 +272,9 @@ class Runtime:
         return self._tg.create_task(self.watchdog.run(self.notifier, interval / 2), name="watchdog")
 
     async def _refresh_stats(self) -> None:
-        while True:
-            await self.refresh()
-            self.notifier.status(self.summary())
-            await asyncio.sleep(STATS_EVERY)
+        await self.figures.run(lambda: self.notifier.status(self.summary()))
 
-    async def refresh(self) -> None:
-        """Read the buffer's figures again unless they are fresh: every STATS_EVERY in the background, and
-        before each status request (the local API), so the status page is never older than STATS_FRESH
-        while an idle gateway does not ask its store thread every second."""
-        if self.last_stats is None or time.monotonic() - self._stats_at >= STATS_FRESH:
-            try:
-                self.last_stats = await self.store.stats()
-                up = self.uplink
-                self.timeline.sample(
-                    self.last_stats.pending, bool(up and up.connected), up.connections if up else 0
-                )
-            except StoreError as exc:  # the figures stay the last known; the writer reports the disk
-                log.debug("buffer figures not refreshed: %s", exc)
-            self._stats_at = time.monotonic()
-
-    def metrics_text(self) -> bytes:
-        """GET /metrics (agent/pipeline/metrics.py)."""
-        return metrics.render(self)
-
-    def history(self) -> dict[str, Any]:
-        """GET /api/history: the status page's last hour (agent/pipeline/health.py)."""
-        return history_doc(self.health, self.timeline)
-
-    # -- upstreams -------------------------------------------------------------------------------------
+    # -- the parts a reload replaces: upstreams, schedules, local API ----------------------------------------
 
     def _start_uplinks(self, next_seq: int, secrets: build.Secrets | None = None) -> None:
         from agent.upstream.mqtt import Subscription  # aiomqtt is imported only by the daemon
@@ -323,135 +290,53 @@ class Runtime:
             self.health_doc,
             self.commands,
             lambda: build.catalog_of(self.drivers),
-            lambda: {n: (c.driver, getattr(c, "profile", None)) for n, c in self.config.device_items()},
+            lambda: build.device_kinds(self.config),
         )
         secrets = secrets if secrets is not None else build.mqtt_secrets(self.config.upstream.mqtt)
-        self._secrets = build.secrets_fingerprint(self.config)
         self.upstreams.start(self._tg, self.config, wiring, next_seq, secrets, subscriptions)
-
-    def upstream_connected(self) -> bool:
-        return bool(self.uplink is not None and self.uplink.connected)
-
-    def polled_since(self, ts_ms: int) -> bool:
-        """A device polled successfully since `ts_ms` (or none is configured): remote upgrade's probation."""
-        return not self.health or any((h.last_ok_ts or 0) >= ts_ms for h in self.health.values())
-
-    def upstream_error(self) -> str | None:
-        return self.uplink.last_error if self.uplink is not None else "upstream not started"
-
-    async def publish(self, topic: str, doc: dict[str, Any], *, retain: bool = False) -> bool:
-        return self.uplink is not None and await self.uplink.publish(topic, doc, retain=retain)
-
-    # -- control: schedules, local API ---------------------------------------------------------------------
 
     def _start_schedules(self) -> None:
         assert self._tg is not None and self.commands is not None
         config = self.config
         self.schedules.start(
-            self._tg, config.schedules, self.commands, config.gateway, self._publish_schedule_result
+            self._tg, config.schedules, self.commands, config.gateway, self.upstreams.publish_result
         )
 
-    async def _publish_schedule_result(self, doc: dict[str, Any]) -> bool:
-        """Schedule actions are reported upstream like command results; False (kept, retried) when offline."""
-        return self.uplink is not None and await self.uplink.publish_result(doc)
-
     async def _start_local(self) -> None:
-        local = self.config.local
-        if not local.listen:
-            return
-        from agent.control.localapi import LocalServer  # only when enabled: its imports cost about 0.6 MiB
+        if self.config.local.listen:
+            from agent.control import localapi  # only when enabled: its imports cost about 0.6 MiB
 
-        server = LocalServer(self, local.listen, local.token_file)
-        try:
-            await server.start()
-        except OSError as exc:  # a busy port must not stop data collection
-            log.error("status page not started on %s: %s", local.listen, exc.strerror or exc)
-            return
-        self.local = server
-        log.info("status page on http://%s/", local.listen)
+            self.local = await localapi.serve(self, self.config.local.listen, self.config.local.token_file)
 
     # -- reload ------------------------------------------------------------------------------------------
 
-    def spawn(self, coro: Any, name: str) -> None:
-        """Run `coro` in the daemon's task group; its failure is logged, never the daemon's end."""
-        if self._tg is None:
-            coro.close()
-            return
-
-        async def guarded() -> None:
-            try:
-                await coro
-            except Exception:
-                log.exception("%s failed", name)
-
-        task = self._tg.create_task(guarded(), name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def reload_from_file(self) -> bool:
-        self.notifier.reloading()
-        try:
-            ok = await self._reload_from_file()
-        finally:
-            # Counted when the outcome is known: `fieldgate reload` reads `reload_error` and the hash as soon
-            # as this moves, and the validation (a child process) and the apply both take time.
-            self.reloads += 1
-            self.reload_ts = now_ms()
-        self.notifier.ready(status=self.summary())
-        return ok
-
-    async def _reload_from_file(self) -> bool:
-        try:
-            data = read_regular(self.config_path)
-            new = await validate.load(self.config_path)
-        except (ConfigError, OSError) as exc:
-            problems = exc.problems if isinstance(exc, ConfigError) else [f"{self.config_path}: {exc}"]
-            self.reload_error = "; ".join(problems)
-            log.error("reload refused, the running configuration is unchanged:")
-            for line in problems:
-                log.error("  %s", line)
-            return False
-        try:
-            changes = await self.apply_config(new, data, source="file")
-        except Exception as exc:  # a secret or certificate that cannot be used: nothing was changed
-            self.reload_error = f"reload refused: {exc}"
-            log.error("reload refused, the running configuration is unchanged: %s", exc)
-            return False
-        self.reload_error = None
-        log.info("reloaded %s: %s", self.config_path, "; ".join(changes) or "no change")
-        if self.config.remote_config.enabled:
-            self.remote.running_changed()
-        return True
+        return await reload.reload_from_file(self)
 
     async def apply_config(self, new: FieldgateConfig, data: bytes, source: str) -> list[str]:
         """Apply a validated config whose file holds `data` (reload, remote config, rollback)."""
-        old = self.config
-        changes = await self.apply(new)
-        for line in describe(old, self.config):
-            log.info("config change: %s", line)
-        self.config_hash = file_hash(data)
-        self.config_applied_ts = now_ms()
-        self.config_source = source
-        return changes
+        return await reload.apply_config(self, new, data, source)
 
     async def apply(self, new: FieldgateConfig) -> list[str]:
-        """Apply a validated config without a restart: only what changed is stopped and started again."""
+        """Apply a validated config without a restart: only what changed is stopped and started again
+        (the plan of agent/config/diff.py)."""
         async with self._reload_lock:
-            todo = plan(self.config, new, build.secrets_fingerprint(new) != self._secrets)
+            todo = plan(self.config, new, self.upstreams.secrets_changed(new))
             # Secrets first: a password or certificate that cannot be used refuses the whole config, before
             # any device is stopped or the running link dropped.
             secrets = build.mqtt_secrets(new.upstream.mqtt) if todo.upstream_changed else None
             if todo.storage_changed:
                 log.warning("storage settings changed: they take effect at the next restart")
             for name in sorted(todo.restart):
-                await self.stop_device(name)
+                await self.devices.stop(name)
             for bus in todo.changed_buses:
                 await self.context.shared.discard(registry.bus_resource(bus))
             self.context.buses = dict(todo.config.buses)
             self.config = todo.config
             for name, cfg in todo.config.device_items():
-                if name not in self._device_runs:
-                    self.start_device(name, cfg)
+                if name not in self.devices:
+                    assert self._tg is not None and self.writer is not None
+                    self.devices.start(self._tg, name, cfg, self.config, self.writer)
             if todo.upstream_changed:
                 self._start_uplinks(await self.upstreams.stop(), secrets)
             if todo.local_changed:

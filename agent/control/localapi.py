@@ -473,3 +473,18 @@ def _parse_write(request: Request) -> tuple[str, Any]:
     if not isinstance(value, bool | int | float | str):
         raise HttpRequestFailed(400, "value must be a number, a boolean or a string")
     return point, value
+
+
+async def serve(source: StatusSource, listen: str, token_file: Path | None) -> LocalServer | None:
+    """The daemon's status page and API on `listen` (`local.listen`); None when it is off or its address
+    cannot be had: a busy port is logged and must not stop data collection."""
+    if not listen:
+        return None
+    server = LocalServer(source, listen, token_file)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("status page not started on %s: %s", listen, exc.strerror or exc)
+        return None
+    log.info("status page on http://%s/", listen)
+    return server

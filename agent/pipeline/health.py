@@ -1,4 +1,5 @@
-"""Health figures: per-device state as the scheduler sees it, and the health/status documents built from it.
+"""Health figures: per-device state as the scheduler sees it, the buffer's figures as last read
+(`BufferFigures`), and the health/status documents built from them.
 
 Also the status page's trends (GET /api/history, docs/STATUS_API.md "The last hour"): the last hour of every numeric point, of
 each device's poll cycles and of the backlog and upstream link, in fixed rings of one slot per minute
@@ -7,16 +8,19 @@ each device's poll cycles and of the backlog and upstream link, in fixed rings o
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import time
 from array import array
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import __version__
 from agent.config.urls import redact_url
+from agent.errors import StoreError
 from agent.pipeline.metrics import POLL_BUCKETS, VALUE, Histogram
 from agent.pipeline.reading import Reading, now_ms
 
@@ -24,11 +28,12 @@ if TYPE_CHECKING:
     from agent.config.models import FieldgateConfig
     from agent.control.commands import CommandProcessor
     from agent.control.remoteconfig import RemoteConfig
-    from agent.pipeline.store import StoreStats
+    from agent.pipeline.store import AsyncStore, StoreStats
     from agent.pipeline.writer import StoreWriter
     from agent.upstream.contract import Upstream
     from agent.upstream.mqtt import Uplink
 
+log = logging.getLogger("fieldgate.runtime")
 
 SLOTS = 60  # one hour...
 STEP_MS = 60_000  # ...of one-minute slots
@@ -251,6 +256,57 @@ class DeviceHealth:
             "activity": self.activity.doc(end_minute),
             "points": {point: hist.series(end_minute) for point, hist in self.history.items()},
         }
+
+
+STATS_EVERY = 5.0  # seconds between two background reads of the buffer's figures (systemd STATUS=, health)
+STATS_FRESH = 0.5  # seconds: a status request reads them again when they are older than this
+
+
+class BufferFigures:
+    """The buffer's figures as last read (`last`), and the status page's `timeline` sampled at each read.
+
+    Read every STATS_EVERY in the background (`run`) and before each status request (`refresh`), so the status
+    page is never older than STATS_FRESH while an idle gateway does not ask its store thread every second.
+    `link` is the main upstream, whose state the timeline samples with the backlog."""
+
+    def __init__(
+        self,
+        store: AsyncStore,
+        link: Callable[[], Upstream | None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.link = link
+        self.last: StoreStats | None = None
+        self.timeline = Timeline()
+        self._clock = clock
+        self._at = 0.0  # `clock` time: when `last` was read
+
+    async def first(self) -> StoreStats:
+        """The figures at start (a store that cannot answer them fails the start)."""
+        self.last = await self.store.stats()
+        return self.last
+
+    async def refresh(self) -> None:
+        """Read the figures again unless they are fresher than STATS_FRESH; a store error keeps the last known
+        ones (the store writer reports the disk)."""
+        if self.last is None or self._clock() - self._at >= STATS_FRESH:
+            try:
+                self.last = await self.store.stats()
+                up = self.link()
+                self.timeline.sample(
+                    self.last.pending, bool(up and up.connected), up.connections if up else 0
+                )
+            except StoreError as exc:
+                log.debug("buffer figures not refreshed: %s", exc)
+            self._at = self._clock()
+
+    async def run(self, refreshed: Callable[[], object]) -> None:
+        """Refresh every STATS_EVERY, calling `refreshed` after each read (systemd's STATUS= line)."""
+        while True:
+            await self.refresh()
+            refreshed()
+            await asyncio.sleep(STATS_EVERY)
 
 
 class Gateway(Protocol):

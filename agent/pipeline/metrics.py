@@ -16,10 +16,23 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import __version__
+
+if TYPE_CHECKING:
+    from agent.pipeline.health import Gateway
+    from agent.pipeline.polling import DeviceTask
+    from agent.upstream.contract import Upstream
+
+    class Source(Gateway, Protocol):
+        """What `render` reads of the running daemon (agent/runtime.py): what /api/status reads, and the
+        device tasks (their processing's counters)."""
+
+        @property
+        def tasks(self) -> Mapping[str, DeviceTask]: ...
+
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -194,17 +207,17 @@ def bus_of(name: str, cfg: Any) -> str:
     return str(getattr(cfg, "bus", None) or getattr(cfg, "port", None) or name)
 
 
-def render(rt: Any) -> bytes:
+def render(rt: Source) -> bytes:
     """The exposition text of a running `agent.runtime.Runtime`: its state (the figures /api/status
     shows, read from the same objects) and the counters above."""
     w = Writer()
-    health: dict[str, Any] = dict(rt.health)
+    health = dict(rt.health)
     buses = {name: bus_of(name, cfg) for name, cfg in rt.config.device_items()}
-    processing = {
-        name: task.sink.counters
-        for name, task in rt.tasks.items()
-        if isinstance(getattr(task.sink, "counters", None), dict)
-    }
+    processing: dict[str, dict[str, int]] = {}
+    for name, task in rt.tasks.items():
+        counters = getattr(task.sink, "counters", None)  # a processor's (processing.py); a bare sink has none
+        if isinstance(counters, dict):
+            processing[name] = counters
     st = rt.last_stats
     writer = rt.writer
     buf: dict[str, Any] = {
@@ -216,7 +229,7 @@ def render(rt: Any) -> bytes:
         "disk_errors": st.disk_errors if st else 0,
         "dropped": writer.dropped if writer else 0,
     }
-    uplinks: dict[str, Any] = {}
+    uplinks: dict[str, Upstream] = {}
     if rt.uplink is not None:
         uplinks["mqtt"] = rt.uplink
     uplinks.update(rt.extra_uplinks)
@@ -322,13 +335,13 @@ def render(rt: Any) -> bytes:
         "fieldgate_upstream_reconnects_total",
         "counter",
         "Connections established after the first one (since the upstream was last (re)configured).",
-        [({"upstream": n}, max(int(getattr(uplinks[n], "connections", 0)) - 1, 0)) for n in names],
+        [({"upstream": n}, max(uplinks[n].connections - 1, 0)) for n in names],
     )
     w.family(
         "fieldgate_upstream_messages_total",
         "counter",
         "Messages carrying readings acknowledged by the upstream.",
-        [({"upstream": n}, int(getattr(uplinks[n], "messages", 0))) for n in names],
+        [({"upstream": n}, uplinks[n].messages) for n in names],
     )
     w.family(
         "fieldgate_upstream_inflight_messages",

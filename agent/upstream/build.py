@@ -3,7 +3,9 @@ NGSI-LD).
 
 Each MQTT upstream, the main one or an extra one, is built by the same function, with its password and TLS
 context read here (`mqtt_secrets`, one TLS setup for all). `Upstreams` runs the set of one config: the
-runtime (agent/runtime.py) starts it, feeds it the stored rows and replaces it on a reload.
+runtime (agent/runtime.py) starts it, feeds it the stored rows and replaces it on a reload (when the config
+or the contents of its secret files changed); the control side (remote configuration, remote upgrade, lamp
+schedules) reaches the platform through its main link.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def catalog_of(drivers: Mapping[str, Driver[Any]]) -> dict[str, list[PointInfo]]
         name: [PointInfo(p.name, p.type, p.unit, p.writable, p.scaled) for p in driver.points().values()]
         for name, driver in drivers.items()
     }
+
+
+def device_kinds(config: FieldgateConfig) -> dict[str, tuple[str, str | None]]:
+    """Device -> (driver, profile name), for the NGSI-LD entity types; only a Modbus device names a profile."""
+    return {name: (cfg.driver, getattr(cfg, "profile", None)) for name, cfg in config.device_items()}
 
 
 def mqtt_secrets(mqtt: MqttConfig) -> Secrets:
@@ -194,6 +201,7 @@ class Upstreams:
         self.main: Uplink | None = None  # `upstream.mqtt`
         self.extra: dict[str, Upstream] = {}  # `upstream.extra`, by name (each its own buffer lane)
         self._run: asyncio.Task[None] | None = None
+        self._secrets: str | None = None  # secrets_fingerprint of the config they were started with
 
     def start(
         self,
@@ -204,6 +212,7 @@ class Upstreams:
         secrets: Secrets,
         subscriptions: list[Subscription],
     ) -> None:
+        self._secrets = secrets_fingerprint(config)
         self.main = main = main_uplink(config, wiring, next_seq, secrets)
         main.subscriptions.extend(subscriptions)
         self.extra = extra_upstreams(config, wiring, next_seq)
@@ -228,6 +237,25 @@ class Upstreams:
         async with TaskGroup() as tg:
             for up in running:
                 tg.create_task(up.run(), name=f"uplink:{up.name}")
+
+    def secrets_changed(self, config: FieldgateConfig) -> bool:
+        """A secret file `config`'s upstream reads is not what the running one read (a rotated certificate)."""
+        return secrets_fingerprint(config) != self._secrets
+
+    def connected(self) -> bool:
+        """The main uplink is connected (remote config's and remote upgrade's probation wait for it)."""
+        return self.main is not None and self.main.connected
+
+    def last_error(self) -> str | None:
+        return self.main.last_error if self.main is not None else "upstream not started"
+
+    async def publish(self, topic: str, doc: dict[str, Any], *, retain: bool = False) -> bool:
+        """A control document on the main uplink (config and upgrade state); False when it is offline."""
+        return self.main is not None and await self.main.publish(topic, doc, retain=retain)
+
+    async def publish_result(self, doc: dict[str, Any]) -> bool:
+        """A command-like result (a lamp schedule's action) on the main uplink; False (kept, retried) offline."""
+        return self.main is not None and await self.main.publish_result(doc)
 
     def offer(self, rows: list[StoredRow]) -> None:
         if self.main is not None:

@@ -14,7 +14,7 @@ import orjson
 from agent.config.loader import load_config
 from agent.driver import Driver
 from agent.errors import ConfigError, DeviceError, FieldgateError
-from agent.runtime import make_context, make_driver
+from agent.pipeline.devices import make_context, make_driver
 
 T = TypeVar("T")
 

@@ -79,7 +79,7 @@ def build_wheel(tmp: Path, version: str, broken: bool = False, deaf: bool = Fals
         cli.write_text(text.replace(marker, marker + '    if "run" in sys.argv[1:]:\n        return 1\n', 1))
     if deaf:
         runtime = tree / "agent" / "runtime.py"
-        line = "return bool(self.uplink is not None and self.uplink.connected)"
+        line = "return self.upstreams.connected()"  # Runtime.upstream_connected
         text = runtime.read_text()
         assert line in text
         runtime.write_text(text.replace(line, "return False", 1))

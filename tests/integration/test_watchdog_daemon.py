@@ -3,7 +3,7 @@
 A fake notify socket (AF_UNIX datagram, bound by the test) stands in for systemd. The real daemon shows the
 normal life cycle. A hung poller cannot be produced through the config (the scheduler's cycle timeout
 cancels any driver that merely waits), so the hang runs the Runtime in-process with one device's driver
-replaced at our own seam (`agent.runtime.make_driver`) by a driver that swallows cancellation: the bug the
+replaced at our own seam (`agent.pipeline.devices.make_driver`) by a driver that swallows cancellation: the bug the
 watchdog exists for.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-import agent.runtime
+import agent.pipeline.devices
 from agent.config.base import DeviceConfigBase
 from agent.config.loader import load_config
 from agent.driver import Driver, DriverContext
@@ -161,11 +161,13 @@ async def test_a_hung_poller_starves_the_watchdog(
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     # Device periods are 30 s and more in production; a short one for the device that will hang keeps
     # the test short (the healthy one keeps a period that covers its backoff on a loaded machine).
+    cfg_path = config_for(tmp_path, sim)
+    config = load_config(cfg_path)
     monkeypatch.setattr(
-        Runtime, "watchdog_period", lambda self, cfg: 1.5 if cfg == self.config.devices["stuck"] else 60.0
+        agent.pipeline.devices, "watchdog_period", lambda cfg: 1.5 if cfg == config.devices["stuck"] else 60.0
     )
     hanging: list[HangingDriver] = []
-    real_make_driver = agent.runtime.make_driver
+    real_make_driver = agent.pipeline.devices.make_driver
 
     def make_driver(name: str, cfg: DeviceConfigBase, context: DriverContext) -> Driver[Any]:
         if name != "stuck":
@@ -174,9 +176,8 @@ async def test_a_hung_poller_starves_the_watchdog(
         hanging.append(driver)
         return driver
 
-    monkeypatch.setattr(agent.runtime, "make_driver", make_driver)
-    cfg_path = config_for(tmp_path, sim)
-    runtime = Runtime(load_config(cfg_path), cfg_path)
+    monkeypatch.setattr(agent.pipeline.devices, "make_driver", make_driver)
+    runtime = Runtime(config, cfg_path)
     run = asyncio.create_task(runtime.run())
     try:
         await notify.wait_for("READY=1")

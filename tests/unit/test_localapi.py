@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.control.localapi import MAX_BODY, LocalServer, parse_listen
+from agent.control.localapi import MAX_BODY, LocalServer, parse_listen, serve
 from agent.errors import WriteRefused
 from agent.verbs import status as status_verb
 
@@ -442,3 +443,16 @@ async def test_status_verb_no_daemon(capsys: pytest.CaptureFixture[str]) -> None
     assert code == 1
     err = capsys.readouterr().err
     assert "no fieldgate daemon answers on" in err and "systemctl status fieldgate" in err
+
+
+async def test_serve_leaves_data_collection_alone_when_its_port_is_taken() -> None:
+    """The daemon's way in (`serve`): off when `local.listen` is empty, None (logged) on a busy address."""
+    assert await serve(FakeSource(), "", None) is None
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert await serve(FakeSource(), f"127.0.0.1:{port}", None) is None
+    server = await serve(FakeSource(), "127.0.0.1:0", None)
+    assert server is not None and server.port > 0
+    await server.aclose()

@@ -37,7 +37,7 @@ def test_a_modbus_only_gateway_never_imports_bleak_or_other_drivers() -> None:
 import sys
 from pathlib import Path
 from agent.config.loader import load_config
-from agent.runtime import make_context, make_driver
+from agent.pipeline.devices import make_context, make_driver
 path = Path({str(REPO / "config" / "fieldgate.example.yaml")!r})
 config = load_config(path)
 context = make_context(config, path)
