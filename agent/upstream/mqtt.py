@@ -120,6 +120,12 @@ def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     return (rng or random).uniform(0.0, cap)
 
 
+def suback_refusals(codes: Any) -> list[Any]:
+    """The refusals in a SUBACK (0x80 and up): what `client.subscribe` returns is one code per topic filter,
+    `ReasonCode`s (paho 2) or plain ints."""
+    return [c for c in codes if (c >= 0x80 if isinstance(c, int) else c.is_failure)]
+
+
 def connect_order(count: int, lost: int | None) -> list[int]:
     """The brokers to try, in order of preference, the one just lost (if any) last."""
     order = list(range(count))
@@ -398,8 +404,7 @@ class Uplink:
     async def _subscribe(self, client: aiomqtt.Client, topic: str) -> bool:
         """Subscribe at QoS 1; False when the broker refuses it in its SUBACK (0x80: e.g. an ACL, or a NATS
         node that cannot create the subscription's JetStream consumer while its cluster elects leaders)."""
-        codes = await settled(client.subscribe(topic, qos=1))
-        failed = [c for c in codes if (c >= 0x80 if isinstance(c, int) else c.is_failure)]
+        failed = suback_refusals(await settled(client.subscribe(topic, qos=1)))
         if failed:
             log.warning(
                 "upstream %s: %s refused the subscription to %s (%s); asking again during the session",

@@ -10,6 +10,7 @@ that client leaves, the gateway's next attempt is granted and a pushed config ar
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import aiomqtt
 import pytest
 
 from drivers.modbus.simulator import ModbusSim, SimUnit
-from tests.daemon import Checker, Daemon, write_config
+from tests.daemon import Checker, Daemon, fieldgate_cli, write_config
 from tests.natsbroker import NatsNode
 
 pytestmark = pytest.mark.timeout(120)
@@ -117,3 +118,34 @@ async def test_refused_subscription_is_asked_again_and_the_session_keeps_publish
             assert daemon.log_text().count("connected to mqtt://") == 1, daemon.log_text()[-3000:]
         finally:
             assert daemon.stop() == 0, daemon.log_text()[-3000:]
+
+
+async def test_fleet_tools_ask_again_for_a_refused_subscription_and_report_one_refused_for_good(
+    node: NatsNode,
+) -> None:
+    """`fleet push|status` listen to the gateways' retained state: a refused subscription was taken as
+    granted, and the rollout of bench_fleet at N = 200 waited on a canary it could not hear."""
+    link = ["--broker", node.url, "--listen", "1s"]
+    async with aiomqtt.Client("127.0.0.1", node.port, identifier="a-gateway") as gw:
+        await gw.publish("fieldgate/gw-x/status", b'{"state": "online", "ts": 1}', qos=1, retain=True)
+    blocker = aiomqtt.Client("127.0.0.1", node.port, identifier="blocker")
+    async with blocker:
+        for i in range(CONSUMERS - 1):
+            (code,) = await blocker.subscribe(f"elsewhere/{i}", qos=1)
+            assert not code.is_failure, f"the node refused the blocker's subscription {i}: {code}"
+        # Refused five times (1 + 2 + 4 + 8 s apart): exit 1, the broker and the subscription named.
+        res = await fieldgate_cli("fleet", "status", *link, timeout=90)
+        assert res.code == 1, res.out + res.err
+        assert "broker refused the subscription to fieldgate/+/" in res.err and " 5 times " in res.err, (
+            res.err
+        )
+
+        # Refused first, then the slots are freed: the next attempt is granted and the status is read.
+        refusals = node.log_text().count("Unable to add JetStream consumer")
+        status = asyncio.create_task(fieldgate_cli("fleet", "status", *link, timeout=90))
+        while node.log_text().count("Unable to add JetStream consumer") == refusals:
+            assert not status.done(), (await status).err
+            await asyncio.sleep(0.1)
+    res = await status
+    assert res.code == 0, res.out + res.err
+    assert res.out.splitlines()[1].split()[:2] == ["gw-x", "online"], res.out
