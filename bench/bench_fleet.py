@@ -281,98 +281,103 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         say(f"steady: {out['steady']}")
 
-        # Staged rollout over the whole fleet; the last gateway refuses its new config.
-        push_wait = max(180.0, 1.0 * n)  # per stage: the gateways of a stage check their config at once
-        t_push = time.monotonic()
-        code, lines = await run_push(
-            [
-                str(new), "--previous", str(current), "--broker", cluster.urls[1], "--key", str(keyfile),
-                "--stages", args.stages, "--timeout", f"{push_wait:g}s", "--id", "bench-roll",
-            ],
-            timeout=10 * push_wait,
-        )  # fmt: skip
-        took = time.monotonic() - t_push
-        rows = table_rows(lines)
-        outcomes: dict[str, int] = defaultdict(int)
-        rollbacks: dict[str, int] = defaultdict(int)
-        for r in rows:
-            outcomes[r["OUTCOME"]] += 1
-            if r["ROLLBACK"] != "-":
-                rollbacks[r["ROLLBACK"]] += 1
-        changed = [
-            gw
-            for gw in daemons
-            if (work / gw / "fieldgate.yaml").read_bytes() != (current / f"{gw}.yaml").read_bytes()
-        ]
-        out["rollout"] = {
-            "stages": args.stages,
-            "exit_code": code,
-            "seconds": round(took, 1),
-            "stage_lines": [ln for ln in lines if ln.startswith(("stage ", "  gw-", "halted", "fleet push"))],
-            "outcomes": dict(outcomes),
-            "rollbacks": dict(rollbacks),
-            "refused": [r["GATEWAY"] for r in rows if r["OUTCOME"] == "refused"],
-            "files_not_previous_after": changed,  # must be empty: nothing else changes
-        }
-        # One node killed under load, then everything settled.
-        victim = cluster.nodes[0]
-        victim.kill9()
-        await asyncio.sleep(args.after_kill)
-        await asyncio.to_thread(victim.start)
-        try:
-            await asyncio.to_thread(victim.wait_ready, patience)
-        except RuntimeError as exc:  # not healthy in time: the gaps below say whether anything was lost
-            say(f"killed node not ready again: {str(exc)[:200]}")
-        await asyncio.sleep(args.interval_s * 2)
-        missing, stored = await settle_gaps(work, platform, list(daemons), patience)
-        out["node_kill"] = {
-            "gateways_with_gaps": sum(1 for v in missing.values() if v),
-            "missing_seqs": sum(missing.values()),
-            "stored": stored,
-        }
-        say(f"node kill: {out['node_kill']}")
+        if "rollout" in args.phases:
+            # Staged rollout over the whole fleet; the last gateway refuses its new config.
+            push_wait = max(180.0, 1.0 * n)  # per stage: the gateways of a stage check their config at once
+            t_push = time.monotonic()
+            code, lines = await run_push(
+                [
+                    str(new), "--previous", str(current), "--broker", cluster.urls[1], "--key", str(keyfile),
+                    "--stages", args.stages, "--timeout", f"{push_wait:g}s", "--id", "bench-roll",
+                ],
+                timeout=10 * push_wait,
+            )  # fmt: skip
+            took = time.monotonic() - t_push
+            rows = table_rows(lines)
+            outcomes: dict[str, int] = defaultdict(int)
+            rollbacks: dict[str, int] = defaultdict(int)
+            for r in rows:
+                outcomes[r["OUTCOME"]] += 1
+                if r["ROLLBACK"] != "-":
+                    rollbacks[r["ROLLBACK"]] += 1
+            changed = [
+                gw
+                for gw in daemons
+                if (work / gw / "fieldgate.yaml").read_bytes() != (current / f"{gw}.yaml").read_bytes()
+            ]
+            out["rollout"] = {
+                "stages": args.stages,
+                "exit_code": code,
+                "seconds": round(took, 1),
+                "stage_lines": [
+                    ln for ln in lines if ln.startswith(("stage ", "  gw-", "halted", "fleet push"))
+                ],
+                "outcomes": dict(outcomes),
+                "rollbacks": dict(rollbacks),
+                "refused": [r["GATEWAY"] for r in rows if r["OUTCOME"] == "refused"],
+                "files_not_previous_after": changed,  # must be empty: nothing else changes
+            }
+        if "kill" in args.phases:
+            # One node killed under load, then everything settled.
+            victim = cluster.nodes[0]
+            victim.kill9()
+            await asyncio.sleep(args.after_kill)
+            await asyncio.to_thread(victim.start)
+            try:
+                await asyncio.to_thread(victim.wait_ready, patience)
+            except RuntimeError as exc:  # not healthy in time: the gaps below say whether anything was lost
+                say(f"killed node not ready again: {str(exc)[:200]}")
+            await asyncio.sleep(args.interval_s * 2)
+            missing, stored = await settle_gaps(work, platform, list(daemons), patience)
+            out["node_kill"] = {
+                "gateways_with_gaps": sum(1 for v in missing.values() if v),
+                "missing_seqs": sum(missing.values()),
+                "stored": stored,
+            }
+            say(f"node kill: {out['node_kill']}")
 
-        # Full cluster restart, last: with hundreds of R3 consumers JetStream takes minutes to recover here.
-        tops = {gw: max(platform.seqs[gw], default=0) for gw in daemons}
-        await asyncio.to_thread(lambda: [nd.stop() for nd in cluster.nodes])  # the simulator keeps answering
-        await asyncio.sleep(args.outage)
-        restart = time.monotonic()
-        cursor = len(platform.arrivals)
-        for nd in cluster.nodes:
-            await asyncio.to_thread(nd.start, False)
-        ready: float | None = None
-        back: dict[str, float] = {}
-        deadline = time.monotonic() + patience
-        while (len(back) < len(daemons) or ready is None) and time.monotonic() < deadline:
-            arrivals = platform.arrivals
-            for i in range(cursor, len(arrivals)):
-                t, gw, seq = arrivals[i]
-                if gw not in back and seq > tops[gw]:
-                    back[gw] = t - restart
-            cursor = len(arrivals)
-            if ready is None and all(
-                await asyncio.gather(*(asyncio.to_thread(nd.healthy) for nd in cluster.nodes))
-            ):
-                ready = time.monotonic() - restart
-            await asyncio.sleep(0.5)
-        values = list(back.values())
-        out["cluster_restart"] = {
-            "outage_s": args.outage,
-            "cluster_healthy_s": round(ready, 2) if ready is not None else None,  # every /healthz ok
-            "gateways_back": len(back),
-            "after_start_s": {
-                "min": round(min(values), 2) if values else None,
-                "p10": round(pct(values, 0.1), 2),
-                "p50": round(pct(values, 0.5), 2),
-                "p90": round(pct(values, 0.9), 2),
-                "max": round(max(values), 2) if values else None,
-            },
-            # how many gateways came back in each second after the nodes were started (the storm's shape)
-            "per_second": dict(sorted(
-                (str(sec), sum(1 for v in values if int(v) == sec)) for sec in {int(v) for v in values}
-            )),
-        }  # fmt: skip
-        say(f"cluster restart: {out['cluster_restart']}")
+        if "restart" in args.phases:
+            # Full cluster restart, last: with hundreds of R3 consumers JetStream takes minutes to recover here.
+            tops = {gw: max(platform.seqs[gw], default=0) for gw in daemons}
+            await asyncio.to_thread(stop_all, cluster)  # off the event loop: the simulator keeps answering
+            await asyncio.sleep(args.outage)
+            restart = time.monotonic()
+            cursor = len(platform.arrivals)
+            for nd in cluster.nodes:
+                await asyncio.to_thread(nd.start, False)
+            ready: float | None = None
+            back: dict[str, float] = {}
+            deadline = time.monotonic() + patience
+            while (len(back) < len(daemons) or ready is None) and time.monotonic() < deadline:
+                arrivals = platform.arrivals
+                for i in range(cursor, len(arrivals)):
+                    t, gw, seq = arrivals[i]
+                    if gw not in back and seq > tops[gw]:
+                        back[gw] = t - restart
+                cursor = len(arrivals)
+                if ready is None and all(
+                    await asyncio.gather(*(asyncio.to_thread(nd.healthy) for nd in cluster.nodes))
+                ):
+                    ready = time.monotonic() - restart
+                await asyncio.sleep(0.5)
+            values = list(back.values())
+            out["cluster_restart"] = {
+                "outage_s": args.outage,
+                "cluster_healthy_s": round(ready, 2) if ready is not None else None,  # every /healthz ok
+                "gateways_back": len(back),
+                "after_start_s": {
+                    "min": round(min(values), 2) if values else None,
+                    "p10": round(pct(values, 0.1), 2),
+                    "p50": round(pct(values, 0.5), 2),
+                    "p90": round(pct(values, 0.9), 2),
+                    "max": round(max(values), 2) if values else None,
+                },
+                # how many gateways came back in each second after the nodes were started (the storm's shape)
+                "per_second": dict(sorted(
+                    (str(sec), sum(1 for v in values if int(v) == sec)) for sec in {int(v) for v in values}
+                )),
+            }  # fmt: skip
+            say(f"cluster restart: {out['cluster_restart']}")
 
         # Every seq stored (through the rollout's reloads, the kill and the restart) reaches the platform.
         await asyncio.sleep(args.interval_s * 2)
@@ -413,6 +418,11 @@ def table_rows(lines: list[str]) -> list[dict[str, str]]:
     return rows
 
 
+def stop_all(cluster: NatsCluster) -> None:
+    for nd in cluster.nodes:
+        nd.stop()
+
+
 def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
@@ -435,6 +445,9 @@ def main() -> None:
     p.add_argument("--after-kill", type=float, default=15, help="seconds before the killed node restarts")
     p.add_argument("--start-spacing", type=float, default=0.2, help="seconds between daemon starts")
     p.add_argument("--stages", default="1,10%,50%,100%", help="the rollout's stages (fleet push --stages)")
+    p.add_argument(
+        "--phases", default="rollout,kill,restart", help="what runs after the steady window, in this order"
+    )
     p.add_argument("--json", type=Path, help="also write the JSON object to this file")
     args = p.parse_args()
     args.interval_s = _seconds(args.interval)
@@ -445,20 +458,26 @@ def main() -> None:
     if "error" in result or "final" not in result:
         print(f"\n(incomplete run: {result.get('error', 'no final figures')})")
         return
-    s, r, k, ro = result["steady"], result["cluster_restart"], result["node_kill"], result["rollout"]
-    a = r["after_start_s"]
+    s = result["steady"]
+    r, k, ro = (result.get(key, {}) for key in ("cluster_restart", "node_kill", "rollout"))
+    a = r.get("after_start_s", {})
     print()
     print(
         "| gateways | readings/s (expected) | RSS MiB p50/max | CPU % p50/p95 | back after cluster restart "
         "p50/p90/max s | node kill: seq missing | rollout: outcome, files changed after | seq missing at the end |"
     )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    rollout = (
+        f"exit {ro['exit_code']}, {ro['outcomes']}, rolled back {ro['rollbacks']}, "
+        f"{len(ro['files_not_previous_after'])} files changed"
+        if ro
+        else "-"
+    )
     print(
         f"| {result['gateways']} | {s['readings_per_s']} ({s['expected_readings_per_s']}) | "
         f"{s['rss_mib_median']} / {s['rss_mib_max']} | {s['cpu_pct_median']} / {s['cpu_pct_p95']} | "
-        f"{a['p50']} / {a['p90']} / {a['max']} ({r['gateways_back']} back) | {k['missing_seqs']} of {k['stored']} | "
-        f"exit {ro['exit_code']}, {ro['outcomes']}, rolled back {ro['rollbacks']}, "
-        f"{len(ro['files_not_previous_after'])} files changed | "
+        f"{a.get('p50', '-')} / {a.get('p90', '-')} / {a.get('max', '-')} ({r.get('gateways_back', '-')} back) | "
+        f"{k.get('missing_seqs', '-')} of {k.get('stored', '-')} | {rollout} | "
         f"{result['final']['missing_seqs']} of {result['final']['stored']} |"
     )
 
