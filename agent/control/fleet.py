@@ -144,6 +144,9 @@ class FleetLink:
         self.client = client
         self.prefix = prefix
         self.views: dict[str, GatewayView] = {}
+        self.pushed: set[str] = (
+            set()
+        )  # gateways sent a config (it may have arrived even if the publish failed)
         self._changed = asyncio.Event()
 
     async def subscribe(self) -> None:
@@ -194,6 +197,7 @@ class FleetLink:
             self._changed.set()
 
     async def push(self, gateway: str, doc: dict[str, Any]) -> None:
+        self.pushed.add(gateway)
         await self.client.publish(f"{self.prefix}/{gateway}/config/set", json.dumps(doc).encode(), qos=1)
 
     async def outcome(self, gateway: str, request_id: str, wait: float) -> Outcome:
