@@ -4,18 +4,22 @@ Each gateway runs the real daemon with a light config (5 devices x 10 points eve
 the three nodes, rotated so the fleet spreads over them. One platform subscriber (persistent session) on the
 cluster records every reading. Measured:
 
-- total readings/s received, RSS and CPU per gateway (from /proc, over the steady window);
-- after a full cluster restart (every node stopped, then started): per gateway, seconds from the start of
-  the nodes until its first new reading reaches the platform (distribution);
-- after one node is killed (SIGKILL) under load: seq gaps per gateway once everything has settled;
-- a staged rollout (`fieldgate fleet push`, signed, stages 1,10%,50%,100%) over all N gateways, where the
-  last gateway's new config names a device profile it does not have: the rollout must halt at the last
-  stage and every gateway must end on its exact previous file; then the seq gaps again (must be 0).
+- total readings/s received, RSS and CPU per gateway (from /proc, over the steady window, after `--settle`);
+then the `--phases`, in this order:
+- `rollout`: a staged rollout (`fieldgate fleet push`, signed, stages 1,10%,50%,100%) over all N gateways,
+  where the last gateway's new config names a device profile it does not have: the rollout must halt at the
+  last stage and every gateway must end on its exact previous file;
+- `kill`: one node killed (SIGKILL) under load: seq gaps per gateway once everything has settled;
+- `restart`: a full cluster restart (every node stopped, then started): per gateway, seconds from the start
+  of the nodes until its first new reading reaches the platform (distribution), and until every /healthz
+  is ok;
+then the seq gaps at the end (must be 0).
 
-Run: .venv/bin/python -m bench.bench_fleet [--gateways 200] [--steady 60] [--interval 10s]
-Prints the rollout's own output (progress line per stage, final table) on stderr as it comes, then one
-JSON object (with `--json FILE`, also written there), then a Markdown table. No assertions: figures only. Starting hundreds of daemons
-needs the RAM (about 30 MB each) and takes a while on a small machine; docs/FLEET.md says which N ran.
+Run: .venv/bin/python -m bench.bench_fleet [--gateways 200] [--steady 60] [--phases rollout,kill,restart]
+Prints the rollout's own output (progress line per stage, final table) and a line per phase on stderr as they
+come, then one JSON object (with `--json FILE`, also written there; bench/results/ keeps the N = 200 runs),
+then a Markdown table. No assertions: figures only. Starting hundreds of daemons needs the RAM (about 35 MiB
+each) and CPU (about a second each); docs/FLEET.md says which N ran.
 """
 
 from __future__ import annotations
