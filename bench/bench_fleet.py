@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -403,6 +404,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             await ptask
         cluster.cleanup()
         await sim.aclose()
+        if args.keep:
+            say(f"kept: {work} (configs, buffers and logs of every gateway)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return out
 
 
@@ -452,6 +457,7 @@ def main() -> None:
     p.add_argument(
         "--phases", default="rollout,kill,restart", help="what runs after the steady window, in this order"
     )
+    p.add_argument("--keep", action="store_true", help="keep the gateways' directories (logs) afterwards")
     p.add_argument("--json", type=Path, help="also write the JSON object to this file")
     args = p.parse_args()
     args.interval_s = _seconds(args.interval)
