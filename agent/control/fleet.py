@@ -34,6 +34,7 @@ from agent.control.remoteconfig import signed_message
 from agent.errors import FieldgateError
 
 DEFAULT_PREFIX = "fieldgate"
+SUBSCRIBE_ATTEMPTS = 5  # a subscription the broker refuses is asked again after 1, 2, 4 and 8 s
 
 
 class FleetSetupError(FieldgateError):
@@ -143,11 +144,31 @@ class FleetLink:
         self.client = client
         self.prefix = prefix
         self.views: dict[str, GatewayView] = {}
+        self.pushed: set[str] = (
+            set()
+        )  # gateways sent a config (it may have arrived even if the publish failed)
         self._changed = asyncio.Event()
 
     async def subscribe(self) -> None:
+        """Subscribe to what the gateways leave on the broker. A broker may refuse a subscription in its SUBACK
+        (a NATS node that cannot create the JetStream consumer in time, as at N = 200 in bench_fleet): it is
+        asked again, waits doubling from 1 s; still refused after SUBSCRIBE_ATTEMPTS, aiomqtt.MqttError
+        (the verbs report the broker and exit 1; nothing was pushed yet)."""
+        from agent.upstream.mqtt import suback_refusals
+
         for leaf in ("status", "config/state", "health"):
-            await self.client.subscribe(f"{self.prefix}/+/{leaf}", qos=1)
+            topic = f"{self.prefix}/+/{leaf}"
+            wait = 1.0
+            for attempt in range(1, SUBSCRIBE_ATTEMPTS + 1):
+                refused = suback_refusals(await self.client.subscribe(topic, qos=1))
+                if not refused:
+                    break
+                if attempt == SUBSCRIBE_ATTEMPTS:
+                    raise aiomqtt.MqttError(
+                        f"the broker refused the subscription to {topic} {attempt} times ({refused[0]})"
+                    )
+                await asyncio.sleep(wait)
+                wait *= 2
 
     async def listen(self) -> None:
         async for msg in self.client.messages:
@@ -176,6 +197,7 @@ class FleetLink:
             self._changed.set()
 
     async def push(self, gateway: str, doc: dict[str, Any]) -> None:
+        self.pushed.add(gateway)
         await self.client.publish(f"{self.prefix}/{gateway}/config/set", json.dumps(doc).encode(), qos=1)
 
     async def outcome(self, gateway: str, request_id: str, wait: float) -> Outcome:

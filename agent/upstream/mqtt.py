@@ -58,6 +58,9 @@ ACK_RETRY = 1.0  # seconds between attempts to delete acknowledged rows while th
 LIVE_LIMIT_BATCHES = 20  # past this many batches waiting live, the surplus goes the backlog way
 LIVE_EARLY = 0.2  # a live batch may leave this fraction of batch_interval early (see _live_lane)
 UNANSWERED_MAX = 1000  # command results kept in memory while the link is down
+SUBSCRIBE_RETRY_MAX = (
+    30.0  # a subscription the broker refused is asked again, waits doubling from 1 s to this
+)
 
 
 Handler = Callable[[bytes], Awaitable[dict[str, Any] | None]]
@@ -115,6 +118,12 @@ def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     broker at once does not come back in lockstep; the cap keeps "data within 2 s of the broker's return"."""
     cap = min(RECONNECT_MAX, RECONNECT_MIN * (2 ** min(attempt, 16)))
     return (rng or random).uniform(0.0, cap)
+
+
+def suback_refusals(codes: Any) -> list[Any]:
+    """The refusals in a SUBACK (0x80 and up): what `client.subscribe` returns is one code per topic filter,
+    `ReasonCode`s (paho 2) or plain ints."""
+    return [c for c in codes if (c >= 0x80 if isinstance(c, int) else c.is_failure)]
 
 
 def connect_order(count: int, lost: int | None) -> list[int]:
@@ -363,10 +372,8 @@ class Uplink:
                 gated = getattr(self.fmt, "primary_host_id", None) is not None
                 # Subscribed before the births: a platform that asks for them again (Sparkplug rebirth) as soon
                 # as it sees the gateway cannot ask in between and go unheard.
-                for sub in self.subscriptions:
-                    await settled(client.subscribe(sub.topic, qos=1))
-                for topic, _ in self.fmt.inbound():
-                    await settled(client.subscribe(topic, qos=1))
+                topics = [sub.topic for sub in self.subscriptions] + [t for t, _ in self.fmt.inbound()]
+                refused = [t for t in topics if not await self._subscribe(client, t)]
                 if not gated:
                     for message in self.fmt.birth():
                         await settled(
@@ -385,12 +392,36 @@ class Uplink:
                     tg.create_task(self._health_loop(client))
                     tg.create_task(self._message_loop(client))
                     tg.create_task(self._send_unanswered())
+                    if refused:
+                        tg.create_task(self._subscribe_again(client, refused))
                     if self.index > 0 and self.cfg.failback > 0:
                         tg.create_task(self._failback_watch(client))
                     if moved:
                         tg.create_task(self._rebirth_later(client))
             finally:
                 self._client = None
+
+    async def _subscribe(self, client: aiomqtt.Client, topic: str) -> bool:
+        """Subscribe at QoS 1; False when the broker refuses it in its SUBACK (0x80: e.g. an ACL, or a NATS
+        node that cannot create the subscription's JetStream consumer while its cluster elects leaders)."""
+        failed = suback_refusals(await settled(client.subscribe(topic, qos=1)))
+        if failed:
+            log.warning(
+                "upstream %s: %s refused the subscription to %s (%s); asking again during the session",
+                self.name, self.url, topic, failed[0],
+            )  # fmt: skip
+        return not failed
+
+    async def _subscribe_again(self, client: aiomqtt.Client, topics: list[str]) -> None:
+        """Ask again for the subscriptions the broker refused, waits doubling up to SUBSCRIBE_RETRY_MAX, until
+        each is granted: the session goes on publishing meanwhile (a refusal does not cost the telemetry)."""
+        wait = 1.0
+        while topics:
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, SUBSCRIBE_RETRY_MAX)
+            topics = [t for t in topics if not await self._subscribe(client, t)]
+            if not topics:
+                log.info("upstream %s: every subscription granted by %s", self.name, self.url)
 
     def _on_connected(self) -> None:
         self.connections += 1

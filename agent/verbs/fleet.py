@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from agent.config.units import parse_duration
 
 if TYPE_CHECKING:
-    from agent.control.fleet import Target
+    from agent.control.fleet import FleetLink, Target
 
 
 def register(
@@ -138,19 +138,29 @@ async def _push(
     print(
         f"fleet push {request_id}: {len(tlist)} gateways in {len(stages)} stages ({', '.join(map(str, stages))})"
     )
+    link: FleetLink | None = None
     try:
         async with client_for(args.broker, args.username, password, f"fleet-push-{os.getpid()}") as client:
             link = FleetLink(client, args.prefix)
             await link.subscribe()
             listener = asyncio.create_task(link.listen())
+            roll = asyncio.create_task(rollout(link, tlist, stages, request_id, key, wait))
             try:
-                result = await rollout(link, tlist, stages, request_id, key, wait)
+                await asyncio.wait({listener, roll}, return_when=asyncio.FIRST_COMPLETED)
+                if not roll.done():  # the connection ended under the rollout: the listener says why
+                    listener.result()
+                    raise aiomqtt.MqttError("the broker closed the connection")
+                result = roll.result()
             finally:
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listener
+                for task in (listener, roll):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        await task
     except aiomqtt.MqttError as exc:
         print(f"fleet push: broker {args.broker}: {exc}", file=sys.stderr)
+        pushed = [t for t in tlist if link is not None and t.gateway in link.pushed]
+        if pushed:
+            return await _rollback_after_loss(args, pushed, request_id, key, wait, password)
         return 1
     print(rollout_table(tlist, result))
     if result.ok:
@@ -160,6 +170,59 @@ async def _push(
     if failed_back:
         print(f"fleet push {request_id}: ROLLBACK NOT CONFIRMED on {', '.join(failed_back)}", file=sys.stderr)
     print(f"fleet push {request_id}: halted at stage {result.halted_at}, changed gateways rolled back")
+    return 1
+
+
+async def _rollback_after_loss(
+    args: argparse.Namespace,
+    pushed: list[Target],
+    request_id: str,
+    key: Any,
+    wait: float,
+    password: str | None,
+) -> int:
+    """The broker connection was lost in the middle of a rollout: every gateway sent anything may run the new
+    config, so each gets its previous one back on a new connection (three attempts, 2, 4 and 6 s apart)."""
+    import aiomqtt
+
+    from agent.control.fleet import FleetLink, client_for, envelope, table
+
+    back_id = f"{request_id}-rollback"
+    names = ", ".join(t.gateway for t in pushed)
+    print(
+        f"fleet push {request_id}: broker lost during the rollout: rolling back the {len(pushed)} gateways pushed"
+    )
+    for attempt in range(1, 4):
+        await asyncio.sleep(2.0 * attempt)
+        try:
+            async with client_for(
+                args.broker, args.username, password, f"fleet-push-{os.getpid()}"
+            ) as client:
+                link = FleetLink(client, args.prefix)
+                await link.subscribe()
+                listener = asyncio.create_task(link.listen())
+                try:
+                    for t in pushed:
+                        await link.push(t.gateway, envelope(t.gateway, t.previous, back_id, key))
+                    backs = await asyncio.gather(*(link.outcome(t.gateway, back_id, wait) for t in pushed))
+                finally:
+                    listener.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        await listener
+            break
+        except aiomqtt.MqttError as exc:
+            print(f"fleet push: broker {args.broker}: {exc}", file=sys.stderr)
+    else:
+        print(
+            f"fleet push {request_id}: ROLLBACK NOT DONE, broker unreachable; may run the new config: {names}",
+            file=sys.stderr,
+        )
+        return 1
+    print(table([("GATEWAY", "ROLLBACK", "DETAIL"), *((o.gateway, o.result, o.detail) for o in backs)]))
+    failed = [o.gateway for o in backs if o.result != "confirmed"]
+    if failed:
+        print(f"fleet push {request_id}: ROLLBACK NOT CONFIRMED on {', '.join(failed)}", file=sys.stderr)
+    print(f"fleet push {request_id}: halted by the broker's loss, pushed gateways rolled back")
     return 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.control.fleet import parse_stages
 from drivers.modbus.simulator import ModbusSim, SimUnit
 from tests.broker import Broker
-from tests.daemon import Daemon, fieldgate_cli, write_config
+from tests.daemon import REPO, Daemon, fieldgate_cli, fieldgate_exe, write_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -188,3 +189,66 @@ def test_envelope_signature_is_what_the_gateway_checks(tmp_path: Path) -> None:
     later = parse_request(json.dumps(envelope("gw-a", config, "r-3", key)).encode())
     assert later.serial is not None and later.serial > 7  # default serial: now in ms, rising
     assert "signature" not in envelope("gw-a", config, "r-2", None)
+
+
+async def test_broker_lost_during_a_rollout_rolls_back_every_gateway_pushed(
+    tmp_path: Path, broker: Broker, sim: ModbusSim
+) -> None:
+    """Found at N = 200 in bench_fleet: a NATS node closed the tool's connection in the middle of a stage
+    (*JetStream failed a pipelined QoS1/2 operation*) and the tool exited with 20 gateways on the new config.
+    Here the broker restarts while stage 2 waits on gw-z (no daemon: silent); gw-a had confirmed stage 1.
+    The tool reconnects and gives both their previous config back; gw-a confirms it."""
+    current, new = tmp_path / "current", tmp_path / "new"
+    current.mkdir()
+    new.mkdir()
+    pub = tmp_path / "platform.pub"
+    key = Ed25519PrivateKey.generate()
+    keyfile = tmp_path / "platform.key"
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    for gw in ("gw-a", "gw-z"):
+        (tmp_path / gw).mkdir()
+        (current / f"{gw}.yaml").write_text(gateway_config(tmp_path, gw, broker, sim, METER, pub))
+        (new / f"{gw}.yaml").write_text(gateway_config(tmp_path, gw, broker, sim, METER + LAMP, pub))
+    cfg = tmp_path / "gw-a" / "fieldgate.yaml"
+    cfg.write_bytes((current / "gw-a.yaml").read_bytes())
+    daemon = Daemon(cfg, tmp_path / "gw-a" / "daemon.log").start()
+    try:
+        for _ in range(100):
+            st = await fieldgate_cli("fleet", "status", "--broker", broker.url, "--listen", "1s")
+            if any(line.startswith("gw-a ") and " online " in line for line in st.out.splitlines()):
+                break
+        else:
+            raise AssertionError(f"gw-a not online:\n{st.out}{st.err}")
+        proc = await asyncio.create_subprocess_exec(
+            *fieldgate_exe(), "fleet", "push", str(new), "--previous", str(current), "--broker", broker.url,
+            "--key", str(keyfile), "--stages", "1,100%", "--timeout", "15s", "--id", "roll-lost",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"),
+        )  # fmt: skip
+        assert proc.stdout is not None
+        lines: list[str] = []
+        async with asyncio.timeout(120):
+            async for raw in proc.stdout:
+                lines.append(raw.decode().rstrip("\n"))
+                if lines[-1].startswith("stage 1/2:"):
+                    assert "1 confirmed" in lines[-1], lines
+                    broker.restart()  # stage 2 is waiting on gw-z: the tool's connection is lost
+            code = await proc.wait()
+        out = "\n".join(lines)
+        assert code == 1, out
+        assert "broker lost during the rollout: rolling back the 2 gateways pushed" in out, out
+        rows = {ln.split()[0]: ln.split()[1] for ln in lines if ln.startswith("gw-")}
+        assert rows == {"gw-a": "confirmed", "gw-z": "silent"}, out
+        assert "ROLLBACK NOT CONFIRMED on gw-z" in out, out
+        assert cfg.read_bytes() == (current / "gw-a.yaml").read_bytes()
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
