@@ -313,7 +313,7 @@ def render(rt: Source) -> bytes:
     )
     w.family("fieldgate_buffer_evicted_readings_total", "counter",
              "Readings dropped because the buffer reached storage.max_size.", [({}, buf.get("evicted", 0))])  # fmt: skip
-    recoveries = [({}, buf.get("recovered", 0))]
+    recoveries: list[tuple[dict[str, str], float]] = [({}, buf.get("recovered", 0))]
     w.family("fieldgate_buffer_recoveries_total", "counter",
              "Starts that found the buffer corrupt (moved aside) or behind its seq mark (seq resumed above it).",
              recoveries)  # fmt: skip
