@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from agent import registry
+from agent.config import modelkit
 from agent.config.base import DeviceConfigBase, Model
 from agent.config.migrate import CURRENT_VERSION, version_problem
 from agent.config.modelkit import Discriminator, Field, Tag, field_validator, model_validator
@@ -367,12 +368,6 @@ class RemoteConfigConfig(Model):
     )
 
 
-def _tag(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("driver", "modbus"))
-    return str(getattr(value, "driver", "modbus"))
-
-
 def _bus_tag(value: Any) -> str:
     if isinstance(value, dict):
         return str(value.get("type", ""))
@@ -380,8 +375,14 @@ def _bus_tag(value: Any) -> str:
 
 
 def _device_union() -> Any:
-    members = tuple(Annotated[registry.config_class(n), Tag(n)] for n in registry.DRIVERS)
-    return Annotated[Union[members], Discriminator(_tag)]  # noqa: UP007 - built at run time from the registry
+    """The devices' models, by their `driver`: every registered driver's, or in the validating child those
+    of the drivers its file names (modelkit.only_drivers). The daemon's plain models need no union: it
+    rebuilds validated snapshots, which name each model's class (a driver's config module is imported then)."""
+    names = modelkit.union_drivers()
+    if modelkit.selected() == "plain":
+        return DeviceConfigBase
+    members = tuple(Annotated[registry.config_class(n), Tag(n)] for n in names)
+    return Annotated[Union[members], Discriminator(registry.device_driver)]  # noqa: UP007 - built at run time
 
 
 def _bus_union() -> Any:

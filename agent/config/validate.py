@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     from agent.config import loader
 
     try:
-        loaded = loader.load(Path(args[0]), remote=remote)
+        loaded = loader.load(Path(args[0]), remote=remote, only_named_drivers=True)
         config = snapshot(loaded.config)
         inputs = loaded.consulted
         result: tuple[str, Any, Any] = (RESULT_OK, config, inputs)
