@@ -10,12 +10,11 @@ from typing import Annotated, Any, Literal, Union
 from agent import registry
 from agent.config import modelkit
 from agent.config.base import DeviceConfigBase, Model
+from agent.config.control import CommandsConfig, ScheduleConfig, schedule_problems
 from agent.config.migrate import CURRENT_VERSION, version_problem
 from agent.config.modelkit import Discriminator, Field, Tag, field_validator, model_validator
 from agent.config.units import Duration, Size, duration_field, size_field
 from agent.config.urls import redact_url, url_problem
-from agent.control.commands import CommandsConfig
-from agent.control.lamp_schedule import ScheduleConfig, schedule_problems
 
 # Characters no name that travels in a topic, a header or a log line may hold (C0 controls, DEL).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -30,7 +30,6 @@ import hashlib
 import logging
 import marshal
 import os
-import subprocess
 import sys
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,8 @@ from agent.errors import ConfigError
 from agent.safefiles import file_hash, private_dir, read_regular
 
 if TYPE_CHECKING:
+    import subprocess
+
     from agent.config.models import FieldgateConfig
 
 log = logging.getLogger("fieldgate.config")
@@ -153,6 +154,8 @@ class Pending:
 
 
 def _child(path: Path, background: bool = False, remote: bool = False) -> subprocess.Popen[bytes]:
+    import subprocess  # the daemon's, for its child; the child itself has no use of it
+
     flags = [*(["--background"] if background else []), *(["--remote"] if remote else [])]
     return subprocess.Popen(
         [sys.executable, "-m", "agent.config.validate", *flags, str(path)],
