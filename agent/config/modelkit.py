@@ -61,6 +61,16 @@ def select(kit: Kit) -> None:
     _chosen = kit
 
 
+def select_in_forked_child(kit: Kit) -> None:
+    """In a child forked before any config model was built (the daemon's validating child,
+    agent/config/validate.py): the child's own kit, whatever its parent chose."""
+    global _chosen
+    if _kit is not None:
+        raise ModelKitChosenLate("forked after config models were built: the child cannot choose its kit")
+    _chosen = None
+    select(kit)
+
+
 def selected() -> Kit:
     """The kit this process runs on (or will, at the first config model): pydantic unless `plain` was chosen."""
     return _fixed_kit() or _chosen or "pydantic"

@@ -181,7 +181,8 @@ def main(args: argparse.Namespace) -> int:
     # The child that validates the file starts first: its work (about 0.3 s, mostly importing pydantic)
     # overlaps this process's own start-up. An unchanged file whose snapshot is kept needs no child now.
     recover_probation(Path(args.config))  # before the file is read: a config still on probation goes back
-    pending = validate.spawn(Path(args.config), use_snapshot=True)
+    # Forked, not started: the child begins with the interpreter and modules this process has loaded.
+    pending = validate.spawn(Path(args.config), use_snapshot=True, fork=True)
     try:
         import asyncio
 

@@ -140,3 +140,55 @@ def test_the_device_union_cannot_shrink_once_built() -> None:
 )
 def test_drivers_named(devices: object, expected: set[str] | None) -> None:
     assert registry.drivers_named(devices) == expected
+
+
+FORKED = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from pathlib import Path
+    from agent.config import modelkit
+    modelkit.select("plain")
+    from agent.config import validate
+    from agent.errors import ConfigError
+
+    async def one(fork):
+        pending = validate.spawn(Path(sys.argv[1]), fork=fork)
+        kind = type(pending.proc).__name__
+        try:
+            cfg = await pending.result()
+        except ConfigError as exc:
+            return kind, {"problems": exc.problems}
+        return kind, {"dump": cfg.model_dump(mode="json")}
+
+    async def main():
+        forked, started = await one(True), await one(False)
+        # a forked child that is stopped during start-up (the daemon's stop): killed and reaped
+        pending = validate.spawn(Path(sys.argv[1]), fork=True)
+        pending.kill()
+        await asyncio.to_thread(pending.proc.communicate)
+        return {"forked": forked, "started": started, "killed": pending.proc.returncode}
+
+    print(json.dumps(asyncio.run(main())))
+    """
+)
+
+
+@pytest.mark.parametrize("text", [MODBUS_ONLY, WITH_BLE + "  bad: {bus: nowhere, unit_id: 300, points: {}}\n"])
+def test_the_forked_child_answers_as_the_started_one(tmp_path: Path, text: str) -> None:
+    """`fieldgate run` forks its validating child (ForkedChild); reloads start one: the same answers."""
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED, str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["forked"][0] == "ForkedChild" and out["started"][0] == "Popen"
+    assert out["forked"][1] == out["started"][1]
+    assert ("problems" in out["forked"][1]) == (text != MODBUS_ONLY)
+    assert out["killed"] == -9
