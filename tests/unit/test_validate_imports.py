@@ -173,7 +173,9 @@ FORKED = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("text", [MODBUS_ONLY, WITH_BLE + "  bad: {bus: nowhere, unit_id: 300, points: {}}\n"])
+@pytest.mark.parametrize(
+    "text", [MODBUS_ONLY, WITH_BLE + "  bad: {bus: nowhere, unit_id: 300, points: {}}\n"]
+)
 def test_the_forked_child_answers_as_the_started_one(tmp_path: Path, text: str) -> None:
     """`fieldgate run` forks its validating child (ForkedChild); reloads start one: the same answers."""
     cfg = tmp_path / "fieldgate.yaml"
@@ -192,3 +194,34 @@ def test_the_forked_child_answers_as_the_started_one(tmp_path: Path, text: str) 
     assert out["forked"][1] == out["started"][1]
     assert ("problems" in out["forked"][1]) == (text != MODBUS_ONLY)
     assert out["killed"] == -9
+
+
+DAEMON = textwrap.dedent(
+    """
+    import json, sys
+    from agent.config import modelkit
+    modelkit.select("plain")
+    import agent.verbs.run, agent.runtime, agent.upstream.mqtt, drivers.modbus.driver
+    print(json.dumps(sorted(sys.modules)))
+    """
+)
+
+
+def test_the_modules_loaded_before_the_fork_are_both_processes(tmp_path: Path) -> None:
+    """validate.SHARED_MODULES are loaded by the daemon before it forks its child, as both import them: a
+    module either would not import must not be there (it would cost the daemon, or the child, for nothing)."""
+    from agent.config.validate import SHARED_MODULES
+
+    _, child = _child(tmp_path, MODBUS_ONLY)
+    proc = subprocess.run(
+        [sys.executable, "-c", DAEMON],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    daemon = set(json.loads(proc.stdout))
+    assert set(SHARED_MODULES) - child == set()
+    assert set(SHARED_MODULES) - daemon == set()
