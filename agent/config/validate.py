@@ -419,6 +419,9 @@ def forget(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The child: validate one file, write the result to stdout (marshal), exit 0 (problems are a result)."""
+    import gc
+
+    gc.disable()  # a short life spent importing and building models: no collection (the input is <= 1 MiB)
     modelkit.select("pydantic")  # the child validates: the full models, whatever imported this module
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--background"]:  # a check of a running config: leave the CPU to the daemon's work
