@@ -37,6 +37,18 @@ class CommandsConfig(Model):
     )
 
 
+def known_timezone(value: str | None) -> str | None:
+    """A field validator's check of an IANA timezone name (here and gateway.location.timezone)."""
+    if value is not None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # only when a file names a zone
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise ValueError(f"unknown timezone '{value}' (an IANA name such as Europe/Paris)") from None
+    return value
+
+
 DEFAULT_TIMEZONE = "Europe/Paris"
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -121,14 +133,7 @@ class ScheduleConfig(Model):
     @field_validator("timezone")
     @classmethod
     def _check_zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # only when a file names a zone
-
-            try:
-                ZoneInfo(value)
-            except (ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"unknown timezone '{value}' (an IANA name such as Europe/Paris)") from None
-        return value
+        return known_timezone(value)
 
     @model_validator(mode="after")
     def _check_targets(self) -> ScheduleConfig:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Union
 from agent import registry
 from agent.config import modelkit
 from agent.config.base import DeviceConfigBase, Model
-from agent.config.control import CommandsConfig, ScheduleConfig, schedule_problems
+from agent.config.control import CommandsConfig, ScheduleConfig, known_timezone, schedule_problems
 from agent.config.migrate import CURRENT_VERSION, version_problem
 from agent.config.modelkit import Discriminator, Field, Tag, field_validator, model_validator
 from agent.config.units import Duration, Size, duration_field, size_field
@@ -74,14 +74,7 @@ class Location(Model):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-            try:
-                ZoneInfo(value)
-            except (ZoneInfoNotFoundError, ValueError, OSError):
-                raise ValueError(f"unknown timezone '{value}' (an IANA name such as Europe/Paris)") from None
-        return value
+        return known_timezone(value)
 
 
 class GatewayConfig(Model):

@@ -49,17 +49,23 @@ WITH_BLE = (
 )
 
 
-def _child(tmp_path: Path, text: str) -> tuple[tuple[str, object, object], set[str]]:
-    cfg = tmp_path / "fieldgate.yaml"
-    cfg.write_text(text)
+def _python(code: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """`code` in a new interpreter from this tree; it must exit 0."""
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(cfg)],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         cwd=REPO,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr.decode()
+    return proc
+
+
+def _child(tmp_path: Path, text: str) -> tuple[tuple[str, object, object], set[str]]:
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(text)
+    proc = _python(CHILD, str(cfg))
     modules = set(json.loads(proc.stderr.decode().strip().splitlines()[-1]))
     return marshal.loads(proc.stdout), modules
 
@@ -116,16 +122,8 @@ def test_the_device_union_cannot_shrink_once_built() -> None:
             print("refused:", exc)
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("refused: device union of ['modbus'] built before ['ble']")
+    out = _python(code).stdout.decode()
+    assert out.startswith("refused: device union of ['modbus'] built before ['ble']")
 
 
 @pytest.mark.parametrize(
@@ -180,16 +178,7 @@ def test_the_forked_child_answers_as_the_started_one(tmp_path: Path, text: str) 
     """`fieldgate run` forks its validating child (ForkedChild); reloads start one: the same answers."""
     cfg = tmp_path / "fieldgate.yaml"
     cfg.write_text(text)
-    proc = subprocess.run(
-        [sys.executable, "-c", FORKED, str(cfg)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = json.loads(_python(FORKED, str(cfg)).stdout)
     assert out["forked"][0] == "ForkedChild" and out["started"][0] == "Popen"
     assert out["forked"][1] == out["started"][1]
     assert ("problems" in out["forked"][1]) == (text != MODBUS_ONLY)
@@ -213,15 +202,6 @@ def test_the_modules_loaded_before_the_fork_are_both_processes(tmp_path: Path) -
     from agent.config.validate import SHARED_MODULES
 
     _, child = _child(tmp_path, MODBUS_ONLY)
-    proc = subprocess.run(
-        [sys.executable, "-c", DAEMON],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    daemon = set(json.loads(proc.stdout))
+    daemon = set(json.loads(_python(DAEMON).stdout))
     assert set(SHARED_MODULES) - child == set()
     assert set(SHARED_MODULES) - daemon == set()
