@@ -197,8 +197,8 @@ SHARED_MODULES = (
 class ForkedChild:
     """The validating child of the daemon's start, forked rather than started (`spawn(fork=True)`): it begins
     with the interpreter and the modules this process has already loaded, where `python -m
-    agent.config.validate` would load them again (about 80 ms of CPU on the reference machine, on the start's
-    critical path). It runs the same `main()`, answers on the same two pipes, and is waited for the same way.
+    agent.config.validate` would load them again (tens of ms of CPU on the start's critical path:
+    docs/PERFORMANCE.md). It runs the same `main()`, answers on the same two pipes, and is waited for the same way.
     Only forked from a process with one thread (a fork copies no other thread, and a lock another held stays
     held in the copy): at the daemon's start, before its event loop; reloads start `_child()`s."""
 
@@ -208,7 +208,12 @@ class ForkedChild:
         for stream in (sys.stdout, sys.stderr):  # what is buffered here is written once, by this process
             with contextlib.suppress(Exception):
                 stream.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
         if pid == 0:  # pragma: no cover - the child (tests/unit/test_validate_imports.py runs it)
             os.close(out_r)
             os.close(err_r)
@@ -300,7 +305,10 @@ def spawn(path: Path, use_snapshot: bool = False, remote: bool = False, fork: bo
     if fork and not remote and _one_thread():
         for name in SHARED_MODULES:  # loaded once, before the fork, rather than once in each process
             importlib.import_module(name)
-        return Pending(path, ForkedChild(path))
+        try:
+            return Pending(path, ForkedChild(path))
+        except OSError as exc:  # no fork now (EAGAIN, ENOMEM): a child started the usual way
+            log.warning("config validation: could not fork (%s), starting a validator", exc)
     return Pending(path, _child(path, remote=remote), remote=remote)
 
 

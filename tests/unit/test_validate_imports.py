@@ -205,3 +205,27 @@ def test_the_modules_loaded_before_the_fork_are_both_processes(tmp_path: Path) -
     daemon = set(json.loads(_python(DAEMON).stdout))
     assert set(SHARED_MODULES) - child == set()
     assert set(SHARED_MODULES) - daemon == set()
+
+
+def test_a_failed_fork_starts_the_child_instead(tmp_path: Path) -> None:
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(MODBUS_ONLY)
+    code = textwrap.dedent(
+        """
+        import asyncio, errno, os, sys
+        from pathlib import Path
+        from agent.config import modelkit
+        modelkit.select("plain")
+        from agent.config import validate
+
+        def no_fork():
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+        os.fork = no_fork
+        before = len(os.listdir("/proc/self/fd"))
+        pending = validate.spawn(Path(sys.argv[1]), fork=True)
+        cfg = asyncio.run(pending.result())
+        print(type(pending.proc).__name__, cfg.gateway.id, len(os.listdir("/proc/self/fd")) - before)
+        """
+    )
+    assert _python(code, str(cfg)).stdout.decode().split() == ["Popen", "gw1", "0"]
