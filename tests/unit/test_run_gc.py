@@ -1,13 +1,15 @@
-"""`fieldgate run` pauses the cyclic garbage collector during its start-up (agent/verbs/run.py): it must always be
-on again, once the runtime is up or, if it never gets up, after GC_PAUSE_MAX_S."""
+"""`fieldgate run` pauses the cyclic garbage collector while it imports its modules (agent/verbs/run.py): it must be
+on again before the runtime starts, whatever the validation's outcome."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+from pathlib import Path
 
 import pytest
 
+from agent.errors import ConfigError
 from agent.verbs import run
 
 
@@ -17,28 +19,16 @@ def _collector_on_afterwards() -> object:
     gc.enable()
 
 
-def test_the_collector_resumes_once_the_runtime_is_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(run, "GC_AFTER_READY_S", 0.0)
-
-    async def main() -> None:
-        ready = asyncio.Event()
-        run.pause_gc_for_start_up()
-        resumer = asyncio.create_task(run.resume_gc(ready))
-        await asyncio.sleep(0.05)
-        assert not gc.isenabled()  # still starting
-        ready.set()
-        await asyncio.wait_for(resumer, 10)
-        assert gc.isenabled()
-
-    asyncio.run(main())
+def test_the_collector_is_on_again_once_the_modules_are_imported(tmp_path: Path) -> None:
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text("gateway: {id: gw1}\n")  # no upstream: refused, after the imports
+    run.pause_gc_for_start_up()
+    assert not gc.isenabled()
+    with pytest.raises(ConfigError):
+        asyncio.run(run.serve(str(cfg)))
+    assert gc.isenabled()
 
 
-def test_the_collector_resumes_even_if_the_runtime_never_gets_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(run, "GC_PAUSE_MAX_S", 0.05)
-
-    async def main() -> None:
-        run.pause_gc_for_start_up()
-        await asyncio.wait_for(run.resume_gc(asyncio.Event()), 10)
-        assert gc.isenabled()
-
-    asyncio.run(main())
+def test_resume_gc_leaves_a_running_collector_alone() -> None:
+    run.resume_gc()
+    assert gc.isenabled()
