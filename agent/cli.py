@@ -71,9 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `fieldgate run ...` imports the run verb only; `--help`, `--version` or a typo build every verb.
     only = first if first in VERBS and "--version" not in args_in else None
     if first == "run":
-        from agent.verbs.run import take_signals_for_start_up
+        from agent.verbs.run import pause_gc_for_start_up, take_signals_for_start_up
 
         take_signals_for_start_up()  # before anything slow: a stop during start-up is a clean stop
+        pause_gc_for_start_up()
     from agent.config import modelkit
 
     # The one choice of the process's config model kit, before any config module is imported: the daemon

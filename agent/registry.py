@@ -78,6 +78,27 @@ BUSES: dict[str, str] = {
 }
 
 
+DEFAULT_DRIVER = "modbus"  # the driver of a device that names none (SPEC §2)
+
+
+def device_driver(device: Any) -> str:
+    """The driver a device's config selects: its `driver` (a mapping as read, or a model), else Modbus. The
+    config's device union dispatches on it (agent/config/models.py)."""
+    if isinstance(device, dict):
+        return str(device.get("driver", DEFAULT_DRIVER))
+    return str(getattr(device, "driver", DEFAULT_DRIVER))
+
+
+def drivers_named(devices: Any) -> set[str] | None:
+    """The registered drivers the devices of a config as read select, for a device union of those only; None
+    when one selects a driver not registered, or `devices` is not a mapping (the whole union then gives the
+    same messages as ever: the list of every driver, where a mapping was expected)."""
+    if not isinstance(devices, dict):
+        return None
+    names = {device_driver(d) for d in devices.values()}
+    return names if names <= DRIVERS.keys() else None
+
+
 def bus_resource(bus: str) -> tuple[str, str]:
     """The key of a configured bus in the drivers' SharedResources: every device on the bus shares what its
     driver made under it (one connection, one lock); a reload that changes the bus discards it."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import importlib.resources
 import os
 import re
 import stat
@@ -11,15 +10,18 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from agent import registry
-from agent.config.models import FieldgateConfig
+from agent.config import modelkit
 from agent.errors import ConfigError, FieldgateError
 from agent.safefiles import MAX_FILE_BYTES, file_hash, kind_of, present, read_regular
+
+if TYPE_CHECKING:
+    from agent.config.models import FieldgateConfig
 
 Loc = tuple[str | int, ...]
 
@@ -297,6 +299,8 @@ def _syntax_problem(exc: yaml.MarkedYAMLError, file: str) -> str:
 
 def bundled_profiles() -> Path:
     """The profiles shipped in the package (drivers/modbus/profiles/, package data: docs/PROFILES.md)."""
+    import importlib.resources  # only for a file that names a profile (about 5 ms of a validation's start)
+
     return Path(str(importlib.resources.files("drivers.modbus") / "profiles"))
 
 
@@ -383,7 +387,7 @@ def _merge_profiles(
         if refused:  # said at the `profile:` key, at once: a FIFO or a device is never opened for reading
             problems.append(f"{pos.find(loc)}: {_dotted(loc)}: {prof_name}: {refused}")
             continue
-        merge = registry.profile_merge(str(device.get("driver", "modbus")))
+        merge = registry.profile_merge(registry.device_driver(device))
         if merge is None:  # a driver without profiles: validation reports the `profile` key
             continue
         # Profile values keep their own file positions, under the device's key path.
@@ -562,6 +566,8 @@ def _message(err: Any, loc: Loc, data: Any) -> str:
 
 
 def format_validation_errors(exc: ValidationError, pos: Positions, data: Any) -> list[str]:
+    from agent.config.models import FieldgateConfig
+
     lines = []
     for err in exc.errors():
         loc, _models = _strip_union_tags(tuple(err["loc"]), FieldgateConfig)
@@ -601,8 +607,10 @@ def load_config(path: Path, *, remote: bool = False) -> FieldgateConfig:
     return load(path, remote=remote).config
 
 
-def load(path: Path, *, remote: bool = False) -> Loaded:
-    """`load_config`, with the files the result depends on."""
+def load(path: Path, *, remote: bool = False, only_named_drivers: bool = False) -> Loaded:
+    """`load_config`, with the files the result depends on. `only_named_drivers`: for a process that validates
+    this one file (agent/config/validate.py), the config models are built with the models of the drivers
+    its devices name only (modelkit.only_drivers; the same result, less to import and build)."""
     consulted: dict[str, str | None] = {}
     pos = Positions()
     data, problems = load_yaml(path, pos, (), consulted)
@@ -613,6 +621,12 @@ def load(path: Path, *, remote: bool = False) -> Loaded:
             [f"{pos.find(())}: (top): the config file must be a mapping (gateway, upstream, ...)"]
         )
     _merge_profiles(data, path, pos, problems, remote, consulted)
+    if only_named_drivers:
+        named = registry.drivers_named(data.get("devices", {}))
+        if named is not None:
+            modelkit.only_drivers(named)
+    from agent.config.models import FieldgateConfig  # here: after the choice of its device union
+
     try:
         config = FieldgateConfig.model_validate(data)
     except ValidationError as exc:

@@ -13,9 +13,11 @@ with models of both kinds.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
+from agent import registry
 from agent.errors import FieldgateError
 
 Kit = Literal["pydantic", "plain"]
@@ -59,6 +61,16 @@ def select(kit: Kit) -> None:
     _chosen = kit
 
 
+def select_in_forked_child(kit: Kit) -> None:
+    """In a child forked before any config model was built (the daemon's validating child,
+    agent/config/validate.py): the child's own kit, whatever its parent chose."""
+    global _chosen
+    if _kit is not None:
+        raise ModelKitChosenLate("forked after config models were built: the child cannot choose its kit")
+    _chosen = None
+    select(kit)
+
+
 def selected() -> Kit:
     """The kit this process runs on (or will, at the first config model): pydantic unless `plain` was chosen."""
     return _fixed_kit() or _chosen or "pydantic"
@@ -82,6 +94,37 @@ def _load() -> ModuleType:
 
             _kit = pydantic
     return _kit
+
+
+# --- the device union: every driver's config model, or those of the one file a process validates --------------
+
+_only_drivers: frozenset[str] | None = None  # chosen by `only_drivers`; None: every registered driver
+_union_built = False  # agent.config.models has built its device union (of `_only_drivers`)
+
+
+def only_drivers(names: Collection[str]) -> None:
+    """Build the config's device union of these drivers' models only, not of every registered driver: for a
+    process that validates one file (the validating child, agent/config/validate.py), which then neither
+    imports the other drivers' config modules nor builds their validators. A union of the drivers a file's
+    devices name validates that file exactly as the whole union does (it dispatches on the device's
+    `driver`). Called before agent.config.models is imported; after, a union that holds these drivers is
+    kept, and one that lacks some raises ModelKitChosenLate."""
+    global _only_drivers
+    wanted = frozenset(names) or frozenset({registry.DEFAULT_DRIVER})  # no device: the union needs a member
+    if _union_built:
+        if _only_drivers is not None and not wanted <= _only_drivers:
+            raise ModelKitChosenLate(
+                f"device union of {sorted(_only_drivers)} built before {sorted(wanted)} were asked for"
+            )
+        return
+    _only_drivers = wanted
+
+
+def union_drivers() -> list[str]:
+    """The drivers agent.config.models builds its device union of, in the registry's order (called once)."""
+    global _union_built
+    _union_built = True
+    return [name for name in registry.DRIVERS if _only_drivers is None or name in _only_drivers]
 
 
 if TYPE_CHECKING:  # the names as mypy checks them

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from agent import registry
+from agent.config import modelkit
 from agent.config.base import DeviceConfigBase, Model
+from agent.config.control import CommandsConfig, ScheduleConfig, known_timezone, schedule_problems
 from agent.config.migrate import CURRENT_VERSION, version_problem
 from agent.config.modelkit import Discriminator, Field, Tag, field_validator, model_validator
 from agent.config.units import Duration, Size, duration_field, size_field
 from agent.config.urls import redact_url, url_problem
-from agent.control.commands import CommandsConfig
-from agent.control.lamp_schedule import ScheduleConfig, schedule_problems
 
 # Characters no name that travels in a topic, a header or a log line may hold (C0 controls, DEL).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -74,14 +74,7 @@ class Location(Model):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-            try:
-                ZoneInfo(value)
-            except (ZoneInfoNotFoundError, ValueError, OSError):
-                raise ValueError(f"unknown timezone '{value}' (an IANA name such as Europe/Paris)") from None
-        return value
+        return known_timezone(value)
 
 
 class GatewayConfig(Model):
@@ -367,12 +360,6 @@ class RemoteConfigConfig(Model):
     )
 
 
-def _tag(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("driver", "modbus"))
-    return str(getattr(value, "driver", "modbus"))
-
-
 def _bus_tag(value: Any) -> str:
     if isinstance(value, dict):
         return str(value.get("type", ""))
@@ -380,8 +367,14 @@ def _bus_tag(value: Any) -> str:
 
 
 def _device_union() -> Any:
-    members = tuple(Annotated[registry.config_class(n), Tag(n)] for n in registry.DRIVERS)
-    return Annotated[Union[members], Discriminator(_tag)]  # noqa: UP007 - built at run time from the registry
+    """The devices' models, by their `driver`: every registered driver's, or in the validating child those
+    of the drivers its file names (modelkit.only_drivers). The daemon's plain models need no union: it
+    rebuilds validated snapshots, which name each model's class (a driver's config module is imported then)."""
+    names = modelkit.union_drivers()
+    if modelkit.selected() == "plain":
+        return DeviceConfigBase
+    members = tuple(Annotated[registry.config_class(n), Tag(n)] for n in names)
+    return Annotated[Union[members], Discriminator(registry.device_driver)]  # noqa: UP007 - built at run time
 
 
 def _bus_union() -> Any:

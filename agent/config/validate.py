@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import marshal
 import os
-import subprocess
 import sys
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import __version__
 from agent.config import modelkit, plainmodel
@@ -72,6 +72,18 @@ def snapshot(value: Any) -> Any:
     raise TypeError(f"a validated config holds a {type(value).__name__}: the snapshot cannot carry it")
 
 
+class Child(Protocol):
+    """What Pending uses of its child: a subprocess.Popen, or the child forked at start (ForkedChild)."""
+
+    returncode: int | None
+
+    def communicate(self) -> tuple[bytes, bytes]: ...
+
+    def poll(self) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+
 def in_child() -> bool:
     """Whether `load()` validates in a child process: in a process running on plain models."""
     return modelkit.selected() == "plain"
@@ -83,9 +95,7 @@ class Pending:
     `cached` holds the snapshot of an earlier validation when the cache's key matched (no child runs then),
     until `verify()` has compared it with the file's validation."""
 
-    def __init__(
-        self, path: Path, proc: subprocess.Popen[bytes] | None, cached: Any = None, remote: bool = False
-    ) -> None:
+    def __init__(self, path: Path, proc: Child | None, cached: Any = None, remote: bool = False) -> None:
         self.path = path
         self.remote = remote
         self.proc = proc
@@ -152,7 +162,9 @@ class Pending:
                 self.proc.kill()
 
 
-def _child(path: Path, background: bool = False, remote: bool = False) -> subprocess.Popen[bytes]:
+def _child(path: Path, background: bool = False, remote: bool = False) -> Child:
+    import subprocess  # the daemon's, for its child; the child itself has no use of it
+
     flags = [*(["--background"] if background else []), *(["--remote"] if remote else [])]
     return subprocess.Popen(
         [sys.executable, "-m", "agent.config.validate", *flags, str(path)],
@@ -162,17 +174,148 @@ def _child(path: Path, background: bool = False, remote: bool = False) -> subpro
     )
 
 
-def spawn(path: Path, use_snapshot: bool = False, remote: bool = False) -> Pending:
+# Standard modules both the daemon (asyncio, paho, its config models) and its validating child (pydantic, the
+# loader) import, loaded before the fork: about 45 ms of CPU paid once instead of twice (what counts under a
+# CPU quota). tests/unit/test_validate_imports.py checks that both processes import each of them anyway.
+SHARED_MODULES = (
+    "base64",
+    "calendar",
+    "datetime",
+    "difflib",
+    "email.message",
+    "email.utils",
+    "platform",
+    "random",
+    "selectors",
+    "socket",
+    "tempfile",
+    "uuid",
+    "zoneinfo",
+)
+
+
+class ForkedChild:
+    """The validating child of the daemon's start, forked rather than started (`spawn(fork=True)`): it begins
+    with the interpreter and the modules this process has already loaded, where `python -m
+    agent.config.validate` would load them again (tens of ms of CPU on the start's critical path:
+    docs/PERFORMANCE.md). It runs the same `main()`, answers on the same two pipes, and is waited for the same way.
+    Only forked from a process with one thread (a fork copies no other thread, and a lock another held stays
+    held in the copy): at the daemon's start, before its event loop; reloads start `_child()`s."""
+
+    def __init__(self, path: Path) -> None:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):  # what is buffered here is written once, by this process
+            with contextlib.suppress(Exception):
+                stream.flush()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        if pid == 0:  # pragma: no cover - the child (tests/unit/test_validate_imports.py runs it)
+            os.close(out_r)
+            os.close(err_r)
+            _forked_main(path, out_w, err_w)
+        os.close(out_w)
+        os.close(err_w)
+        self.pid = pid
+        self.returncode: int | None = None
+        self._fds = (out_r, err_r)
+
+    def communicate(self) -> tuple[bytes, bytes]:
+        """Both pipes to their end, then the exit status (as Popen.communicate: blocking, in a thread)."""
+        import selectors
+
+        chunks: dict[int, list[bytes]] = {fd: [] for fd in self._fds}
+        with selectors.DefaultSelector() as sel:
+            for fd in self._fds:
+                sel.register(fd, selectors.EVENT_READ)
+            while sel.get_map():
+                for key, _ in sel.select():
+                    data = os.read(key.fd, 65536)
+                    if data:
+                        chunks[key.fd].append(data)
+                    else:
+                        sel.unregister(key.fd)
+                        os.close(key.fd)
+        self._wait(0)
+        out, err = (b"".join(chunks[fd]) for fd in self._fds)
+        return out, err
+
+    def poll(self) -> int | None:
+        return self._wait(os.WNOHANG)
+
+    def _wait(self, flags: int) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(ChildProcessError):  # reaped already (never by another waiter here)
+                pid, status = os.waitpid(self.pid, flags)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        import signal
+
+        os.kill(self.pid, signal.SIGKILL)
+
+
+def _forked_main(path: Path, out_w: int, err_w: int) -> None:  # pragma: no cover - runs in the forked child
+    """The forked child: stdin from /dev/null, stdout and stderr on the pipes, the default signal actions
+    (the daemon's start-up handlers are its own), pydantic models; `main()`, then exit without the parent's
+    atexit handlers."""
+    code = 1
+    try:
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        for fd in (null, out_w, err_w):
+            os.close(fd)
+        modelkit.select_in_forked_child("pydantic")
+        code = main([str(path)])
+    except BaseException:
+        import traceback
+
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def spawn(path: Path, use_snapshot: bool = False, remote: bool = False, fork: bool = False) -> Pending:
     """Start validating `path`: in a child when this process runs on plain models, else in-process on
     `result()`. With `use_snapshot` (the daemon's start), an unchanged file's last snapshot is taken instead
-    of a child. Synchronous, so that `fieldgate run` starts the child before its own imports."""
+    of a child. Synchronous, so that `fieldgate run` starts the child before its own imports. `fork`: the
+    child is forked from this process (ForkedChild) if it has one thread only, else started."""
     if not in_child():
         return Pending(path, None, remote=remote)
     if use_snapshot:
         cached = _cached(path)
         if cached is not None:
             return Pending(path, None, cached)
+    if fork and not remote and _one_thread():
+        for name in SHARED_MODULES:  # loaded once, before the fork, rather than once in each process
+            importlib.import_module(name)
+        try:
+            return Pending(path, ForkedChild(path))
+        except OSError as exc:  # no fork now (EAGAIN, ENOMEM): a child started the usual way
+            log.warning("config validation: could not fork (%s), starting a validator", exc)
     return Pending(path, _child(path, remote=remote), remote=remote)
+
+
+def _one_thread() -> bool:
+    import threading
+
+    return hasattr(os, "fork") and threading.active_count() == 1
 
 
 async def load(path: Path, remote: bool = False) -> FieldgateConfig:
@@ -284,6 +427,9 @@ def forget(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The child: validate one file, write the result to stdout (marshal), exit 0 (problems are a result)."""
+    import gc
+
+    gc.disable()  # a short life spent importing and building models: no collection (the input is <= 1 MiB)
     modelkit.select("pydantic")  # the child validates: the full models, whatever imported this module
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--background"]:  # a check of a running config: leave the CPU to the daemon's work
@@ -299,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     from agent.config import loader
 
     try:
-        loaded = loader.load(Path(args[0]), remote=remote)
+        loaded = loader.load(Path(args[0]), remote=remote, only_named_drivers=True)
         config = snapshot(loaded.config)
         inputs = loaded.consulted
         result: tuple[str, Any, Any] = (RESULT_OK, config, inputs)

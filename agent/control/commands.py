@@ -37,9 +37,8 @@ from typing import Any
 
 import orjson
 
-from agent.config.base import Model
-from agent.config.modelkit import Field
-from agent.config.units import Duration, duration_field, parse_duration
+from agent.config.control import CommandsConfig
+from agent.config.units import parse_duration
 from agent.driver import Driver, PointSpec
 from agent.errors import DeviceError, FieldgateError, WriteRefused
 from agent.pipeline import metrics
@@ -62,26 +61,6 @@ OUTCOME_UNKNOWN = "outcome unknown: not retried"
 # The latest end of an `override` a schedule can hold (agent/control/lamp_schedule.py shows and compares it as a local
 # datetime, and Python's datetime ends with the year 9999; one day less keeps every timezone inside it).
 OVERRIDE_LIMIT_MS = 253_402_128_000_000  # 9999-12-30T00:00:00Z
-
-
-class CommandsConfig(Model):
-    """The `commands:` section: how long ids are remembered and how much audit is kept."""
-
-    result_retention: Duration = duration_field(
-        86400.0,
-        "1m",
-        "30d",
-        description="how long a command's result is remembered to answer a repeated id without executing",
-    )
-    audit_max_rows: int = Field(
-        10000, ge=10, le=10_000_000, description="audit rows kept; the oldest go first"
-    )
-    write_timeout: Duration = duration_field(
-        10.0,
-        "10ms",
-        "5m",
-        description="longest a device write (with its read-back) may take before the command fails",
-    )
 
 
 def commands_db_path(storage_path: Path) -> Path:

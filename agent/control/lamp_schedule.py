@@ -20,30 +20,24 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
-from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from datetime import date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
 
-from agent.config.base import Model
-from agent.config.modelkit import Field, field_validator, model_validator
-from agent.config.units import Duration, duration_field, parse_duration
+# The models of `schedules:` live with the config's (the validating child builds them); re-exported here.
+from agent.config.control import DEFAULT_TIMEZONE, WEEKDAYS, ScheduleConfig, StepTime
+from agent.config.control import ScheduleStep as ScheduleStep
+from agent.config.control import Target as Target
+from agent.config.control import parse_at as parse_at
+from agent.config.control import schedule_problems as schedule_problems
 from agent.control.commands import OVERRIDE_LIMIT_MS, CommandEvent, CommandProcessor
 from agent.control.suntimes import sun_event
 from agent.pipeline.reading import now_ms
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TIMEZONE = "Europe/Paris"
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-
-_AT = re.compile(
-    r"^\s*(?:(?P<clock>\d{1,2}:\d{2}(?::\d{2})?)|(?P<sun>sunrise|sunset)\s*(?:(?P<sign>[+-])\s*(?P<offset>.+))?)\s*$"
-)
 
 # Longest single sleep: the wall clock may jump (NTP setting the clock of an RTC-less Pi after boot),
 # so the runner wakes at least this often and recomputes from the clock rather than trusting one long sleep.
@@ -52,128 +46,6 @@ MAX_SLEEP_S = 60.0
 # and are sent when it is back: the lamps do not wait for the platform, the platform still learns.
 REPORT_RETRY_S = 5.0
 MAX_UNREPORTED = 200
-
-
-@dataclass(frozen=True, slots=True)
-class StepTime:
-    """A step's `at`, parsed: a local clock time, or a sun event with an offset in seconds."""
-
-    clock: time | None
-    sun: Literal["sunrise", "sunset"] | None
-    offset_s: float
-
-
-def parse_at(text: str) -> StepTime:
-    """`"23:00"`, `"06:30:00"`, `"sunset"`, `"sunset-10m"`, `"sunrise+1h"` -> StepTime, or ValueError."""
-    m = _AT.match(text)
-    if not m:
-        raise ValueError(
-            f"'{text}' is not a step time; write HH:MM (e.g. 23:00) or sunset/sunrise with an "
-            "optional offset (e.g. sunset-10m, sunrise+15m)"
-        )
-    if m.group("clock"):
-        parts = [int(p) for p in m.group("clock").split(":")] + [0]
-        if parts[0] > 23 or parts[1] > 59 or parts[2] > 59:
-            raise ValueError(f"'{text}' is not a time of day (00:00 to 23:59)")
-        return StepTime(time(parts[0], parts[1], parts[2]), None, 0.0)
-    offset = 0.0
-    if m.group("offset"):
-        offset = parse_duration(m.group("offset").strip())
-        if offset > 6 * 3600:
-            raise ValueError(f"'{text}': an offset from {m.group('sun')} is at most 6h")
-        if m.group("sign") == "-":
-            offset = -offset
-    sun: Literal["sunrise", "sunset"] = "sunrise" if m.group("sun") == "sunrise" else "sunset"
-    return StepTime(None, sun, offset)
-
-
-class Target(Model):
-    device: str
-    point: str
-
-
-class ScheduleStep(Model):
-    at: str = Field(
-        description='"HH:MM" local time, or sunset/sunrise with an offset: "sunset-10m", "sunrise+10m"'
-    )
-    value: float | int | bool | str = Field(description="what the targets are set to from this step on")
-    weekdays: list[Weekday] | None = Field(
-        None, description="only on these local days (mon..sun); default every day"
-    )
-
-    @field_validator("at")
-    @classmethod
-    def _check_at(cls, value: str) -> str:
-        parse_at(value)
-        return value
-
-    def time_spec(self) -> StepTime:
-        return parse_at(self.at)
-
-
-class ScheduleConfig(Model):
-    """One entry of `schedules:`: targets, a timezone and the day's steps."""
-
-    device: str | None = Field(None, description="the target device (or use `targets` for several)")
-    point: str | None = Field(None, description="the target point, e.g. dim")
-    targets: list[Target] = Field(default_factory=list, description="several device+point targets")
-    timezone: str | None = Field(
-        None, description="IANA zone; default gateway.location.timezone, else Europe/Paris"
-    )
-    steps: list[ScheduleStep] = Field(min_length=1)
-    retry: Duration = duration_field(
-        30.0, "1s", "10m", description="first retry delay of a failed step; doubles up to 10m"
-    )
-    enabled: bool = True
-
-    @field_validator("timezone")
-    @classmethod
-    def _check_zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                ZoneInfo(value)
-            except (ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"unknown timezone '{value}' (an IANA name such as Europe/Paris)") from None
-        return value
-
-    @model_validator(mode="after")
-    def _check_targets(self) -> ScheduleConfig:
-        if (self.device is None) != (self.point is None):
-            raise ValueError("give both 'device' and 'point', or a 'targets' list")
-        if self.device is None and not self.targets:
-            raise ValueError("no target: give 'device' and 'point', or a 'targets' list")
-        return self
-
-    def all_targets(self) -> list[Target]:
-        own = [Target(device=self.device, point=self.point)] if self.device and self.point else []
-        return own + list(self.targets)
-
-    def uses_sun(self) -> bool:
-        return any(s.time_spec().sun is not None for s in self.steps)
-
-
-def schedule_problems(config: Any) -> list[tuple[tuple[str | int, ...], str]]:
-    """Cross-section rules for FieldgateConfig.problems: sun steps need a location; targets must exist."""
-    found: list[tuple[tuple[str | int, ...], str]] = []
-    location = getattr(config.gateway, "location", None)
-    devices = getattr(config, "devices", {})
-    for name, schedule in getattr(config, "schedules", {}).items():
-        if schedule.uses_sun() and location is None:
-            found.append(
-                (
-                    ("schedules", name, "steps"),
-                    "sunset/sunrise steps need gateway.location (latitude, longitude)",
-                )
-            )
-        for i, target in enumerate(schedule.all_targets()):
-            if target.device not in devices:
-                path: tuple[str | int, ...] = (
-                    ("schedules", name, "device")
-                    if schedule.device == target.device and i == 0
-                    else ("schedules", name, "targets", i - (1 if schedule.device else 0), "device")
-                )
-                found.append((path, f"unknown device '{target.device}'"))
-    return found
 
 
 @dataclass(frozen=True, slots=True, order=True)
