@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from agent import registry
@@ -99,13 +99,15 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
     def __init__(self, device: str, config: ModbusDeviceConfig, context: DriverContext) -> None:
         # `profile:` was merged into `points` by the config loader (agent/config/loader.py), with file positions.
         super().__init__(device, config, context)
-        self._points: dict[str, ModbusPoint] = dict(config.points)
+        # The config's own dict (frozen models, never changed): not a copy per device.
+        self._points: Mapping[str, ModbusPoint] = config.points
+        # Per point, what planning and decoding need, resolved once (the hot path never asks the config
+        # models): where it is, and its decoder (shared between points decoded alike).
         self._planned = {
-            n: PlannedPoint(n, p.table, p.address, p.register_count()) for n, p in self._points.items()
+            n: (PlannedPoint(n, p.table, p.address, p.register_count()), _Decoder.of(p))
+            for n, p in self._points.items()
         }
         self._limits = Limits(config.max_registers_per_request, config.max_bits_per_request, config.max_gap)
-        # Resolved once: the config models are frozen, and the hot path should not ask them per reading.
-        self._decoders = {n: _Decoder.of(p) for n, p in self._points.items()}
         # Points by poll interval: the points of one interval are always due together (read together, they
         # share their last read), so a cycle asks one clock per interval, not one per point.
         groups: dict[float, list[str]] = {}
@@ -193,7 +195,9 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
         if requests is None:
             if len(self._plans) >= 64:  # points with many intervals: bounded, the oldest plans go first
                 del self._plans[next(iter(self._plans))]
-            requests = self._plans[key] = plan((self._planned[n] for n in names), self._limits, self.barriers)
+            requests = self._plans[key] = plan(
+                (self._planned[n][0] for n in names), self._limits, self.barriers
+            )
         return requests
 
     async def _run(self, request: ReadRequest, readings: list[Reading], answered: list[int]) -> bool:
@@ -230,9 +234,9 @@ class ModbusDriver(Driver[ModbusDeviceConfig]):
 
     def _decode_request(self, request: ReadRequest, values: list[int] | list[bool], ts: int) -> list[Reading]:
         out: list[Reading] = []
-        device, decoders, base = self.device, self._decoders, request.address
+        device, planned, base = self.device, self._planned, request.address
         for pp in request.points:
-            dec = decoders[pp.name]
+            dec = planned[pp.name][1]
             if dec.plain:  # one register, taken as is: no slice, no codec call (hot path)
                 v = int(values[pp.address - base])
                 if 0 <= v <= 0xFFFF:
