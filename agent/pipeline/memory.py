@@ -1,10 +1,12 @@
-"""Giving the start-up's memory back: one `gc.collect()` and `malloc_trim(0)` once the daemon runs steadily.
+"""Giving the start-up's memory back: one `gc.collect()` and `malloc_trim(0)` once a large config runs steadily.
 
 Start-up allocates much that it drops at once (the validated config's snapshot and its decoding, the imports'
 temporaries); CPython returns freed memory to malloc, which keeps most of it in its heap for later. Trimming once
-the first readings are stored gives those pages back to the system: about 1.7 MiB with 10,000 points (the heap
-left by decoding the config's snapshot), a few hundred KiB on the reference workload (docs/PERFORMANCE.md).
-The allocator's steady behaviour (arenas, thresholds) is set by the environment (systemd/fieldgate.service).
+the first large tick is stored gives those pages back to the system: 1.7 MiB with 10,000 points (the heap left by
+decoding the config's snapshot), but only 0.1 MiB on the reference workload (200 points), less than the 0.26 MiB
+that importing ctypes costs: so the store writer asks for it only after a commit of SETTLE_MIN_READINGS readings
+(a poll tick of a config that large; docs/PERFORMANCE.md). The allocator's steady behaviour (arenas,
+thresholds) is set by the environment (systemd/fieldgate.service).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from collections.abc import Callable
 
 log = logging.getLogger("fieldgate.runtime")
 
-SETTLE_AFTER = 5.0  # seconds after the first commit: the first ticks' transient objects are gone by then
+SETTLE_AFTER = (
+    5.0  # seconds after the first large commit: the first ticks' transient objects are gone by then
+)
+SETTLE_MIN_READINGS = 1000  # a commit this large means a config large enough to be worth a trim
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

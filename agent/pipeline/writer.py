@@ -117,7 +117,8 @@ class StoreWriter:
             self.failing = None
         metrics.count_stored(rows)
         self.on_stored(rows)
-        if not self.settled:
-            # The first commit ends the start-up: what it allocated and dropped goes back to the system soon.
+        if not self.settled and len(rows) >= memory.SETTLE_MIN_READINGS:
+            # A tick of a large config: the start-up's heap (mostly the config's snapshot, decoded) goes back to
+            # the system soon. Smaller configs leave too little to be worth loading ctypes for.
             self.settled = True
             asyncio.get_running_loop().call_later(memory.SETTLE_AFTER, memory.settle)

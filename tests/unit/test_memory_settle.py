@@ -24,22 +24,29 @@ def test_settle_without_malloc_trim_only_collects(monkeypatch: pytest.MonkeyPatc
     assert memory.settle() is False
 
 
-async def test_the_first_commit_schedules_one_settle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_first_large_commit_schedules_one_settle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[bool] = []
     monkeypatch.setattr(memory, "SETTLE_AFTER", 0.0)
+    monkeypatch.setattr(memory, "SETTLE_MIN_READINGS", 2)
     monkeypatch.setattr(memory, "settle", lambda: calls.append(True) or True)
     store = AsyncStore(Store(tmp_path / "b.db", 10_000_000))
     await store.open()
     try:
         stored: list[int] = []
         w = StoreWriter(store, 0.05, lambda rows: stored.extend(r.seq for r in rows))
+        w.put([Reading("d", "p", now_ms(), 0)])  # a commit smaller than SETTLE_MIN_READINGS: no trim
+        await w.flush()
+        await asyncio.sleep(0.05)
+        assert calls == [] and not w.settled
         for i in range(3):
-            w.put([Reading("d", "p", now_ms(), i)])
+            w.put([Reading("d", "p", now_ms(), i), Reading("d", "q", now_ms(), i)])
             await w.flush()
             async with asyncio.timeout(5):
                 while not calls:
                     await asyncio.sleep(0.01)
-        assert stored == [1, 2, 3]
+        assert stored == [1, 2, 3, 4, 5, 6, 7]
         assert calls == [True]  # once, however many commits follow
         assert w.settled
     finally:
