@@ -70,6 +70,15 @@ def start_simulator(devices: int) -> tuple[subprocess.Popen[str], int]:
     return proc, port
 
 
+UNITS_PER_BUS = 200  # Modbus unit ids stop at 247: more devices than this get another simulator and bus
+
+
+def start_simulators(devices: int) -> list[tuple[subprocess.Popen[str], int]]:
+    """One simulator process per UNITS_PER_BUS devices (1,000 devices: 5 buses of 200 units)."""
+    counts = [min(UNITS_PER_BUS, devices - first) for first in range(0, devices, UNITS_PER_BUS)]
+    return [start_simulator(n) for n in counts]
+
+
 def machine_speed() -> float:
     """CPU seconds of a pure-Python loop of 3 million additions (median of 3): how fast this machine is now.
     The same code measures differently on machines, or on one VM an hour apart (docs/PERFORMANCE.md); this
@@ -96,6 +105,15 @@ def precompile() -> None:
     )
 
 
+# The allocator settings of systemd/fieldgate.service (`Environment=`), so that the bench runs the daemon as
+# deployed; FIELDGATE_BENCH_PLAIN_MALLOC=1 leaves glibc's defaults (to measure what they change).
+ALLOCATOR_ENV = (
+    {}
+    if os.environ.get("FIELDGATE_BENCH_PLAIN_MALLOC")
+    else {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "524288", "MALLOC_TRIM_THRESHOLD_": "1048576"}
+)
+
+
 class BenchDaemon(Daemon):
     """`fieldgate run` at a production log level (the test harness runs it at debug)."""
 
@@ -108,6 +126,7 @@ class BenchDaemon(Daemon):
         out = open(self.log, "ab")  # noqa: SIM115 - owned by the process
         # As systemd's CacheDirectory= gives it: where the snapshot of the last validation is kept
         env = dict(os.environ, PYTHONPATH=str(REPO), FIELDGATE_CACHE_DIR=str(self.config.parent / "cache"))
+        env.update(ALLOCATOR_ENV)  # as systemd/fieldgate.service sets them
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "-c", str(self.config), "--log-level", self.log_level],
             stdout=out,
@@ -122,24 +141,32 @@ class BenchDaemon(Daemon):
 def write_config(
     workdir: Path,
     broker: Broker,
-    sim_port: int,
+    sim_port: int | list[int],
     devices: int,
     registers: int,
     poll: float = 1.0,
     local_port: int | None = None,
 ) -> Path:
+    """The bench's config; with several simulator ports (start_simulators), device d is unit
+    (d - 1) % UNITS_PER_BUS + 1 of bus `lan`, `lan2`... in turn."""
+    ports = sim_port if isinstance(sim_port, list) else [sim_port]
+    buses = [("lan" if i == 0 else f"lan{i + 1}", port) for i, port in enumerate(ports)]
     listen = f"'127.0.0.1:{local_port}'" if local_port else "''"
     lines = [
         "gateway: {id: bench, clock: assume_synced}",
         f"storage: {{path: {workdir / 'buffer.db'}, max_size: 512MB}}",
         f"upstream: {{mqtt: {{url: 'mqtt://127.0.0.1:{broker.port}', keepalive: 5s}}}}",
         f"local: {{listen: {listen}}}",
-        f"buses: {{lan: {{type: modbus-tcp, host: 127.0.0.1, port: {sim_port}, timeout: 1s}}}}",
+        "buses: {"
+        + ", ".join(f"{n}: {{type: modbus-tcp, host: 127.0.0.1, port: {p}, timeout: 1s}}" for n, p in buses)
+        + "}",
         "devices:",
     ]
     for d in range(1, devices + 1):
         points = ", ".join(f"r{i}: {{table: holding, address: {i}}}" for i in range(registers))
-        lines.append(f"  dev{d:03d}: {{bus: lan, unit_id: {d}, poll: {poll:g}s, points: {{{points}}}}}")
+        bus = buses[(d - 1) // UNITS_PER_BUS][0] if len(buses) > 1 else "lan"
+        unit = (d - 1) % UNITS_PER_BUS + 1 if len(buses) > 1 else d
+        lines.append(f"  dev{d:03d}: {{bus: {bus}, unit_id: {unit}, poll: {poll:g}s, points: {{{points}}}}}")
     cfg = workdir / "fieldgate.yaml"
     cfg.write_text("\n".join(lines) + "\n")
     return cfg
@@ -219,12 +246,12 @@ async def one_run(
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fg-bench-"))
     broker = Broker(persistence=True).start()
-    sim, sim_port = start_simulator(devices)
+    sims = start_simulators(devices)
     platform = Platform(broker.port)
     watcher = asyncio.create_task(platform.run())
     await platform.ready.wait()
     local_port = free_port() if scrape is not None else None
-    cfg = write_config(workdir, broker, sim_port, devices, registers, poll, local_port)
+    cfg = write_config(workdir, broker, [port for _, port in sims], devices, registers, poll, local_port)
     scrapes: list[int] = []
     scraping = (
         asyncio.create_task(scraper(local_port, scrape, scrapes))
@@ -298,8 +325,9 @@ async def one_run(
         if scraping is not None:
             scraping.cancel()
         daemon.stop()
-        sim.terminate()
-        sim.wait()
+        for sim, _ in sims:
+            sim.terminate()
+            sim.wait()
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         broker.cleanup()

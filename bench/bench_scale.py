@@ -3,8 +3,10 @@
 Same measurements as bench_daemon (CPU, RSS, threads, first reading, resume, drain), on a workload with many
 devices and wide requests; the target is under 10 % of one core (`cpu_pct_of_core`). One simulator process
 serves the 100 unit ids on one TCP port, so the 100 devices share one bus (one connection, one lock).
+More devices than a bus can address (unit ids stop at 247) are spread over one simulator and one bus per 200
+devices: `--devices 1000 --registers 10` is issue 24's 1,000 devices x 10 points on 5 buses.
 
-    python -m bench.bench_scale [--quick] [--seconds N] [--outage N] [--runs N]
+    python -m bench.bench_scale [--quick] [--seconds N] [--outage N] [--runs N] [--devices N] [--registers N]
 """
 
 from __future__ import annotations

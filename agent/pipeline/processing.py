@@ -22,7 +22,6 @@ the next value of every point of the device be sent.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -100,7 +99,15 @@ def resolve_rule(levels: list[Any]) -> PointRule:
             break
         if getattr(level, "report", None) is not None or getattr(level, "deadband", None) is not None:
             break
-    return PointRule(report, amount, relative, heartbeat_ms, aggregate)
+    rule = PointRule(report, amount, relative, heartbeat_ms, aggregate)
+    if aggregate is not None:
+        return rule
+    # Shared: the points of a gateway resolve to a handful of distinct rules (10,000 points, one rule each,
+    # were 0.7 MiB). Rules with an aggregate are left out: their config model need not be hashable.
+    return _RULES.setdefault(rule, rule)
+
+
+_RULES: dict[PointRule, PointRule] = {}  # every distinct rule without an aggregate, by value
 
 
 def is_number(value: Value) -> bool:
@@ -211,34 +218,43 @@ class DeviceProcessor:
     # -- the sink --------------------------------------------------------------------------------------
 
     def __call__(self, readings: list[Reading]) -> None:
+        if not readings:
+            return
+        # Once per batch, not per reading: the clock's state and the counters (every polled value comes here).
+        synced = self.clock.synced()
+        rules = self._rules
+        counters = self.counters
         out: list[Reading] = []
+        received = 0
         for r in readings:
-            self._one(r, out)
+            if r.quality is None and not synced:
+                r = r._replace(quality=UNCERTAIN)
+            point = r.point
+            if point in EVENT_POINTS:
+                # A failure or a recovery: whatever comes next from the device is news, whatever its value.
+                self._sent.clear()
+                out.append(r)
+                continue
+            received += 1
+            if r.quality == BAD:
+                counters["bad"] += 1
+                continue
+            rule = rules.get(point) or self.rule(point)
+            if rule.passes_all:
+                # `report: always` without an aggregate: nothing to remember (the last value sent is only
+                # read by the other report modes, and a point's rule never changes in a processor's life).
+                out.append(r)
+            elif rule.aggregate is not None and is_number(r.value):
+                self._aggregate(r, rule.aggregate, out)
+            elif self._worth_sending(r, rule):
+                self._sent[point] = _Sent(r.value, r.quality, r.ts)
+                out.append(r)
+            else:
+                counters["suppressed"] += 1
+        counters["received"] += received
         if out:
-            self.counters["sent"] += len(out)
+            counters["sent"] += len(out)
             self.sink(out)
-
-    def _one(self, r: Reading, out: list[Reading]) -> None:
-        if r.quality is None and not self.clock.synced():
-            r = dataclasses.replace(r, quality=UNCERTAIN)
-        if r.point in EVENT_POINTS:
-            # A failure or a recovery: whatever comes next from the device is news, whatever its value.
-            self._sent.clear()
-            out.append(r)
-            return
-        self.counters["received"] += 1
-        if r.quality == BAD:
-            self.counters["bad"] += 1
-            return
-        rule = self.rule(r.point)
-        if rule.aggregate is not None and is_number(r.value):
-            self._aggregate(r, rule.aggregate, out)
-            return
-        if rule.passes_all or self._worth_sending(r, rule):
-            self._sent[r.point] = _Sent(r.value, r.quality, r.ts)
-            out.append(r)
-        else:
-            self.counters["suppressed"] += 1
 
     def _worth_sending(self, r: Reading, rule: PointRule) -> bool:
         sent = self._sent.get(r.point)

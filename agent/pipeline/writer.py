@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from agent.errors import StoreError
-from agent.pipeline import metrics
+from agent.pipeline import memory, metrics
 from agent.pipeline.reading import Reading
 from agent.pipeline.store import AsyncStore, StoredRow
 
@@ -40,6 +40,7 @@ class StoreWriter:
         self.beat: Callable[[], None] = lambda: None
         self._last_flush = 0.0
         self._polls = 0  # device polls under way: readings of the same tick are still coming
+        self.settled = False  # the start-up's memory given back (agent/pipeline/memory.py), once
 
     def polling(self, started: bool) -> None:
         """A device poll starts or ends (scheduler): the last one of a tick lets the tick's readings go."""
@@ -116,3 +117,8 @@ class StoreWriter:
             self.failing = None
         metrics.count_stored(rows)
         self.on_stored(rows)
+        if not self.settled and len(rows) >= memory.SETTLE_MIN_READINGS:
+            # A tick of a large config: the start-up's heap (mostly the config's snapshot, decoded) goes back to
+            # the system soon. Smaller configs leave too little to be worth loading ctypes for.
+            self.settled = True
+            asyncio.get_running_loop().call_later(memory.SETTLE_AFTER, memory.settle)

@@ -45,7 +45,10 @@ def reading_body(seq: int, r: Reading) -> bytes:
         doc["unit"] = r.unit
     if r.quality is not None:
         doc["quality"] = r.quality
-    return orjson.dumps(doc)
+    # A copy of exactly its length: orjson (3.10+) returns its bytes in the 4 KiB buffer it wrote them into,
+    # so each ~100-byte body held 4 KiB for as long as its row lived (a tick's rows wait in the uplink's live
+    # queue and in flight: 10,000 rows at 100 x 100 points were 40 MiB; docs/PERFORMANCE.md, fourth pass).
+    return bytes(memoryview(orjson.dumps(doc)))
 
 
 def telemetry(gateway_id: str, bodies: Sequence[bytes], *, backlog: bool = False) -> bytes:

@@ -368,3 +368,33 @@ def test_a_point_with_its_own_report_mode_is_not_aggregated() -> None:
     proc, _, _ = make(cfg)
     assert proc.rule("energy").aggregate is None and proc.rule("energy").report == "deadband"
     assert proc.rule("power").aggregate is not None
+
+
+def test_points_with_the_same_options_share_one_rule() -> None:
+    from agent.pipeline.processing import resolve_rule
+
+    class Level:
+        report = "on_change"
+        deadband = None
+        heartbeat = 60.0
+        aggregate = None
+
+    a, b = resolve_rule([Level(), None]), resolve_rule([None, Level()])
+    assert a == b and a is b
+    assert resolve_rule([]) is resolve_rule([None])  # the default rule, once
+
+
+def test_report_always_keeps_no_last_value_and_passes_every_reading() -> None:
+    from agent.pipeline.clock import FixedClock
+    from agent.pipeline.processing import DeviceProcessor
+    from agent.pipeline.reading import Reading
+
+    out: list[list[Reading]] = []
+    proc = DeviceProcessor("d", None, out.append, FixedClock(False))
+    batch = [Reading("d", "a", 1, 5), Reading("d", "a", 2, 5), Reading("d", "b", 2, "x", quality="bad")]
+    proc(batch)
+    assert out == [
+        [Reading("d", "a", 1, 5, quality="uncertain"), Reading("d", "a", 2, 5, quality="uncertain")]
+    ]
+    assert proc._sent == {}
+    assert proc.counters["received"] == 3 and proc.counters["bad"] == 1 and proc.counters["sent"] == 2
