@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -346,9 +346,9 @@ def test_a_mark_not_written_at_close_is_said_and_the_next_start_resumes_at_the_r
     Path(f"{db}.seq.tmp").mkdir()  # the temp file cannot be created: the side file keeps "<H> open"
     with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
         s.close()
-    (message,) = [r.getMessage() for r in caplog.records]
-    assert message.startswith(f"buffer seq mark {db}.seq not written: ")
-    assert message.endswith(" (the next start resumes at the reserved mark instead)")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"buffer seq mark {db}.seq not written: Is a directory (the next start resumes at the reserved mark instead)"
+    ]
     assert Path(f"{db}.seq").read_text() == f"{1 + SEQ_BLOCK} open\n"
     Path(f"{db}.seq.tmp").rmdir()
     s = Store(db, 64 * MiB)
@@ -559,5 +559,120 @@ def test_a_page_cap_set_on_an_open_store_applies_and_outlives_a_reopen(db: Path)
             s.append(readings(2000, start=50_000))
         s.set_max_page_count(None)
         assert len(s.append(readings(2000, start=50_000))) == 2000
+    finally:
+        s.close()
+
+
+# -- the connection's settings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "synchronous", "wal_bytes"),
+    [
+        (256 * 1024, "full", 64 * 1024),  # the WAL's floor
+        (2 * MiB, "normal", 2 * MiB // 16),
+        (2_000_001, "full", 2_000_001 // 16),
+        (128 * MiB, "normal", 4 * MiB),  # its ceiling
+    ],
+)
+def test_the_connection_s_settings_read_back(
+    db: Path, max_bytes: int, synchronous: Literal["full", "normal"], wal_bytes: int
+) -> None:
+    s = Store(db, max_bytes, synchronous)
+    s.open()
+    try:
+        conn = s._conn
+        assert conn is not None
+
+        def pragma(name: str) -> object:
+            assert conn is not None
+            return conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+        assert pragma("journal_mode") == "wal"
+        assert pragma("synchronous") == {"full": 2, "normal": 1}[synchronous]
+        assert pragma("secure_delete") == 2  # FAST
+        assert pragma("auto_vacuum") == 2  # INCREMENTAL
+        assert pragma("busy_timeout") == 5000
+        assert pragma("journal_size_limit") == wal_bytes
+        assert pragma("wal_autocheckpoint") == wal_bytes // 4 // 4096
+        assert pragma("user_version") == 1
+    finally:
+        s.close()
+
+
+def test_a_stop_with_rows_in_flight_on_the_only_lane_keeps_them_pinned_once_lanes_are_declared(
+    db: Path,
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.pin(s.append(readings(3))[:2])
+    s.close()
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.set_lanes(["mqtt"])  # what the daemon does at every start
+    assert s.stats().pinned == 2
+    assert s.ack([1, 2, 3], "mqtt") == 3
+    assert s.stats().pinned == 0
+    s.close()
+
+
+GARBAGE = "7" * 100 + "x open"
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"", "''"),
+        (b"12", "'12'"),
+        (b"12 open now", "'12 open now'"),
+        (b"x12 open", "'x12 open'"),
+        (b"-12 open", "'-12 open'"),
+        (b"12 opened", "'12 opened'"),
+        (b"12 OPEN", "'12 OPEN'"),
+        (GARBAGE.encode(), repr(GARBAGE[:80])),
+        ("\u0661\u0662 closed".encode(), None),  # Arabic-Indic digits: UTF-8, not ASCII
+    ],
+)
+def test_an_unreadable_mark_is_said_and_ignored(
+    db: Path, caplog: pytest.LogCaptureFixture, content: bytes, said: str | None
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5))
+    s.close()
+    Path(f"{db}.seq").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+        s = Store(db, 64 * MiB)
+        s.open()
+    try:
+        (message,) = [r.getMessage() for r in caplog.records]
+        assert message.startswith(f"seq mark {db}.seq unreadable (")
+        assert message.endswith("): ignored")
+        if said is not None:
+            assert message == f"seq mark {db}.seq unreadable ({said}): ignored"
+        else:
+            assert "'ascii' codec can't decode" in message
+        stats = s.stats()
+        assert (stats.next_seq, stats.recovered) == (6, 0)  # the database decides, nothing went back
+        assert Path(f"{db}.seq").read_text() == f"{6 + SEQ_BLOCK} open\n"  # and a good mark replaces it
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(("state", "next_seq"), [("open", 6), ("closed", 12)])
+def test_a_mark_ahead_of_the_database_resumes_only_after_a_clean_close(
+    db: Path, state: str, next_seq: int
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5))
+    s.close()
+    Path(f"{db}.seq").write_text(f"12 {state}\n")
+    # With its -wal: an unclean stop whose log is intact is trusted; a clean close at 12 is not.
+    Path(f"{db}-wal").write_bytes(b"")
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        assert s.stats().next_seq == next_seq
     finally:
         s.close()
