@@ -676,3 +676,68 @@ def test_a_mark_ahead_of_the_database_resumes_only_after_a_clean_close(
         assert s.stats().next_seq == next_seq
     finally:
         s.close()
+
+
+# -- opening ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lose", "why"),
+    [
+        ("database", "the database file is missing or empty"),
+        (
+            "wal",
+            "the process stopped without closing it and its write-ahead log (-wal) is gone (lost, or merged by "
+            "another program that opened the file read-write)",
+        ),
+    ],
+)
+def test_a_database_behind_its_mark_says_why_resumes_there_once_and_persists_it(
+    db: Path, caplog: pytest.LogCaptureFixture, lose: str, why: str
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5))
+    s.close()
+    if lose == "database":
+        db.unlink()
+    Path(f"{db}.seq").write_text("50 open\n")  # an unclean stop after seqs up to 49 were handed out
+    with caplog.at_level(logging.ERROR, logger="fieldgate.store"):
+        s = Store(db, 64 * MiB)
+        s.open()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"buffer {db} went back: {why}; readings pending in the lost part are gone, and seq resumes at 50 "
+        f"(the mark in {db}.seq) so that no seq already sent is used again"
+    ]
+    assert (s.stats().next_seq, s.stats().recovered) == (50, 1)
+    s.close()
+    caplog.clear()
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        assert (s.stats().next_seq, s.stats().recovered) == (50, 1)
+        assert caplog.records == []
+        assert seqs(s.append(readings(1))) == [50]
+    finally:
+        s.close()
+
+
+def test_a_store_opened_twice_is_refused(store: Store, db: Path) -> None:
+    with pytest.raises(StoreError, match=rf"^the buffer {db} is already open$"):
+        store.open()
+    assert seqs(store.append(readings(1))) == [1]  # still the first connection, untouched
+
+
+def test_the_buffer_s_directories_are_created(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a" / "b" / "buffer.db", 64 * MiB)
+    s.open()
+    s.close()
+    again = Store(tmp_path / "a" / "b" / "buffer.db", 64 * MiB)
+    again.open()  # the directory exists now: fine too
+    again.close()
+
+
+def test_a_directory_that_cannot_be_created_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StoreError, match=rf"^cannot create the buffer directory {tmp_path}/file/sub: "):
+        Store(tmp_path / "file" / "sub" / "buffer.db", 64 * MiB).open()
