@@ -741,3 +741,54 @@ def test_a_directory_that_cannot_be_created_is_a_store_error(tmp_path: Path) -> 
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(StoreError, match=rf"^cannot create the buffer directory {tmp_path}/file/sub: "):
         Store(tmp_path / "file" / "sub" / "buffer.db", 64 * MiB).open()
+
+
+def test_a_file_that_fails_the_integrity_check_is_replaced_and_says_what_failed(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(50))
+    s.close()
+    data = bytearray(db.read_bytes())
+    n = int.from_bytes(data[28:32], "big")  # the header's page count: 3 pages more, never used
+    data[28:32] = (n + 3).to_bytes(4, "big")
+    db.write_bytes(bytes(data) + bytes(3 * 4096))
+    with caplog.at_level(logging.ERROR, logger="fieldgate.store"):
+        s = Store(db, 64 * MiB)
+        s.open()
+    try:
+        (message,) = [r.getMessage() for r in caplog.records]
+        problems = "\n".join(f"Page {p} is never used" for p in range(n + 1, n + 4))
+        assert f" was unusable (integrity check failed: *** in database main ***\n{problems}); " in message
+        assert (s.stats().recovered, s.stats().next_seq) == (1, 51)
+    finally:
+        s.close()
+
+
+def test_a_buffer_from_before_lanes_gets_its_acked_column(db: Path) -> None:
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(
+            "CREATE TABLE readings(seq INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL,"
+            " device TEXT NOT NULL, point TEXT NOT NULL, body BLOB NOT NULL)"
+        )
+        conn.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        conn.execute("INSERT INTO meta VALUES ('evicted', 2), ('recovered', 0)")
+        conn.executemany(
+            "INSERT INTO readings(seq, ts, device, point, body) VALUES (?, ?, 'meter-1', 'power_w', x'7b7d')",
+            [(3, T0), (4, T0 + 1000), (5, T0 + 2000)],
+        )
+        conn.execute("PRAGMA user_version = 1")
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        s.set_lanes(["a", "b"])
+        stats = s.stats()
+        assert (stats.pending, stats.evicted, stats.next_seq, stats.lanes) == (3, 2, 6, {"a": 3, "b": 3})
+        assert s.ack([3, 4], "a") == 0
+        assert s.ack([4], "b") == 1
+        assert seqs(s.fetch(0, None, 10, "a")) == [5]
+        assert seqs(s.fetch(0, None, 10, "b")) == [3, 5]
+    finally:
+        s.close()
