@@ -81,7 +81,6 @@ TARGETS: dict[str, Target] = {
                 "tests/unit/test_store_writer.py",
                 "tests/unit/test_store_ledger.py",
                 "tests/unit/test_store_seqmark.py",
-                "tests/unit/test_store_edges.py",
             ),
             deselect=(
                 # checks that the ledger's model can fail (with Store.pin patched out): 10 s, and no
