@@ -1451,3 +1451,37 @@ def test_a_buffer_from_before_lanes_gets_its_acked_column(db: Path) -> None:
         assert seqs(s.fetch(0, None, 10, "b")) == [3, 5]
     finally:
         s.close()
+
+
+def test_a_failure_while_resuming_at_the_mark_fails_the_open_and_the_next_open_resumes(db: Path) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5))
+    s.close()
+    Path(f"{db}.seq").write_text("50 open\n")  # the -wal is gone: resume at 50
+    fail(db, "UPDATE", "meta")
+    with pytest.raises(StoreError, match=r"^buffer open failed: boom$"):
+        Store(db, 64 * MiB).open()
+    heal(db)
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        assert (s.stats().next_seq, s.stats().recovered) == (50, 1)
+    finally:
+        s.close()
+
+
+def test_each_recovery_adds_one_to_those_before(db: Path) -> None:
+    db.write_bytes(b"not a database at all" * 100)
+    s = Store(db, 64 * MiB)
+    s.open()  # moved aside: 1
+    first = s.stats().next_seq
+    s.append(readings(3))
+    s.close()
+    Path(f"{db}.seq").write_text(f"{first + 100} closed\n")  # then the file goes back behind its mark: 2
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        assert (s.stats().recovered, s.stats().next_seq) == (2, first + 100)
+    finally:
+        s.close()
