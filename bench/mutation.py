@@ -273,9 +273,12 @@ def report(target: Target, work: Path, rc: int | None, interrupted: bool, elapse
 
 
 SQL_WORDS = re.compile(
-    r"\b(SELECT|INSERT|UPDATE|DELETE|BEGIN|COMMIT|ROLLBACK|PRAGMA|CREATE|ALTER|VACUUM|FROM|WHERE|VALUES)\b",
+    r"\b(SELECT|INSERT|UPDATE|DELETE|BEGIN|COMMIT|ROLLBACK|PRAGMA|CREATE|ALTER|VACUUM|FROM|WHERE|VALUES|BETWEEN)\b"
+    r"|[=<>] \?",  # a fragment of a WHERE clause: "device = ?", "ts < ?"
     re.IGNORECASE,
 )
+SQL_STRING = re.compile(r"'[^']*'")
+"""An SQL string literal: its case matters ('readings' is not 'READINGS'), unlike keywords and names."""
 _DIFFS = """
 import json, sys
 from mutmut.mutation.diff_apply import get_diff_for_mutant
@@ -303,17 +306,21 @@ def diffs(work: Path, path: str, names: list[str]) -> dict[str, str]:
 def classify(diff: str) -> tuple[str, str]:
     """(class, the changed line) of a surviving mutant, from its diff.
 
-    sql-case: only the case of an SQL statement changed; SQLite's keywords and identifiers are
-    case-insensitive, so the mutant is equivalent. text: only a string literal's wording changed (mutmut's
-    "XX...XX" or its case), a log or error message's text. other: to be read (docs/TESTING.md lists them).
+    sql-case: only the case of an SQL statement (or of a WHERE fragment such as `device = ?`) changed, not
+    inside one of its string literals; SQLite's keywords and identifiers are case-insensitive, so the mutant
+    is equivalent (`WHERE key = 'evicted'` -> `WHERE KEY = 'EVICTED'` is not: it matches no row). text: only
+    the wording of a string that is not SQL changed (mutmut's "XX...XX" or its case), a log or error
+    message's text. other: to be read (docs/TESTING.md lists them).
     """
     minus = [line[1:] for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
     plus = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
     shown = (plus[0] if plus else minus[0] if minus else "").strip()
     if len(minus) == len(plus) and minus:
         pairs = list(zip(minus, plus, strict=True))
-        if all(a.lower() == b.lower() for a, b in pairs) and all(SQL_WORDS.search(a) for a, _ in pairs):
-            return "sql-case", shown
+        if all(SQL_WORDS.search(a) for a, _ in pairs):
+            same_case = all(a.lower() == b.lower() for a, b in pairs)
+            same_strings = all(SQL_STRING.findall(a) == SQL_STRING.findall(b) for a, b in pairs)
+            return ("sql-case" if same_case and same_strings else "other"), shown
         if all(a.lower() == b.replace("XX", "").lower() for a, b in pairs):
             return "text", shown
     return "other", shown

@@ -1485,3 +1485,23 @@ def test_each_recovery_adds_one_to_those_before(db: Path) -> None:
         assert (s.stats().recovered, s.stats().next_seq) == (2, first + 100)
     finally:
         s.close()
+
+
+def test_a_recovered_buffer_keeps_the_old_file_s_evicted_count(db: Path) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5000))
+    assert s.purge(before_ts=T0 + 7000) == 7
+    s.close()
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 2])  # truncated: moved aside, its counters salvaged
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.close()
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        stats = s.stats()
+        assert (stats.recovered, stats.evicted, stats.next_seq) == (1, 7, 5001)
+    finally:
+        s.close()
