@@ -1505,3 +1505,51 @@ def test_a_recovered_buffer_keeps_the_old_file_s_evicted_count(db: Path) -> None
         assert (stats.recovered, stats.evicted, stats.next_seq) == (1, 7, 5001)
     finally:
         s.close()
+
+
+def test_the_reads_say_what_failed(store: Store, db: Path) -> None:
+    rows = store.append(readings(2))
+    query(db, "ALTER TABLE readings RENAME TO moved")  # another program changed the file under the store
+    with pytest.raises(StoreError, match=r"^buffer pin of 2 readings failed: no such table: readings$"):
+        store.pin(rows)
+    with pytest.raises(StoreError, match=r"^buffer fetch failed: no such table: readings$"):
+        store.fetch(0, None, 10)
+    with pytest.raises(StoreError, match=r"^buffer stats failed: no such table: readings$"):
+        store.stats()
+    query(db, "ALTER TABLE moved RENAME TO readings")
+    stats = store.stats()
+    assert (stats.disk_errors, stats.pinned) == (3, 0)
+    assert stats.last_error == "buffer stats failed: no such table: readings"
+    assert store.pin(rows) == rows
+
+
+def test_an_unencodable_reading_is_said_with_its_device_point_time_and_reason(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+        assert store.append([Reading("meter-1", "huge", T0, 2**70)]) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"reading meter-1/huge at {T0} not stored: cannot encode it as JSON (Integer exceeds 64-bit range)"
+    ]
+    assert store.stats().next_seq == 1
+
+
+def test_an_eviction_is_said_with_the_bound_the_count_and_the_total(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(db, 256 * 1024, "normal")
+    s.open()
+    try:
+        with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+            k = 0
+            while not caplog.records:
+                s.append(readings(100, start=k * 100))
+                k += 1
+        evicted = s.stats().evicted
+        assert evicted > 0
+        assert [r.getMessage() for r in caplog.records] == [
+            f"buffer full (max_size 262144 bytes): evicted the {evicted} oldest unsent readings "
+            f"({evicted} evicted in total)"
+        ]
+    finally:
+        s.close()
