@@ -91,6 +91,48 @@ TARGETS: dict[str, Target] = {
     )
 }
 
+# Survivors proven equivalent by reading them (docs/TESTING.md gives each proof), beyond the SQL-case ones the
+# classifier recognises: mutmut's name -> (the mutant's changed line, why). A mutant counts as equivalent only
+# while its changed line is still that one (a change of the module renumbers the mutants: then it is read again).
+PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
+    "store": {
+        "agent.pipeline.store.x__time_floor_seq__mutmut_5": (
+            "return max(2, time.time_ns() // 1_000_000 * 1000)",
+            "the time value is at least 1000 on any clock past 1970-01-01T00:00:00.001Z: max(1, x) == max(2, x)",
+        ),
+        "agent.pipeline.store.xǁAsyncStoreǁ__init____mutmut_10": (
+            "self._closed = None",
+            "only ever read as `if self._closed`: None and False are both false",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_salvage__mutmut_61": (
+            "if row is not None and isinstance(row[0], int) and row[0] > 0:",
+            "a counter read as 0 leaves the default, which is 0",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_salvage__mutmut_62": (
+            "if row is not None and isinstance(row[0], int) and row[0] >= 1:",
+            "a counter read as 0 leaves the default, which is 0",
+        ),
+        "agent.pipeline.store.xǁStoreǁpurge__mutmut_26": (
+            "chunk = max(101, self._wal_step // 128)",
+            "the WAL step is at least 16 KiB (a quarter of the 64 KiB floor), so wal_step // 128 >= 128 wins",
+        ),
+        "agent.pipeline.store.xǁStoreǁpurge__mutmut_28": (
+            "chunk = max(100, self._wal_step // 129)",
+            "the chunk only splits the purge into transactions: the loop runs until a chunk comes back short, "
+            "the rows deleted, the counters and the log line are the same",
+        ),
+        "agent.pipeline.store.xǁStoreǁset_max_page_count__mutmut_8": (
+            'self._conn.execute(f"PRAGMA max_page_count = {int(pages) if pages is not None else 4294967295}")',
+            "SQLite clamps max_page_count to 4294967294: both set the same ceiling (read back on SQLite 3.40)",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_recover__mutmut_42": (
+            "conn.execute(\"DELETE FROM SQLITE_SEQUENCE WHERE NAME = 'READINGS'\")",
+            "the fresh database has no row in sqlite_sequence yet (nothing was ever inserted): the DELETE removes "
+            "nothing whichever name it looks for",
+        ),
+    },
+}
+
 # mutmut's exit-code classes (mutmut/stats.py), folded into the columns of the table.
 STATUS = {
     1: "killed",
@@ -185,11 +227,12 @@ def run_target(
             if STATUS.get(v) not in ("killed", "timeout")
             and (not only or any(fnmatch.fnmatch(k, g) for g in only))
         ]
-        # SQL-case mutants are equivalent: no test can kill them, retesting them only costs time.
+        # Equivalent mutants (SQL case, and those proven so): no test can kill them, retesting them only costs
+        # time.
         equivalent = {
             name
             for name, diff in diffs(SCRATCH / target.name, target.path, selection).items()
-            if classify(diff)[0] == "sql-case"
+            if classify_survivor(target, name, diff)[0] in ("sql-case", "equivalent")
         }
         selection = [k for k in selection if k not in equivalent]
         if not selection:
@@ -234,10 +277,15 @@ def report(target: Target, work: Path, rc: int | None, interrupted: bool, elapse
     survivors = by_status.get("survived", []) + by_status.get("no_tests", [])
     classified = {}
     for name, diff in diffs(work, target.path, survivors).items():
-        kind, line = classify(diff)
+        kind, line, why = classify_survivor(target, name, diff)
         classified[name] = {"class": kind, "change": line, "status": STATUS.get(codes[name], "?")}
+        if why:
+            classified[name]["why"] = why
     equivalent = sum(1 for c in classified.values() if c["class"] == "sql-case")
+    proven = sum(1 for c in classified.values() if c["class"] == "equivalent")
     unchecked = len(by_status.get("not_checked", [])) + len(by_status.get("interrupted", []))
+    checked = total - unchecked
+    caught = killed + timeouts
     return {
         "module": target.name,
         "file": target.path,
@@ -263,6 +311,12 @@ def report(target: Target, work: Path, rc: int | None, interrupted: bool, elapse
         "text_only": sum(1 for c in classified.values() if c["class"] == "text"),
         "score_without_equivalent": round((killed + timeouts) / (total - equivalent), 4)
         if total > equivalent
+        else None,
+        "proven_equivalent": proven,
+        # the standard mutation score: killed / (mutants - equivalent ones), SQL case and proven alike; of a
+        # partial run, of the mutants it checked
+        "score_standard": round(caught / (checked - equivalent - proven), 4)
+        if checked > equivalent + proven
         else None,
         "survivors": classified,
         "partial": interrupted or bool(by_status.get("not_checked")),
@@ -303,6 +357,15 @@ def diffs(work: Path, path: str, names: list[str]) -> dict[str, str]:
     return result
 
 
+def classify_survivor(target: Target, name: str, diff: str) -> tuple[str, str, str]:
+    """(class, changed line, why): classify()'s, or "equivalent" for a mutant of PROVEN_EQUIVALENT."""
+    kind, line = classify(diff)
+    proven = PROVEN_EQUIVALENT.get(target.name, {}).get(name)
+    if kind != "sql-case" and proven is not None and proven[0] == line:
+        return "equivalent", line, proven[1]
+    return kind, line, ""
+
+
 def classify(diff: str) -> tuple[str, str]:
     """(class, the changed line) of a surviving mutant, from its diff.
 
@@ -329,8 +392,9 @@ def classify(diff: str) -> tuple[str, str]:
 def table(results: list[dict[str, Any]]) -> str:
     out = [
         "| module | file | killed / total | timeouts | survived | no test reaches | not checked | score "
-        "| of them SQL case (equivalent) | text only | score without the SQL-case ones | time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| of them SQL case (equivalent) | other proven equivalent | text only | score without the SQL-case ones "
+        "| standard score (equivalents excluded) | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         score = "n/a" if r["score"] is None else f"{100 * r['score']:.1f} %"
@@ -339,7 +403,8 @@ def table(results: list[dict[str, Any]]) -> str:
         out.append(
             f"| {r['module']} | {r['file']} | {r['killed'] + r['timeout']} / {r['total']} | {r['timeout']} "
             f"| {r['survived']} | {r['no_tests']} | {r['not_checked']} | {score} | {r['sql_case_equivalent']} "
-            f"| {r['text_only']} | {pct(r['score_without_equivalent'])} | {r['seconds']:.0f} s |"
+            f"| {r['proven_equivalent']} | {r['text_only']} | {pct(r['score_without_equivalent'])} "
+            f"| {pct(r['score_standard'])}{' of those checked' if r['partial'] else ''} | {r['seconds']:.0f} s |"
         )
     return "\n".join(out)
 
