@@ -1553,3 +1553,90 @@ def test_an_eviction_is_said_with_the_bound_the_count_and_the_total(
         ]
     finally:
         s.close()
+
+
+# -- failures SQLite gives no way to provoke from outside (a close, a vacuum step, a ROLLBACK that fail): the
+# store's own connection, wrapped so that one call raises the error SQLite would --------------------------
+
+
+class FailingConnection:
+    """The store's real connection, except that `fail` (a method name, or an SQL statement's first word)
+    raises sqlite3.OperationalError("boom")."""
+
+    def __init__(self, conn: sqlite3.Connection, fail: str) -> None:
+        self.conn = conn
+        self.fail = fail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql.split()[0] == self.fail:
+            raise sqlite3.OperationalError("boom")
+        return self.conn.execute(sql, *args)
+
+    def executescript(self, sql: str) -> sqlite3.Cursor:
+        if self.fail == "executescript":
+            raise sqlite3.OperationalError("boom")
+        return self.conn.executescript(sql)
+
+    def close(self) -> None:
+        if self.fail == "close":
+            raise sqlite3.OperationalError("boom")
+        self.conn.close()
+
+
+def wrap(store: Store, fail: str) -> FailingConnection:
+    assert store._conn is not None
+    wrapped = FailingConnection(store._conn, fail)
+    store._conn = wrapped  # type: ignore[assignment]
+    return wrapped
+
+
+def test_a_close_that_fails_is_said_and_leaves_the_mark_open(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(3))
+    wrapped = wrap(s, "close")
+    with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+        s.close()
+    assert [r.getMessage() for r in caplog.records] == [f"closing the buffer {db} failed: boom"]
+    # Not closed cleanly: the mark stays the reserved one, and the next start checks the file against it.
+    assert Path(f"{db}.seq").read_text() == f"{1 + SEQ_BLOCK} open\n"
+    wrapped.conn.close()
+
+
+def test_a_shrink_that_fails_is_said_and_the_ack_stands(
+    store: Store, db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.append(readings(20_000))
+    wrap(store, "executescript")
+    with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+        assert store.ack(list(range(1, 20_001))) == 20_000
+    message = "buffer shrinking the file failed: boom"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{message} (the acknowledged rows are deleted; the file keeps its size)"
+    ]
+    stats = store.stats()
+    assert (stats.pending, stats.disk_errors, stats.last_error) == (0, 1, message)
+    assert pages(db)[1] > 0  # the free pages are still in the file
+
+
+def test_a_rollback_that_fails_too_is_said_at_debug_level(
+    store: Store, db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.append(readings(2))
+    fail(db, "DELETE", "readings")
+    wrapped = wrap(store, "ROLLBACK")
+    with caplog.at_level(logging.DEBUG, logger="fieldgate.store"), pytest.raises(StoreError, match="boom"):
+        store.ack([1])
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, "rollback after an error failed too: boom")
+    ]
+    assert wrapped.conn.in_transaction  # what the failed ROLLBACK left
+    wrapped.conn.execute("ROLLBACK")
+    store._conn = wrapped.conn
+    heal(db)
+    assert store.ack([1]) == 1
