@@ -1640,3 +1640,16 @@ def test_a_rollback_that_fails_too_is_said_at_debug_level(
     store._conn = wrapped.conn
     heal(db)
     assert store.ack([1]) == 1
+
+
+async def test_a_store_opened_on_one_thread_is_used_from_another(db: Path) -> None:
+    """One thread at a time, not always the same one: a store opened by the caller is handed to AsyncStore."""
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(2))
+    astore = AsyncStore(s)
+    try:
+        assert seqs(await astore.append(readings(1, start=2))) == [3]
+        assert (await astore.stats()).pending == 3
+    finally:
+        await astore.close()
