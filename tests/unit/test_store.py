@@ -1653,3 +1653,30 @@ async def test_a_store_opened_on_one_thread_is_used_from_another(db: Path) -> No
         assert (await astore.stats()).pending == 3
     finally:
         await astore.close()
+
+
+def test_a_recovery_whose_fresh_buffer_cannot_be_written_fails_the_open(db: Path) -> None:
+    db.write_bytes(b"not a database at all" * 100)
+    s = Store(db, 64 * MiB)
+    real = s._connect_checked_fresh
+
+    def failing_fresh() -> Any:
+        return FailingConnection(real(), "UPDATE")
+
+    s._connect_checked_fresh = failing_fresh  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match=r"^buffer recovery failed: boom$"):
+        s.open()
+    assert s._conn is None
+
+
+def test_a_recovery_whose_fresh_buffer_is_unusable_too_fails_the_open(db: Path) -> None:
+    db.write_bytes(b"not a database at all" * 100)
+    s = Store(db, 64 * MiB)
+
+    def unusable() -> sqlite3.Connection:
+        raise store_module._CorruptBuffer("still not a database")
+
+    s._connect_checked = unusable  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match=rf"^cannot create a fresh buffer at {db}: still not a database$"):
+        s.open()
+    assert len(aside_files(db)) == 1
