@@ -1680,3 +1680,21 @@ def test_a_recovery_whose_fresh_buffer_is_unusable_too_fails_the_open(db: Path) 
     with pytest.raises(StoreError, match=rf"^cannot create a fresh buffer at {db}: still not a database$"):
         s.open()
     assert len(aside_files(db)) == 1
+
+
+def test_a_pin_without_a_lane_holds_the_row_for_every_lane(store: Store) -> None:
+    store.set_lanes(["a", "b"])
+    rows = store.append(readings(2))
+    assert store.pin(rows) == rows
+    store.ack([1, 2], "a")
+    assert store.stats().pinned == 2  # b has not acknowledged them
+    assert store.ack([1, 2], "b") == 2
+    assert store.stats().pinned == 0
+
+
+def test_with_one_lane_the_lane_named_is_not_looked_up(store: Store) -> None:
+    rows = store.append(readings(3))
+    assert store.pin(rows, "other") == rows
+    assert seqs(store.fetch(0, None, 10, "other")) == [1, 2, 3]
+    assert store.ack([1, 2], "other") == 2
+    assert (store.stats().pinned, store.stats().pending) == (1, 1)
