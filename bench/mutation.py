@@ -94,8 +94,80 @@ TARGETS: dict[str, Target] = {
 # Survivors proven equivalent by reading them (docs/TESTING.md gives each proof), beyond the SQL-case ones the
 # classifier recognises: mutmut's name -> (the mutant's changed line, why). A mutant counts as equivalent only
 # while its changed line is still that one (a change of the module renumbers the mutants: then it is read again).
+INIT_SET_AT_OPEN = (
+    "a field open() sets before anything reads it (_load_state, _apply_pragmas, _connect_checked, open itself); "
+    "no public method reads it on a store that is not open"
+)
+EVICT_GUARD = (
+    "both callers ask only when the rows use more than the data budget, which is above the eviction target by "
+    "at least min(5 % of the budget, a WAL step) > 1 byte, with rows in the table: the guard never returns"
+)
 PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
     "store": {
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_54": ("self._page_size = None", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_55": ("self._page_size = 4097", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_56": ("self._next_seq = None", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_57": ("self._next_seq = 2", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_62": ("self._recovered = None", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_63": ("self._recovered = 1", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_74": (
+            "self._lane_pending: dict[str, int] = None  # several lanes only (one lane: `_pending`)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_75": (
+            "self._lane_gone: dict[str, int] = None  # rows taken out per lane by the running eviction/purge",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_76": (
+            "self._lane_evicted: dict[str, int] = None  # several lanes only (one lane: `_evicted`)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_77": (
+            "self._pins: dict[int, int] = None",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_80": (
+            "self._seq_mark = None  # every seq handed out is below it (the side file says so, durably)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_81": (
+            "self._seq_mark = 1  # every seq handed out is below it (the side file says so, durably)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_82": (
+            'self._mark_floor: int | None = ""  # during open: the side file\'s H - 1',
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_83": (
+            "self._wal_mode = None  # False where the filesystem refused WAL (then no -wal is ever left behind)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_84": (
+            "self._wal_mode = False  # False where the filesystem refused WAL (then no -wal is ever left behind)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_71": (
+            "self._lanes: dict[str, int] = {DEFAULT_LANE: 2}  # name -> bit mask; one lane: ack deletes at once",
+            "with one lane its bit is never read (pin, fetch and ack take the full mask), and set_lanes "
+            "replaces the mapping",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_3": (
+            "if excess <= 0 and rows_in_table <= 0:",
+            EVICT_GUARD,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_4": (
+            "if excess < 0 or rows_in_table <= 0:",
+            EVICT_GUARD,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_5": (
+            "if excess <= 1 or rows_in_table <= 0:",
+            EVICT_GUARD,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_set_lane_state__mutmut_10": (
+            "if len(lanes) >= 1:",
+            "with one lane the per-lane counts it fills are never read (lane_pending and lane_evicted use "
+            "the store's own)",
+        ),
         "agent.pipeline.store.x__time_floor_seq__mutmut_5": (
             "return max(2, time.time_ns() // 1_000_000 * 1000)",
             "the time value is at least 1000 on any clock past 1970-01-01T00:00:00.001Z: max(1, x) == max(2, x)",

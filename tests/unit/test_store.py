@@ -1698,3 +1698,14 @@ def test_with_one_lane_the_lane_named_is_not_looked_up(store: Store) -> None:
     assert seqs(store.fetch(0, None, 10, "other")) == [1, 2, 3]
     assert store.ack([1, 2], "other") == 2
     assert (store.stats().pinned, store.stats().pending) == (1, 1)
+
+
+def test_an_unopened_store_has_the_default_lane_and_nothing_counted(db: Path) -> None:
+    s = Store(db, 64 * MiB)
+    assert s.lanes() == ["mqtt"]
+    assert (s.lane_pending(), s.lane_evicted()) == ({"mqtt": 0}, {"mqtt": 0})
+
+
+def test_an_unknown_synchronous_mode_is_refused(db: Path) -> None:
+    with pytest.raises(ValueError, match=r"^synchronous must be 'full' or 'normal', not 'off'$"):
+        Store(db, 64 * MiB, "off")  # type: ignore[arg-type]
