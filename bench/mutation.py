@@ -163,6 +163,10 @@ PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
             "if excess <= 1 or rows_in_table <= 0:",
             EVICT_GUARD,
         ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_6": (
+            "if excess <= 0 or rows_in_table < 0:",
+            EVICT_GUARD,
+        ),
         "agent.pipeline.store.xǁStoreǁ_set_lane_state__mutmut_10": (
             "if len(lanes) >= 1:",
             "with one lane the per-lane counts it fills are never read (lane_pending and lane_evicted use "

@@ -1709,3 +1709,15 @@ def test_an_unopened_store_has_the_default_lane_and_nothing_counted(db: Path) ->
 def test_an_unknown_synchronous_mode_is_refused(db: Path) -> None:
     with pytest.raises(ValueError, match=r"^synchronous must be 'full' or 'normal', not 'off'$"):
         Store(db, 64 * MiB, "off")  # type: ignore[arg-type]
+
+
+def test_a_reading_larger_than_the_bound_is_evicted_at_once_and_counted(db: Path) -> None:
+    s = Store(db, 256 * 1024, "normal")
+    s.open()
+    try:
+        assert s.append([Reading("meter-1", "blob", T0, "x" * 200_000)]) == []
+        stats = s.stats()
+        assert (stats.pending, stats.evicted, stats.next_seq) == (0, 1, 2)
+        assert seqs(s.append(readings(1))) == [2]
+    finally:
+        s.close()
