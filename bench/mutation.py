@@ -167,6 +167,21 @@ PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
             "if excess <= 0 or rows_in_table < 0:",
             EVICT_GUARD,
         ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_8": ("return 1, 0", EVICT_GUARD),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_9": ("return 0, 1", EVICT_GUARD),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_22": (
+            "count = max(1, math.ceil(excess / max(2.0, used / rows_in_table)))",
+            "used / rows_in_table is the bytes of whole pages per row: a row's cell alone is more than 2 bytes",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_26": (
+            "pinned = sorted(self._pins) if (self._pins) or True else []",
+            "sorted() of no pins is [] too",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_56": (
+            "if below <= held or row is None and cutoff == max_seq:",
+            "when only cutoff == max_seq holds, one more turn of the loop finds the same cutoff and the same "
+            "pinned rows below it (below == held) and stops there: same rows deleted",
+        ),
         "agent.pipeline.store.xǁStoreǁ_set_lane_state__mutmut_10": (
             "if len(lanes) >= 1:",
             "with one lane the per-lane counts it fills are never read (lane_pending and lane_evicted use "

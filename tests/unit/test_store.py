@@ -1721,3 +1721,23 @@ def test_a_reading_larger_than_the_bound_is_evicted_at_once_and_counted(db: Path
         assert seqs(s.append(readings(1))) == [2]
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_burst_evicts_only_the_whole_rows_it_needs_oldest_unpinned_first(db: Path, pinned: bool) -> None:
+    s = Store(db, 256 * 1024, "normal")  # three of these 30 KB readings fit, not four
+    s.open()
+    try:
+        kept = []
+        for i in range(6):
+            rows = s.append([Reading("meter-1", "blob", T0 + i, "x" * 30_000)])
+            if pinned and i == 0:
+                assert s.pin(rows) == rows  # in flight: not evictable
+            kept.append(seqs(s.fetch(0, None, 10)))
+        if pinned:
+            assert kept == [[1], [1, 2], [1, 2, 3], [1, 3, 4], [1, 4, 5], [1, 5, 6]]
+        else:
+            assert kept == [[1], [1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 6]]
+        assert s.stats().evicted == 3
+    finally:
+        s.close()
