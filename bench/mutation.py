@@ -340,7 +340,9 @@ def run_target(
             rc = proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:
             interrupted = True
-            os.killpg(proc.pid, signal.SIGINT)  # mutmut stops its workers and keeps the results so far
+            # SIGTERM: mutmut 3.8.1 stops and keeps the results so far (it saves each mutant's as it comes).
+            # After a SIGINT it went on with the next mutants (seen on the store's run of 2026-12-02).
+            os.killpg(proc.pid, signal.SIGTERM)
             try:
                 rc = proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
