@@ -182,6 +182,10 @@ PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
             "when only cutoff == max_seq holds, one more turn of the loop finds the same cutoff and the same "
             "pinned rows below it (below == held) and stops there: same rows deleted",
         ),
+        "agent.pipeline.store.xǁStoreǁset_lanes__mutmut_24": (
+            "self._set_lane_state(None, {DEFAULT_LANE: 1})",
+            "_set_lane_state reads the connection only for several lanes; this call gives it one",
+        ),
         "agent.pipeline.store.xǁStoreǁ_set_lane_state__mutmut_10": (
             "if len(lanes) >= 1:",
             "with one lane the per-lane counts it fills are never read (lane_pending and lane_evicted use "
