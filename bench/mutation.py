@@ -102,6 +102,7 @@ EVICT_GUARD = (
     "both callers ask only when the rows use more than the data budget, which is above the eviction target by "
     "at least min(5 % of the budget, a WAL step) > 1 byte, with rows in the table: the guard never returns"
 )
+ZIP_STRICT = "the SELECT has one column per lane name: names and row always have the same length"
 PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
     "store": {
         "agent.pipeline.store.xǁStoreǁ__init____mutmut_54": ("self._page_size = None", INIT_SET_AT_OPEN),
@@ -185,6 +186,43 @@ PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
         "agent.pipeline.store.xǁStoreǁset_lanes__mutmut_24": (
             "self._set_lane_state(None, {DEFAULT_LANE: 1})",
             "_set_lane_state reads the connection only for several lanes; this call gives it one",
+        ),
+        "agent.pipeline.store.x__complement__mutmut_3": (
+            "lo = 1",
+            "seqs start at 1: a range from 0 or from 1 deletes the same rows",
+        ),
+        "agent.pipeline.store.x__complement__mutmut_4": (
+            "if p >= lo:",
+            "the extra range is (lo, lo - 1), which no seq is BETWEEN: nothing deleted, nothing counted",
+        ),
+        "agent.pipeline.store.x__ranges__mutmut_9": (
+            "if s != prev - 1:",
+            "every seq becomes a range of its own: the same seqs, one statement per seq instead of per run",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_count_lane_rows__mutmut_15": (
+            "for name, count in zip(names, row, strict=None):",
+            ZIP_STRICT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_count_lane_rows__mutmut_18": (
+            "for name, count in zip(names, row, ):",
+            ZIP_STRICT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_count_lane_rows__mutmut_19": (
+            "for name, count in zip(names, row, strict=False):",
+            ZIP_STRICT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_maybe_vacuum__mutmut_16": (
+            "step = max(2, self._wal_step // self._page_size)",
+            "the WAL step is at least 16 KiB, four 4 KiB pages: max(1, x) == max(2, x)",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_maybe_vacuum__mutmut_21": (
+            "for _ in range(free // step + 3):",
+            "each turn frees `step` pages (or what is left): the loop ends on an empty freelist before its "
+            "free // step + 2 turns are used up, so a third extra turn is never reached",
+        ),
+        "agent.pipeline.store.xǁStoreǁfetch__mutmut_2": (
+            "if limit < 0:",
+            "a limit of 0 goes on to LIMIT 0, which returns no row either",
         ),
         "agent.pipeline.store.xǁStoreǁ_set_lane_state__mutmut_10": (
             "if len(lanes) >= 1:",

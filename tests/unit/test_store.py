@@ -1741,3 +1741,33 @@ def test_a_burst_evicts_only_the_whole_rows_it_needs_oldest_unpinned_first(db: P
         assert s.stats().evicted == 3
     finally:
         s.close()
+
+
+def test_eviction_keeps_only_the_pinned_rows_and_the_newest_ones(db: Path) -> None:
+    s = Store(db, 256 * 1024, "normal")
+    s.open()
+    try:
+        s.append([Reading("meter-1", "blob", T0 + i, "x" * 1000) for i in range(10)])
+        in_flight = {r.seq for r in s.pin(s.fetch(4, 7, 10))}  # rows 5 and 6, in the middle of the oldest
+        k = 0
+        while s.stats().evicted < 300:
+            s.append([Reading("meter-1", "blob", T0 + 100 + k * 20 + i, "x" * 1000) for i in range(20)])
+            k += 1
+        kept = seqs(s.fetch(0, None, 10_000))
+        others = [q for q in kept if q not in in_flight]
+        assert in_flight == {5, 6} and in_flight <= set(kept)
+        # Apart from the pinned rows, what is left is the newest rows, with no hole.
+        assert others == list(range(others[0], s.stats().next_seq))
+        assert s.stats().evicted == s.stats().next_seq - 1 - len(kept)
+    finally:
+        s.close()
+
+
+def test_per_lane_gap_counts_start_when_the_store_gets_several_lanes(store: Store) -> None:
+    store.append(readings(5))
+    assert store.purge(before_ts=T0 + 3000) == 3  # one lane: counted in evicted only
+    store.set_lanes(["mqtt", "b"])
+    assert store.stats().lane_evicted == {"mqtt": 0, "b": 0}
+    assert store.purge(before_ts=T0 + 4000) == 1
+    assert store.stats().lane_evicted == {"mqtt": 1, "b": 1}
+    assert store.stats().evicted == 4
