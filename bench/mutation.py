@@ -213,7 +213,8 @@ PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
         ),
         "agent.pipeline.store.xǁStoreǁ_maybe_vacuum__mutmut_16": (
             "step = max(2, self._wal_step // self._page_size)",
-            "the WAL step is at least 16 KiB, four 4 KiB pages: max(1, x) == max(2, x)",
+            "the WAL step is at least 16 KiB, four of the store's 4 KiB pages: max(1, x) == max(2, x); with pages "
+            "over 8 KiB (a file the store did not create) it would only split the same vacuum into fewer steps",
         ),
         "agent.pipeline.store.xǁStoreǁ_maybe_vacuum__mutmut_21": (
             "for _ in range(free // step + 3):",
