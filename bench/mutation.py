@@ -102,6 +102,7 @@ EVICT_GUARD = (
     "both callers ask only when the rows use more than the data budget, which is above the eviction target by "
     "at least min(5 % of the budget, a WAL step) > 1 byte, with rows in the table: the guard never returns"
 )
+LANE_DEFAULT = "_set_lane_state gives every lane its entry: the default of get() is never used"
 ZIP_STRICT = "the SELECT has one column per lane name: names and row always have the same length"
 PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
     "store": {
@@ -224,6 +225,30 @@ PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
         "agent.pipeline.store.xǁStoreǁfetch__mutmut_2": (
             "if limit < 0:",
             "a limit of 0 goes on to LIMIT 0, which returns no row either",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_apply_lane_gone__mutmut_1": (
+            "if len(self._lanes) >= 1:",
+            "with one lane the per-lane pending dict is empty (__init__ and _set_lane_state): nothing to update",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_apply_lane_gone__mutmut_15": (
+            "self._lane_evicted[name] = self._lane_evicted.get(name, None) + gone",
+            LANE_DEFAULT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_apply_lane_gone__mutmut_17": (
+            "self._lane_evicted[name] = self._lane_evicted.get(name, ) + gone",
+            LANE_DEFAULT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_apply_lane_gone__mutmut_18": (
+            "self._lane_evicted[name] = self._lane_evicted.get(name, 1) + gone",
+            LANE_DEFAULT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_apply_lane_gone__mutmut_19": (
+            "self._lane_gone = None",
+            "append and purge, its only users, set it to {} before they count anything",
+        ),
+        "agent.pipeline.store.xǁStoreǁappend__mutmut_48": (
+            "cutoff = 1",
+            "it is read only after an eviction, which sets it to a seq of at least 1",
         ),
         "agent.pipeline.store.xǁStoreǁ_set_lane_state__mutmut_10": (
             "if len(lanes) >= 1:",
