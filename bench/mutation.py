@@ -102,6 +102,10 @@ EVICT_GUARD = (
     "both callers ask only when the rows use more than the data budget, which is above the eviction target by "
     "at least min(5 % of the budget, a WAL step) > 1 byte, with rows in the table: the guard never returns"
 )
+META_KEYS = (
+    "the schema's INSERT OR IGNORE, run at every open in the transaction before _load_state, puts both keys in "
+    "meta: the default of get() is never used"
+)
 LANE_DEFAULT = "_set_lane_state gives every lane its entry: the default of get() is never used"
 ZIP_STRICT = "the SELECT has one column per lane name: names and row always have the same length"
 PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
@@ -249,6 +253,46 @@ PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
         "agent.pipeline.store.xǁStoreǁappend__mutmut_48": (
             "cutoff = 1",
             "it is read only after an eviction, which sets it to a seq of at least 1",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_40": (
+            'self._evicted = int(meta.get("evicted", None))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_42": (
+            'self._evicted = int(meta.get("evicted", ))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_45": (
+            'self._evicted = int(meta.get("evicted", 1))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_49": (
+            'self._recovered = int(meta.get("recovered", None))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_51": (
+            'self._recovered = int(meta.get("recovered", ))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_54": (
+            'self._recovered = int(meta.get("recovered", 1))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_reserve__mutmut_5": (
+            "self._write_mark(high, closed=None)",
+            "None and False are both false: the side file says open either way",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_write_mark__mutmut_12": (
+            "fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 385)",
+            "the mode only applies until the fchmod(0o600) that follows, before anything is written",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_write_mark__mutmut_30": (
+            "os.write(fd, f\"{high} {'closed' if closed else 'open'}\\n\".encode(\"ASCII\"))",
+            'codec names are case-insensitive: "ASCII" is "ascii"',
+        ),
+        "agent.pipeline.store.xǁStoreǁ_write_mark__mutmut_9": (
+            "fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, )",
+            "the mode only applies until the fchmod(0o600) that follows, before anything is written",
         ),
         "agent.pipeline.store.xǁStoreǁ_set_lane_state__mutmut_10": (
             "if len(lanes) >= 1:",
