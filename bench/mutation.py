@@ -91,6 +91,251 @@ TARGETS: dict[str, Target] = {
     )
 }
 
+# Survivors proven equivalent by reading them (docs/TESTING.md gives each proof), beyond the SQL-case ones the
+# classifier recognises: mutmut's name -> (the mutant's changed line, why). A mutant counts as equivalent only
+# while its changed line is still that one (a change of the module renumbers the mutants: then it is read again).
+INIT_SET_AT_OPEN = (
+    "a field open() sets before anything reads it (_load_state, _apply_pragmas, _connect_checked, open itself); "
+    "no public method reads it on a store that is not open"
+)
+EVICT_GUARD = (
+    "both callers ask only when the rows use more than the data budget, which is above the eviction target by "
+    "at least min(5 % of the budget, a WAL step) > 1 byte, with rows in the table: the guard never returns"
+)
+META_KEYS = (
+    "the schema's INSERT OR IGNORE, run at every open in the transaction before _load_state, puts both keys in "
+    "meta: the default of get() is never used"
+)
+LANE_DEFAULT = "_set_lane_state gives every lane its entry: the default of get() is never used"
+ZIP_STRICT = "the SELECT has one column per lane name: names and row always have the same length"
+PROVEN_EQUIVALENT: dict[str, dict[str, tuple[str, str]]] = {
+    "store": {
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_54": ("self._page_size = None", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_55": ("self._page_size = 4097", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_56": ("self._next_seq = None", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_57": ("self._next_seq = 2", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_62": ("self._recovered = None", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_63": ("self._recovered = 1", INIT_SET_AT_OPEN),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_74": (
+            "self._lane_pending: dict[str, int] = None  # several lanes only (one lane: `_pending`)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_75": (
+            "self._lane_gone: dict[str, int] = None  # rows taken out per lane by the running eviction/purge",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_76": (
+            "self._lane_evicted: dict[str, int] = None  # several lanes only (one lane: `_evicted`)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_77": (
+            "self._pins: dict[int, int] = None",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_80": (
+            "self._seq_mark = None  # every seq handed out is below it (the side file says so, durably)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_81": (
+            "self._seq_mark = 1  # every seq handed out is below it (the side file says so, durably)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_82": (
+            'self._mark_floor: int | None = ""  # during open: the side file\'s H - 1',
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_83": (
+            "self._wal_mode = None  # False where the filesystem refused WAL (then no -wal is ever left behind)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_84": (
+            "self._wal_mode = False  # False where the filesystem refused WAL (then no -wal is ever left behind)",
+            INIT_SET_AT_OPEN,
+        ),
+        "agent.pipeline.store.xǁStoreǁ__init____mutmut_71": (
+            "self._lanes: dict[str, int] = {DEFAULT_LANE: 2}  # name -> bit mask; one lane: ack deletes at once",
+            "with one lane its bit is never read (pin, fetch and ack take the full mask), and set_lanes "
+            "replaces the mapping",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_3": (
+            "if excess <= 0 and rows_in_table <= 0:",
+            EVICT_GUARD,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_4": (
+            "if excess < 0 or rows_in_table <= 0:",
+            EVICT_GUARD,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_5": (
+            "if excess <= 1 or rows_in_table <= 0:",
+            EVICT_GUARD,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_6": (
+            "if excess <= 0 or rows_in_table < 0:",
+            EVICT_GUARD,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_8": ("return 1, 0", EVICT_GUARD),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_9": ("return 0, 1", EVICT_GUARD),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_22": (
+            "count = max(1, math.ceil(excess / max(2.0, used / rows_in_table)))",
+            "used / rows_in_table is the bytes of whole pages per row: a row's cell alone is more than 2 bytes",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_26": (
+            "pinned = sorted(self._pins) if (self._pins) or True else []",
+            "sorted() of no pins is [] too",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_evict_oldest__mutmut_56": (
+            "if below <= held or row is None and cutoff == max_seq:",
+            "when only cutoff == max_seq holds, one more turn of the loop finds the same cutoff and the same "
+            "pinned rows below it (below == held) and stops there: same rows deleted",
+        ),
+        "agent.pipeline.store.xǁStoreǁset_lanes__mutmut_24": (
+            "self._set_lane_state(None, {DEFAULT_LANE: 1})",
+            "_set_lane_state reads the connection only for several lanes; this call gives it one",
+        ),
+        "agent.pipeline.store.x__complement__mutmut_3": (
+            "lo = 1",
+            "seqs start at 1: a range from 0 or from 1 deletes the same rows",
+        ),
+        "agent.pipeline.store.x__complement__mutmut_4": (
+            "if p >= lo:",
+            "the extra range is (lo, lo - 1), which no seq is BETWEEN: nothing deleted, nothing counted",
+        ),
+        "agent.pipeline.store.x__ranges__mutmut_9": (
+            "if s != prev - 1:",
+            "every seq becomes a range of its own: the same seqs, one statement per seq instead of per run",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_count_lane_rows__mutmut_15": (
+            "for name, count in zip(names, row, strict=None):",
+            ZIP_STRICT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_count_lane_rows__mutmut_18": (
+            "for name, count in zip(names, row, ):",
+            ZIP_STRICT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_count_lane_rows__mutmut_19": (
+            "for name, count in zip(names, row, strict=False):",
+            ZIP_STRICT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_maybe_vacuum__mutmut_16": (
+            "step = max(2, self._wal_step // self._page_size)",
+            "the WAL step is at least 16 KiB, four of the store's 4 KiB pages: max(1, x) == max(2, x); with pages "
+            "over 8 KiB (a file the store did not create) it would only split the same vacuum into fewer steps",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_maybe_vacuum__mutmut_21": (
+            "for _ in range(free // step + 3):",
+            "each turn frees `step` pages (or what is left): the loop ends on an empty freelist before its "
+            "free // step + 2 turns are used up, so a third extra turn is never reached",
+        ),
+        "agent.pipeline.store.xǁStoreǁfetch__mutmut_2": (
+            "if limit < 0:",
+            "a limit of 0 goes on to LIMIT 0, which returns no row either",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_apply_lane_gone__mutmut_1": (
+            "if len(self._lanes) >= 1:",
+            "with one lane the per-lane pending dict is empty (__init__ and _set_lane_state): nothing to update",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_apply_lane_gone__mutmut_15": (
+            "self._lane_evicted[name] = self._lane_evicted.get(name, None) + gone",
+            LANE_DEFAULT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_apply_lane_gone__mutmut_17": (
+            "self._lane_evicted[name] = self._lane_evicted.get(name, ) + gone",
+            LANE_DEFAULT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_apply_lane_gone__mutmut_18": (
+            "self._lane_evicted[name] = self._lane_evicted.get(name, 1) + gone",
+            LANE_DEFAULT,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_apply_lane_gone__mutmut_19": (
+            "self._lane_gone = None",
+            "append and purge, its only users, set it to {} before they count anything",
+        ),
+        "agent.pipeline.store.xǁStoreǁappend__mutmut_48": (
+            "cutoff = 1",
+            "it is read only after an eviction, which sets it to a seq of at least 1",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_40": (
+            'self._evicted = int(meta.get("evicted", None))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_42": (
+            'self._evicted = int(meta.get("evicted", ))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_45": (
+            'self._evicted = int(meta.get("evicted", 1))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_49": (
+            'self._recovered = int(meta.get("recovered", None))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_51": (
+            'self._recovered = int(meta.get("recovered", ))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_load_state__mutmut_54": (
+            'self._recovered = int(meta.get("recovered", 1))',
+            META_KEYS,
+        ),
+        "agent.pipeline.store.xǁStoreǁ_reserve__mutmut_5": (
+            "self._write_mark(high, closed=None)",
+            "None and False are both false: the side file says open either way",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_write_mark__mutmut_12": (
+            "fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 385)",
+            "the mode only applies until the fchmod(0o600) that follows, before anything is written",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_write_mark__mutmut_30": (
+            "os.write(fd, f\"{high} {'closed' if closed else 'open'}\\n\".encode(\"ASCII\"))",
+            'codec names are case-insensitive: "ASCII" is "ascii"',
+        ),
+        "agent.pipeline.store.xǁStoreǁ_write_mark__mutmut_9": (
+            "fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, )",
+            "the mode only applies until the fchmod(0o600) that follows, before anything is written",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_set_lane_state__mutmut_10": (
+            "if len(lanes) >= 1:",
+            "with one lane the per-lane counts it fills are never read (lane_pending and lane_evicted use "
+            "the store's own)",
+        ),
+        "agent.pipeline.store.x__time_floor_seq__mutmut_5": (
+            "return max(2, time.time_ns() // 1_000_000 * 1000)",
+            "the time value is at least 1000 on any clock past 1970-01-01T00:00:00.001Z: max(1, x) == max(2, x)",
+        ),
+        "agent.pipeline.store.xǁAsyncStoreǁ__init____mutmut_10": (
+            "self._closed = None",
+            "only ever read as `if self._closed`: None and False are both false",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_salvage__mutmut_61": (
+            "if row is not None and isinstance(row[0], int) and row[0] > 0:",
+            "a counter read as 0 leaves the default, which is 0",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_salvage__mutmut_62": (
+            "if row is not None and isinstance(row[0], int) and row[0] >= 1:",
+            "a counter read as 0 leaves the default, which is 0",
+        ),
+        "agent.pipeline.store.xǁStoreǁpurge__mutmut_26": (
+            "chunk = max(101, self._wal_step // 128)",
+            "the WAL step is at least 16 KiB (a quarter of the 64 KiB floor), so wal_step // 128 >= 128 wins",
+        ),
+        "agent.pipeline.store.xǁStoreǁpurge__mutmut_28": (
+            "chunk = max(100, self._wal_step // 129)",
+            "the chunk only splits the purge into transactions: the loop runs until a chunk comes back short, "
+            "the rows deleted, the counters and the log line are the same",
+        ),
+        "agent.pipeline.store.xǁStoreǁset_max_page_count__mutmut_8": (
+            'self._conn.execute(f"PRAGMA max_page_count = {int(pages) if pages is not None else 4294967295}")',
+            "SQLite clamps max_page_count to 4294967294: both set the same ceiling (read back on SQLite 3.40)",
+        ),
+        "agent.pipeline.store.xǁStoreǁ_recover__mutmut_42": (
+            "conn.execute(\"DELETE FROM SQLITE_SEQUENCE WHERE NAME = 'READINGS'\")",
+            "the fresh database has no row in sqlite_sequence yet (nothing was ever inserted): the DELETE removes "
+            "nothing whichever name it looks for",
+        ),
+    },
+}
+
 # mutmut's exit-code classes (mutmut/stats.py), folded into the columns of the table.
 STATUS = {
     1: "killed",
@@ -185,11 +430,12 @@ def run_target(
             if STATUS.get(v) not in ("killed", "timeout")
             and (not only or any(fnmatch.fnmatch(k, g) for g in only))
         ]
-        # SQL-case mutants are equivalent: no test can kill them, retesting them only costs time.
+        # Equivalent mutants (SQL case, and those proven so): no test can kill them, retesting them only costs
+        # time.
         equivalent = {
             name
             for name, diff in diffs(SCRATCH / target.name, target.path, selection).items()
-            if classify(diff)[0] == "sql-case"
+            if classify_survivor(target, name, diff)[0] in ("sql-case", "equivalent")
         }
         selection = [k for k in selection if k not in equivalent]
         if not selection:
@@ -206,7 +452,9 @@ def run_target(
             rc = proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:
             interrupted = True
-            os.killpg(proc.pid, signal.SIGINT)  # mutmut stops its workers and keeps the results so far
+            # SIGTERM: mutmut 3.8.1 stops and keeps the results so far (it saves each mutant's as it comes).
+            # After a SIGINT it went on with the next mutants (seen on the store's run of 2026-12-02).
+            os.killpg(proc.pid, signal.SIGTERM)
             try:
                 rc = proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -234,10 +482,15 @@ def report(target: Target, work: Path, rc: int | None, interrupted: bool, elapse
     survivors = by_status.get("survived", []) + by_status.get("no_tests", [])
     classified = {}
     for name, diff in diffs(work, target.path, survivors).items():
-        kind, line = classify(diff)
+        kind, line, why = classify_survivor(target, name, diff)
         classified[name] = {"class": kind, "change": line, "status": STATUS.get(codes[name], "?")}
+        if why:
+            classified[name]["why"] = why
     equivalent = sum(1 for c in classified.values() if c["class"] == "sql-case")
+    proven = sum(1 for c in classified.values() if c["class"] == "equivalent")
     unchecked = len(by_status.get("not_checked", [])) + len(by_status.get("interrupted", []))
+    checked = total - unchecked
+    caught = killed + timeouts
     return {
         "module": target.name,
         "file": target.path,
@@ -264,6 +517,12 @@ def report(target: Target, work: Path, rc: int | None, interrupted: bool, elapse
         "score_without_equivalent": round((killed + timeouts) / (total - equivalent), 4)
         if total > equivalent
         else None,
+        "proven_equivalent": proven,
+        # the standard mutation score: killed / (mutants - equivalent ones), SQL case and proven alike; of a
+        # partial run, of the mutants it checked
+        "score_standard": round(caught / (checked - equivalent - proven), 4)
+        if checked > equivalent + proven
+        else None,
         "survivors": classified,
         "partial": interrupted or bool(by_status.get("not_checked")),
         "seconds": round(elapsed, 1),
@@ -273,9 +532,12 @@ def report(target: Target, work: Path, rc: int | None, interrupted: bool, elapse
 
 
 SQL_WORDS = re.compile(
-    r"\b(SELECT|INSERT|UPDATE|DELETE|BEGIN|COMMIT|ROLLBACK|PRAGMA|CREATE|ALTER|VACUUM|FROM|WHERE|VALUES)\b",
+    r"\b(SELECT|INSERT|UPDATE|DELETE|BEGIN|COMMIT|ROLLBACK|PRAGMA|CREATE|ALTER|VACUUM|FROM|WHERE|VALUES|BETWEEN)\b"
+    r"|[=<>] \?",  # a fragment of a WHERE clause: "device = ?", "ts < ?"
     re.IGNORECASE,
 )
+SQL_STRING = re.compile(r"'[^']*'")
+"""An SQL string literal: its case matters ('readings' is not 'READINGS'), unlike keywords and names."""
 _DIFFS = """
 import json, sys
 from mutmut.mutation.diff_apply import get_diff_for_mutant
@@ -300,20 +562,33 @@ def diffs(work: Path, path: str, names: list[str]) -> dict[str, str]:
     return result
 
 
+def classify_survivor(target: Target, name: str, diff: str) -> tuple[str, str, str]:
+    """(class, changed line, why): classify()'s, or "equivalent" for a mutant of PROVEN_EQUIVALENT."""
+    kind, line = classify(diff)
+    proven = PROVEN_EQUIVALENT.get(target.name, {}).get(name)
+    if kind != "sql-case" and proven is not None and proven[0] == line:
+        return "equivalent", line, proven[1]
+    return kind, line, ""
+
+
 def classify(diff: str) -> tuple[str, str]:
     """(class, the changed line) of a surviving mutant, from its diff.
 
-    sql-case: only the case of an SQL statement changed; SQLite's keywords and identifiers are
-    case-insensitive, so the mutant is equivalent. text: only a string literal's wording changed (mutmut's
-    "XX...XX" or its case), a log or error message's text. other: to be read (docs/TESTING.md lists them).
+    sql-case: only the case of an SQL statement (or of a WHERE fragment such as `device = ?`) changed, not
+    inside one of its string literals; SQLite's keywords and identifiers are case-insensitive, so the mutant
+    is equivalent (`WHERE key = 'evicted'` -> `WHERE KEY = 'EVICTED'` is not: it matches no row). text: only
+    the wording of a string that is not SQL changed (mutmut's "XX...XX" or its case), a log or error
+    message's text. other: to be read (docs/TESTING.md lists them).
     """
     minus = [line[1:] for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
     plus = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
     shown = (plus[0] if plus else minus[0] if minus else "").strip()
     if len(minus) == len(plus) and minus:
         pairs = list(zip(minus, plus, strict=True))
-        if all(a.lower() == b.lower() for a, b in pairs) and all(SQL_WORDS.search(a) for a, _ in pairs):
-            return "sql-case", shown
+        if all(SQL_WORDS.search(a) for a, _ in pairs):
+            same_case = all(a.lower() == b.lower() for a, b in pairs)
+            same_strings = all(SQL_STRING.findall(a) == SQL_STRING.findall(b) for a, b in pairs)
+            return ("sql-case" if same_case and same_strings else "other"), shown
         if all(a.lower() == b.replace("XX", "").lower() for a, b in pairs):
             return "text", shown
     return "other", shown
@@ -322,8 +597,9 @@ def classify(diff: str) -> tuple[str, str]:
 def table(results: list[dict[str, Any]]) -> str:
     out = [
         "| module | file | killed / total | timeouts | survived | no test reaches | not checked | score "
-        "| of them SQL case (equivalent) | text only | score without the SQL-case ones | time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| of them SQL case (equivalent) | other proven equivalent | text only | score without the SQL-case ones "
+        "| standard score (equivalents excluded) | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         score = "n/a" if r["score"] is None else f"{100 * r['score']:.1f} %"
@@ -332,7 +608,8 @@ def table(results: list[dict[str, Any]]) -> str:
         out.append(
             f"| {r['module']} | {r['file']} | {r['killed'] + r['timeout']} / {r['total']} | {r['timeout']} "
             f"| {r['survived']} | {r['no_tests']} | {r['not_checked']} | {score} | {r['sql_case_equivalent']} "
-            f"| {r['text_only']} | {pct(r['score_without_equivalent'])} | {r['seconds']:.0f} s |"
+            f"| {r['proven_equivalent']} | {r['text_only']} | {pct(r['score_without_equivalent'])} "
+            f"| {pct(r['score_standard'])}{' of those checked' if r['partial'] else ''} | {r['seconds']:.0f} s |"
         )
     return "\n".join(out)
 

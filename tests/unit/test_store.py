@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -11,9 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import pytest
@@ -21,7 +24,7 @@ import pytest
 from agent.errors import StoreError
 from agent.pipeline import store as store_module
 from agent.pipeline.reading import Reading
-from agent.pipeline.store import AsyncStore, Store
+from agent.pipeline.store import SEQ_BLOCK, AsyncStore, Store, StoredRow, StoreStats
 from tests.vectors import REPO_ROOT
 
 MiB = 1024 * 1024
@@ -691,3 +694,1080 @@ def test_an_operator_purge_is_logged_with_what_it_deleted(
         f"buffer purged by the operator (device=meter-2, before_ts={T0 + 10_000}): 2 unsent readings deleted, "
         "counted as evicted"
     ]
+
+
+# == found by the second mutation run (docs/TESTING.md): the lanes' bits and counts, each write's failure path (a
+# real SQLite error raised in the middle of the store's own transaction, by a trigger another connection adds),
+# when the file gives its pages back, what close records, the one thread that keeps the calls in order, the
+# connection's settings, unreadable seq marks, the reasons of a database behind its mark =====================
+
+
+def query(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    """What is on disk, read through a connection of our own (closed at once: it must not hold the WAL)."""
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def lane_bits(db: Path) -> dict[str, int]:
+    return {str(name): int(bit) for name, bit in query(db, "SELECT name, bit FROM lanes")}
+
+
+def seqs(rows: Sequence[StoredRow]) -> list[int]:
+    return [r.seq for r in rows]
+
+
+# -- lanes -------------------------------------------------------------------------------------------------
+
+
+def test_the_default_lane_alone_records_nothing_and_acks_at_once(store: Store, db: Path) -> None:
+    store.append(readings(5))
+    for names in ([], ["mqtt"], ["mqtt", "mqtt"]):
+        store.set_lanes(names)
+        assert store.lanes() == ["mqtt"]
+    assert lane_bits(db) == {}
+    stats = store.stats()
+    assert (stats.lanes, stats.lane_evicted, stats.pending) == ({"mqtt": 5}, {"mqtt": 0}, 5)
+    assert seqs(store.fetch(0, None, 10, "mqtt")) == [1, 2, 3, 4, 5]
+    assert store.ack([1, 2], "mqtt") == 2  # one lane: deleted at once
+    assert store.stats().lanes == {"mqtt": 3}
+
+
+def test_lane_bits_are_persisted_and_kept_in_any_order(db: Path) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.set_lanes(["a", "b", "a"])
+    assert s.lanes() == ["a", "b"]
+    assert lane_bits(db) == {"a": 0, "b": 1}
+    s.append(readings(6))
+    assert s.ack([1, 2], "a") == 0
+    assert s.ack([1], "a") == 0  # already acknowledged by a: not counted twice
+    assert s.stats().lanes == {"a": 4, "b": 6}
+    s.close()
+
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.set_lanes(["b", "a"])
+    try:
+        assert s.lanes() == ["b", "a"]
+        assert lane_bits(db) == {"a": 0, "b": 1}
+        stats = s.stats()
+        assert (stats.lanes, stats.pending) == ({"b": 6, "a": 4}, 6)
+        assert seqs(s.fetch(0, None, 10, "a")) == [3, 4, 5, 6]
+        assert seqs(s.fetch(0, None, 10, "b")) == [1, 2, 3, 4, 5, 6]
+        assert seqs(s.fetch(0, None, 10)) == [1, 2, 3, 4, 5, 6]  # no lane: every pending row
+    finally:
+        s.close()
+
+
+def test_a_forgotten_lane_s_bit_is_cleared_and_serves_the_next_new_lane(store: Store, db: Path) -> None:
+    store.set_lanes(["a", "b", "c"])
+    store.append(readings(6))
+    assert store.ack([1, 2, 3], "b") == 0
+    assert store.ack([3, 4], "a") == 0
+    assert store.ack([3], "c") == 1  # every lane has it now
+    assert store.stats().pending == 5
+    store.set_lanes(["a", "c", "d"])  # b is forgotten; d takes its bit, with every row still to send
+    assert lane_bits(db) == {"a": 0, "c": 2, "d": 1}
+    assert store.stats().lanes == {"a": 4, "c": 5, "d": 5}
+    assert seqs(store.fetch(0, None, 10, "d")) == [1, 2, 4, 5, 6]  # b's acks are not d's
+    assert seqs(store.fetch(0, None, 10, "a")) == [1, 2, 5, 6]
+    assert store.ack([1, 2, 5, 6], "c") == 0
+    assert store.ack([4], "c") == 0
+    # Forgetting d: rows 4 (a and c) is acknowledged by every remaining lane, so it goes.
+    store.set_lanes(["a", "c"])
+    stats = store.stats()
+    assert (stats.pending, stats.lanes) == (4, {"a": 4, "c": 0})
+    assert seqs(store.fetch(0, None, 10)) == [1, 2, 5, 6]
+    # Back to one lane (a): the rows a acknowledged go; the rest stay for a, now the only lane.
+    assert store.ack([1], "a") == 1
+    store.set_lanes(["a"])
+    assert lane_bits(db) == {"a": 0}
+    stats = store.stats()
+    assert (stats.pending, stats.lanes) == (3, {"a": 3})
+    assert seqs(store.fetch(0, None, 10, "a")) == [2, 5, 6]
+
+
+def test_a_new_lane_starts_with_every_pending_row(store: Store) -> None:
+    store.set_lanes(["a", "b"])
+    store.append(readings(4))
+    store.ack([1, 2], "a")
+    store.ack([2, 3], "b")
+    store.set_lanes(["a", "b", "c"])
+    assert store.stats().lanes == {"a": 2, "b": 2, "c": 3}
+    assert store.stats().pending == 3
+    assert seqs(store.fetch(0, None, 10, "c")) == [1, 3, 4]
+
+
+def test_lane_fetch_keeps_its_window_and_limit_and_refuses_an_unknown_lane(store: Store) -> None:
+    store.set_lanes(["a", "b"])
+    store.append(readings(10))
+    store.ack([2, 4, 6], "a")
+    assert seqs(store.fetch(0, 7, 10, "a")) == [1, 3, 5]
+    assert seqs(store.fetch(1, None, 2, "a")) == [3, 5]
+    assert seqs(store.fetch(5, 9, 10, "a")) == [7, 8]
+    assert store.fetch(0, None, 0, "a") == []
+    with pytest.raises(StoreError, match=r"unknown upstream lane 'z' \(lanes: a, b\)"):
+        store.fetch(0, None, 10, "z")
+    with pytest.raises(StoreError, match="unknown upstream lane 'z'"):
+        store.ack([1], "z")
+    with pytest.raises(StoreError, match="unknown upstream lane 'z'"):
+        store.pin(store.fetch(0, None, 1), "z")
+
+
+def test_a_forgotten_lane_no_longer_holds_its_rows_in_flight(db: Path) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.set_lanes(["a", "b"])
+    rows = s.append(readings(4))
+    s.pin(rows[:1], "a")
+    s.pin(rows, "b")
+    assert s.stats().pinned == 4
+    s.close()
+    assert sorted(query(db, "SELECT seq, lanes FROM inflight")) == [(1, 3), (2, 2), (3, 2), (4, 2)]
+
+    s = Store(db, 64 * MiB)
+    s.open()
+    assert s.stats().pinned == 4
+    s.set_lanes(["a"])
+    assert s.stats().pinned == 1
+    s.close()
+    # Recorded as it is now, not as it was at the last start.
+    assert query(db, "SELECT seq, lanes FROM inflight") == [(1, 1)]
+
+    s = Store(db, 64 * MiB)
+    s.open()
+    assert s.stats().pinned == 1
+    assert s.ack([1]) == 1
+    assert s.stats().pinned == 0
+    s.close()
+    assert query(db, "SELECT seq, lanes FROM inflight") == []
+
+
+def test_an_ack_without_a_lane_takes_the_rows_out_for_every_lane(store: Store) -> None:
+    store.set_lanes(["a", "b"])
+    rows = store.append(readings(3))
+    store.pin(rows, "a")
+    store.pin(rows, "b")
+    assert store.ack([1, 2]) == 2
+    stats = store.stats()
+    assert (stats.pending, stats.pinned) == (1, 1)
+
+
+def test_a_pin_of_a_lane_is_released_by_that_lane_only(store: Store) -> None:
+    store.set_lanes(["a", "b"])
+    rows = store.append(readings(3))
+    assert store.pin([], "a") == []
+    store.pin(rows, "a")
+    store.pin(rows[1:], "b")
+    store.ack([1, 2, 3], "b")  # b had 2, 3 in flight; a still has all three
+    assert store.stats().pinned == 3
+    store.ack([2], "a")
+    assert store.stats().pinned == 2
+    assert store.ack([1, 3], "a") == 2
+    assert store.stats().pinned == 0
+
+
+# -- failure paths: a real SQLite error in the middle of the store's transaction --------------------------
+
+
+def fail(db: Path, event: str, table: str, name: str = "boom") -> None:
+    """Make every `event` on `table` fail with SQLite's "boom" (a trigger: the store's statement fails, its
+    transaction stays open, as with an I/O error on a page the statement writes)."""
+    query(db, f"CREATE TRIGGER {name} BEFORE {event} ON {table} BEGIN SELECT RAISE(ABORT, 'boom'); END")
+
+
+def heal(db: Path, name: str = "boom") -> None:
+    query(db, f"DROP TRIGGER {name}")
+
+
+def assert_failed_once(store: Store, words: str) -> None:
+    stats = store.stats()
+    assert stats.disk_errors == 1
+    assert stats.last_error == f"buffer {words} failed: boom"
+
+
+def test_a_failed_append_stores_nothing_consumes_no_seq_and_leaves_no_transaction(
+    store: Store, db: Path
+) -> None:
+    store.append(readings(2))
+    fail(db, "INSERT", "readings")
+    with pytest.raises(StoreError, match=r"^buffer append of 3 readings failed: boom$"):
+        store.append(readings(3, start=2))
+    assert_failed_once(store, "append of 3 readings")
+    assert (store.stats().pending, store.stats().next_seq) == (2, 3)
+    heal(db)
+    assert seqs(store.append(readings(1, start=2))) == [3]
+    assert [row[0] for row in query(db, "SELECT seq FROM readings ORDER BY seq")] == [1, 2, 3]
+
+
+def test_a_failed_ack_deletes_nothing_and_the_next_one_works(store: Store, db: Path) -> None:
+    rows = store.pin(store.append(readings(3)))
+    fail(db, "DELETE", "readings")
+    with pytest.raises(StoreError, match=r"^buffer ack of 2 readings failed: boom$"):
+        store.ack([1, 2])
+    assert_failed_once(store, "ack of 2 readings")
+    assert (store.stats().pending, store.stats().pinned) == (3, 3)
+    heal(db)
+    assert store.ack([1, 2]) == 2
+    assert (store.stats().pending, store.stats().pinned) == (1, 1)
+    assert store.fetch(0, None, 10) == rows[2:]
+
+
+def test_a_failed_lane_ack_marks_nothing(store: Store, db: Path) -> None:
+    store.set_lanes(["a", "b"])
+    store.append(readings(3))
+    fail(db, "UPDATE", "readings")
+    with pytest.raises(StoreError, match=r"^buffer ack of 2 readings for upstream 'a' failed: boom$"):
+        store.ack([1, 2], "a")
+    assert_failed_once(store, "ack of 2 readings for upstream 'a'")
+    assert store.stats().lanes == {"a": 3, "b": 3}
+    heal(db)
+    assert store.ack([1, 2], "a") == 0
+    assert store.stats().lanes == {"a": 1, "b": 3}
+
+
+def test_a_failed_purge_counts_nothing(store: Store, db: Path) -> None:
+    store.append(readings(4))
+    fail(db, "DELETE", "readings")
+    with pytest.raises(StoreError, match=r"^buffer purge \(after 0 readings deleted\) failed: boom$"):
+        store.purge()
+    assert_failed_once(store, "purge (after 0 readings deleted)")
+    assert (store.stats().pending, store.stats().evicted) == (4, 0)
+    heal(db)
+    assert store.purge(before_ts=T0 + 2000) == 2
+    assert (store.stats().pending, store.stats().evicted) == (2, 2)
+    assert query(db, "SELECT value FROM meta WHERE key = 'evicted'") == [(2,)]
+
+
+def test_a_failed_set_lanes_keeps_the_lanes_it_had(store: Store, db: Path) -> None:
+    store.set_lanes(["a", "b"])
+    store.append(readings(2))
+    fail(db, "INSERT", "lanes")
+    with pytest.raises(StoreError, match=r"^buffer setting the upstream lanes failed: boom$"):
+        store.set_lanes(["a", "c"])
+    assert_failed_once(store, "setting the upstream lanes")
+    assert store.lanes() == ["a", "b"]
+    assert lane_bits(db) == {"a": 0, "b": 1}
+    heal(db)
+    store.set_lanes(["a", "c"])
+    assert lane_bits(db) == {"a": 0, "c": 1}
+
+
+def test_a_failed_eviction_rolls_the_whole_batch_back(db: Path) -> None:
+    s = Store(db, 256 * 1024, "normal")
+    s.open()
+    try:
+        k = 0
+        while s.stats().evicted == 0:
+            s.append(readings(100, start=k * 100))
+            k += 1
+        before = s.stats()
+        fail(db, "DELETE", "readings")
+        with pytest.raises(StoreError, match=r"^buffer append of 500 readings failed: boom$"):
+            s.append(readings(500, start=k * 100))
+        after = s.stats()
+        kept = (after.pending, after.evicted, after.next_seq)
+        assert kept == (before.pending, before.evicted, before.next_seq)
+        heal(db)
+        rows = s.append(readings(500, start=k * 100))
+        assert rows[0].seq == before.next_seq
+    finally:
+        s.close()
+
+
+def test_rows_in_flight_not_recorded_at_close_are_said_and_the_close_completes(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.pin(s.append(readings(2)))
+    fail(db, "INSERT", "inflight")
+    with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+        s.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"buffer {db}: the rows in flight were not recorded at close: boom"
+    ]
+    assert Path(f"{db}.seq").read_text() == "3 closed\n"
+    heal(db)
+    assert query(db, "SELECT seq FROM inflight") == []
+    s = Store(db, 64 * MiB)
+    s.open()
+    assert (s.stats().pinned, s.stats().next_seq) == (0, 3)
+    s.close()
+
+
+def test_a_mark_not_written_at_close_is_said_and_the_next_start_resumes_at_the_reserved_one(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(3))
+    Path(f"{db}.seq.tmp").mkdir()  # the temp file cannot be created: the side file keeps "<H> open"
+    with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+        s.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"buffer seq mark {db}.seq not written: Is a directory (the next start resumes at the reserved mark instead)"
+    ]
+    assert Path(f"{db}.seq").read_text() == f"{1 + SEQ_BLOCK} open\n"
+    Path(f"{db}.seq.tmp").rmdir()
+    s = Store(db, 64 * MiB)
+    s.open()
+    assert s.stats().next_seq == 1 + SEQ_BLOCK
+    s.close()
+
+
+# -- giving pages back -------------------------------------------------------------------------------------
+
+
+def pages(db: Path) -> tuple[int, int]:
+    """(page_count, freelist_count) of the file as committed."""
+    ((total, free),) = query(
+        db,
+        "SELECT (SELECT page_count FROM pragma_page_count()), (SELECT freelist_count FROM pragma_freelist_count())",
+    )
+    return int(total), int(free)
+
+
+def wal_size(db: Path) -> int:
+    wal = Path(f"{db}-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_a_drained_backlog_gives_every_free_page_back_and_empties_the_wal(store: Store, db: Path) -> None:
+    store.append(readings(20_000))  # about 700 pages: more than one vacuum step of 256
+    full, _ = pages(db)
+    assert store.ack(list(range(1, 20_001))) == 20_000
+    total, free = pages(db)
+    assert free == 0
+    assert total < full // 10
+    assert wal_size(db) == 0
+    assert store.stats().disk_errors == 0
+
+
+def test_the_file_keeps_its_pages_until_three_quarters_are_free(store: Store, db: Path) -> None:
+    store.append(readings(20_000))
+    full, _ = pages(db)
+    store.ack(list(range(1, 14_001)))  # 70 % acknowledged: more than 1 MiB free, less than 3/4 of the file
+    total, free = pages(db)
+    assert total == full
+    assert free * 4096 > MiB
+    assert store.ack(list(range(14_001, 17_001))) == 3000  # 85 %: now it shrinks
+    total, free = pages(db)
+    assert free == 0
+    assert total < full // 4
+
+
+def test_a_small_file_keeps_its_pages_even_when_empty(store: Store, db: Path) -> None:
+    store.append(readings(3000))  # about 100 pages: less than 1 MiB would be given back
+    full, _ = pages(db)
+    store.ack(list(range(1, 3001)))
+    total, free = pages(db)
+    assert total == full
+    assert free > full // 2
+
+
+# -- the one thread --------------------------------------------------------------------------------------
+
+
+class GatedStore(Store):
+    """A store whose first `stats` call waits for a gate: what runs meanwhile, and where, is recorded."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, 64 * MiB)
+        self.gate = threading.Event()
+        self.calls: list[tuple[str, int, str]] = []
+
+    def stats(self) -> StoreStats:
+        n = sum(1 for c in self.calls if c[0] == "start")
+        self.calls.append(("start", n, threading.current_thread().name))
+        if n == 0:
+            self.gate.wait(timeout=20)
+        result = super().stats()
+        self.calls.append(("end", n, threading.current_thread().name))
+        return result
+
+
+async def test_the_store_s_calls_run_one_at_a_time_in_order_on_one_thread(db: Path) -> None:
+    store = GatedStore(db)
+    astore = AsyncStore(store)
+    await astore.open()
+    try:
+        first = asyncio.create_task(astore.stats())
+        second = asyncio.create_task(astore.stats())
+        done, _ = await asyncio.wait({second}, timeout=0.3)
+        assert not done  # the second call waits for the first, which waits for the gate
+        store.gate.set()
+        await asyncio.gather(first, second)
+        threads = {name for _, _, name in store.calls}
+        order = [(event, n) for event, n, _ in store.calls]
+        assert order == [("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+        assert len(threads) == 1
+        assert threads.pop().startswith("fieldgate-store")
+    finally:
+        store.gate.set()
+        await astore.close()
+
+
+async def test_an_async_pin_holds_the_row_for_its_lane_only(db: Path) -> None:
+    astore = AsyncStore(Store(db, 64 * MiB))
+    await astore.open()
+    try:
+        await astore.set_lanes(["a", "b"])
+        rows = await astore.append(readings(2))
+        assert await astore.pin(rows, "a") == rows
+        assert await astore.ack([1, 2], "a") == 0
+        assert (await astore.stats()).pinned == 0  # pinned for a, released by a's ack
+    finally:
+        await astore.close()
+
+
+# -- purge, recovery, salvage ------------------------------------------------------------------------------
+
+
+def test_a_purge_in_several_chunks_of_an_odd_size_deletes_exactly_what_it_says(db: Path) -> None:
+    s = Store(db, 2_000_001, "normal")  # its WAL step (31,250 bytes) makes a chunk of 244 rows
+    s.open()
+    try:
+        s.append(readings(700))
+        s.append(readings(10, start=700, device="meter-2"))
+        assert s.purge(device="meter-1") == 700
+        stats = s.stats()
+        assert (stats.pending, stats.evicted) == (10, 700)
+        assert [row[0] for row in query(db, "SELECT min(seq) FROM readings")] == [701]
+    finally:
+        s.close()
+
+
+def test_each_failure_is_counted(store: Store, db: Path) -> None:
+    store.append(readings(2))
+    fail(db, "DELETE", "readings")
+    for _ in range(3):
+        with pytest.raises(StoreError):
+            store.ack([1])
+    assert store.stats().disk_errors == 3
+
+
+def test_a_file_moved_aside_takes_the_first_free_number(store: Store, db: Path) -> None:
+    stamp = "20260101T000000Z"
+    Path(f"{db}.corrupt-{stamp}").write_bytes(b"")
+    store.close()
+    assert store._move_aside(stamp).name == f"{db.name}.corrupt-{stamp}-1"
+
+
+def test_a_file_that_cannot_be_moved_aside_is_a_store_error(store: Store, db: Path) -> None:
+    stamp = "20260101T000000Z"
+    store.close()
+    Path(f"{db}-wal").write_bytes(b"x")
+    blocker = Path(f"{db}.corrupt-{stamp}-wal")  # a non-empty directory where the -wal would go
+    blocker.mkdir()
+    (blocker / "x").write_bytes(b"")
+    with pytest.raises(StoreError, match=rf"^the buffer {db} is corrupt and cannot be moved aside: "):
+        store._move_aside(stamp)
+
+
+def test_a_recovery_moves_the_whole_set_aside_under_a_utc_stamp(
+    db: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TZ", "Etc/GMT-5")  # a local time 5 hours ahead of UTC
+    time.tzset()
+    try:
+        db.write_bytes(b"not a database at all" * 100)
+        Path(f"{db}-shm").write_bytes(b"old shm")
+        before = datetime.now(UTC).replace(microsecond=0)
+        with caplog.at_level(logging.ERROR, logger="fieldgate.store"):
+            s = Store(db, 64 * MiB)
+            s.open()
+        after = datetime.now(UTC)
+        s.close()
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    (aside,) = sorted(p for p in db.parent.glob(f"{db.name}.corrupt-*") if not p.name.endswith("-shm"))
+    stamp = datetime.strptime(aside.name.rsplit("-", 1)[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    assert before <= stamp <= after
+    assert Path(f"{aside}-shm").read_bytes() == b"old shm"
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert message.startswith(f"buffer {db} was unusable (file is not a database); moved it aside to {aside}")
+    assert message.endswith("; readings still pending in the old file were lost")
+
+
+def test_salvage_reads_the_last_row_when_the_sequence_is_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with closing(sqlite3.connect(path)) as conn:
+        # No AUTOINCREMENT: no sqlite_sequence to read the high-water mark from.
+        conn.execute("CREATE TABLE readings (seq INTEGER PRIMARY KEY, x)")
+        conn.executemany("INSERT INTO readings (seq) VALUES (?)", [(4,), (17,)])
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER)")
+        conn.execute("INSERT INTO meta VALUES ('evicted', 3), ('recovered', 1)")
+        conn.commit()
+    got = Store._salvage(path)
+    assert (got.high_water, got.evicted, got.recovered) == (17, 3, 1)
+
+
+def test_a_page_cap_set_on_an_open_store_applies_and_outlives_a_reopen(db: Path) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.set_max_page_count(40)
+    with pytest.raises(StoreError, match="disk is full"):
+        for k in range(100):
+            s.append(readings(200, start=k * 200))
+    s.close()
+    s.open()  # the same store opened again: the cap is still there
+    try:
+        with pytest.raises(StoreError, match="disk is full"):
+            s.append(readings(2000, start=50_000))
+        s.set_max_page_count(None)
+        assert len(s.append(readings(2000, start=50_000))) == 2000
+    finally:
+        s.close()
+
+
+# -- the connection's settings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "synchronous", "wal_bytes"),
+    [
+        (256 * 1024, "full", 64 * 1024),  # the WAL's floor
+        (2 * MiB, "normal", 2 * MiB // 16),
+        (2_000_001, "full", 2_000_001 // 16),
+        (128 * MiB, "normal", 4 * MiB),  # its ceiling
+    ],
+)
+def test_the_connection_s_settings_read_back(
+    db: Path, max_bytes: int, synchronous: Literal["full", "normal"], wal_bytes: int
+) -> None:
+    s = Store(db, max_bytes, synchronous)
+    s.open()
+    try:
+        conn = s._conn
+        assert conn is not None
+
+        def pragma(name: str) -> object:
+            assert conn is not None
+            return conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+        assert pragma("journal_mode") == "wal"
+        assert pragma("synchronous") == {"full": 2, "normal": 1}[synchronous]
+        assert pragma("secure_delete") == 2  # FAST
+        assert pragma("auto_vacuum") == 2  # INCREMENTAL
+        assert pragma("busy_timeout") == 5000
+        assert pragma("journal_size_limit") == wal_bytes
+        assert pragma("wal_autocheckpoint") == wal_bytes // 4 // 4096
+        assert pragma("user_version") == 1
+    finally:
+        s.close()
+
+
+def test_a_stop_with_rows_in_flight_on_the_only_lane_keeps_them_pinned_once_lanes_are_declared(
+    db: Path,
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.pin(s.append(readings(3))[:2])
+    s.close()
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.set_lanes(["mqtt"])  # what the daemon does at every start
+    assert s.stats().pinned == 2
+    assert s.ack([1, 2, 3], "mqtt") == 3
+    assert s.stats().pinned == 0
+    s.close()
+
+
+GARBAGE = "7" * 100 + "x open"
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"", "''"),
+        (b"12", "'12'"),
+        (b"12 open now", "'12 open now'"),
+        (b"x12 open", "'x12 open'"),
+        (b"-12 open", "'-12 open'"),
+        (b"12 opened", "'12 opened'"),
+        (b"12 OPEN", "'12 OPEN'"),
+        (GARBAGE.encode(), repr(GARBAGE[:80])),
+        ("\u0661\u0662 closed".encode(), None),  # Arabic-Indic digits: UTF-8, not ASCII
+    ],
+)
+def test_an_unreadable_mark_is_said_and_ignored(
+    db: Path, caplog: pytest.LogCaptureFixture, content: bytes, said: str | None
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5))
+    s.close()
+    Path(f"{db}.seq").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+        s = Store(db, 64 * MiB)
+        s.open()
+    try:
+        (message,) = [r.getMessage() for r in caplog.records]
+        assert message.startswith(f"seq mark {db}.seq unreadable (")
+        assert message.endswith("): ignored")
+        if said is not None:
+            assert message == f"seq mark {db}.seq unreadable ({said}): ignored"
+        else:
+            assert "'ascii' codec can't decode" in message
+        stats = s.stats()
+        assert (stats.next_seq, stats.recovered) == (6, 0)  # the database decides, nothing went back
+        assert Path(f"{db}.seq").read_text() == f"{6 + SEQ_BLOCK} open\n"  # and a good mark replaces it
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(("state", "next_seq"), [("open", 6), ("closed", 12)])
+def test_a_mark_ahead_of_the_database_resumes_only_after_a_clean_close(
+    db: Path, state: str, next_seq: int
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5))
+    s.close()
+    Path(f"{db}.seq").write_text(f"12 {state}\n")
+    # With its -wal: an unclean stop whose log is intact is trusted; a clean close at 12 is not.
+    Path(f"{db}-wal").write_bytes(b"")
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        assert s.stats().next_seq == next_seq
+    finally:
+        s.close()
+
+
+# -- opening ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lose", "why"),
+    [
+        ("database", "the database file is missing or empty"),
+        (
+            "wal",
+            "the process stopped without closing it and its write-ahead log (-wal) is gone (lost, or merged by "
+            "another program that opened the file read-write)",
+        ),
+    ],
+)
+def test_a_database_behind_its_mark_says_why_resumes_there_once_and_persists_it(
+    db: Path, caplog: pytest.LogCaptureFixture, lose: str, why: str
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5))
+    s.close()
+    if lose == "database":
+        db.unlink()
+    Path(f"{db}.seq").write_text("50 open\n")  # an unclean stop after seqs up to 49 were handed out
+    with caplog.at_level(logging.ERROR, logger="fieldgate.store"):
+        s = Store(db, 64 * MiB)
+        s.open()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"buffer {db} went back: {why}; readings pending in the lost part are gone, and seq resumes at 50 "
+        f"(the mark in {db}.seq) so that no seq already sent is used again"
+    ]
+    assert (s.stats().next_seq, s.stats().recovered) == (50, 1)
+    s.close()
+    caplog.clear()
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        assert (s.stats().next_seq, s.stats().recovered) == (50, 1)
+        assert caplog.records == []
+        assert seqs(s.append(readings(1))) == [50]
+    finally:
+        s.close()
+
+
+def test_a_store_opened_twice_is_refused(store: Store, db: Path) -> None:
+    with pytest.raises(StoreError, match=rf"^the buffer {db} is already open$"):
+        store.open()
+    assert seqs(store.append(readings(1))) == [1]  # still the first connection, untouched
+
+
+def test_the_buffer_s_directories_are_created(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a" / "b" / "buffer.db", 64 * MiB)
+    s.open()
+    s.close()
+    again = Store(tmp_path / "a" / "b" / "buffer.db", 64 * MiB)
+    again.open()  # the directory exists now: fine too
+    again.close()
+
+
+def test_a_directory_that_cannot_be_created_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StoreError, match=rf"^cannot create the buffer directory {tmp_path}/file/sub: "):
+        Store(tmp_path / "file" / "sub" / "buffer.db", 64 * MiB).open()
+
+
+def test_a_file_that_fails_the_integrity_check_is_replaced_and_says_what_failed(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(50))
+    s.close()
+    data = bytearray(db.read_bytes())
+    n = int.from_bytes(data[28:32], "big")  # the header's page count: 3 pages more, never used
+    data[28:32] = (n + 3).to_bytes(4, "big")
+    db.write_bytes(bytes(data) + bytes(3 * 4096))
+    with caplog.at_level(logging.ERROR, logger="fieldgate.store"):
+        s = Store(db, 64 * MiB)
+        s.open()
+    try:
+        (message,) = [r.getMessage() for r in caplog.records]
+        problems = "\n".join(f"Page {p} is never used" for p in range(n + 1, n + 4))
+        assert f" was unusable (integrity check failed: *** in database main ***\n{problems}); " in message
+        assert (s.stats().recovered, s.stats().next_seq) == (1, 51)
+    finally:
+        s.close()
+
+
+def test_a_buffer_from_before_lanes_gets_its_acked_column(db: Path) -> None:
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(
+            "CREATE TABLE readings(seq INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL,"
+            " device TEXT NOT NULL, point TEXT NOT NULL, body BLOB NOT NULL)"
+        )
+        conn.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        conn.execute("INSERT INTO meta VALUES ('evicted', 2), ('recovered', 0)")
+        conn.executemany(
+            "INSERT INTO readings(seq, ts, device, point, body) VALUES (?, ?, 'meter-1', 'power_w', x'7b7d')",
+            [(3, T0), (4, T0 + 1000), (5, T0 + 2000)],
+        )
+        conn.execute("PRAGMA user_version = 1")
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        s.set_lanes(["a", "b"])
+        stats = s.stats()
+        assert (stats.pending, stats.evicted, stats.next_seq, stats.lanes) == (3, 2, 6, {"a": 3, "b": 3})
+        assert s.ack([3, 4], "a") == 0
+        assert s.ack([4], "b") == 1
+        assert seqs(s.fetch(0, None, 10, "a")) == [5]
+        assert seqs(s.fetch(0, None, 10, "b")) == [3, 5]
+    finally:
+        s.close()
+
+
+def test_a_failure_while_resuming_at_the_mark_fails_the_open_and_the_next_open_resumes(db: Path) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5))
+    s.close()
+    Path(f"{db}.seq").write_text("50 open\n")  # the -wal is gone: resume at 50
+    fail(db, "UPDATE", "meta")
+    with pytest.raises(StoreError, match=r"^buffer open failed: boom$"):
+        Store(db, 64 * MiB).open()
+    heal(db)
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        assert (s.stats().next_seq, s.stats().recovered) == (50, 1)
+    finally:
+        s.close()
+
+
+def test_each_recovery_adds_one_to_those_before(db: Path) -> None:
+    db.write_bytes(b"not a database at all" * 100)
+    s = Store(db, 64 * MiB)
+    s.open()  # moved aside: 1
+    first = s.stats().next_seq
+    s.append(readings(3))
+    s.close()
+    Path(f"{db}.seq").write_text(f"{first + 100} closed\n")  # then the file goes back behind its mark: 2
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        assert (s.stats().recovered, s.stats().next_seq) == (2, first + 100)
+    finally:
+        s.close()
+
+
+def test_a_recovered_buffer_keeps_the_old_file_s_evicted_count(db: Path) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(5000))
+    assert s.purge(before_ts=T0 + 7000) == 7
+    s.close()
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 2])  # truncated: moved aside, its counters salvaged
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.close()
+    s = Store(db, 64 * MiB)
+    s.open()
+    try:
+        stats = s.stats()
+        assert (stats.recovered, stats.evicted, stats.next_seq) == (1, 7, 5001)
+    finally:
+        s.close()
+
+
+def test_the_reads_say_what_failed(store: Store, db: Path) -> None:
+    rows = store.append(readings(2))
+    query(db, "ALTER TABLE readings RENAME TO moved")  # another program changed the file under the store
+    with pytest.raises(StoreError, match=r"^buffer pin of 2 readings failed: no such table: readings$"):
+        store.pin(rows)
+    with pytest.raises(StoreError, match=r"^buffer fetch failed: no such table: readings$"):
+        store.fetch(0, None, 10)
+    with pytest.raises(StoreError, match=r"^buffer stats failed: no such table: readings$"):
+        store.stats()
+    query(db, "ALTER TABLE moved RENAME TO readings")
+    stats = store.stats()
+    assert (stats.disk_errors, stats.pinned) == (3, 0)
+    assert stats.last_error == "buffer stats failed: no such table: readings"
+    assert store.pin(rows) == rows
+
+
+def test_an_unencodable_reading_is_said_with_its_device_point_time_and_reason(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+        assert store.append([Reading("meter-1", "huge", T0, 2**70)]) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"reading meter-1/huge at {T0} not stored: cannot encode it as JSON (Integer exceeds 64-bit range)"
+    ]
+    assert store.stats().next_seq == 1
+
+
+def test_an_eviction_is_said_with_the_bound_the_count_and_the_total(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(db, 256 * 1024, "normal")
+    s.open()
+    try:
+        with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+            k = 0
+            while not caplog.records:
+                s.append(readings(100, start=k * 100))
+                k += 1
+        evicted = s.stats().evicted
+        assert evicted > 0
+        assert [r.getMessage() for r in caplog.records] == [
+            f"buffer full (max_size 262144 bytes): evicted the {evicted} oldest unsent readings "
+            f"({evicted} evicted in total)"
+        ]
+    finally:
+        s.close()
+
+
+# -- failures SQLite gives no way to provoke from outside (a close, a vacuum step, a ROLLBACK that fail): the
+# store's own connection, wrapped so that one call raises the error SQLite would --------------------------
+
+
+class FailingConnection:
+    """The store's real connection, except that `fail` (a method name, or an SQL statement's first word)
+    raises sqlite3.OperationalError("boom")."""
+
+    def __init__(self, conn: sqlite3.Connection, fail: str) -> None:
+        self.conn = conn
+        self.fail = fail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql.split()[0] == self.fail:
+            raise sqlite3.OperationalError("boom")
+        return self.conn.execute(sql, *args)
+
+    def executescript(self, sql: str) -> sqlite3.Cursor:
+        if self.fail == "executescript":
+            raise sqlite3.OperationalError("boom")
+        return self.conn.executescript(sql)
+
+    def close(self) -> None:
+        if self.fail == "close":
+            raise sqlite3.OperationalError("boom")
+        self.conn.close()
+
+
+def wrap(store: Store, fail: str) -> FailingConnection:
+    assert store._conn is not None
+    wrapped = FailingConnection(store._conn, fail)
+    store._conn = wrapped  # type: ignore[assignment]
+    return wrapped
+
+
+def test_a_close_that_fails_is_said_and_leaves_the_mark_open(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(3))
+    wrapped = wrap(s, "close")
+    with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+        s.close()
+    assert [r.getMessage() for r in caplog.records] == [f"closing the buffer {db} failed: boom"]
+    # Not closed cleanly: the mark stays the reserved one, and the next start checks the file against it.
+    assert Path(f"{db}.seq").read_text() == f"{1 + SEQ_BLOCK} open\n"
+    wrapped.conn.close()
+
+
+def test_a_shrink_that_fails_is_said_and_the_ack_stands(
+    store: Store, db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.append(readings(20_000))
+    wrap(store, "executescript")
+    with caplog.at_level(logging.WARNING, logger="fieldgate.store"):
+        assert store.ack(list(range(1, 20_001))) == 20_000
+    message = "buffer shrinking the file failed: boom"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{message} (the acknowledged rows are deleted; the file keeps its size)"
+    ]
+    stats = store.stats()
+    assert (stats.pending, stats.disk_errors, stats.last_error) == (0, 1, message)
+    assert pages(db)[1] > 0  # the free pages are still in the file
+
+
+def test_a_rollback_that_fails_too_is_said_at_debug_level(
+    store: Store, db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.append(readings(2))
+    fail(db, "DELETE", "readings")
+    wrapped = wrap(store, "ROLLBACK")
+    with caplog.at_level(logging.DEBUG, logger="fieldgate.store"), pytest.raises(StoreError, match="boom"):
+        store.ack([1])
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, "rollback after an error failed too: boom")
+    ]
+    assert wrapped.conn.in_transaction  # what the failed ROLLBACK left
+    wrapped.conn.execute("ROLLBACK")
+    store._conn = wrapped.conn
+    heal(db)
+    assert store.ack([1]) == 1
+
+
+async def test_a_store_opened_on_one_thread_is_used_from_another(db: Path) -> None:
+    """One thread at a time, not always the same one: a store opened by the caller is handed to AsyncStore."""
+    s = Store(db, 64 * MiB)
+    s.open()
+    s.append(readings(2))
+    astore = AsyncStore(s)
+    try:
+        assert seqs(await astore.append(readings(1, start=2))) == [3]
+        assert (await astore.stats()).pending == 3
+    finally:
+        await astore.close()
+
+
+def test_a_recovery_whose_fresh_buffer_cannot_be_written_fails_the_open(db: Path) -> None:
+    db.write_bytes(b"not a database at all" * 100)
+    s = Store(db, 64 * MiB)
+    real = s._connect_checked_fresh
+
+    def failing_fresh() -> Any:
+        return FailingConnection(real(), "UPDATE")
+
+    s._connect_checked_fresh = failing_fresh  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match=r"^buffer recovery failed: boom$"):
+        s.open()
+    assert s._conn is None
+
+
+def test_a_recovery_whose_fresh_buffer_is_unusable_too_fails_the_open(db: Path) -> None:
+    db.write_bytes(b"not a database at all" * 100)
+    s = Store(db, 64 * MiB)
+
+    def unusable() -> sqlite3.Connection:
+        raise store_module._CorruptBuffer("still not a database")
+
+    s._connect_checked = unusable  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match=rf"^cannot create a fresh buffer at {db}: still not a database$"):
+        s.open()
+    assert len(aside_files(db)) == 1
+
+
+def test_a_pin_without_a_lane_holds_the_row_for_every_lane(store: Store) -> None:
+    store.set_lanes(["a", "b"])
+    rows = store.append(readings(2))
+    assert store.pin(rows) == rows
+    store.ack([1, 2], "a")
+    assert store.stats().pinned == 2  # b has not acknowledged them
+    assert store.ack([1, 2], "b") == 2
+    assert store.stats().pinned == 0
+
+
+def test_with_one_lane_the_lane_named_is_not_looked_up(store: Store) -> None:
+    rows = store.append(readings(3))
+    assert store.pin(rows, "other") == rows
+    assert seqs(store.fetch(0, None, 10, "other")) == [1, 2, 3]
+    assert store.ack([1, 2], "other") == 2
+    assert (store.stats().pinned, store.stats().pending) == (1, 1)
+
+
+def test_an_unopened_store_has_the_default_lane_and_nothing_counted(db: Path) -> None:
+    s = Store(db, 64 * MiB)
+    assert s.lanes() == ["mqtt"]
+    assert (s.lane_pending(), s.lane_evicted()) == ({"mqtt": 0}, {"mqtt": 0})
+
+
+def test_an_unknown_synchronous_mode_is_refused(db: Path) -> None:
+    with pytest.raises(ValueError, match=r"^synchronous must be 'full' or 'normal', not 'off'$"):
+        Store(db, 64 * MiB, "off")  # type: ignore[arg-type]
+
+
+def test_a_reading_larger_than_the_bound_is_evicted_at_once_and_counted(db: Path) -> None:
+    s = Store(db, 256 * 1024, "normal")
+    s.open()
+    try:
+        assert s.append([Reading("meter-1", "blob", T0, "x" * 200_000)]) == []
+        stats = s.stats()
+        assert (stats.pending, stats.evicted, stats.next_seq) == (0, 1, 2)
+        assert seqs(s.append(readings(1))) == [2]
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_burst_evicts_only_the_whole_rows_it_needs_oldest_unpinned_first(db: Path, pinned: bool) -> None:
+    s = Store(db, 256 * 1024, "normal")  # three of these 30 KB readings fit, not four
+    s.open()
+    try:
+        kept = []
+        for i in range(6):
+            rows = s.append([Reading("meter-1", "blob", T0 + i, "x" * 30_000)])
+            if pinned and i == 0:
+                assert s.pin(rows) == rows  # in flight: not evictable
+            kept.append(seqs(s.fetch(0, None, 10)))
+        if pinned:
+            assert kept == [[1], [1, 2], [1, 2, 3], [1, 3, 4], [1, 4, 5], [1, 5, 6]]
+        else:
+            assert kept == [[1], [1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 6]]
+        assert s.stats().evicted == 3
+    finally:
+        s.close()
+
+
+def test_eviction_keeps_only_the_pinned_rows_and_the_newest_ones(db: Path) -> None:
+    s = Store(db, 256 * 1024, "normal")
+    s.open()
+    try:
+        s.append([Reading("meter-1", "blob", T0 + i, "x" * 1000) for i in range(10)])
+        in_flight = {r.seq for r in s.pin(s.fetch(4, 7, 10))}  # rows 5 and 6, in the middle of the oldest
+        k = 0
+        while s.stats().evicted < 300:
+            s.append([Reading("meter-1", "blob", T0 + 100 + k * 20 + i, "x" * 1000) for i in range(20)])
+            k += 1
+        kept = seqs(s.fetch(0, None, 10_000))
+        others = [q for q in kept if q not in in_flight]
+        assert in_flight == {5, 6} and in_flight <= set(kept)
+        # Apart from the pinned rows, what is left is the newest rows, with no hole.
+        assert others == list(range(others[0], s.stats().next_seq))
+        assert s.stats().evicted == s.stats().next_seq - 1 - len(kept)
+    finally:
+        s.close()
+
+
+def test_per_lane_gap_counts_start_when_the_store_gets_several_lanes(store: Store) -> None:
+    store.append(readings(5))
+    assert store.purge(before_ts=T0 + 3000) == 3  # one lane: counted in evicted only
+    store.set_lanes(["mqtt", "b"])
+    assert store.stats().lane_evicted == {"mqtt": 0, "b": 0}
+    assert store.purge(before_ts=T0 + 4000) == 1
+    assert store.stats().lane_evicted == {"mqtt": 1, "b": 1}
+    assert store.stats().evicted == 4
