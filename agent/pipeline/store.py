@@ -297,7 +297,14 @@ class Store:
             log.warning("seq mark %s unreadable (%s): ignored", self.seq_path, exc)
             return None
         parts = text.split()
-        if len(parts) != 2 or not parts[0].isdigit() or parts[1] not in ("open", "closed"):
+        # a seq is an SQLite INTEGER: a mark of 2**63 or more (a damaged file) is no mark, not an OverflowError
+        if (
+            len(parts) != 2
+            or not parts[0].isdigit()
+            or len(parts[0]) > 19
+            or int(parts[0]) >= 2**63
+            or parts[1] not in ("open", "closed")
+        ):
             log.warning("seq mark %s unreadable (%r): ignored", self.seq_path, text[:80])
             return None
         return int(parts[0]), parts[1] == "closed"

@@ -1289,6 +1289,8 @@ GARBAGE = "7" * 100 + "x open"
         (b"12 opened", "'12 opened'"),
         (b"12 OPEN", "'12 OPEN'"),
         (GARBAGE.encode(), repr(GARBAGE[:80])),
+        (b"9223372036854775808 open", "'9223372036854775808 open'"),  # 2**63: no SQLite INTEGER holds it
+        (b"99999999999999999999999 closed", "'99999999999999999999999 closed'"),
         ("\u0661\u0662 closed".encode(), None),  # Arabic-Indic digits: UTF-8, not ASCII
     ],
 )
