@@ -851,6 +851,9 @@ def test_an_ack_without_a_lane_takes_the_rows_out_for_every_lane(store: Store) -
     assert store.ack([1, 2]) == 2
     stats = store.stats()
     assert (stats.pending, stats.pinned) == (1, 1)
+    assert store.lane_pending() == {"a": 1, "b": 1}  # each lane's count follows (it was 3 and 3)
+    store.ack([3], "a")
+    assert store.lane_pending() == {"a": 0, "b": 1}
 
 
 def test_a_pin_of_a_lane_is_released_by_that_lane_only(store: Store) -> None:
