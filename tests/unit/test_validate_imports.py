@@ -275,3 +275,43 @@ def test_the_childs_answer_is_not_kept_once_read(tmp_path: Path, fork: str) -> N
     kind, held = _python(HELD, str(cfg), fork).stdout.decode().split()
     assert kind == ("ForkedChild" if fork == "fork" else "Popen")
     assert int(held) < 4096  # the answer is ~100 kB here
+
+
+SNAPSHOT_DROPPED = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from agent.config import modelkit
+    modelkit.select("plain")
+    from agent.config import validate
+    from agent.errors import ConfigError
+
+    async def main():
+        path = Path(sys.argv[1])
+        await validate.spawn(path).result()  # keeps the snapshot
+        pending = validate.spawn(path, use_snapshot=True)
+        await pending.result()
+        held = pending.from_cache and pending.cached is not None
+        path.write_text(path.read_text() + "  bad: {bus: nowhere, unit_id: 300, points: {}}\\n")
+        try:
+            await pending.verify()
+        except ConfigError:
+            print(held, pending.cached is None)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_the_starts_snapshot_is_dropped_when_the_file_no_longer_validates(tmp_path: Path) -> None:
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(MODBUS_ONLY)
+    proc = subprocess.run(
+        [sys.executable, "-c", SNAPSHOT_DROPPED, str(cfg)],
+        capture_output=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO), FIELDGATE_CACHE_DIR=str(tmp_path / "cache")),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().split() == ["True", "True"]
