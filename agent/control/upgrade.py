@@ -27,13 +27,11 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import sysconfig
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -246,6 +244,8 @@ def parse_command(raw: bytes, gateway_id: str, last_version: int, key_file: Path
 
 def download(url: str, sha256: str, dest: Path, max_bytes: int = MAX_PACKAGE_BYTES) -> None:
     """Fetch `url` into `dest`: at most `max_bytes`, its SHA-256 checked before it is kept."""
+    import urllib.request  # here, not at the top: http.client and email cost the polling daemon ~1 MiB (issue 24)
+
     digest = hashlib.sha256()
     tmp = dest.with_name(dest.name + ".part")
     size = 0
@@ -271,6 +271,8 @@ def download(url: str, sha256: str, dest: Path, max_bytes: int = MAX_PACKAGE_BYT
 
 def install_release(root: Path, release: str, wheel: Path, base_site: str) -> None:
     """releases/<release>: a venv holding the wheel, on top of the base install's dependencies."""
+    import shutil  # here, not at the top: it brings bz2 and lzma, which the polling daemon never uses
+
     target = root / "releases" / release
     shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +324,8 @@ def install_release(root: Path, release: str, wheel: Path, base_site: str) -> No
 
 def prune(root: Path, keep: set[str | None]) -> None:
     """Remove releases other than `keep` (the running one and the one to fall back on)."""
+    import shutil  # see install_release
+
     with contextlib.suppress(FileNotFoundError):
         for entry in (root / "releases").iterdir():
             if entry.name not in keep:

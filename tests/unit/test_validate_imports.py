@@ -229,3 +229,89 @@ def test_a_failed_fork_starts_the_child_instead(tmp_path: Path) -> None:
         """
     )
     assert _python(code, str(cfg)).stdout.decode().split() == ["Popen", "gw1", "0"]
+
+
+HELD = textwrap.dedent(
+    """
+    import asyncio, gc, sys
+    from pathlib import Path
+    from agent.config import modelkit
+    modelkit.select("plain")
+    from agent.config import validate
+
+    def held_bytes(root):
+        seen, todo, total = set(), [root], 0
+        while todo:
+            obj = todo.pop()
+            if id(obj) in seen or isinstance(obj, type):
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, bytes):
+                total += len(obj)
+            else:
+                todo.extend(gc.get_referents(obj))
+        return total
+
+    async def main():
+        pending = validate.spawn(Path(sys.argv[1]), fork=sys.argv[2] == "fork")
+        await pending.result()
+        print(type(pending.proc).__name__, held_bytes(pending))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("fork", ["fork", "start"])
+def test_the_childs_answer_is_not_kept_once_read(tmp_path: Path, fork: str) -> None:
+    """The Pending of the daemon's start lives as long as the daemon: what the child wrote (the config's
+    snapshot, 1.7 MiB at 10,000 points) must not stay referenced from it (a Popen keeps communicate()'s chunks)."""
+    points = ", ".join(f"r{i}: {{table: holding, address: {i}}}" for i in range(100))
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(
+        MODBUS_ONLY
+        + "".join(f"  d{d}: {{bus: lan, unit_id: {d}, points: {{{points}}}}}\n" for d in range(2, 12))
+    )
+    kind, held = _python(HELD, str(cfg), fork).stdout.decode().split()
+    assert kind == ("ForkedChild" if fork == "fork" else "Popen")
+    assert int(held) < 4096  # the answer is ~100 kB here
+
+
+SNAPSHOT_DROPPED = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from agent.config import modelkit
+    modelkit.select("plain")
+    from agent.config import validate
+    from agent.errors import ConfigError
+
+    async def main():
+        path = Path(sys.argv[1])
+        await validate.spawn(path).result()  # keeps the snapshot
+        pending = validate.spawn(path, use_snapshot=True)
+        await pending.result()
+        held = pending.from_cache and pending.cached is not None
+        path.write_text(path.read_text() + "  bad: {bus: nowhere, unit_id: 300, points: {}}\\n")
+        try:
+            await pending.verify()
+        except ConfigError:
+            print(held, pending.cached is None)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_the_starts_snapshot_is_dropped_when_the_file_no_longer_validates(tmp_path: Path) -> None:
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(MODBUS_ONLY)
+    proc = subprocess.run(
+        [sys.executable, "-c", SNAPSHOT_DROPPED, str(cfg)],
+        capture_output=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO), FIELDGATE_CACHE_DIR=str(tmp_path / "cache")),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().split() == ["True", "True"]
