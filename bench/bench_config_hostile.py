@@ -76,7 +76,9 @@ def measure_isolated(path: Path) -> tuple[int, float, float, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the results here too")
-    parser.add_argument("--quick", action="store_true", help="accepted for scripts/bench: the run is short already")
+    parser.add_argument(
+        "--quick", action="store_true", help="accepted for scripts/bench: the run is short already"
+    )
     args = parser.parse_args(argv)
     cases = {
         "valid-minimal": lambda: VALID,

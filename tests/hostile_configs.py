@@ -52,7 +52,10 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
     "deep-compact-seq": (lambda: b"- " * 5000 + b"x\n", "1:"),
     "alias-bomb": (_alias_bomb, "1:"),
     "alias-bomb-mappings": (_alias_bomb_mappings, ""),
-    "string-20MB": (lambda: b'gateway: {id: "' + b"x" * 20_000_000 + b'"}\n', "1:1: (file): cannot read: larger than 1 MiB"),
+    "string-20MB": (
+        lambda: b'gateway: {id: "' + b"x" * 20_000_000 + b'"}\n',
+        "1:1: (file): cannot read: larger than 1 MiB",
+    ),
     "python-tag": (lambda: VALID + b"x: !!python/object/apply:os.system [true]\n", "3:4: x: YAML tag"),
     "binary-tag": (lambda: VALID + b"x: !!binary aGVsbG8=\n", "3:4: x: YAML tag"),
     "set-tag": (lambda: VALID + b"x: !!set {a, b}\n", "3:4: x: YAML tag"),

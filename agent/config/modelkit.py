@@ -71,6 +71,11 @@ def select_in_forked_child(kit: Kit) -> None:
     select(kit)
 
 
+def models_built() -> bool:
+    """Whether this process has built config models (a child forked from it could not choose its own kit)."""
+    return _kit is not None
+
+
 def selected() -> Kit:
     """The kit this process runs on (or will, at the first config model): pydantic unless `plain` was chosen."""
     return _fixed_kit() or _chosen or "pydantic"

@@ -308,7 +308,9 @@ def spawn(path: Path, use_snapshot: bool = False, remote: bool = False, fork: bo
         cached = _cached(path)
         if cached is not None:
             return Pending(path, None, cached)
-    if fork and not remote and _one_thread():
+    # Not forked once this process has built config models (a start that rolled a remote config back first,
+    # agent/control/remoteconfig.py): the copy would be bound to the daemon's kit, so a child is started.
+    if fork and not remote and _one_thread() and not modelkit.models_built():
         for name in SHARED_MODULES:  # loaded once, before the fork, rather than once in each process
             importlib.import_module(name)
         try:

@@ -879,7 +879,9 @@ class Store:
             raise self._error(f"ack of {len(seqs)} readings", exc) from exc
         self._pending -= deleted
         self._unpin(seqs, self._full_mask)
-        if deleted and len(self._lanes) > 1:  # rows gone for every lane: each lane's count from the file again
+        if (
+            deleted and len(self._lanes) > 1
+        ):  # rows gone for every lane: each lane's count from the file again
             for name, bit in self._lanes.items():
                 row = conn.execute("SELECT count(*) FROM readings WHERE acked & ? = 0", (bit,)).fetchone()
                 self._lane_pending[name] = int(row[0])

@@ -34,7 +34,6 @@ def readings(n: int) -> list[Reading]:
     return [Reading("meter-1", "power_w", ts + i, 100.0 + i, "W") for i in range(n)]
 
 
-
 async def test_figures_are_read_again_only_once_stale(async_store: AsyncStore) -> None:
     clock, link = Clock(), Link()
     figures = BufferFigures(async_store, lambda: link, clock)

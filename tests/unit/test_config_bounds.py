@@ -84,7 +84,9 @@ def test_every_integer_is_bounded() -> None:
             kinds = {type(m).__name__ for m in field.metadata}
             if not ({"Ge", "Gt"} & kinds and {"Le", "Lt"} & kinds) and name != "version":
                 loose.append(f"{model.__name__}.{name}")
-    assert loose == []  # `version` is checked against the versions this fieldgate reads (agent/config/migrate.py)
+    assert (
+        loose == []
+    )  # `version` is checked against the versions this fieldgate reads (agent/config/migrate.py)
 
 
 # --- the property, in process ---------------------------------------------------------------------------

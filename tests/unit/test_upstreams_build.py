@@ -25,7 +25,6 @@ local: {{listen: ""}}
 """
 
 
-
 @pytest.fixture
 def config(tmp_path: Path) -> FieldgateConfig:
     secret = tmp_path / "mqtt.password"
@@ -46,7 +45,9 @@ async def test_before_any_upstream_runs(async_store: AsyncStore, config: Fieldga
     ups.offer([])  # nobody to offer to: nothing happens
 
 
-async def test_a_rotated_secret_is_a_change(tmp_path: Path, async_store: AsyncStore, config: FieldgateConfig) -> None:
+async def test_a_rotated_secret_is_a_change(
+    tmp_path: Path, async_store: AsyncStore, config: FieldgateConfig
+) -> None:
     watchdog = ProgressWatchdog()
     ups = build.Upstreams(async_store, watchdog)
     wiring = build.Wiring(async_store, dict, None, dict, dict)

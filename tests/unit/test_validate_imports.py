@@ -231,6 +231,29 @@ def test_a_failed_fork_starts_the_child_instead(tmp_path: Path) -> None:
     assert _python(code, str(cfg)).stdout.decode().split() == ["Popen", "gw1", "0"]
 
 
+def test_a_process_that_built_config_models_starts_its_child_instead_of_forking(tmp_path: Path) -> None:
+    """A start that rolls a remote config back first (agent/control/remoteconfig.py) builds the daemon's plain
+    models before the validator is spawned: a forked copy could not choose pydantic (ModelKitChosenLate, the
+    validation failed and the daemon did not start), so a child is started, and it validates."""
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(MODBUS_ONLY)
+    code = textwrap.dedent(
+        """
+        import asyncio, sys
+        from pathlib import Path
+        from agent.config import modelkit
+        modelkit.select("plain")
+        from agent.config import validate
+        from agent.config.models import FieldgateConfig
+        assert FieldgateConfig  # the plain models are built in this process
+        pending = validate.spawn(Path(sys.argv[1]), fork=True)
+        cfg = asyncio.run(pending.result())
+        print(modelkit.models_built(), type(pending.proc).__name__, cfg.gateway.id)
+        """
+    )
+    assert _python(code, str(cfg)).stdout.decode().split() == ["True", "Popen", "gw1"]
+
+
 HELD = textwrap.dedent(
     """
     import asyncio, gc, sys
