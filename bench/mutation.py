@@ -585,13 +585,24 @@ def classify(diff: str) -> tuple[str, str]:
     shown = (plus[0] if plus else minus[0] if minus else "").strip()
     if len(minus) == len(plus) and minus:
         pairs = list(zip(minus, plus, strict=True))
-        if all(SQL_WORDS.search(a) for a, _ in pairs):
+        if all(_sql_changed(a, b) for a, b in pairs):
             same_case = all(a.lower() == b.lower() for a, b in pairs)
             same_strings = all(SQL_STRING.findall(a) == SQL_STRING.findall(b) for a, b in pairs)
             return ("sql-case" if same_case and same_strings else "other"), shown
         if all(a.lower() == b.replace("XX", "").lower() for a, b in pairs):
             return "text", shown
     return "other", shown
+
+
+PY_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+"""A Python string literal in double quotes, as the store writes its SQL and its messages."""
+
+
+def _sql_changed(before: str, after: str) -> bool:
+    """Whether every Python string literal the mutant changed is SQL: `raise self._error("setting the
+    upstream lanes", exc) from exc` upper-cased is a message's text, although the line says FROM."""
+    changed = [a for a, b in zip(PY_STRING.findall(before), PY_STRING.findall(after), strict=False) if a != b]
+    return bool(changed) and all(SQL_WORDS.search(a) for a in changed)
 
 
 def table(results: list[dict[str, Any]]) -> str:
