@@ -80,11 +80,11 @@ def test_stages_parse() -> None:
             parse_stages(bad, 10)
 
 
-async def test_push_in_stages_halts_on_a_refusal_and_rolls_back(
-    tmp_path: Path, broker: Broker, sim: ModbusSim
-) -> None:
+def key_pair(tmp: Path) -> tuple[Ed25519PrivateKey, Path, Path]:
+    """A fresh platform key: the key, its private PEM (what `fleet push --key` reads) and the public PEM the
+    gateways are configured with."""
     key = Ed25519PrivateKey.generate()
-    keyfile, pub = tmp_path / "platform.key", tmp_path / "platform.pub"
+    keyfile, pub = tmp / "platform.key", tmp / "platform.pub"
     keyfile.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -95,6 +95,13 @@ async def test_push_in_stages_halts_on_a_refusal_and_rolls_back(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
+    return key, keyfile, pub
+
+
+async def test_push_in_stages_halts_on_a_refusal_and_rolls_back(
+    tmp_path: Path, broker: Broker, sim: ModbusSim
+) -> None:
+    _, keyfile, pub = key_pair(tmp_path)
     current, new = tmp_path / "current", tmp_path / "new"
     current.mkdir()
     new.mkdir()
@@ -171,13 +178,7 @@ def test_envelope_signature_is_what_the_gateway_checks(tmp_path: Path) -> None:
     from agent.control.fleet import envelope
     from agent.control.remoteconfig import PushRefused, parse_request, signed_message, verify_signature
 
-    key = Ed25519PrivateKey.generate()
-    pub = tmp_path / "platform.pub"
-    pub.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    key, _, pub = key_pair(tmp_path)
     config = "gateway: {id: gw-a}\n# é\n".encode()
     request = parse_request(json.dumps(envelope("gw-a", config, "r-1", key, serial=7)).encode())
     assert request.id == "r-1" and request.data == config
@@ -201,19 +202,7 @@ async def test_broker_lost_during_a_rollout_rolls_back_every_gateway_pushed(
     current, new = tmp_path / "current", tmp_path / "new"
     current.mkdir()
     new.mkdir()
-    pub = tmp_path / "platform.pub"
-    key = Ed25519PrivateKey.generate()
-    keyfile = tmp_path / "platform.key"
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    pub.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    _, keyfile, pub = key_pair(tmp_path)
     for gw in ("gw-a", "gw-z"):
         (tmp_path / gw).mkdir()
         (current / f"{gw}.yaml").write_text(gateway_config(tmp_path, gw, broker, sim, METER, pub))
