@@ -281,11 +281,7 @@ async def rollout(
             # A silent gateway may yet apply the config: it gets the previous one back too.
             changed += [t for t in batch if result.outcomes[t.gateway].result == "silent"]
             say(f"halted at stage {number}: rolling back {len(changed)} gateways")
-            back_id = f"{request_id}-rollback"
-            for t in changed:
-                await link.push(t.gateway, envelope(t.gateway, t.previous, back_id, key))
-            backs = await asyncio.gather(*(link.outcome(t.gateway, back_id, wait) for t in changed))
-            for o in backs:
+            for o in await roll_back(link, changed, request_id, key, wait):
                 result.rollbacks[o.gateway] = o
             for t in targets[upto:]:
                 result.outcomes[t.gateway] = Outcome(t.gateway, "not pushed")
@@ -294,6 +290,16 @@ async def rollout(
     for t in targets[done:]:
         result.outcomes[t.gateway] = Outcome(t.gateway, "not pushed", "beyond the last stage")
     return result
+
+
+async def roll_back(
+    link: FleetLink, targets: list[Target], request_id: str, key: Any | None, wait: float
+) -> list[Outcome]:
+    """Give each target its previous config (request `<id>-rollback`) and wait for each one's outcome."""
+    back_id = f"{request_id}-rollback"
+    for t in targets:
+        await link.push(t.gateway, envelope(t.gateway, t.previous, back_id, key))
+    return list(await asyncio.gather(*(link.outcome(t.gateway, back_id, wait) for t in targets)))
 
 
 def rollout_table(targets: list[Target], result: Rollout) -> str:

@@ -185,9 +185,8 @@ async def _rollback_after_loss(
     config, so each gets its previous one back on a new connection (three attempts, 2, 4 and 6 s apart)."""
     import aiomqtt
 
-    from agent.control.fleet import FleetLink, client_for, envelope, table
+    from agent.control.fleet import FleetLink, client_for, roll_back, table
 
-    back_id = f"{request_id}-rollback"
     names = ", ".join(t.gateway for t in pushed)
     print(
         f"fleet push {request_id}: broker lost during the rollout: rolling back the {len(pushed)} gateways pushed"
@@ -202,9 +201,7 @@ async def _rollback_after_loss(
                 await link.subscribe()
                 listener = asyncio.create_task(link.listen())
                 try:
-                    for t in pushed:
-                        await link.push(t.gateway, envelope(t.gateway, t.previous, back_id, key))
-                    backs = await asyncio.gather(*(link.outcome(t.gateway, back_id, wait) for t in pushed))
+                    backs = await roll_back(link, pushed, request_id, key, wait)
                 finally:
                     listener.cancel()
                     with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
