@@ -1,4 +1,8 @@
-"""One Modbus bus (TCP link, RS-485 line or RTU-over-TCP gateway): one client, one lock, errors in words."""
+"""One Modbus bus (TCP link, RS-485 line or RTU-over-TCP gateway): one client, one lock, errors in words.
+
+A Modbus TCP bus uses our own client (drivers/modbus/tcpclient.py); serial RTU and RTU over TCP use pymodbus's,
+imported only when such a bus connects, so that a gateway whose buses are all TCP never imports pymodbus.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,21 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
-
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.framer import FramerType
+from typing import TYPE_CHECKING, Any
 
 from agent.aio import settled
 from agent.errors import DeviceProtocolError, DeviceUnreachable
-from drivers.modbus.codec import exception_text
+from drivers.modbus import tcpclient
 from drivers.modbus.config import ModbusRtuBusConfig, ModbusRtuTcpBusConfig, ModbusTcpBusConfig
+from drivers.modbus.tcpclient import ModbusExceptionResponse, ModbusTcpLink
+
+if TYPE_CHECKING:
+    from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+    from pymodbus.exceptions import ModbusIOException
+
+    PymodbusClient = AsyncModbusTcpClient | AsyncModbusSerialClient
+
+__all__ = ["BusConfig", "BusSession", "ModbusBus", "ModbusExceptionResponse"]
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +40,6 @@ BusConfig = ModbusTcpBusConfig | ModbusRtuTcpBusConfig | ModbusRtuBusConfig
 # TCP: after this many requests in a row without any answer, the connection is presumed half-open
 # and is closed; the next request reconnects.
 _TCP_SILENT_LIMIT = 3
-
-
-class ModbusExceptionResponse(DeviceProtocolError):
-    """The device answered with a Modbus exception; `code` is the exception code."""
-
-    def __init__(self, unit_id: int, function_code: int, code: int) -> None:
-        super().__init__(f"unit {unit_id}: function {function_code}: {exception_text(code)}")
-        self.unit_id = unit_id
-        self.function_code = function_code
-        self.code = code
 
 
 def char_bits(config: ModbusRtuBusConfig) -> int:
@@ -60,7 +59,7 @@ class ModbusBus:
 
     Devices take the lock per request (asyncio.Lock wakes waiters in FIFO order), so a
     device with many requests cannot starve the others. The connection opens lazily and
-    is reopened after a loss. pymodbus retries are 0: a dead unit costs one timeout.
+    is reopened after a loss. No retries (ours has none, pymodbus's are 0): a dead unit costs one timeout.
     """
 
     def __init__(self, name: str, config: BusConfig, *, timeout: float | None = None) -> None:
@@ -68,7 +67,8 @@ class ModbusBus:
         self.config = config
         self.timeout = timeout if timeout is not None else config.timeout
         self._lock = asyncio.Lock()
-        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
+        self._tcp = isinstance(config, ModbusTcpBusConfig)  # our client (tcpclient), not pymodbus's
+        self._client: ModbusTcpLink | PymodbusClient | None = None
         self._rx_bytes = 0  # bytes received during the current request (tells garbage from silence)
         self._silent = 0
         self._last_frame_end = 0.0
@@ -87,7 +87,11 @@ class ModbusBus:
             self._rx_bytes = max(self._rx_bytes, len(data))
         return data
 
-    def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+    def _make_client(self) -> PymodbusClient:
+        """pymodbus's client for a serial or RTU-over-TCP bus (imported here: only such a bus loads pymodbus)."""
+        from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+        from pymodbus.framer import FramerType
+
         c = self.config
         # reconnect_delay=0: no background reconnect task; we reconnect lazily on the next request.
         common: dict[str, Any] = {
@@ -98,7 +102,7 @@ class ModbusBus:
             "name": self.name,
         }
         if isinstance(c, ModbusRtuBusConfig):
-            client: AsyncModbusTcpClient | AsyncModbusSerialClient = AsyncModbusSerialClient(
+            client: PymodbusClient = AsyncModbusSerialClient(
                 c.port,
                 framer=FramerType.RTU,
                 baudrate=c.baudrate,
@@ -110,28 +114,41 @@ class ModbusBus:
             # A silent unit on a shared line must not close the port for the others.
             client.set_max_no_responses(1_000_000)
             return client
-        framer = FramerType.RTU if isinstance(c, ModbusRtuTcpBusConfig) else FramerType.SOCKET
-        return AsyncModbusTcpClient(c.host, port=c.port, framer=framer, **common)
+        assert isinstance(c, ModbusRtuTcpBusConfig)
+        return AsyncModbusTcpClient(c.host, port=c.port, framer=FramerType.RTU, **common)
 
-    async def _connected_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+    async def _connected_client(self) -> ModbusTcpLink | PymodbusClient:
         if self._client is not None and self._client.connected:
             return self._client
         if self._client is not None:
             self._client.close()
-        self._client = self._make_client()
-        if not await self._connect(self._client):
-            self._client.close()
+            self._client = None
+        if self._tcp:
+            return await self._connected_link()
+        client = self._client = self._make_client()
+        if not await self._connect(client):
+            client.close()
             self._client = None
             what = "open serial port" if isinstance(self.config, ModbusRtuBusConfig) else "connect to"
             raise DeviceUnreachable(f"bus {self.name}: cannot {what} {self.describe()}")
-        return self._client
+        return client
 
-    async def _connect(self, client: AsyncModbusTcpClient | AsyncModbusSerialClient) -> bool:
+    async def _connected_link(self) -> ModbusTcpLink:
+        c = self.config
+        assert isinstance(c, ModbusTcpBusConfig)
+        try:
+            link = await ModbusTcpLink.open(c.host, c.port, self.timeout)
+        except (OSError, TimeoutError):
+            raise DeviceUnreachable(f"bus {self.name}: cannot connect to {self.describe()}") from None
+        self._client = link
+        return link
+
+    async def _connect(self, client: PymodbusClient) -> bool:
         """Open the connection. pymodbus 3.16's `connect()` returns as soon as the transport is up (3.11
         slept 0.1 s after it, which we skipped for TCP by opening `client.ctx` directly). A serial line keeps
         a 0.1 s pause after opening, ours now: some USB adapters need a moment before the first frame."""
         ok = bool(await settled(client.connect()))
-        if ok and isinstance(client, AsyncModbusSerialClient):
+        if ok and isinstance(self.config, ModbusRtuBusConfig):
             await asyncio.sleep(0.1)
         return ok
 
@@ -141,13 +158,49 @@ class ModbusBus:
         async with self._lock:
             yield BusSession(self)
 
-    async def call(self, unit_id: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        """One request under the bus lock; returns the response PDU or raises a DeviceError."""
-        async with self._lock:
-            return await self._call_locked(unit_id, method, *args, **kwargs)
+    async def _exchange(self, unit_id: int, pdu: bytes) -> bytes:
+        """One request on a Modbus TCP bus (the lock held): the answer's PDU, or a DeviceError in words."""
+        client = self._client
+        if client is None or not client.connected:
+            client = await self._connected_client()
+        assert isinstance(client, ModbusTcpLink)
+        self.requests += 1
+        try:
+            answer = await client.request(unit_id, pdu, self.timeout)
+        except tcpclient.NoAnswer:
+            self.failures += 1
+            self._silent += 1
+            if self._silent >= _TCP_SILENT_LIMIT:
+                self._drop_client()  # presumed half-open: the next request reconnects
+            raise DeviceUnreachable(
+                f"unit {unit_id}: no answer within {self.timeout:g} s on {self.describe()}"
+            ) from None
+        except tcpclient.ConnectionLost as exc:
+            self.failures += 1
+            self._drop_client()
+            raise DeviceUnreachable(
+                f"bus {self.name}: connection to {self.describe()} lost ({exc.reason})"
+            ) from None
+        except tcpclient.WrongAnswer as exc:
+            self.failures += 1
+            raise DeviceProtocolError(
+                f"unit {unit_id}: answer from another unit or request ({exc})"
+            ) from None
+        except tcpclient.GarbledAnswer as exc:
+            self.failures += 1
+            raise DeviceProtocolError(
+                f"unit {unit_id}: garbled answer ({exc.size} bytes, no valid Modbus TCP frame: "
+                "is this port a Modbus TCP server, or an RTU-over-TCP gateway (type modbus-rtu-tcp)?)"
+            ) from None
+        self._silent = 0
+        return answer
 
     async def _call_locked(self, unit_id: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """One request through pymodbus's client (serial, RTU over TCP): the response or a DeviceError."""
+        from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+
         client = await self._connected_client()
+        assert not isinstance(client, ModbusTcpLink)
         if self._silence:
             wait = self._last_frame_end + self._silence - time.monotonic()
             if wait > 0:
@@ -202,7 +255,16 @@ class ModbusBus:
 
     async def read(self, unit_id: int, table: str, address: int, count: int) -> list[int] | list[bool]:
         async with self._lock:
+            if self._tcp:  # the hot path: no BusSession
+                return await self._read_tcp(unit_id, table, address, count)
             return await BusSession(self).read(unit_id, table, address, count)
+
+    async def _read_tcp(self, unit_id: int, table: str, address: int, count: int) -> list[int] | list[bool]:
+        function = tcpclient.READ_FUNCTION[table]
+        answer = await self._exchange(unit_id, tcpclient.read_request(table, address, count))
+        if function <= 2:
+            return tcpclient.bits_of(unit_id, function, answer, count)
+        return tcpclient.registers_of(unit_id, function, answer, count)
 
     async def aclose(self) -> None:
         async with self._lock:
@@ -224,6 +286,8 @@ class BusSession:
         self.bus = bus
 
     async def read(self, unit_id: int, table: str, address: int, count: int) -> list[int] | list[bool]:
+        if self.bus._tcp:
+            return await self.bus._read_tcp(unit_id, table, address, count)
         response = await self.bus._call_locked(unit_id, _READ_METHOD[table], address, count=count)
         if table in ("coil", "discrete"):
             bits = [bool(b) for b in response.bits]
@@ -238,10 +302,22 @@ class BusSession:
         return registers
 
     async def write_coil(self, unit_id: int, address: int, value: bool) -> None:
-        await self.bus._call_locked(unit_id, "write_coil", address, value)
+        if self.bus._tcp:
+            await self._write_tcp(unit_id, tcpclient.write_coil_request(address, value))
+        else:
+            await self.bus._call_locked(unit_id, "write_coil", address, value)
 
     async def write_register(self, unit_id: int, address: int, value: int) -> None:
-        await self.bus._call_locked(unit_id, "write_register", address, value)
+        if self.bus._tcp:
+            await self._write_tcp(unit_id, tcpclient.write_register_request(address, value))
+        else:
+            await self.bus._call_locked(unit_id, "write_register", address, value)
 
     async def write_registers(self, unit_id: int, address: int, values: list[int]) -> None:
-        await self.bus._call_locked(unit_id, "write_registers", address, values)
+        if self.bus._tcp:
+            await self._write_tcp(unit_id, tcpclient.write_registers_request(address, values))
+        else:
+            await self.bus._call_locked(unit_id, "write_registers", address, values)
+
+    async def _write_tcp(self, unit_id: int, request: bytes) -> None:
+        tcpclient.check_write(unit_id, request[0], await self.bus._exchange(unit_id, request))

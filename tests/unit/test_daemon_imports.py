@@ -42,3 +42,43 @@ def test_the_daemon_does_not_import_the_upgrades_download_modules() -> None:
     modules = set(json.loads(proc.stdout))
     assert "agent.control.upgrade" in modules
     assert modules & RARE == set()
+
+
+TCP_ONLY = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from agent.config import modelkit
+    modelkit.select("plain")
+    import agent.verbs.run, agent.runtime, drivers.modbus.driver, drivers.modbus.scan
+    from drivers.modbus.bus import ModbusBus
+    from drivers.modbus.config import ModbusRtuTcpBusConfig, ModbusTcpBusConfig
+
+    def pymodbus():
+        return sorted(m for m in sys.modules if m.split(".")[0] == "pymodbus")
+
+    async def main():
+        ModbusBus("lan", ModbusTcpBusConfig(type="modbus-tcp", host="127.0.0.1", port=502))
+        before = pymodbus()
+        # an RTU-over-TCP bus builds pymodbus's client (it connects only on its first request)
+        ModbusBus("gw", ModbusRtuTcpBusConfig(type="modbus-rtu-tcp", host="127.0.0.1", port=502))._make_client()
+        print(json.dumps([before, pymodbus()]))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_daemon_with_only_modbus_tcp_buses_never_imports_pymodbus() -> None:
+    """Issue 24: our client serves Modbus TCP (drivers/modbus/tcpclient.py); pymodbus's client, ~2.2 MiB of
+    RSS once imported, is loaded only by a serial or RTU-over-TCP bus."""
+    proc = subprocess.run(
+        [sys.executable, "-c", TCP_ONLY],
+        capture_output=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    before, after = json.loads(proc.stdout)
+    assert before == []
+    assert "pymodbus.client" in after  # the check above can see pymodbus when it is there
