@@ -7,8 +7,10 @@ FieldgateError
 ├── ConfigError            bad configuration: reported as FILE:LINE:COL, nothing applied
 ├── DeviceError            one device's trouble: counted in its health, backed off, never fatal
 │   ├── DeviceUnreachable      no answer, port missing, connection refused, timeout
+│   │   └── NoAnswer, ConnectionLost  our Modbus TCP client's silence, its closed link (drivers/modbus/tcpclient.py)
 │   ├── DeviceProtocolError    an answer we cannot use: CRC, checksum, exception response
-│   │   └── ModbusExceptionResponse   the slave answered with a Modbus exception (drivers/modbus/bus.py)
+│   │   ├── GarbledAnswer, WrongAnswer  no Modbus TCP frame; a frame of another unit or request (tcpclient.py)
+│   │   └── ModbusExceptionResponse   the slave answered with a Modbus exception (drivers/modbus/tcpclient.py)
 │   └── PointError             one point failed (e.g. illegal address); the others are kept
 ├── WriteRefused           a write/command rejected before touching the device (not writable, range, type)
 ├── DecodeError            a frame/advertisement that a codec rejects (length, checksum, version, key)
