@@ -6,6 +6,7 @@ A fixed example budget, no example database (as tests/unit/test_modbus_codec_fuz
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 
@@ -14,7 +15,13 @@ from hypothesis import strategies as st
 
 from agent.errors import DeviceProtocolError
 from drivers.modbus import tcpclient
-from drivers.modbus.tcpclient import GarbledAnswer, ModbusExceptionResponse, next_frame
+from drivers.modbus.tcpclient import (
+    GarbledAnswer,
+    ModbusExceptionResponse,
+    ModbusTcpLink,
+    NoAnswer,
+    next_frame,
+)
 
 FUZZ = settings(
     max_examples=int(os.environ.get("FIELDGATE_FUZZ_EXAMPLES", "300")), database=None, deadline=None
@@ -79,7 +86,12 @@ def test_frames_come_out_whole_however_the_bytes_are_cut(
 
 def test_garbage_is_recognised_before_a_whole_header() -> None:
     assert next_frame(b"\x00\x01\x00", 0, 3) is None  # could still be a frame
-    for garbage in (b"\x00\x01\x00\x05", b"\x00\x01\x00\x00\x00\x01", b"\x00\x01\x00\x00\x01\x00"):
+    for garbage in (
+        b"\x00\x01\x00\x05",  # protocol id 5
+        b"\x00\x01\x00\x00\x00\x01",  # length 1: no room for a function code
+        b"\x00\x01\x00\x00\x01\x00",  # length 256: longer than any PDU
+        struct.pack(">HHHB", 1, 1, 3, 1) + b"\x03\x00",  # a whole frame, but protocol id 1
+    ):
         try:
             next_frame(garbage, 0, len(garbage))
         except GarbledAnswer:
@@ -137,3 +149,67 @@ def test_bits_round_trip(bits: list[bool]) -> None:
         packed[i // 8] |= bit << (i % 8)
     pdu = bytes([1, len(packed)]) + packed
     assert tcpclient.bits_of(1, 1, pdu, len(bits)) == bits
+
+
+class Wire(asyncio.Transport):
+    """The seam of asyncio's own transport contract: what the link writes, kept; nothing is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def feed(link: ModbusTcpLink, data: bytes) -> None:
+    """What asyncio's transport does with received bytes: into the link's buffer, as much as it offers."""
+    while data:
+        buf = link.get_buffer(-1)
+        n = min(len(buf), len(data))
+        assert n > 0  # the link always has room
+        buf[:n] = data[:n]
+        link.buffer_updated(n)
+        data = data[n:]
+
+
+@FUZZ
+@given(
+    late=st.binary(min_size=1, max_size=253),
+    answer=st.binary(min_size=1, max_size=253),
+    after=frames_st,
+    cuts=st.lists(st.integers(0, 2000), max_size=8),
+)
+def test_the_link_takes_its_answer_however_it_arrives(
+    late: bytes, answer: bytes, after: list[tuple[int, int, bytes]], cuts: list[int]
+) -> None:
+    """A late answer to a timed-out request, the answer, then other frames: cut anywhere, in one buffer."""
+
+    async def exchange() -> bytes:
+        wire = Wire()
+        link = ModbusTcpLink()
+        link.connection_made(wire)
+        try:
+            await link.request(5, b"\x03\x00\x00\x00\x01", 0.0)
+        except NoAnswer:
+            pass
+        else:
+            raise AssertionError("answered without bytes")
+        pending = asyncio.ensure_future(link.request(5, b"\x03\x00\x00\x00\x01", 60.0))
+        await asyncio.sleep(0)
+        first, second = (struct.unpack_from(">H", sent)[0] for sent in wire.sent)
+        stream = frame(first, 5, late) + frame(second, 5, answer) + b"".join(frame(*f) for f in after)
+        last = 0
+        for point in sorted({c % (len(stream) + 1) for c in cuts} | {len(stream)}):
+            feed(link, stream[last:point])
+            last = point
+        return await pending
+
+    assert asyncio.run(exchange()) == answer
