@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,16 +31,21 @@ DAEMON = textwrap.dedent(
 )
 
 
-def test_the_daemon_does_not_import_the_upgrades_download_modules() -> None:
+def fresh_interpreter(code: str) -> Any:
+    """What `code` prints as JSON, run in a new interpreter (so sys.modules holds only what it imported)."""
     proc = subprocess.run(
-        [sys.executable, "-c", DAEMON],
+        [sys.executable, "-c", code],
         capture_output=True,
         cwd=REPO,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr.decode()
-    modules = set(json.loads(proc.stdout))
+    return json.loads(proc.stdout)
+
+
+def test_the_daemon_does_not_import_the_upgrades_download_modules() -> None:
+    modules = set(fresh_interpreter(DAEMON))
     assert "agent.control.upgrade" in modules
     assert modules & RARE == set()
 
@@ -71,14 +77,6 @@ TCP_ONLY = textwrap.dedent(
 def test_a_daemon_with_only_modbus_tcp_buses_never_imports_pymodbus() -> None:
     """Issue 24: our client serves Modbus TCP (drivers/modbus/tcpclient.py); pymodbus's client, ~2.2 MiB of
     RSS once imported, is loaded only by a serial or RTU-over-TCP bus."""
-    proc = subprocess.run(
-        [sys.executable, "-c", TCP_ONLY],
-        capture_output=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
-    before, after = json.loads(proc.stdout)
+    before, after = fresh_interpreter(TCP_ONLY)
     assert before == []
     assert "pymodbus.client" in after  # the check above can see pymodbus when it is there
