@@ -202,6 +202,7 @@ class ModbusTcpLink(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self._transport is not None:
+            self._lost = "closed by the gateway"
             self._transport.close()
 
     async def request(self, unit_id: int, pdu: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
@@ -226,9 +227,8 @@ class ModbusTcpLink(asyncio.BufferedProtocol):
         finally:
             timer.cancel()
             self._waiter = None
-            if (
-                not answered
-            ):  # timed out, cancelled or refused: its answer may still come, and is dropped then
+            # Timed out, cancelled or refused: its answer may still come, and is dropped then.
+            if not answered:
                 self._stale.append(tid)
                 del self._stale[:-_STALE_KEPT]
 
@@ -254,7 +254,10 @@ class ModbusTcpLink(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        self._lost = "closed by the peer" if exc is None else str(exc) or type(exc).__name__
+        if exc is not None:
+            self._lost = str(exc) or type(exc).__name__
+        elif self._lost is None:
+            self._lost = "closed by the peer"
         self._fail(ConnectionLost(self._lost))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -284,7 +287,7 @@ class ModbusTcpLink(asyncio.BufferedProtocol):
             return  # nothing asked (a late answer, or a frame after the answer): dropped
         if tid == self._tid:
             if unit == self._unit:
-                waiter.set_result(bytes(self._buf[start + HEADER_SIZE : end]))
+                waiter.set_result(bytes(self._view[start + HEADER_SIZE : end]))
             else:
                 waiter.set_exception(WrongAnswer(f"unit {unit} answered, unit {self._unit} was asked"))
         elif tid in self._stale:
