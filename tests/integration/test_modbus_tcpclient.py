@@ -117,7 +117,7 @@ async def bus(peer: RawPeer) -> AsyncIterator[ModbusBus]:
     await b.aclose()
 
 
-async def test_a_frame_split_into_single_bytes(peer: RawPeer, bus: ModbusBus) -> None:
+async def test_a_frame_split_into_single_bytes(peer: RawPeer) -> None:
     async def byte_by_byte(peer: RawPeer, request: Request, writer: asyncio.StreamWriter) -> None:
         tid, unit, pdu = request
         for b in frame(tid, unit, answer_pdu(pdu)):
@@ -126,8 +126,15 @@ async def test_a_frame_split_into_single_bytes(peer: RawPeer, bus: ModbusBus) ->
             await asyncio.sleep(0.002)
 
     peer.script = byte_by_byte
-    assert await bus.read(1, "holding", 10, 5) == [10, 11, 12, 13, 14]
-    assert await bus.read(1, "coil", 0, 10) == [i % 3 == 0 for i in range(10)]
+    # a timeout far above the 20 pauses of the answer, even on a loaded machine
+    bus = ModbusBus(
+        "raw", ModbusTcpBusConfig(type="modbus-tcp", host="127.0.0.1", port=peer.port, timeout="5s")
+    )
+    try:
+        assert await bus.read(1, "holding", 10, 5) == [10, 11, 12, 13, 14]
+        assert await bus.read(1, "coil", 0, 10) == [i % 3 == 0 for i in range(10)]
+    finally:
+        await bus.aclose()
     assert peer.connections == 1
 
 
