@@ -202,7 +202,7 @@ class ModbusTcpLink(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self._transport is not None:
-            self._lost = "closed by the gateway"
+            self._lost = "closed by us"
             self._transport.close()
 
     async def request(self, unit_id: int, pdu: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
