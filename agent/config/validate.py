@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     import gc
 
     gc.disable()  # a short life spent importing and building models: no collection (the input is <= 1 MiB)
+    # pydantic looks for plugins (every installed distribution's entry points) when it builds its first
+    # validator: about 10 ms of the child's CPU, for plugins that have no business seeing a config.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     modelkit.select("pydantic")  # the child validates: the full models, whatever imported this module
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--background"]:  # a check of a running config: leave the CPU to the daemon's work

@@ -17,6 +17,7 @@ from agent.verbs import run
 def _collector_on_afterwards() -> object:
     yield
     gc.enable()
+    gc.unfreeze()
 
 
 def test_the_collector_is_on_again_once_the_modules_are_imported(tmp_path: Path) -> None:
@@ -29,6 +30,21 @@ def test_the_collector_is_on_again_once_the_modules_are_imported(tmp_path: Path)
     assert gc.isenabled()
 
 
-def test_resume_gc_leaves_a_running_collector_alone() -> None:
+def test_the_start_ups_objects_are_frozen_not_collected() -> None:
+    """What the imports built lives as long as the daemon: moved out of the collector's reach, so that neither
+    the start nor any later full collection scans it."""
+    gc.unfreeze()
+    run.pause_gc_for_start_up()
+    kept = [[i] for i in range(1000)]  # container objects allocated while paused, as the imports' are
     run.resume_gc()
     assert gc.isenabled()
+    assert gc.get_freeze_count() >= len(kept)
+    collected = {id(o) for o in gc.get_objects()}  # the generations the collector scans
+    assert not any(id(k) in collected for k in kept)
+
+
+def test_resume_gc_leaves_a_running_collector_alone() -> None:
+    gc.unfreeze()
+    run.resume_gc()
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == 0

@@ -86,6 +86,29 @@ def test_a_modbus_only_file_is_validated_without_the_other_drivers(tmp_path: Pat
     assert not {m for m in modules if m.split(".")[0] in ("pymodbus", "aiomqtt", "paho")}
 
 
+PLUGINS = textwrap.dedent(
+    """
+    import os, sys
+    os.environ.pop("PYDANTIC_DISABLE_PLUGINS", None)
+    from agent.config import validate
+    validate.main(sys.argv[1:])
+    sys.stdout.flush()
+    from pydantic.plugin import _loader
+    print(_loader._plugins is None, file=sys.stderr)
+    """
+)
+
+
+def test_the_child_does_not_look_for_pydantic_plugins(tmp_path: Path) -> None:
+    # pydantic scans every installed distribution's entry points for plugins when it builds its first validator
+    # (~10 ms of the child's CPU); the child turns that off, so the scan never ran (its cache stays unset).
+    cfg = tmp_path / "fieldgate.yaml"
+    cfg.write_text(MODBUS_ONLY)
+    proc = _python(PLUGINS, str(cfg))
+    assert marshal.loads(proc.stdout)[0] == "ok"
+    assert proc.stderr.decode().strip().splitlines()[-1] == "True"
+
+
 def test_a_file_with_ble_devices_builds_the_ble_models_too(tmp_path: Path) -> None:
     (kind, _, _), modules = _child(tmp_path, WITH_BLE)
     assert kind == "ok"
