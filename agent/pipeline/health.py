@@ -3,7 +3,8 @@
 
 Also the status page's trends (GET /api/history, docs/STATUS_API.md "The last hour"): the last hour of every numeric point, of
 each device's poll cycles and of the backlog and upstream link, in fixed rings of one slot per minute
-(`SLOTS` x `STEP_MS`), so their memory never grows: 1.2 KiB per numeric point, 1 KiB per device.
+(`SLOTS` x `STEP_MS`), so their memory never grows: 540 B per numeric point (one ring of minutes per
+device), 1 KiB per device.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ log = logging.getLogger("fieldgate.runtime")
 SLOTS = 60  # one hour...
 STEP_MS = 60_000  # ...of one-minute slots
 _EMPTY = -1  # a slot's minute when it was never written
+_NO_SUMS = array("d", [0.0]) * SLOTS  # a new point's column of sums
+_WIDER = {"B": "H", "H": "I", "I": "Q"}  # a column's counts when one reaches the largest its items hold
 
 
 def _significant(value: float) -> float | int | None:
@@ -50,45 +53,95 @@ def _significant(value: float) -> float | int | None:
     return float(f"{value:.6g}")
 
 
-class PointHistory:
-    """One point's last hour: the mean of its values in each minute, in a ring of SLOTS slots.
+class DeviceHistory:
+    """A device's numeric points' last hour: the mean of each point's values in each minute, in one ring of
+    SLOTS minutes for the whole device and one column of SLOTS sums and counts per point.
 
-    Memory per point: three arrays of SLOTS items (minute: 4 B, sum: 8 B, count: 4 B) = 960 B of data plus
-    the object headers: 1,256 B (sys.getsizeof, docs/STATUS_API.md).
+    The points of a device are polled together, so one ring of minutes serves them all: a slot holds the
+    latest minute any point of the device wrote to it, and moving it on clears every point's sum and count
+    there. For readings no later than the minute asked (every driver stamps them with the gateway's clock)
+    the means are those of a ring per point; a reading older than what its slot holds is outside the hour
+    and ignored, as before.
+
+    Memory per point: SLOTS x (8 B sum + 1 B count) = 540 B (`counts` widens to 2 then 4 B per item when a
+    point gets 256 values in a minute), no object of its own; per device the minutes, 240 B, and the arrays'
+    headers (docs/STATUS_API.md). The sums stay float64: float32 would not keep the 6 significant digits
+    shown (a mean of +1000.1 and -1000.0 comes out 0.0500488 in float32 sums; integers above 2**24 move).
     """
 
-    __slots__ = ("counts", "minutes", "sums")
+    __slots__ = ("columns", "counts", "minutes", "sums")
 
     def __init__(self) -> None:
         self.minutes = array("i", [_EMPTY]) * SLOTS  # which minute (since the epoch) each slot holds
-        self.sums = array("d", [0.0]) * SLOTS
-        self.counts = array("I", [0]) * SLOTS
+        self.columns: dict[str, int] = {}  # point -> the start of its column in `sums` and `counts`
+        self.sums = array("d")
+        self.counts = array("B")
 
-    def add(self, ts: int, value: float) -> None:
+    def __contains__(self, point: str) -> bool:
+        return point in self.columns
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def column(self, point: str) -> int:
+        """Where `point`'s column starts (a new, empty column for a point not seen before)."""
+        base = self.columns.get(point)
+        if base is None:
+            base = self.columns[point] = len(self.sums)
+            self.sums.extend(_NO_SUMS)
+            self.counts.extend(array(self.counts.typecode, bytes(SLOTS * self.counts.itemsize)))
+        return base
+
+    def add(self, point: str, ts: int, value: float) -> None:
+        base = self.columns.get(point)
+        if base is None:
+            base = self.column(point)
         minute = ts // STEP_MS
         i = minute % SLOTS
+        held = self.minutes[i]
+        if held != minute:
+            if minute < held:
+                return  # older than what the slot holds now: outside the hour shown
+            try:
+                self.minutes[i] = minute
+            except OverflowError:
+                return  # a device's clock beyond 32-bit minutes
+            self._clear(i)
+        k = base + i
         try:
-            if self.minutes[i] != minute:
-                if minute < self.minutes[i]:
-                    return  # older than what the slot holds now: outside the hour shown
-                self.minutes[i] = minute  # OverflowError: a device's clock beyond 32-bit minutes
-                self.sums[i] = 0.0
-                self.counts[i] = 0
-            self.sums[i] += value  # OverflowError: an integer beyond a float
+            self.sums[k] += value
         except OverflowError:
-            return
-        self.counts[i] += 1
+            return  # an integer beyond a float
+        try:
+            self.counts[k] += 1
+        except OverflowError:
+            self.counts = array(_WIDER[self.counts.typecode], self.counts)
+            self.counts[k] += 1
 
-    def series(self, end_minute: int) -> list[float | int | None]:
-        """Oldest first: the mean of each of the SLOTS minutes ending with `end_minute` (None: no value)."""
+    def _clear(self, i: int) -> None:
+        """Slot `i` starts a new minute: every point's sum and count there back to zero."""
+        sums, counts = self.sums, self.counts
+        for k in range(i, len(sums), SLOTS):
+            sums[k] = 0.0
+            counts[k] = 0
+
+    def series(self, point: str, end_minute: int) -> list[float | int | None]:
+        """Oldest first: `point`'s mean in each of the SLOTS minutes ending with `end_minute` (None: no value)."""
+        base = self.columns[point]
+        minutes, sums, counts = self.minutes, self.sums, self.counts
         out: list[float | int | None] = []
         for minute in range(end_minute - SLOTS + 1, end_minute + 1):
             i = minute % SLOTS
-            if self.minutes[i] == minute and self.counts[i]:
-                out.append(_significant(self.sums[i] / self.counts[i]))
+            count = counts[base + i]
+            if minutes[i] == minute and count:
+                out.append(_significant(sums[base + i] / count))
             else:
                 out.append(None)
         return out
+
+    def doc(self, end_minute: int) -> dict[str, list[float | int | None]]:
+        """Every point's series (the `points` of a device in /api/history)."""
+        return {point: self.series(point, end_minute) for point in self.columns}
 
 
 class Activity:
@@ -201,7 +254,7 @@ class DeviceHealth:
     # GET /metrics (agent/pipeline/metrics.py) and the status page's trends:
     polled: dict[str, int] = field(default_factory=dict)  # readings returned by polls, by kind
     poll_seconds: Histogram = field(default_factory=lambda: Histogram(POLL_BUCKETS))
-    history: dict[str, PointHistory] = field(default_factory=dict)  # numeric points only
+    history: DeviceHistory = field(default_factory=DeviceHistory)  # numeric points only
     activity: Activity = field(default_factory=Activity)
 
     def observe(self, readings: list[Reading]) -> None:
@@ -212,10 +265,7 @@ class DeviceHealth:
         for r in readings:
             value = r.value
             if (type(value) is float or type(value) is int) and r.quality != "bad":  # not bool, not str
-                hist = history.get(r.point)
-                if hist is None:
-                    hist = history[r.point] = PointHistory()
-                hist.add(r.ts, value)
+                history.add(r.point, r.ts, value)
 
     def failed(self, ts: int | None = None) -> None:
         """A failed cycle (the scheduler): the error strip."""
@@ -254,7 +304,7 @@ class DeviceHealth:
         """This device's part of /api/history: its poll minutes and its numeric points' last hour."""
         return {
             "activity": self.activity.doc(end_minute),
-            "points": {point: hist.series(end_minute) for point, hist in self.history.items()},
+            "points": self.history.doc(end_minute),
         }
 
 
