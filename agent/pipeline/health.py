@@ -73,7 +73,7 @@ class DeviceHistory:
 
     def __init__(self) -> None:
         self.minutes = array("i", [_EMPTY]) * SLOTS  # which minute (since the epoch) each slot holds
-        self.columns: dict[str, int] = {}  # point -> the start of its column in `sums` and `counts`
+        self.columns: dict[str, int] = {}  # point -> its column number in `sums` and `counts`
         self.sums = array("d")
         self.counts = array("B")
 
@@ -84,18 +84,18 @@ class DeviceHistory:
         return len(self.columns)
 
     def column(self, point: str) -> int:
-        """Where `point`'s column starts (a new, empty column for a point not seen before)."""
-        base = self.columns.get(point)
-        if base is None:
-            base = self.columns[point] = len(self.sums)
+        """Where `point`'s column starts in `sums` and `counts` (a new, empty one for a point not seen before).
+        The dict holds column numbers, not these offsets: small ints are shared, offsets would be objects."""
+        column = self.columns.get(point)
+        if column is None:
+            column = self.columns[point] = len(self.columns)
             self.sums.extend(_NO_SUMS)
             self.counts.extend(array(self.counts.typecode, bytes(SLOTS * self.counts.itemsize)))
-        return base
+        return column * SLOTS
 
     def add(self, point: str, ts: int, value: float) -> None:
-        base = self.columns.get(point)
-        if base is None:
-            base = self.column(point)
+        column = self.columns.get(point)
+        base = self.column(point) if column is None else column * SLOTS
         minute = ts // STEP_MS
         i = minute % SLOTS
         held = self.minutes[i]
@@ -127,7 +127,7 @@ class DeviceHistory:
 
     def series(self, point: str, end_minute: int) -> list[float | int | None]:
         """Oldest first: `point`'s mean in each of the SLOTS minutes ending with `end_minute` (None: no value)."""
-        base = self.columns[point]
+        base = self.columns[point] * SLOTS
         minutes, sums, counts = self.minutes, self.sums, self.counts
         out: list[float | int | None] = []
         for minute in range(end_minute - SLOTS + 1, end_minute + 1):
