@@ -16,6 +16,7 @@ against pydantic's.
 from __future__ import annotations
 
 import importlib
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -251,7 +252,8 @@ def rebuild(value: Any) -> Any:
             return tuple(rebuild(v) for v in value[1])
         raise ValueError(f"not a snapshot: a tuple tagged {tag!r}")
     if type(value) is dict:
-        return {k: rebuild(v) for k, v in value.items()}
+        # Keys interned: devices of one profile share their points' names (marshal gives each its own copy).
+        return {sys.intern(k) if type(k) is str else k: rebuild(v) for k, v in value.items()}
     if type(value) is list:
         return [rebuild(v) for v in value]
     return value
