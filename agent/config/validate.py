@@ -108,8 +108,6 @@ class Pending:
 
     async def _result(self) -> tuple[FieldgateConfig, Any]:
         """The config and the snapshot it was rebuilt from (None when validated in-process)."""
-        import asyncio  # here: the daemon starts the child before its own imports, asyncio's included
-
         if self.cached is not None:
             try:
                 config = _config_of(self.path, self.cached)
@@ -132,6 +130,14 @@ class Pending:
             from agent.config.loader import load_config  # this process runs on pydantic: validate here
 
             return load_config(self.path, remote=self.remote), None
+        payload = await self._answer()
+        return _config_of(self.path, payload), payload
+
+    async def _answer(self) -> Any:
+        """The child's snapshot of the file (kept as the cache's), or ConfigError."""
+        import asyncio  # here: the daemon starts the child before its own imports, asyncio's included
+
+        assert self.proc is not None
         try:
             # A thread waits for the child (the loop's default executor, which the daemon has anyway).
             out, err = await asyncio.to_thread(self.proc.communicate)
@@ -142,9 +148,9 @@ class Pending:
         # communicate() resumed after a timeout; this one is over, and the Pending of the daemon's start lives
         # as long as the daemon: let them go (tests/unit/test_validate_imports.py checks it).
         vars(self.proc).pop("_fileobj2output", None)
-        config, payload, inputs = _decode(self.path, self.proc.returncode, out, err)
+        payload, inputs = _decode(self.path, self.proc.returncode, out, err)
         _save(self.path, payload, inputs)
-        return config, payload
+        return payload
 
     async def verify(self) -> FieldgateConfig | None:
         """After a start from the snapshot: validate the file for real, in a child at low priority. The
@@ -152,12 +158,13 @@ class Pending:
         when the file does not validate any more."""
         fresh = Pending(self.path, _child(self.path, background=True))
         try:
-            config, payload = await fresh._result()  # renews the snapshot
+            payload = await fresh._answer()  # renews the snapshot
+            # Models are rebuilt only for a config that changed: a second copy of a large config's models,
+            # built and dropped at once, left the daemon's heap larger for good (docs/PERFORMANCE.md).
+            return None if payload == self.cached else _config_of(self.path, payload)
         except ConfigError:
             forget(self.path)
             raise
-        else:
-            return None if payload == self.cached else config
         finally:
             self.cached = None  # the snapshot is not kept in memory beyond this, whatever the outcome
 
@@ -332,8 +339,8 @@ async def load(path: Path, remote: bool = False) -> FieldgateConfig:
     return await spawn(path, remote=remote).result()
 
 
-def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> tuple[FieldgateConfig, Any, Any]:
-    """The child's answer: (the config, its snapshot, the inputs it depends on), or ConfigError."""
+def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> tuple[Any, Any]:
+    """The child's answer: (the config's snapshot, the inputs it depends on), or ConfigError."""
     try:
         kind, payload, inputs = marshal.loads(out)
     except Exception:
@@ -346,7 +353,7 @@ def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> tuple
             log.warning("config validation: %s", line)
     if kind == RESULT_PROBLEMS:
         raise ConfigError([str(p) for p in payload])
-    return _config_of(path, payload), payload, inputs
+    return payload, inputs
 
 
 def _config_of(path: Path, payload: Any) -> FieldgateConfig:
