@@ -92,14 +92,19 @@ def in_child() -> bool:
 class Pending:
     """A validation under way; `result()` gives the config or raises ConfigError.
 
-    `cached` holds the snapshot of an earlier validation when the cache's key matched (no child runs then),
-    until `verify()` has compared it with the file's validation."""
+    `cached` holds the snapshot file of an earlier validation when the cache's key matched (no child runs
+    then), as its bytes, until `verify()` has compared it with the file's validation: the decoded snapshot,
+    thousands of small objects, is dropped once the config is built from it, as after a child's answer (kept
+    until the check, it left the daemon's heap 5 MiB larger at 10,000 points: docs/PERFORMANCE.md)."""
 
-    def __init__(self, path: Path, proc: Child | None, cached: Any = None, remote: bool = False) -> None:
+    def __init__(
+        self, path: Path, proc: Child | None, cached: tuple[bytes, Any] | None = None, remote: bool = False
+    ) -> None:
         self.path = path
         self.remote = remote
         self.proc = proc
-        self.cached = cached
+        self.cached: bytes | None = cached[0] if cached is not None else None
+        self._snapshot: Any = cached[1] if cached is not None else None  # until the config is built from it
         self.from_cache = False  # whether result() gave the snapshot's config
 
     async def result(self) -> FieldgateConfig:
@@ -108,9 +113,10 @@ class Pending:
 
     async def _result(self) -> tuple[FieldgateConfig, Any]:
         """The config and the snapshot it was rebuilt from (None when validated in-process)."""
-        if self.cached is not None:
+        if self._snapshot is not None:
+            snapshot, self._snapshot = self._snapshot, None
             try:
-                config = _config_of(self.path, self.cached)
+                config = _config_of(self.path, snapshot)
             except Exception as exc:  # classes or fields changed under the same version: validate for real
                 log.warning(
                     "the snapshot of an earlier validation is unusable (%s): validating the file", exc
@@ -125,7 +131,7 @@ class Pending:
                     VERIFY_AFTER_S,
                 )
                 self.from_cache = True
-                return config, self.cached
+                return config, snapshot
         if self.proc is None:
             from agent.config.loader import load_config  # this process runs on pydantic: validate here
 
@@ -161,7 +167,8 @@ class Pending:
             payload = await fresh._answer()  # renews the snapshot
             # Models are rebuilt only for a config that changed: a second copy of a large config's models,
             # built and dropped at once, left the daemon's heap larger for good (docs/PERFORMANCE.md).
-            return None if payload == self.cached else _config_of(self.path, payload)
+            same = self.cached is not None and payload == _snapshot_in(self.cached)
+            return None if same else _config_of(self.path, payload)
         except ConfigError:
             forget(self.path)
             raise
@@ -397,17 +404,23 @@ def _key(inputs: list[tuple[str, str | None]]) -> dict[str, Any]:
     }
 
 
-def _cached(path: Path) -> Any:
-    """The snapshot of `path`'s last validation if nothing it depends on has changed since, else None."""
+def _snapshot_in(data: bytes) -> Any:
+    return marshal.loads(data)["snapshot"]
+
+
+def _cached(path: Path) -> tuple[bytes, Any] | None:
+    """The snapshot file of `path`'s last validation (its bytes, and the snapshot decoded) if nothing it
+    depends on has changed since, else None."""
     file = cache_file(path)
     if file is None:
         return None
     try:
-        entry = marshal.loads(file.read_bytes())
+        data = file.read_bytes()
+        entry = marshal.loads(data)
         inputs = [(name, _digest(name)) for name, _ in entry["key"]["inputs"]]
         if entry["key"] != _key(inputs):
             return None
-        return entry["snapshot"]
+        return data, entry["snapshot"]
     except FileNotFoundError:
         return None
     except Exception as exc:  # a damaged file is a cache miss, never a failed start

@@ -361,11 +361,12 @@ VERIFY_REBUILDS = textwrap.dedent(
         for change in ("", "  d2: {bus: lan, unit_id: 2, points: {r: {table: holding, address: 1}}}\\n"):
             pending = validate.spawn(path, use_snapshot=True)
             await pending.result()
+            held = (type(pending.cached).__name__, pending._snapshot is None)  # the file's bytes, not the objects
             path.write_text(path.read_text() + change)
             validate._config_of = counting
             fresh = await pending.verify()
             validate._config_of = config_of
-            print(pending.from_cache, len(rebuilt), None if fresh is None else sorted(fresh.devices))
+            print(pending.from_cache, *held, len(rebuilt), None if fresh is None else sorted(fresh.devices))
             rebuilt.clear()
 
     asyncio.run(main())
@@ -374,8 +375,9 @@ VERIFY_REBUILDS = textwrap.dedent(
 
 
 def test_verify_rebuilds_the_models_only_for_a_changed_file(tmp_path: Path) -> None:
-    """After a start from the snapshot, `verify()` compares the child's snapshot with it: an unchanged file
-    builds no second copy of the config's models (5.4 MiB of heap left at 10,000 points); a changed one does."""
+    """After a start from the snapshot, the daemon holds the snapshot file's bytes, not its decoded objects, and
+    `verify()` compares the child's snapshot with it: an unchanged file builds no second copy of the config's
+    models; a changed one does (together, 5.4 MiB of heap left at 10,000 points: docs/PERFORMANCE.md)."""
     cfg = tmp_path / "fieldgate.yaml"
     cfg.write_text(MODBUS_ONLY)
     proc = subprocess.run(
@@ -386,4 +388,7 @@ def test_verify_rebuilds_the_models_only_for_a_changed_file(tmp_path: Path) -> N
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr.decode()
-    assert proc.stdout.decode().splitlines() == ["True 0 None", "True 1 ['d2', 'meter']"]
+    assert proc.stdout.decode().splitlines() == [
+        "True bytes True 0 None",
+        "True bytes True 1 ['d2', 'meter']",
+    ]
