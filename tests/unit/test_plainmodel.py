@@ -92,9 +92,10 @@ def _facts(cfg: Any) -> dict[str, Any]:
     return result
 
 
-def _plain_side(files: list[Path]) -> dict[str, Any]:
+def _plain_process(probe: str, files: list[Path]) -> dict[str, Any]:
+    """What `probe` prints (JSON), run on `files` in a process on plain models."""
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *map(str, files)],
+        [sys.executable, "-c", probe, *map(str, files)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -104,6 +105,10 @@ def _plain_side(files: list[Path]) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr
     out: dict[str, Any] = json.loads(proc.stdout)
     return out
+
+
+def _plain_side(files: list[Path]) -> dict[str, Any]:
+    return _plain_process(PROBE, files)
 
 
 def _config_files() -> list[Path]:
@@ -188,16 +193,7 @@ SLOTS_PROBE = textwrap.dedent(
 def test_plain_models_have_slots_that_refuse_other_attributes() -> None:
     """No `__dict__` per model (docs/PERFORMANCE.md, issue 24): an attribute that is not a field cannot be set,
     not by a copy's update nor by a snapshot naming it; fields stay frozen."""
-    proc = subprocess.run(
-        [sys.executable, "-c", SLOTS_PROBE, str(REPO / "config" / "fieldgate.example.yaml")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
+    got = _plain_process(SLOTS_PROBE, [REPO / "config" / "fieldgate.example.yaml"])
     assert got["models"] > 10
     assert got["with_dict"] == []
     assert got["unknown_set"] == got["copy_unknown"] == got["rebuild_unknown"] == ["AttributeError"]

@@ -49,14 +49,13 @@ WITH_BLE = (
 )
 
 
-def _python(code: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    """`code` in a new interpreter from this tree; it must exit 0."""
+def _python(code: str, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    """`code` in a new interpreter from this tree (`cache`: its snapshots' directory); it must exit 0."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if cache is not None:
+        env["FIELDGATE_CACHE_DIR"] = str(cache)
     proc = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        timeout=120,
+        [sys.executable, "-c", code, *args], capture_output=True, cwd=REPO, env=env, timeout=120
     )
     assert proc.returncode == 0, proc.stderr.decode()
     return proc
@@ -329,14 +328,7 @@ SNAPSHOT_DROPPED = textwrap.dedent(
 def test_the_starts_snapshot_is_dropped_when_the_file_no_longer_validates(tmp_path: Path) -> None:
     cfg = tmp_path / "fieldgate.yaml"
     cfg.write_text(MODBUS_ONLY)
-    proc = subprocess.run(
-        [sys.executable, "-c", SNAPSHOT_DROPPED, str(cfg)],
-        capture_output=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO), FIELDGATE_CACHE_DIR=str(tmp_path / "cache")),
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
+    proc = _python(SNAPSHOT_DROPPED, str(cfg), cache=tmp_path / "cache")
     assert proc.stdout.decode().split() == ["True", "True"]
 
 
@@ -380,14 +372,7 @@ def test_verify_rebuilds_the_models_only_for_a_changed_file(tmp_path: Path) -> N
     models; a changed one does (together, 5.4 MiB of heap left at 10,000 points: docs/PERFORMANCE.md)."""
     cfg = tmp_path / "fieldgate.yaml"
     cfg.write_text(MODBUS_ONLY)
-    proc = subprocess.run(
-        [sys.executable, "-c", VERIFY_REBUILDS, str(cfg)],
-        capture_output=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO), FIELDGATE_CACHE_DIR=str(tmp_path / "cache")),
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
+    proc = _python(VERIFY_REBUILDS, str(cfg), cache=tmp_path / "cache")
     assert proc.stdout.decode().splitlines() == [
         "True bytes True 0 None",
         "True bytes True 1 ['d2', 'meter']",
