@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -93,30 +93,49 @@ class DeviceHistory:
             self.counts.extend(array(self.counts.typecode, bytes(SLOTS * self.counts.itemsize)))
         return column * SLOTS
 
-    def add(self, point: str, ts: int, value: float) -> None:
-        column = self.columns.get(point)
-        base = self.column(point) if column is None else column * SLOTS
-        minute = ts // STEP_MS
+    def add(self, readings: Iterable[Reading]) -> None:
+        """Readings of the device, a cycle's usually: the numeric ones (not booleans, not strings) that are not
+        of bad quality. A cycle's share their minute, whose slot is looked up once (-1: not held)."""
+        columns = self.columns
+        seen = None
+        i = -1
+        for r in readings:
+            value = r.value
+            if not (type(value) is float or type(value) is int) or r.quality == "bad":
+                continue
+            column = columns.get(r.point)
+            base = self.column(r.point) if column is None else column * SLOTS
+            minute = r.ts // STEP_MS
+            if minute != seen:
+                seen = minute
+                i = self._slot(minute)
+            if i < 0:
+                continue
+            k = base + i
+            try:
+                self.sums[k] += value
+            except OverflowError:
+                continue  # an integer beyond a float
+            try:
+                self.counts[k] += 1
+            except OverflowError:
+                self.counts = array(_WIDER[self.counts.typecode], self.counts)
+                self.counts[k] += 1
+
+    def _slot(self, minute: int) -> int:
+        """The slot of `minute`, moved on to it if it held an older one; -1 if it holds a newer one (outside
+        the hour shown) or `minute` is beyond 32-bit minutes (a device's clock)."""
         i = minute % SLOTS
         held = self.minutes[i]
         if held != minute:
             if minute < held:
-                return  # older than what the slot holds now: outside the hour shown
+                return -1
             try:
                 self.minutes[i] = minute
             except OverflowError:
-                return  # a device's clock beyond 32-bit minutes
+                return -1
             self._clear(i)
-        k = base + i
-        try:
-            self.sums[k] += value
-        except OverflowError:
-            return  # an integer beyond a float
-        try:
-            self.counts[k] += 1
-        except OverflowError:
-            self.counts = array(_WIDER[self.counts.typecode], self.counts)
-            self.counts[k] += 1
+        return i
 
     def _clear(self, i: int) -> None:
         """Slot `i` starts a new minute: every point's sum and count there back to zero."""
@@ -261,11 +280,7 @@ class DeviceHealth:
         """A successful cycle's readings (the scheduler, after `last_readings`): counters and trends."""
         self.polled[VALUE] = self.polled.get(VALUE, 0) + len(readings)
         self.activity.ok(readings[-1].ts if readings else now_ms())
-        history = self.history
-        for r in readings:
-            value = r.value
-            if (type(value) is float or type(value) is int) and r.quality != "bad":  # not bool, not str
-                history.add(r.point, r.ts, value)
+        self.history.add(readings)
 
     def failed(self, ts: int | None = None) -> None:
         """A failed cycle (the scheduler): the error strip."""

@@ -76,32 +76,32 @@ def test_histogram_buckets_are_cumulative_and_le_inclusive() -> None:
 
 def test_point_history_means_per_minute_with_gaps() -> None:
     h = DeviceHistory()
-    h.add("p", T0 + 1_000, 10.0)
-    h.add("p", T0 + 59_000, 20.0)  # same minute: the mean
-    h.add("p", T0 + 2 * STEP_MS, 7)
+    h.add([Reading("d", "p", T0 + 1_000, 10.0)])
+    h.add([Reading("d", "p", T0 + 59_000, 20.0)])  # same minute: the mean
+    h.add([Reading("d", "p", T0 + 2 * STEP_MS, 7)])
     series = h.series("p", T0 // STEP_MS + 2)
     assert len(series) == SLOTS
     assert series[-3:] == [15, None, 7]  # a minute without a value is None
     assert series[:-3] == [None] * (SLOTS - 3)
     # the next hour overwrites the ring, slot by slot
-    h.add("p", T0 + SLOTS * STEP_MS, 1.5)
+    h.add([Reading("d", "p", T0 + SLOTS * STEP_MS, 1.5)])
     later = h.series("p", T0 // STEP_MS + SLOTS)
     assert later[-1] == 1.5 and later[0] is None  # T0's minute left the window
     assert later[-SLOTS + 2 - 1] == 7  # still within the hour
     # a value older than what its slot holds now is outside the hour: ignored
-    h.add("p", T0 + 30_000, 99.0)
+    h.add([Reading("d", "p", T0 + 30_000, 99.0)])
     assert h.series("p", T0 // STEP_MS + SLOTS)[-1] == 1.5
 
 
 def test_point_history_keeps_six_significant_digits() -> None:
     h = DeviceHistory()
     for v in (980.911, 1214.26, 1000.0):
-        h.add("p", T0, v)
+        h.add([Reading("d", "p", T0, v)])
     assert h.series("p", T0 // STEP_MS)[-1] == pytest.approx(1065.06, abs=0.005)
     for v in (1000.1, -1000.0):  # cancellation: what float32 sums would get wrong (0.0499878)
-        h.add("q", T0, v)
+        h.add([Reading("d", "q", T0, v)])
     assert h.series("q", T0 // STEP_MS)[-1] == 0.05
-    h.add("n", T0, 2**24 + 1)  # an integer mean is shown whole
+    h.add([Reading("d", "n", T0, 2**24 + 1)])  # an integer mean is shown whole
     assert h.series("n", T0 // STEP_MS)[-1] == 2**24 + 1
 
 
@@ -192,9 +192,8 @@ def test_device_rings_with_points_missing_from_cycles() -> None:
 def test_device_ring_counts_widen() -> None:
     """More than 255 values of a point in one minute (a chatty BLE sensor): its counts widen, the mean holds."""
     h = DeviceHistory()
-    h.add("other", T0, 5.0)
-    for k in range(70_000):
-        h.add("p", T0 + k % STEP_MS, float(k % 7))
+    h.add([Reading("d", "other", T0, 5.0)])
+    h.add(Reading("d", "p", T0 + k % STEP_MS, float(k % 7)) for k in range(70_000))
     assert h.counts.typecode == "I"
     assert h.series("p", T0 // STEP_MS)[-1] == float(f"{sum(k % 7 for k in range(70_000)) / 70_000:.6g}")
     assert h.series("other", T0 // STEP_MS)[-1] == 5
