@@ -66,7 +66,7 @@ class DeviceHistory:
     Memory per point: SLOTS x (8 B sum + 1 B count) = 540 B (`counts` widens to 2 then 4 B per item when a
     point gets 256 values in a minute), no object of its own; per device the minutes, 240 B, and the arrays'
     headers (docs/STATUS_API.md). The sums stay float64: float32 would not keep the 6 significant digits
-    shown (a mean of +1000.1 and -1000.0 comes out 0.0500488 in float32 sums; integers above 2**24 move).
+    shown (a mean of +1000.1 and -1000.0 comes out 0.0499878 in float32 sums; integers above 2**24 move).
     """
 
     __slots__ = ("columns", "counts", "minutes", "sums")
@@ -76,12 +76,6 @@ class DeviceHistory:
         self.columns: dict[str, int] = {}  # point -> its column number in `sums` and `counts`
         self.sums = array("d")
         self.counts = array("B")
-
-    def __contains__(self, point: str) -> bool:
-        return point in self.columns
-
-    def __len__(self) -> int:
-        return len(self.columns)
 
     def column(self, point: str) -> int:
         """Where `point`'s column starts in `sums` and `counts` (a new, empty one for a point not seen before).
