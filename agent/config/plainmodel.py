@@ -16,7 +16,7 @@ against pydantic's.
 from __future__ import annotations
 
 import importlib
-import inspect
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -73,32 +73,45 @@ def field_validator(*fields: str, mode: str = "after") -> Callable[[Any], Any]:
     return lambda f: f
 
 
-class BaseModel:
+def _is_field(name: str, annotation: Any) -> bool:
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return not name.startswith("_") and "ClassVar" not in text
+
+
+class _Slotted(type):
+    """Gives each model class a slot per field it declares, made from its annotations before the class
+    exists (`__slots__` is read then, not later): no `__dict__` per instance, and an attribute that is not a
+    field cannot be set. The defaults leave the class body (a class attribute would hide the slot) for
+    `__plain_fields__`."""
+
+    def __new__(mcls, name: str, bases: tuple[type, ...], ns: dict[str, Any], **kwargs: Any) -> Any:
+        fields: dict[str, tuple[Any, Callable[[], Any] | None]] = {}
+        for base in reversed(bases):
+            fields.update(getattr(base, "__plain_fields__", {}))
+        own = []
+        for field, annotation in ns.get("__annotations__", {}).items():
+            if not _is_field(field, annotation):
+                continue
+            value = ns.pop(field, _MISSING)
+            if isinstance(value, FieldInfo):
+                fields[field] = (value.default, value.default_factory)
+            else:
+                fields[field] = (value, None)
+            if not any(field in getattr(b, "__plain_fields__", ()) for b in bases):
+                own.append(field)
+        ns["__slots__"] = tuple(own)
+        ns["__plain_fields__"] = fields
+        ns["__plain_names__"] = tuple(fields)
+        ns["__plain_hints__"] = None
+        return super().__new__(mcls, name, bases, ns, **kwargs)
+
+
+class BaseModel(metaclass=_Slotted):
     """A frozen record of fields; subclasses declare fields with annotations, as for pydantic."""
 
-    __plain_fields__: ClassVar[dict[str, tuple[Any, Callable[[], Any] | None]]] = {}
-    __plain_hints__: ClassVar[dict[str, Any] | None] = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__()
-        fields: dict[str, tuple[Any, Callable[[], Any] | None]] = {}
-        for base in reversed(cls.__mro__[1:]):
-            fields.update(base.__dict__.get("__plain_fields__", {}))
-        for name, annotation in inspect.get_annotations(cls).items():
-            text = annotation if isinstance(annotation, str) else repr(annotation)
-            if name.startswith("_") or "ClassVar" in text:
-                continue
-            value = cls.__dict__.get(name, _MISSING)
-            if isinstance(value, FieldInfo):
-                fields[name] = (value.default, value.default_factory)
-                if value.default is _MISSING:
-                    delattr(cls, name)
-                else:
-                    setattr(cls, name, value.default)
-            else:
-                fields[name] = (value, None)
-        cls.__plain_fields__ = fields
-        cls.__plain_hints__ = None
+    __plain_fields__: ClassVar[dict[str, tuple[Any, Callable[[], Any] | None]]]
+    __plain_names__: ClassVar[tuple[str, ...]]  # the fields, in pydantic's order (base classes' first)
+    __plain_hints__: ClassVar[dict[str, Any] | None]
 
     def __init__(self, **data: Any) -> None:
         for name, (default, factory) in self.__plain_fields__.items():
@@ -120,30 +133,35 @@ class BaseModel:
     def __delattr__(self, name: str) -> None:
         raise TypeError(f"{type(self).__name__} is frozen: {name} cannot be deleted")
 
+    def _items(self) -> list[tuple[str, Any]]:
+        """The fields and their values, in order."""
+        return [(name, getattr(self, name)) for name in self.__plain_names__]
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BaseModel):
             return NotImplemented
-        return type(self) is type(other) and self.__dict__ == other.__dict__
+        return type(self) is type(other) and self._items() == other._items()
 
     def __hash__(self) -> int:
-        return hash(type(self)) + hash(tuple(self.__dict__.values()))
+        return hash(type(self)) + hash(tuple(getattr(self, name) for name in self.__plain_names__))
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        inner = ", ".join(f"{k}={v!r}" for k, v in self._items())
         return f"{type(self).__name__}({inner})"
 
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Any:
         new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        if update:
-            new.__dict__.update(update)
+        for name, value in self._items():
+            object.__setattr__(new, name, value)
+        for name, value in (update or {}).items():
+            object.__setattr__(new, name, value)  # AttributeError: not a field of the model
         return new
 
     def model_dump(self, *, mode: str = "python") -> dict[str, Any]:
         if mode == "json":
             hints = type(self)._hints()
-            return {k: _json(v, hints.get(k)) for k, v in self.__dict__.items()}
-        return {k: _python(v) for k, v in self.__dict__.items()}
+            return {k: _json(v, hints.get(k)) for k, v in self._items()}
+        return {k: _python(v) for k, v in self._items()}
 
     @classmethod
     def _hints(cls) -> dict[str, Any]:
@@ -225,7 +243,8 @@ def rebuild(value: Any) -> Any:
         tag = value[0]
         if tag == MODEL:
             obj = object.__new__(_model_class(value[1]))
-            obj.__dict__.update({k: rebuild(v) for k, v in value[2].items()})
+            for k, v in value[2].items():
+                object.__setattr__(obj, k, rebuild(v))  # AttributeError: not a field of the model
             return obj
         if tag == PATH:
             return Path(value[1])
@@ -233,7 +252,8 @@ def rebuild(value: Any) -> Any:
             return tuple(rebuild(v) for v in value[1])
         raise ValueError(f"not a snapshot: a tuple tagged {tag!r}")
     if type(value) is dict:
-        return {k: rebuild(v) for k, v in value.items()}
+        # Keys interned: devices of one profile share their points' names (marshal gives each its own copy).
+        return {sys.intern(k) if type(k) is str else k: rebuild(v) for k, v in value.items()}
     if type(value) is list:
         return [rebuild(v) for v in value]
     return value

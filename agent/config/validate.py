@@ -92,14 +92,19 @@ def in_child() -> bool:
 class Pending:
     """A validation under way; `result()` gives the config or raises ConfigError.
 
-    `cached` holds the snapshot of an earlier validation when the cache's key matched (no child runs then),
-    until `verify()` has compared it with the file's validation."""
+    `cached` holds the snapshot file of an earlier validation when the cache's key matched (no child runs
+    then), as its bytes, until `verify()` has compared it with the file's validation: the decoded snapshot,
+    thousands of small objects, is dropped once the config is built from it, as after a child's answer (kept
+    until the check, it left the daemon's heap 5 MiB larger at 10,000 points: docs/PERFORMANCE.md)."""
 
-    def __init__(self, path: Path, proc: Child | None, cached: Any = None, remote: bool = False) -> None:
+    def __init__(
+        self, path: Path, proc: Child | None, cached: tuple[bytes, Any] | None = None, remote: bool = False
+    ) -> None:
         self.path = path
         self.remote = remote
         self.proc = proc
-        self.cached = cached
+        self.cached: bytes | None = cached[0] if cached is not None else None
+        self._snapshot: Any = cached[1] if cached is not None else None  # until the config is built from it
         self.from_cache = False  # whether result() gave the snapshot's config
 
     async def result(self) -> FieldgateConfig:
@@ -108,11 +113,10 @@ class Pending:
 
     async def _result(self) -> tuple[FieldgateConfig, Any]:
         """The config and the snapshot it was rebuilt from (None when validated in-process)."""
-        import asyncio  # here: the daemon starts the child before its own imports, asyncio's included
-
-        if self.cached is not None:
+        if self._snapshot is not None:
+            snapshot, self._snapshot = self._snapshot, None
             try:
-                config = _config_of(self.path, self.cached)
+                config = _config_of(self.path, snapshot)
             except Exception as exc:  # classes or fields changed under the same version: validate for real
                 log.warning(
                     "the snapshot of an earlier validation is unusable (%s): validating the file", exc
@@ -127,11 +131,19 @@ class Pending:
                     VERIFY_AFTER_S,
                 )
                 self.from_cache = True
-                return config, self.cached
+                return config, snapshot
         if self.proc is None:
             from agent.config.loader import load_config  # this process runs on pydantic: validate here
 
             return load_config(self.path, remote=self.remote), None
+        payload = await self._answer()
+        return _config_of(self.path, payload), payload
+
+    async def _answer(self) -> Any:
+        """The child's snapshot of the file (kept as the cache's), or ConfigError."""
+        import asyncio  # here: the daemon starts the child before its own imports, asyncio's included
+
+        assert self.proc is not None
         try:
             # A thread waits for the child (the loop's default executor, which the daemon has anyway).
             out, err = await asyncio.to_thread(self.proc.communicate)
@@ -142,9 +154,9 @@ class Pending:
         # communicate() resumed after a timeout; this one is over, and the Pending of the daemon's start lives
         # as long as the daemon: let them go (tests/unit/test_validate_imports.py checks it).
         vars(self.proc).pop("_fileobj2output", None)
-        config, payload, inputs = _decode(self.path, self.proc.returncode, out, err)
+        payload, inputs = _decode(self.path, self.proc.returncode, out, err)
         _save(self.path, payload, inputs)
-        return config, payload
+        return payload
 
     async def verify(self) -> FieldgateConfig | None:
         """After a start from the snapshot: validate the file for real, in a child at low priority. The
@@ -152,12 +164,14 @@ class Pending:
         when the file does not validate any more."""
         fresh = Pending(self.path, _child(self.path, background=True))
         try:
-            config, payload = await fresh._result()  # renews the snapshot
+            payload = await fresh._answer()  # renews the snapshot
+            # Models are rebuilt only for a config that changed: a second copy of a large config's models,
+            # built and dropped at once, left the daemon's heap larger for good (docs/PERFORMANCE.md).
+            same = self.cached is not None and payload == _snapshot_in(self.cached)
+            return None if same else _config_of(self.path, payload)
         except ConfigError:
             forget(self.path)
             raise
-        else:
-            return None if payload == self.cached else config
         finally:
             self.cached = None  # the snapshot is not kept in memory beyond this, whatever the outcome
 
@@ -332,8 +346,8 @@ async def load(path: Path, remote: bool = False) -> FieldgateConfig:
     return await spawn(path, remote=remote).result()
 
 
-def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> tuple[FieldgateConfig, Any, Any]:
-    """The child's answer: (the config, its snapshot, the inputs it depends on), or ConfigError."""
+def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> tuple[Any, Any]:
+    """The child's answer: (the config's snapshot, the inputs it depends on), or ConfigError."""
     try:
         kind, payload, inputs = marshal.loads(out)
     except Exception:
@@ -346,7 +360,7 @@ def _decode(path: Path, returncode: int | None, out: bytes, err: bytes) -> tuple
             log.warning("config validation: %s", line)
     if kind == RESULT_PROBLEMS:
         raise ConfigError([str(p) for p in payload])
-    return _config_of(path, payload), payload, inputs
+    return payload, inputs
 
 
 def _config_of(path: Path, payload: Any) -> FieldgateConfig:
@@ -390,17 +404,23 @@ def _key(inputs: list[tuple[str, str | None]]) -> dict[str, Any]:
     }
 
 
-def _cached(path: Path) -> Any:
-    """The snapshot of `path`'s last validation if nothing it depends on has changed since, else None."""
+def _snapshot_in(data: bytes) -> Any:
+    return marshal.loads(data)["snapshot"]
+
+
+def _cached(path: Path) -> tuple[bytes, Any] | None:
+    """The snapshot file of `path`'s last validation (its bytes, and the snapshot decoded) if nothing it
+    depends on has changed since, else None."""
     file = cache_file(path)
     if file is None:
         return None
     try:
-        entry = marshal.loads(file.read_bytes())
+        data = file.read_bytes()
+        entry = marshal.loads(data)
         inputs = [(name, _digest(name)) for name, _ in entry["key"]["inputs"]]
         if entry["key"] != _key(inputs):
             return None
-        return entry["snapshot"]
+        return data, entry["snapshot"]
     except FileNotFoundError:
         return None
     except Exception as exc:  # a damaged file is a cache miss, never a failed start

@@ -3,7 +3,8 @@
 
 Also the status page's trends (GET /api/history, docs/STATUS_API.md "The last hour"): the last hour of every numeric point, of
 each device's poll cycles and of the backlog and upstream link, in fixed rings of one slot per minute
-(`SLOTS` x `STEP_MS`), so their memory never grows: 1.2 KiB per numeric point, 1 KiB per device.
+(`SLOTS` x `STEP_MS`), so their memory never grows: 540 B per numeric point (one ring of minutes per
+device), 1 KiB per device.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import math
 import time
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -38,6 +39,8 @@ log = logging.getLogger("fieldgate.runtime")
 SLOTS = 60  # one hour...
 STEP_MS = 60_000  # ...of one-minute slots
 _EMPTY = -1  # a slot's minute when it was never written
+_NO_SUMS = array("d", [0.0]) * SLOTS  # a new point's column of sums
+_WIDER = {"B": "H", "H": "I", "I": "Q"}  # a column's counts when one reaches the largest its items hold
 
 
 def _significant(value: float) -> float | int | None:
@@ -50,45 +53,108 @@ def _significant(value: float) -> float | int | None:
     return float(f"{value:.6g}")
 
 
-class PointHistory:
-    """One point's last hour: the mean of its values in each minute, in a ring of SLOTS slots.
+class DeviceHistory:
+    """A device's numeric points' last hour: the mean of each point's values in each minute, in one ring of
+    SLOTS minutes for the whole device and one column of SLOTS sums and counts per point.
 
-    Memory per point: three arrays of SLOTS items (minute: 4 B, sum: 8 B, count: 4 B) = 960 B of data plus
-    the object headers: 1,256 B (sys.getsizeof, docs/STATUS_API.md).
+    The points of a device are polled together, so one ring of minutes serves them all: a slot holds the
+    latest minute any point of the device wrote to it, and moving it on clears every point's sum and count
+    there. For readings no later than the minute asked (every driver stamps them with the gateway's clock)
+    the means are those of a ring per point; a reading older than what its slot holds is outside the hour
+    and ignored, as before.
+
+    Memory per point: SLOTS x (8 B sum + 1 B count) = 540 B (`counts` widens to 2 then 4 B per item when a
+    point gets 256 values in a minute), no object of its own; per device the minutes, 240 B, and the arrays'
+    headers (docs/STATUS_API.md). The sums stay float64: float32 would not keep the 6 significant digits
+    shown (a mean of +1000.1 and -1000.0 comes out 0.0499878 in float32 sums; integers above 2**24 move).
     """
 
-    __slots__ = ("counts", "minutes", "sums")
+    __slots__ = ("columns", "counts", "minutes", "sums")
 
     def __init__(self) -> None:
         self.minutes = array("i", [_EMPTY]) * SLOTS  # which minute (since the epoch) each slot holds
-        self.sums = array("d", [0.0]) * SLOTS
-        self.counts = array("I", [0]) * SLOTS
+        self.columns: dict[str, int] = {}  # point -> its column number in `sums` and `counts`
+        self.sums = array("d")
+        self.counts = array("B")
 
-    def add(self, ts: int, value: float) -> None:
-        minute = ts // STEP_MS
+    def column(self, point: str) -> int:
+        """Where `point`'s column starts in `sums` and `counts` (a new, empty one for a point not seen before).
+        The dict holds column numbers, not these offsets: small ints are shared, offsets would be objects."""
+        column = self.columns.get(point)
+        if column is None:
+            column = self.columns[point] = len(self.columns)
+            self.sums.extend(_NO_SUMS)
+            self.counts.extend(array(self.counts.typecode, bytes(SLOTS * self.counts.itemsize)))
+        return column * SLOTS
+
+    def add(self, readings: Iterable[Reading]) -> None:
+        """Readings of the device, a cycle's usually: the numeric ones (not booleans, not strings) that are not
+        of bad quality. A cycle's share their minute, whose slot is looked up once (-1: not held)."""
+        columns = self.columns
+        seen = None
+        i = -1
+        for r in readings:
+            value = r.value
+            if not (type(value) is float or type(value) is int) or r.quality == "bad":
+                continue
+            column = columns.get(r.point)
+            base = self.column(r.point) if column is None else column * SLOTS
+            minute = r.ts // STEP_MS
+            if minute != seen:
+                seen = minute
+                i = self._slot(minute)
+            if i < 0:
+                continue
+            k = base + i
+            try:
+                self.sums[k] += value
+            except OverflowError:
+                continue  # an integer beyond a float
+            try:
+                self.counts[k] += 1
+            except OverflowError:
+                self.counts = array(_WIDER[self.counts.typecode], self.counts)
+                self.counts[k] += 1
+
+    def _slot(self, minute: int) -> int:
+        """The slot of `minute`, moved on to it if it held an older one; -1 if it holds a newer one (outside
+        the hour shown) or `minute` is beyond 32-bit minutes (a device's clock)."""
         i = minute % SLOTS
-        try:
-            if self.minutes[i] != minute:
-                if minute < self.minutes[i]:
-                    return  # older than what the slot holds now: outside the hour shown
-                self.minutes[i] = minute  # OverflowError: a device's clock beyond 32-bit minutes
-                self.sums[i] = 0.0
-                self.counts[i] = 0
-            self.sums[i] += value  # OverflowError: an integer beyond a float
-        except OverflowError:
-            return
-        self.counts[i] += 1
+        held = self.minutes[i]
+        if held != minute:
+            if minute < held:
+                return -1
+            try:
+                self.minutes[i] = minute
+            except OverflowError:
+                return -1
+            self._clear(i)
+        return i
 
-    def series(self, end_minute: int) -> list[float | int | None]:
-        """Oldest first: the mean of each of the SLOTS minutes ending with `end_minute` (None: no value)."""
+    def _clear(self, i: int) -> None:
+        """Slot `i` starts a new minute: every point's sum and count there back to zero."""
+        sums, counts = self.sums, self.counts
+        for k in range(i, len(sums), SLOTS):
+            sums[k] = 0.0
+            counts[k] = 0
+
+    def series(self, point: str, end_minute: int) -> list[float | int | None]:
+        """Oldest first: `point`'s mean in each of the SLOTS minutes ending with `end_minute` (None: no value)."""
+        base = self.columns[point] * SLOTS
+        minutes, sums, counts = self.minutes, self.sums, self.counts
         out: list[float | int | None] = []
         for minute in range(end_minute - SLOTS + 1, end_minute + 1):
             i = minute % SLOTS
-            if self.minutes[i] == minute and self.counts[i]:
-                out.append(_significant(self.sums[i] / self.counts[i]))
+            count = counts[base + i]
+            if minutes[i] == minute and count:
+                out.append(_significant(sums[base + i] / count))
             else:
                 out.append(None)
         return out
+
+    def doc(self, end_minute: int) -> dict[str, list[float | int | None]]:
+        """Every point's series (the `points` of a device in /api/history)."""
+        return {point: self.series(point, end_minute) for point in self.columns}
 
 
 class Activity:
@@ -201,21 +267,14 @@ class DeviceHealth:
     # GET /metrics (agent/pipeline/metrics.py) and the status page's trends:
     polled: dict[str, int] = field(default_factory=dict)  # readings returned by polls, by kind
     poll_seconds: Histogram = field(default_factory=lambda: Histogram(POLL_BUCKETS))
-    history: dict[str, PointHistory] = field(default_factory=dict)  # numeric points only
+    history: DeviceHistory = field(default_factory=DeviceHistory)  # numeric points only
     activity: Activity = field(default_factory=Activity)
 
     def observe(self, readings: list[Reading]) -> None:
         """A successful cycle's readings (the scheduler, after `last_readings`): counters and trends."""
         self.polled[VALUE] = self.polled.get(VALUE, 0) + len(readings)
         self.activity.ok(readings[-1].ts if readings else now_ms())
-        history = self.history
-        for r in readings:
-            value = r.value
-            if (type(value) is float or type(value) is int) and r.quality != "bad":  # not bool, not str
-                hist = history.get(r.point)
-                if hist is None:
-                    hist = history[r.point] = PointHistory()
-                hist.add(r.ts, value)
+        self.history.add(readings)
 
     def failed(self, ts: int | None = None) -> None:
         """A failed cycle (the scheduler): the error strip."""
@@ -254,7 +313,7 @@ class DeviceHealth:
         """This device's part of /api/history: its poll minutes and its numeric points' last hour."""
         return {
             "activity": self.activity.doc(end_minute),
-            "points": {point: hist.series(end_minute) for point, hist in self.history.items()},
+            "points": self.history.doc(end_minute),
         }
 
 

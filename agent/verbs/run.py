@@ -98,12 +98,14 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
         data = read_regular(runtime.config_path)
         fresh = await pending.verify()
     except (ConfigError, OSError) as exc:
+        settle_after_verify(runtime)
         problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
         runtime.reload_error = "; ".join(problems)
         log.error("%s no longer validates; the daemon keeps its running configuration:", runtime.config_path)
         for line in problems:
             log.error("  %s", line)
         return
+    settle_after_verify(runtime)
     if fresh is None:
         log.info("config %s: validated again, same as its snapshot", runtime.config_path)
         return
@@ -126,6 +128,16 @@ async def verify_snapshot(runtime: Runtime, pending: Pending) -> None:
     log.info("config %s applied: %s", runtime.config_path, "; ".join(changes) or "no change")
     if runtime.config.remote_config.enabled:
         runtime.remote.running_changed()
+
+
+def settle_after_verify(runtime: Runtime) -> None:
+    """The snapshot the daemon started from, and the child's answer compared with it, are let go: give their
+    memory back as the first large commit did (agent/pipeline/memory.py), when the store writer found the
+    config large enough for that (5.4 MiB at 10,000 points: docs/PERFORMANCE.md)."""
+    from agent.pipeline import memory
+
+    if runtime.writer is not None and runtime.writer.settled:
+        memory.settle()
 
 
 def prefetch(config_path: Path) -> None:

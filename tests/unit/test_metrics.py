@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.pipeline.health import SLOTS, STEP_MS, Activity, DeviceHealth, PointHistory, Timeline, history_doc
+from agent.pipeline.health import SLOTS, STEP_MS, Activity, DeviceHealth, DeviceHistory, Timeline, history_doc
 from agent.pipeline.metrics import Histogram, Writer, escape_label, format_value
 from agent.pipeline.reading import Reading
 
@@ -75,29 +75,128 @@ def test_histogram_buckets_are_cumulative_and_le_inclusive() -> None:
 
 
 def test_point_history_means_per_minute_with_gaps() -> None:
-    h = PointHistory()
-    h.add(T0 + 1_000, 10.0)
-    h.add(T0 + 59_000, 20.0)  # same minute: the mean
-    h.add(T0 + 2 * STEP_MS, 7)
-    series = h.series(T0 // STEP_MS + 2)
+    h = DeviceHistory()
+    h.add([Reading("d", "p", T0 + 1_000, 10.0)])
+    h.add([Reading("d", "p", T0 + 59_000, 20.0)])  # same minute: the mean
+    h.add([Reading("d", "p", T0 + 2 * STEP_MS, 7)])
+    series = h.series("p", T0 // STEP_MS + 2)
     assert len(series) == SLOTS
     assert series[-3:] == [15, None, 7]  # a minute without a value is None
     assert series[:-3] == [None] * (SLOTS - 3)
     # the next hour overwrites the ring, slot by slot
-    h.add(T0 + SLOTS * STEP_MS, 1.5)
-    later = h.series(T0 // STEP_MS + SLOTS)
+    h.add([Reading("d", "p", T0 + SLOTS * STEP_MS, 1.5)])
+    later = h.series("p", T0 // STEP_MS + SLOTS)
     assert later[-1] == 1.5 and later[0] is None  # T0's minute left the window
     assert later[-SLOTS + 2 - 1] == 7  # still within the hour
     # a value older than what its slot holds now is outside the hour: ignored
-    h.add(T0 + 30_000, 99.0)
-    assert h.series(T0 // STEP_MS + SLOTS)[-1] == 1.5
+    h.add([Reading("d", "p", T0 + 30_000, 99.0)])
+    assert h.series("p", T0 // STEP_MS + SLOTS)[-1] == 1.5
 
 
 def test_point_history_keeps_six_significant_digits() -> None:
-    h = PointHistory()
+    h = DeviceHistory()
     for v in (980.911, 1214.26, 1000.0):
-        h.add(T0, v)
-    assert h.series(T0 // STEP_MS)[-1] == pytest.approx(1065.06, abs=0.005)
+        h.add([Reading("d", "p", T0, v)])
+    assert h.series("p", T0 // STEP_MS)[-1] == pytest.approx(1065.06, abs=0.005)
+    for v in (1000.1, -1000.0):  # cancellation: what float32 sums would get wrong (0.0499878)
+        h.add([Reading("d", "q", T0, v)])
+    assert h.series("q", T0 // STEP_MS)[-1] == 0.05
+    h.add([Reading("d", "n", T0, 2**24 + 1)])  # an integer mean is shown whole
+    assert h.series("n", T0 // STEP_MS)[-1] == 2**24 + 1
+
+
+def _reference_means(
+    feed: list[tuple[str, int, float]], end_minute: int
+) -> dict[str, list[float | int | None]]:
+    """What /api/history documents for each point (docs/STATUS_API.md): for each of the 60 minutes ending with
+    `end_minute`, the mean of the values read in it, to 6 significant digits; None without a value."""
+    out: dict[str, list[float | int | None]] = {}
+    for point in dict.fromkeys(p for p, _, _ in feed):
+        series: list[float | int | None] = []
+        for minute in range(end_minute - SLOTS + 1, end_minute + 1):
+            values = [v for p, ts, v in feed if p == point and ts // STEP_MS == minute]
+            if not values:
+                series.append(None)
+                continue
+            mean = math.fsum(values) / len(values)
+            series.append(int(mean) if mean == int(mean) else float(f"{mean:.6g}"))
+        out[point] = series
+    return out
+
+
+def _close(a: float | int | None, b: float | int | None) -> bool:
+    """Equal to the 6 significant digits shown (the rings add in order; fsum is exact: the last digit of a
+    mean that falls on a rounding edge may differ by one)."""
+    if a is None or b is None:
+        return a is b
+    return a == b or abs(a - b) <= 1e-5 * max(abs(a), abs(b))
+
+
+@settings(max_examples=200, database=None, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["v", "i", "p", "e"]),
+            st.one_of(  # three hours, in any order; the second: few minutes, so slots are shared hour to hour
+                st.integers(0, 3 * SLOTS * STEP_MS),
+                st.builds(
+                    lambda hour, minute, ms: (hour * SLOTS + minute) * STEP_MS + ms,
+                    st.integers(0, 2),
+                    st.integers(0, 3),
+                    st.integers(0, STEP_MS - 1),
+                ),
+            ),
+            st.one_of(st.integers(-(2**31), 2**31), st.floats(-1e6, 1e6, allow_nan=False)),
+        ),
+        max_size=120,
+    ),
+    st.one_of(st.integers(0, 3 * SLOTS), st.sampled_from([1, 3, SLOTS + 2, 2 * SLOTS + 3])),
+)
+def test_device_rings_give_each_points_mean_per_minute(feed: list[tuple[str, int, float]], end: int) -> None:
+    """One ring of minutes per device, a column per point: each point's series is still the mean of its own
+    values in each minute of the hour, whatever the other points of the device read and when (readings no
+    later than the minute asked, as the gateway's clock stamps them)."""
+    end_minute = T0 // STEP_MS + end
+    feed = [(p, T0 + ts, v) for p, ts, v in feed if (T0 + ts) // STEP_MS <= end_minute]
+    h = DeviceHealth(driver="modbus")
+    for p, ts, v in feed:
+        h.observe([Reading("d", p, ts, v)])
+    got = h.trends(end_minute)["points"]
+    want = _reference_means(feed, end_minute)
+    assert list(got) == list(want)
+    for point, series in want.items():
+        assert all(_close(a, b) for a, b in zip(got[point], series, strict=True)), point
+
+
+def test_device_rings_with_points_missing_from_cycles() -> None:
+    """A point read in some minutes only (a point error, a bad quality) shows None in the others, though the
+    device's other points moved the ring on."""
+    h = DeviceHealth(driver="modbus")
+    for m in range(SLOTS + 5):
+        ts = T0 + m * STEP_MS + 1_000
+        cycle = [Reading("d", "a", ts, float(m))]
+        if m % 3 == 0:
+            cycle.append(Reading("d", "b", ts, m * 10))
+        cycle.append(Reading("d", "c", ts, 1.0, quality="bad" if m % 2 else None))
+        h.observe(cycle)
+    end = T0 // STEP_MS + SLOTS + 4
+    points = h.trends(end)["points"]
+    minutes = range(end - SLOTS + 1, end + 1)
+    assert points["a"] == [m - T0 // STEP_MS for m in minutes]
+    assert points["b"] == [
+        (m - T0 // STEP_MS) * 10 if (m - T0 // STEP_MS) % 3 == 0 else None for m in minutes
+    ]
+    assert points["c"] == [None if (m - T0 // STEP_MS) % 2 else 1 for m in minutes]
+
+
+def test_device_ring_counts_widen() -> None:
+    """More than 255 values of a point in one minute (a chatty BLE sensor): its counts widen, the mean holds."""
+    h = DeviceHistory()
+    h.add([Reading("d", "other", T0, 5.0)])
+    h.add(Reading("d", "p", T0 + k % STEP_MS, float(k % 7)) for k in range(70_000))
+    assert h.counts.typecode == "I"
+    assert h.series("p", T0 // STEP_MS)[-1] == float(f"{sum(k % 7 for k in range(70_000)) / 70_000:.6g}")
+    assert h.series("other", T0 // STEP_MS)[-1] == 5
 
 
 def test_activity_counts_ok_and_failed_cycles() -> None:
@@ -220,6 +319,6 @@ def test_outlandish_readings_never_break_the_device_task() -> None:
     )
     h.observe([Reading("d", "ok", 2**62, 1.0)])  # the activity strip too
     h.observe([Reading("d", "ok", -(2**62), 1.0)])
-    series = {p: hist.series(T0 // STEP_MS) for p, hist in h.history.items()}
+    series = h.trends(T0 // STEP_MS)["points"]
     assert series["ok"][-1] == 1
     assert all(v is None for p, s in series.items() if p != "ok" for v in s)

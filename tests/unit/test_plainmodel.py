@@ -92,9 +92,10 @@ def _facts(cfg: Any) -> dict[str, Any]:
     return result
 
 
-def _plain_side(files: list[Path]) -> dict[str, Any]:
+def _plain_process(probe: str, files: list[Path]) -> dict[str, Any]:
+    """What `probe` prints (JSON), run on `files` in a process on plain models."""
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *map(str, files)],
+        [sys.executable, "-c", probe, *map(str, files)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -104,6 +105,10 @@ def _plain_side(files: list[Path]) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr
     out: dict[str, Any] = json.loads(proc.stdout)
     return out
+
+
+def _plain_side(files: list[Path]) -> dict[str, Any]:
+    return _plain_process(PROBE, files)
 
 
 def _config_files() -> list[Path]:
@@ -136,7 +141,63 @@ def test_plain_models_match_pydantic(plain: dict[str, Any], path: Path) -> None:
         return
     assert "problems" not in got, got
     assert got["dump"] == json.loads(json.dumps(cfg.model_dump(mode="json")))
+    assert json.dumps(got["dump"]) == json.dumps(cfg.model_dump(mode="json"))  # the fields' order too
     assert got["facts"] == json.loads(json.dumps(_facts(cfg)))
+
+
+SLOTS_PROBE = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from pathlib import Path
+    from agent.config import modelkit
+    modelkit.select("plain")
+    from agent.config import plainmodel, validate
+
+    def models(value):
+        if isinstance(value, plainmodel.BaseModel):
+            yield value
+            for name in type(value).__plain_names__:
+                yield from models(getattr(value, name))
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from models(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                yield from models(v)
+
+    def refused(call):
+        try:
+            call()
+        except (AttributeError, TypeError) as exc:
+            return type(exc).__name__
+        return None
+
+    cfg = asyncio.run(validate.load(Path(sys.argv[1])))
+    out = {"models": 0, "with_dict": [], "unknown_set": set(), "frozen": set(), "copy_unknown": set(),
+           "rebuild_unknown": set()}
+    for m in models(cfg):
+        cls = type(m)
+        name = f"{cls.__module__}:{cls.__qualname__}"
+        out["models"] += 1
+        if hasattr(m, "__dict__"):
+            out["with_dict"].append(name)
+        out["unknown_set"].add(refused(lambda: object.__setattr__(m, "not_a_field", 1)))
+        out["frozen"].add(refused(lambda: setattr(m, cls.__plain_names__[0], None)))
+        out["copy_unknown"].add(refused(lambda: m.model_copy(update={"not_a_field": 1})))
+        out["rebuild_unknown"].add(refused(lambda: plainmodel.rebuild((plainmodel.MODEL, name, {"not_a_field": 1}))))
+    print(json.dumps({k: sorted(map(str, v)) if isinstance(v, set) else v for k, v in out.items()}))
+    """
+)
+
+
+def test_plain_models_have_slots_that_refuse_other_attributes() -> None:
+    """No `__dict__` per model (docs/PERFORMANCE.md, issue 24): an attribute that is not a field cannot be set,
+    not by a copy's update nor by a snapshot naming it; fields stay frozen."""
+    got = _plain_process(SLOTS_PROBE, [REPO / "config" / "fieldgate.example.yaml"])
+    assert got["models"] > 10
+    assert got["with_dict"] == []
+    assert got["unknown_set"] == got["copy_unknown"] == got["rebuild_unknown"] == ["AttributeError"]
+    assert got["frozen"] == ["TypeError"]
 
 
 def test_a_rich_config_survives_the_trip(tmp_path: Path) -> None:
