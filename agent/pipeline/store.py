@@ -40,20 +40,23 @@ Rules this module keeps (docs/STORE.md explains them for operators):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import bisect
+import contextlib
 import functools
 import logging
 import math
 import os
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import starmap
 from pathlib import Path
-from typing import Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import orjson
 
@@ -1106,22 +1109,94 @@ def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-class AsyncStore:
-    """Same methods as coroutines, run on ONE dedicated worker thread (fsync never blocks the event loop).
+_Job = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
-    A cancelled caller does not cancel the work already handed to the thread: an append still commits, and
-    the rows come back through `fetch`.
+_STOP = None
+_serving: dict[threading.Thread, queue.SimpleQueue[_Job | None]] = {}
+"""The store threads still running (AsyncStore not closed): stopped at the interpreter's exit (`_stop_all`)."""
+
+
+def _deliver(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    """On the loop: hand one call's outcome to its caller, unless the caller went away (cancelled)."""
+    if fut.cancelled():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    """The store thread: each job in order, its outcome handed back with one `call_soon_threadsafe`."""
+    while True:
+        job = jobs.get()
+        if job is _STOP:
+            return
+        fn, fut, loop = job
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = fn()
+        except StopIteration as exc:  # an asyncio future refuses it (it would end a coroutine silently)
+            error = RuntimeError(f"store call raised StopIteration: {exc!r}")
+        except BaseException as exc:  # every failure goes back to the caller, with its type
+            error = exc
+        # RuntimeError: the loop is closed, nobody waits for this outcome any more (the work itself was done).
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_deliver, fut, result, error)
+        del job, fn, fut, loop, result, error
+
+
+def _stop_all() -> None:
+    """At exit, for every AsyncStore never closed: finish the queued calls, then end the thread (what
+    ThreadPoolExecutor does for its workers), so that the interpreter neither hangs nor cuts a commit."""
+    for thread, jobs in list(_serving.items()):
+        jobs.put(_STOP)
+        thread.join()
+    _serving.clear()
+
+
+atexit.register(_stop_all)
+
+
+class AsyncStore:
+    """Same methods as coroutines, run on ONE dedicated thread, `fieldgate-store` (fsync never blocks the loop).
+
+    A call is queued (`queue.SimpleQueue`) to the thread, which runs the calls one at a time in order and hands
+    each outcome back with one `loop.call_soon_threadsafe`: no `concurrent.futures.Future` in between (a
+    ThreadPoolExecutor's submit, wrap_future and its chaining were ~6 % of the reference daemon's CPU).
+
+    **A call once made always runs**, even when its caller is cancelled before or while it runs: an append
+    still commits (its rows come back through `fetch`), an ack still deletes. (A ThreadPoolExecutor only let
+    the *running* call survive; a queued one was dropped.) A cancelled caller just does not get the outcome.
+    Exceptions reach the caller with their type. The thread starts at the first call (a process forks before
+    it has a second thread: docs/ARCHITECTURE.md) and ends at `close`, after the store's own close; a
+    process that never closes still finishes the queued calls and ends the thread at exit (`_stop_all`).
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldgate-store")
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._closed = False
 
-    async def _call(self, fn: Callable[[], T]) -> T:
+    def _submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         if self._closed:
             raise StoreError(f"the buffer {self.store.path} is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        loop = asyncio.get_running_loop()
+        if self._thread is None:
+            # A daemon thread, stopped by `_stop_all` at exit (atexit runs before daemon threads are cut).
+            self._thread = threading.Thread(
+                target=_serve, args=(self._jobs,), name="fieldgate-store", daemon=True
+            )
+            _serving[self._thread] = self._jobs
+            self._thread.start()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, fut, loop))
+        return fut
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await self._submit(fn)
 
     async def open(self) -> None:
         await self._call(self.store.open)
@@ -1150,11 +1225,19 @@ class AsyncStore:
         return await self._call(self.store.stats)
 
     async def close(self) -> None:
-        """Close the store on its thread, then stop the thread. Safe to call twice."""
+        """Close the store on its thread after every call queued before, then end the thread. Safe to call
+        twice; every call after the first close raises StoreError."""
         if self._closed:
             return
+        done = self._submit(self.store.close)
+        self._closed = True
+        thread, self._thread = self._thread, None
+        self._jobs.put(_STOP)  # behind the close: the thread ends once the store is closed
         try:
-            await self._call(self.store.close)
+            await done
         finally:
-            self._closed = True
-            self._executor.shutdown(wait=True)
+            # The thread has handed back the close's outcome (or is finishing it when we were cancelled):
+            # joining it takes at most what is left of the store's close.
+            if thread is not None:
+                thread.join()
+                _serving.pop(thread, None)

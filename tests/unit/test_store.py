@@ -1124,6 +1124,130 @@ async def test_an_async_pin_holds_the_row_for_its_lane_only(db: Path) -> None:
         await astore.close()
 
 
+async def test_a_queued_call_runs_even_when_its_caller_is_cancelled(db: Path) -> None:
+    """The rule of AsyncStore (docs/STORE.md): a call once made always runs. A ThreadPoolExecutor dropped a
+    call still queued when its caller was cancelled; here the cancelled append and ack are done all the same,
+    in the order they were made, and a caller cancelled while its call runs does not stop it either."""
+    store = GatedStore(db)
+    astore = AsyncStore(store)
+    await astore.open()
+    try:
+        await astore.append(readings(3))
+        held = asyncio.create_task(astore.stats())  # takes the thread until the gate opens
+        appending = asyncio.create_task(astore.append(readings(2, start=3)))
+        acking = asyncio.create_task(astore.ack([1, 2]))
+        await asyncio.sleep(0.05)  # both queued behind the gated stats
+        appending.cancel()
+        acking.cancel()
+        await asyncio.gather(appending, acking, return_exceptions=True)
+        assert appending.cancelled() and acking.cancelled()
+        store.gate.set()
+        await held
+        stats = await astore.stats()
+        assert (stats.pending, stats.next_seq) == (3, 6)
+        assert table_seqs(db) == [3, 4, 5]
+    finally:
+        store.gate.set()
+        await astore.close()
+
+
+class Refusal(Exception):
+    """An exception type of the test's own: it must reach the caller as itself."""
+
+
+async def test_an_exception_reaches_the_caller_with_its_type_and_the_thread_goes_on(db: Path) -> None:
+    astore = AsyncStore(Store(db, 64 * MiB))
+    await astore.open()
+    seen: list[str] = []
+
+    def refuse() -> None:
+        seen.append(threading.current_thread().name)
+        raise Refusal("no")
+
+    def stop_iteration() -> None:
+        raise StopIteration  # an asyncio future cannot carry it: it comes back as a RuntimeError
+
+    try:
+        with pytest.raises(Refusal, match=r"^no$"):
+            await astore._call(refuse)
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await astore._call(stop_iteration)
+        await astore.set_lanes(["a", "b"])
+        with pytest.raises(StoreError, match="unknown upstream lane 'nope'"):
+            await astore.fetch(0, None, 1, "nope")
+        assert seen == ["fieldgate-store"]
+        assert seqs(await astore.append(readings(1))) == [1]  # the thread still serves
+    finally:
+        await astore.close()
+
+
+async def test_close_closes_the_store_on_its_thread_after_the_queued_calls_then_joins_it(db: Path) -> None:
+    closed_on: list[str] = []
+
+    class Recorded(Store):
+        def close(self) -> None:
+            closed_on.append(threading.current_thread().name)
+            super().close()
+
+    astore = AsyncStore(Recorded(db, 64 * MiB))
+    await astore.open()
+    thread = astore._thread
+    assert thread is not None and thread.is_alive() and thread.daemon
+    queued = asyncio.ensure_future(astore.append(readings(4)))
+    await asyncio.sleep(0)  # the append is queued before the close
+    await astore.close()
+    assert seqs(await queued) == [1, 2, 3, 4]
+    assert closed_on == ["fieldgate-store"]
+    assert not thread.is_alive()
+    assert thread not in store_module._serving
+    assert table_seqs(db) == [1, 2, 3, 4]
+    with pytest.raises(StoreError, match="closed"):
+        await astore.append(readings(1))
+
+
+async def test_no_thread_before_the_first_call(db: Path) -> None:
+    """The daemon forks its validating child before it has a second thread (docs/ARCHITECTURE.md)."""
+    before = store_threads()
+    astore = AsyncStore(Store(db, 64 * MiB))
+    assert store_threads() == before and astore._thread is None
+    await astore.open()
+    assert len(store_threads()) == len(before) + 1
+    await astore.close()
+
+
+def test_a_process_that_never_closes_its_store_exits_and_keeps_its_queued_commit(db: Path) -> None:
+    """What ThreadPoolExecutor guaranteed at exit, kept: the calls queued are done, then the process exits
+    (it neither hangs on the store thread nor cuts a commit). Here the loop is even gone before the append
+    runs (its outcome has nobody to go to)."""
+    program = f"""
+import asyncio, threading, time
+from pathlib import Path
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import AsyncStore, Store
+
+class Slow(Store):
+    def append(self, readings):
+        time.sleep(0.3)  # still queued or running when asyncio.run returns
+        return super().append(readings)
+
+async def main():
+    s = AsyncStore(Slow(Path({str(db)!r}), {64 * MiB}))
+    await s.open()
+    await s.append([Reading("d", "v", {T0}, 1.0)])
+    asyncio.get_running_loop().create_task(s.append([Reading("d", "v", {T0 + 1000}, 2.0)]))
+    await asyncio.sleep(0.05)  # the second append is on the thread; the loop ends without waiting for it
+
+asyncio.run(main())
+print("left main", flush=True)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "left main\n"
+    assert table_seqs(db) == [1, 2]
+
+
 # -- purge, recovery, salvage ------------------------------------------------------------------------------
 
 
