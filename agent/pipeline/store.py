@@ -821,14 +821,24 @@ class Store:
             return self._full_mask
         return self._lane_bit(lane)
 
-    def pin(self, rows: Sequence[StoredRow], lane: str | None = None) -> list[StoredRow]:
+    def pin(
+        self, rows: Sequence[StoredRow], lane: str | None = None, *, known: bool = False
+    ) -> list[StoredRow]:
         """Rows about to be published on `lane`: those still in the buffer are pinned (not evictable until
         `ack` for that lane) and returned; those evicted since they were fetched or appended are dropped, so
-        that an evicted row is never sent (it is counted in `evicted`, and is a gap, exactly once)."""
+        that an evicted row is never sent (it is counted in `evicted`, and is a gap, exactly once).
+
+        `known`: the caller knows that every row is in the buffer (`AsyncStore.pin_fresh`: rows of the
+        last append, no call that deletes rows made since), so they are pinned without looking."""
         conn = self._require_open()
         if not rows:
             return []
         mask = self._pin_mask(lane)
+        if known:
+            pins = self._pins
+            for r in rows:
+                pins[r.seq] = pins.get(r.seq, 0) | mask
+            return list(rows)
         seqs = [r.seq for r in rows]
         try:
             present: set[int] = set()
@@ -1109,7 +1119,8 @@ def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-_Job = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+_Job = tuple[Callable[[], Any], "asyncio.Future[Any] | None", asyncio.AbstractEventLoop | None]
+"""A call, and where its outcome goes (None, None: nobody waits for it, a failure is logged: `pin_fresh`)."""
 
 _STOP = None
 _serving: dict[threading.Thread, queue.SimpleQueue[_Job | None]] = {}
@@ -1141,9 +1152,13 @@ def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
             error = RuntimeError(f"store call raised StopIteration: {exc!r}")
         except BaseException as exc:  # every failure goes back to the caller, with its type
             error = exc
-        # RuntimeError: the loop is closed, nobody waits for this outcome any more (the work itself was done).
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_deliver, fut, result, error)
+        if fut is None or loop is None:
+            if error is not None:
+                log.error("buffer call %r failed: %s", fn, error, exc_info=error)
+        else:
+            # RuntimeError: the loop is closed, nobody waits for this outcome any more (the work was done).
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, fut, result, error)
         del job, fn, fut, loop, result, error
 
 
@@ -1172,6 +1187,8 @@ class AsyncStore:
     Exceptions reach the caller with their type. The thread starts at the first call (a process forks before
     it has a second thread: docs/ARCHITECTURE.md) and ends at `close`, after the store's own close; a
     process that never closes still finishes the queued calls and ends the thread at exit (`_stop_all`).
+
+    `pin_fresh` pins the rows of the last append without a round trip (docs/STORE.md, "Fetch, pins and ack").
     """
 
     def __init__(self, store: Store) -> None:
@@ -1179,18 +1196,27 @@ class AsyncStore:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
+        # Calls that can delete rows (append's eviction, purge, set_lanes, open, close) made so far, and
+        # (that count, first seq) of the last append whose rows came back while no such call followed it.
+        self._removers = 0
+        self._fresh: tuple[int, int] | None = None
 
-    def _submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+    def _start(self) -> None:
+        # A daemon thread, stopped by `_stop_all` at exit (atexit runs before daemon threads are cut).
+        self._thread = threading.Thread(
+            target=_serve, args=(self._jobs,), name="fieldgate-store", daemon=True
+        )
+        _serving[self._thread] = self._jobs
+        self._thread.start()
+
+    def _submit(self, fn: Callable[[], T], *, removes: bool = False) -> asyncio.Future[T]:
         if self._closed:
             raise StoreError(f"the buffer {self.store.path} is closed")
         loop = asyncio.get_running_loop()
+        if removes:
+            self._removers += 1
         if self._thread is None:
-            # A daemon thread, stopped by `_stop_all` at exit (atexit runs before daemon threads are cut).
-            self._thread = threading.Thread(
-                target=_serve, args=(self._jobs,), name="fieldgate-store", daemon=True
-            )
-            _serving[self._thread] = self._jobs
-            self._thread.start()
+            self._start()
         fut: asyncio.Future[T] = loop.create_future()
         self._jobs.put((fn, fut, loop))
         return fut
@@ -1199,10 +1225,15 @@ class AsyncStore:
         return await self._submit(fn)
 
     async def open(self) -> None:
-        await self._call(self.store.open)
+        await self._submit(self.store.open, removes=True)
 
     async def append(self, readings: Sequence[Reading]) -> list[StoredRow]:
-        return await self._call(functools.partial(self.store.append, readings))
+        done = self._submit(functools.partial(self.store.append, readings), removes=True)
+        mine = self._removers
+        rows = await done
+        if rows and mine == self._removers:
+            self._fresh = (mine, rows[0].seq)
+        return rows
 
     async def fetch(
         self, after_seq: int, before_seq: int | None, limit: int, lane: str | None = None
@@ -1212,14 +1243,34 @@ class AsyncStore:
     async def pin(self, rows: Sequence[StoredRow], lane: str | None = None) -> list[StoredRow]:
         return await self._call(functools.partial(self.store.pin, rows, lane))
 
+    def pin_fresh(self, rows: Sequence[StoredRow], lane: str | None = None) -> bool:
+        """Pin rows of the last append without waiting, when that is as safe as `pin`; False: call `pin`.
+
+        True when every row comes from the last append (seq at or above its first row) and no call that can
+        delete rows (an append, whose eviction could take them; a purge; set_lanes) was made since it: then
+        the rows are in the buffer, and the pin, queued now, runs on the store's thread before any call that
+        could evict them (the calls run in the order they were made). An ack cannot take them either: it
+        deletes rows that every lane acknowledged, and this lane has not sent these yet. So the rows can be
+        published at once, and no outcome has to come back to the loop (the live lane's pin: one round trip
+        of the store thread per message less)."""
+        fresh = self._fresh
+        if self._closed or not rows or fresh is None or fresh[0] != self._removers or rows[0].seq < fresh[1]:
+            return False
+        if self._thread is None:  # cannot be (an append ran), but a pin must never be lost
+            self._start()
+        self._jobs.put((functools.partial(self.store.pin, rows, lane, known=True), None, None))
+        return True
+
     async def ack(self, seqs: Sequence[int], lane: str | None = None) -> int:
         return await self._call(functools.partial(self.store.ack, seqs, lane))
 
     async def set_lanes(self, names: Sequence[str]) -> None:
-        await self._call(functools.partial(self.store.set_lanes, names))
+        await self._submit(functools.partial(self.store.set_lanes, names), removes=True)
 
     async def purge(self, *, device: str | None = None, before_ts: int | None = None) -> int:
-        return await self._call(functools.partial(self.store.purge, device=device, before_ts=before_ts))
+        return await self._submit(
+            functools.partial(self.store.purge, device=device, before_ts=before_ts), removes=True
+        )
 
     async def stats(self) -> StoreStats:
         return await self._call(self.store.stats)
@@ -1229,7 +1280,7 @@ class AsyncStore:
         twice; every call after the first close raises StoreError."""
         if self._closed:
             return
-        done = self._submit(self.store.close)
+        done = self._submit(self.store.close, removes=True)
         self._closed = True
         thread, self._thread = self._thread, None
         self._jobs.put(_STOP)  # behind the close: the thread ends once the store is closed

@@ -1151,6 +1151,75 @@ async def test_a_queued_call_runs_even_when_its_caller_is_cancelled(db: Path) ->
         await astore.close()
 
 
+async def test_pin_fresh_pins_the_last_append_s_rows_ahead_of_the_eviction_queued_after_it(db: Path) -> None:
+    """`pin_fresh` does not wait, yet its pin runs before any call made after it: an append queued at once,
+    which must evict, skips the freshly pinned rows (the oldest) and evicts from its own batch instead."""
+    astore = AsyncStore(Store(db, store_module.MIN_MAX_BYTES))
+    await astore.open()
+    try:
+        fresh = await astore.append(readings(50))
+        assert astore.pin_fresh(fresh[:30])  # a live batch of batch_max rows: the first 30
+        assert astore.pin_fresh(fresh[30:])  # and the rest, in a second message
+        flood = asyncio.ensure_future(astore.append(readings(4000, start=50)))
+        stored = await flood
+        stats = await astore.stats()
+        assert stats.evicted > 0 and stats.pinned == 50
+        on_disk = table_seqs(db)
+        assert on_disk[:50] == list(range(1, 51))  # every pinned row kept
+        assert [r.seq for r in stored] == on_disk[50:]  # the batch's own oldest rows went instead
+        assert await astore.ack(list(range(1, 51))) == 50
+        assert (await astore.stats()).pinned == 0
+    finally:
+        await astore.close()
+
+
+async def test_pin_fresh_declines_whenever_the_rows_might_be_gone(db: Path) -> None:
+    """Only the rows of the last append, and only while no call that can delete rows was made after it."""
+    astore = AsyncStore(Store(db, 64 * MiB))
+    assert not astore.pin_fresh([StoredRow(1, T0, b"{}")])  # nothing appended yet
+    await astore.open()
+    try:
+        older = await astore.append(readings(3))
+        assert astore.pin_fresh(older)
+        last = await astore.append(readings(3, start=3))
+        assert not astore.pin_fresh(older)  # an append since: its eviction may have taken them
+        assert not astore.pin_fresh(older[-1:] + last)  # one row of an earlier append is enough to decline
+        assert not astore.pin_fresh([])
+        assert astore.pin_fresh(last[1:])
+        # Calls that cannot delete these rows leave the rows fresh: fetch, stats, pin, ack of other rows.
+        await astore.fetch(0, None, 10)
+        await astore.stats()
+        await astore.ack([1])
+        assert astore.pin_fresh(last)
+        queued = asyncio.ensure_future(astore.append(readings(1, start=6)))
+        await asyncio.sleep(0)  # made (queued), not yet done
+        assert not astore.pin_fresh(last)
+        newest = await queued
+        assert astore.pin_fresh(newest)
+        await astore.purge(device="nobody")
+        assert not astore.pin_fresh(newest)  # a purge since (even one that deleted nothing)
+        newest = await astore.append(readings(1, start=7))
+        await astore.set_lanes(["mqtt"])
+        assert not astore.pin_fresh(newest)  # set_lanes since
+        pinned = (await astore.stats()).pinned
+        assert pinned == 6  # seqs 2..7: the rows pinned through pin_fresh (1 was acked, its pin gone)
+    finally:
+        await astore.close()
+    assert not astore.pin_fresh(newest)  # closed
+
+
+def test_a_known_pin_pins_without_looking_and_a_plain_one_looks(store: Store, db: Path) -> None:
+    rows = store.append(readings(3))
+    store.ack([2])
+    assert store.pin(rows, known=True) == rows  # trusted: the caller knows they are there
+    assert sorted(store._pins) == [1, 2, 3]
+    store.ack([1, 2, 3])
+    rows = store.append(readings(3, start=3))
+    store.ack([rows[1].seq])
+    assert store.pin(rows) == [rows[0], rows[2]]  # looked: the acked one is not pinned, not returned
+    assert sorted(store._pins) == [rows[0].seq, rows[2].seq]
+
+
 class Refusal(Exception):
     """An exception type of the test's own: it must reach the caller as itself."""
 
