@@ -1256,6 +1256,9 @@ class AsyncStore:
         fresh = self._fresh
         if self._closed or not rows or fresh is None or fresh[0] != self._removers or rows[0].seq < fresh[1]:
             return False
+        lanes = self.store._lanes  # stable here: set_lanes, which changes them, would have made rows stale
+        if lane is not None and len(lanes) > 1 and lane not in lanes:
+            return False  # an unknown lane: `pin` says so to its caller
         if self._thread is None:  # cannot be (an append ran), but a pin must never be lost
             self._start()
         self._jobs.put((functools.partial(self.store.pin, rows, lane, known=True), None, None))

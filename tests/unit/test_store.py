@@ -1208,6 +1208,30 @@ async def test_pin_fresh_declines_whenever_the_rows_might_be_gone(db: Path) -> N
     assert not astore.pin_fresh(newest)  # closed
 
 
+async def test_pin_fresh_leaves_an_unknown_lane_to_pin_and_a_failed_pin_is_logged(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Refusing(Store):
+        def pin(
+            self, rows: Sequence[StoredRow], lane: str | None = None, *, known: bool = False
+        ) -> list[StoredRow]:
+            raise StoreError("pin refused")
+
+    astore = AsyncStore(Refusing(db, 64 * MiB))
+    await astore.open()
+    try:
+        await astore.set_lanes(["a", "b"])
+        rows = await astore.append(readings(2))
+        assert not astore.pin_fresh(rows, "nope")  # `pin` raises StoreError for it, to its caller
+        assert astore.pin_fresh(rows, "a")
+        await astore.stats()  # queued behind the pin: it has run
+        assert any(
+            r.levelno == logging.ERROR and "pin refused" in r.getMessage() for r in caplog.records
+        )  # nobody waits for its outcome: a failure is said, not lost
+    finally:
+        await astore.close()
+
+
 def test_a_known_pin_pins_without_looking_and_a_plain_one_looks(store: Store, db: Path) -> None:
     rows = store.append(readings(3))
     store.ack([2])
