@@ -5,6 +5,7 @@ broker is packaged on PyPI or Debian: Orion-LD and Scorpio are not)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,28 @@ class NgsiLdStub:
         return 204
 
 
+@contextlib.asynccontextmanager
+async def platform(broker: Broker, uplink: Uplink, received: set[int]) -> AsyncIterator[None]:
+    """A platform subscribed to the gateway's telemetry, adding every seq it receives to `received`, once
+    `uplink` is connected."""
+    async with aiomqtt.Client(broker.host, broker.port, identifier="platform") as client:
+        await client.subscribe("fieldgate/gw-test/telemetry", qos=1)
+
+        async def collect() -> None:
+            async for message in client.messages:
+                received.update(r["seq"] for r in orjson.loads(bytes(message.payload))["readings"])  # type: ignore[arg-type]
+
+        collector = asyncio.create_task(collect())
+        try:
+            async with asyncio.timeout(10):
+                while not uplink.connected:
+                    await asyncio.sleep(0.02)
+            yield
+        finally:
+            collector.cancel()
+            await asyncio.gather(collector, return_exceptions=True)
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[AsyncStore]:
     s = AsyncStore(Store(tmp_path / "buffer.db", 16 * 1024 * 1024))
@@ -104,17 +127,7 @@ async def test_one_upstream_down_does_not_hold_back_the_other_and_catches_up(
     received: set[int] = set()
     runs = [asyncio.create_task(mqtt.run()), asyncio.create_task(city.run())]
     try:
-        async with aiomqtt.Client(broker.host, broker.port, identifier="platform") as client:
-            await client.subscribe("fieldgate/gw-test/telemetry", qos=1)
-
-            async def collect() -> None:
-                async for message in client.messages:
-                    received.update(r["seq"] for r in orjson.loads(bytes(message.payload))["readings"])  # type: ignore[arg-type]
-
-            collector = asyncio.create_task(collect())
-            async with asyncio.timeout(10):
-                while not mqtt.connected:
-                    await asyncio.sleep(0.02)
+        async with platform(broker, mqtt, received):
             stored: list[int] = []
             for i in range(10):
                 rows = await store.append(
@@ -134,8 +147,6 @@ async def test_one_upstream_down_does_not_hold_back_the_other_and_catches_up(
             async with asyncio.timeout(15):
                 while (await store.stats()).pending:
                     await asyncio.sleep(0.05)
-            collector.cancel()
-            await asyncio.gather(collector, return_exceptions=True)
     finally:
         await mqtt.stop()
         await city.stop()
@@ -177,17 +188,7 @@ async def test_live_batches_of_the_last_append_are_pinned_without_a_round_trip(
     received: set[int] = set()
     run = asyncio.create_task(mqtt.run())
     try:
-        async with aiomqtt.Client(broker.host, broker.port, identifier="platform") as client:
-            await client.subscribe("fieldgate/gw-test/telemetry", qos=1)
-
-            async def collect() -> None:
-                async for message in client.messages:
-                    received.update(r["seq"] for r in orjson.loads(bytes(message.payload))["readings"])  # type: ignore[arg-type]
-
-            collector = asyncio.create_task(collect())
-            async with asyncio.timeout(10):
-                while not mqtt.connected:
-                    await asyncio.sleep(0.02)
+        async with platform(broker, mqtt, received):
             stored: list[int] = []
             for i in range(5):
                 rows = await store.append(
@@ -208,8 +209,6 @@ async def test_live_batches_of_the_last_append_are_pinned_without_a_round_trip(
                     await asyncio.sleep(0.02)
             assert store.awaited_pins == 1
             assert (await store.stats()).pinned == 0  # every pin released by its ack
-            collector.cancel()
-            await asyncio.gather(collector, return_exceptions=True)
     finally:
         await mqtt.stop()
         run.cancel()
