@@ -9,7 +9,8 @@ Rules this module keeps (docs/STORE.md explains them for operators):
 - Rows leave the buffer only through `ack` (after the broker's PUBACK), `purge` (an operator's decision) or
   eviction at the size bound. Eviction and purge are counted in the persisted `evicted` counter, which is
   therefore the count of every gap in `seq`.
-- A row handed to an upstream is *pinned* (`pin`, called by the uplink just before it publishes) and is not
+- A row handed to an upstream is *pinned* (`pin`, called by the uplink just before it publishes, or for the
+  rows of the last append `AsyncStore.pin_fresh`, queued ahead of any call that could evict them) and is not
   evictable until that upstream's `ack` (after the PUBACK) takes it out: a message in flight may reach the
   platform, so evicting its rows would count as lost readings that arrive. A pin outlives a lost connection
   (the PUBACK may have been lost, not the message); the rows are sent again on the next one and acked then.
