@@ -1197,8 +1197,8 @@ class AsyncStore:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
-        # Calls that can delete rows (append's eviction, purge, set_lanes, open, close) made so far, and
-        # (that count, first seq) of the last append whose rows came back while no such call followed it.
+        # Calls that can delete rows (append's eviction, purge, set_lanes) made so far, and (that count when
+        # it was made, first seq of its rows) of the last append that returned rows. (A closed store: `_closed`.)
         self._removers = 0
         self._fresh: tuple[int, int] | None = None
 
@@ -1226,13 +1226,13 @@ class AsyncStore:
         return await self._submit(fn)
 
     async def open(self) -> None:
-        await self._submit(self.store.open, removes=True)
+        await self._call(self.store.open)
 
     async def append(self, readings: Sequence[Reading]) -> list[StoredRow]:
         done = self._submit(functools.partial(self.store.append, readings), removes=True)
         mine = self._removers
         rows = await done
-        if rows and mine == self._removers:
+        if rows:  # fresh only while no call that can delete rows follows this one (`pin_fresh` checks)
             self._fresh = (mine, rows[0].seq)
         return rows
 
@@ -1284,7 +1284,7 @@ class AsyncStore:
         twice; every call after the first close raises StoreError."""
         if self._closed:
             return
-        done = self._submit(self.store.close, removes=True)
+        done = self._submit(self.store.close)
         self._closed = True
         thread, self._thread = self._thread, None
         self._jobs.put(_STOP)  # behind the close: the thread ends once the store is closed
