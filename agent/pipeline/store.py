@@ -9,7 +9,8 @@ Rules this module keeps (docs/STORE.md explains them for operators):
 - Rows leave the buffer only through `ack` (after the broker's PUBACK), `purge` (an operator's decision) or
   eviction at the size bound. Eviction and purge are counted in the persisted `evicted` counter, which is
   therefore the count of every gap in `seq`.
-- A row handed to an upstream is *pinned* (`pin`, called by the uplink just before it publishes) and is not
+- A row handed to an upstream is *pinned* (`pin`, called by the uplink just before it publishes, or for the
+  rows of the last append `AsyncStore.pin_fresh`, queued ahead of any call that could evict them) and is not
   evictable until that upstream's `ack` (after the PUBACK) takes it out: a message in flight may reach the
   platform, so evicting its rows would count as lost readings that arrive. A pin outlives a lost connection
   (the PUBACK may have been lost, not the message); the rows are sent again on the next one and acked then.
@@ -40,20 +41,23 @@ Rules this module keeps (docs/STORE.md explains them for operators):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import bisect
+import contextlib
 import functools
 import logging
 import math
 import os
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import starmap
 from pathlib import Path
-from typing import Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import orjson
 
@@ -818,14 +822,24 @@ class Store:
             return self._full_mask
         return self._lane_bit(lane)
 
-    def pin(self, rows: Sequence[StoredRow], lane: str | None = None) -> list[StoredRow]:
+    def pin(
+        self, rows: Sequence[StoredRow], lane: str | None = None, *, known: bool = False
+    ) -> list[StoredRow]:
         """Rows about to be published on `lane`: those still in the buffer are pinned (not evictable until
         `ack` for that lane) and returned; those evicted since they were fetched or appended are dropped, so
-        that an evicted row is never sent (it is counted in `evicted`, and is a gap, exactly once)."""
+        that an evicted row is never sent (it is counted in `evicted`, and is a gap, exactly once).
+
+        `known`: the caller knows that every row is in the buffer (`AsyncStore.pin_fresh`: rows of the
+        last append, no call that deletes rows made since), so they are pinned without looking."""
         conn = self._require_open()
         if not rows:
             return []
         mask = self._pin_mask(lane)
+        if known:
+            pins = self._pins
+            for r in rows:
+                pins[r.seq] = pins.get(r.seq, 0) | mask
+            return list(rows)
         seqs = [r.seq for r in rows]
         try:
             present: set[int] = set()
@@ -1106,28 +1120,121 @@ def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-class AsyncStore:
-    """Same methods as coroutines, run on ONE dedicated worker thread (fsync never blocks the event loop).
+_Job = tuple[Callable[[], Any], "asyncio.Future[Any] | None", asyncio.AbstractEventLoop | None]
+"""A call, and where its outcome goes (None, None: nobody waits for it, a failure is logged: `pin_fresh`)."""
 
-    A cancelled caller does not cancel the work already handed to the thread: an append still commits, and
-    the rows come back through `fetch`.
+_STOP = None
+_serving: dict[threading.Thread, queue.SimpleQueue[_Job | None]] = {}
+"""The store threads still running (AsyncStore not closed): stopped at the interpreter's exit (`_stop_all`)."""
+
+
+def _deliver(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    """On the loop: hand one call's outcome to its caller, unless the caller went away (cancelled)."""
+    if fut.cancelled():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    """The store thread: each job in order, its outcome handed back with one `call_soon_threadsafe`."""
+    while True:
+        job = jobs.get()
+        if job is _STOP:
+            return
+        fn, fut, loop = job
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = fn()
+        except StopIteration as exc:  # an asyncio future refuses it (it would end a coroutine silently)
+            error = RuntimeError(f"store call raised StopIteration: {exc!r}")
+        except BaseException as exc:  # every failure goes back to the caller, with its type
+            error = exc
+        if fut is None or loop is None:
+            if error is not None:
+                log.error("buffer call %r failed: %s", fn, error, exc_info=error)
+        else:
+            # RuntimeError: the loop is closed, nobody waits for this outcome any more (the work was done).
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, fut, result, error)
+        del job, fn, fut, loop, result, error
+
+
+def _stop_all() -> None:
+    """At exit, for every AsyncStore never closed: finish the queued calls, then end the thread (what
+    ThreadPoolExecutor does for its workers), so that the interpreter neither hangs nor cuts a commit."""
+    for thread, jobs in list(_serving.items()):
+        jobs.put(_STOP)
+        thread.join()
+    _serving.clear()
+
+
+atexit.register(_stop_all)
+
+
+class AsyncStore:
+    """Same methods as coroutines, run on ONE dedicated thread, `fieldgate-store` (fsync never blocks the loop).
+
+    A call is queued (`queue.SimpleQueue`) to the thread, which runs the calls one at a time in order and hands
+    each outcome back with one `loop.call_soon_threadsafe`: no `concurrent.futures.Future` in between (a
+    ThreadPoolExecutor's submit, wrap_future and its chaining were ~6 % of the reference daemon's CPU).
+
+    **A call once made always runs**, even when its caller is cancelled before or while it runs: an append
+    still commits (its rows come back through `fetch`), an ack still deletes. (A ThreadPoolExecutor only let
+    the *running* call survive; a queued one was dropped.) A cancelled caller just does not get the outcome.
+    Exceptions reach the caller with their type. The thread starts at the first call (a process forks before
+    it has a second thread: docs/ARCHITECTURE.md) and ends at `close`, after the store's own close; a
+    process that never closes still finishes the queued calls and ends the thread at exit (`_stop_all`).
+
+    `pin_fresh` pins the rows of the last append without a round trip (docs/STORE.md, "Fetch, pins and ack").
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldgate-store")
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._closed = False
+        # Calls that can delete rows (append's eviction, purge, set_lanes) made so far, and (that count when
+        # it was made, first seq of its rows) of the last append that returned rows. (A closed store: `_closed`.)
+        self._removers = 0
+        self._fresh: tuple[int, int] | None = None
 
-    async def _call(self, fn: Callable[[], T]) -> T:
+    def _start(self) -> None:
+        # A daemon thread, stopped by `_stop_all` at exit (atexit runs before daemon threads are cut).
+        self._thread = threading.Thread(
+            target=_serve, args=(self._jobs,), name="fieldgate-store", daemon=True
+        )
+        _serving[self._thread] = self._jobs
+        self._thread.start()
+
+    def _submit(self, fn: Callable[[], T], *, removes: bool = False) -> asyncio.Future[T]:
         if self._closed:
             raise StoreError(f"the buffer {self.store.path} is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        loop = asyncio.get_running_loop()
+        if removes:
+            self._removers += 1
+        if self._thread is None:
+            self._start()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, fut, loop))
+        return fut
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await self._submit(fn)
 
     async def open(self) -> None:
         await self._call(self.store.open)
 
     async def append(self, readings: Sequence[Reading]) -> list[StoredRow]:
-        return await self._call(functools.partial(self.store.append, readings))
+        done = self._submit(functools.partial(self.store.append, readings), removes=True)
+        mine = self._removers
+        rows = await done
+        if rows:  # fresh only while no call that can delete rows follows this one (`pin_fresh` checks)
+            self._fresh = (mine, rows[0].seq)
+        return rows
 
     async def fetch(
         self, after_seq: int, before_seq: int | None, limit: int, lane: str | None = None
@@ -1137,24 +1244,55 @@ class AsyncStore:
     async def pin(self, rows: Sequence[StoredRow], lane: str | None = None) -> list[StoredRow]:
         return await self._call(functools.partial(self.store.pin, rows, lane))
 
+    def pin_fresh(self, rows: Sequence[StoredRow], lane: str | None = None) -> bool:
+        """Pin rows of the last append without waiting, when that is as safe as `pin`; False: call `pin`.
+
+        True when every row comes from the last append (seq at or above its first row) and no call that can
+        delete rows (an append, whose eviction could take them; a purge; set_lanes) was made since it: then
+        the rows are in the buffer, and the pin, queued now, runs on the store's thread before any call that
+        could evict them (the calls run in the order they were made). An ack cannot take them either: it
+        deletes rows that every lane acknowledged, and this lane has not sent these yet. So the rows can be
+        published at once, and no outcome has to come back to the loop (the live lane's pin: one round trip
+        of the store thread per message less)."""
+        fresh = self._fresh
+        if self._closed or not rows or fresh is None or fresh[0] != self._removers or rows[0].seq < fresh[1]:
+            return False
+        lanes = self.store._lanes  # stable here: set_lanes, which changes them, would have made rows stale
+        if lane is not None and len(lanes) > 1 and lane not in lanes:
+            return False  # an unknown lane: `pin` says so to its caller
+        if self._thread is None:  # cannot be (an append ran), but a pin must never be lost
+            self._start()
+        self._jobs.put((functools.partial(self.store.pin, rows, lane, known=True), None, None))
+        return True
+
     async def ack(self, seqs: Sequence[int], lane: str | None = None) -> int:
         return await self._call(functools.partial(self.store.ack, seqs, lane))
 
     async def set_lanes(self, names: Sequence[str]) -> None:
-        await self._call(functools.partial(self.store.set_lanes, names))
+        await self._submit(functools.partial(self.store.set_lanes, names), removes=True)
 
     async def purge(self, *, device: str | None = None, before_ts: int | None = None) -> int:
-        return await self._call(functools.partial(self.store.purge, device=device, before_ts=before_ts))
+        return await self._submit(
+            functools.partial(self.store.purge, device=device, before_ts=before_ts), removes=True
+        )
 
     async def stats(self) -> StoreStats:
         return await self._call(self.store.stats)
 
     async def close(self) -> None:
-        """Close the store on its thread, then stop the thread. Safe to call twice."""
+        """Close the store on its thread after every call queued before, then end the thread. Safe to call
+        twice; every call after the first close raises StoreError."""
         if self._closed:
             return
+        done = self._submit(self.store.close)
+        self._closed = True
+        thread, self._thread = self._thread, None
+        self._jobs.put(_STOP)  # behind the close: the thread ends once the store is closed
         try:
-            await self._call(self.store.close)
+            await done
         finally:
-            self._closed = True
-            self._executor.shutdown(wait=True)
+            # The thread has handed back the close's outcome (or is finishing it when we were cancelled):
+            # joining it takes at most what is left of the store's close.
+            if thread is not None:
+                thread.join()
+                _serving.pop(thread, None)

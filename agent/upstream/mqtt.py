@@ -562,13 +562,16 @@ class Uplink:
         tg: asyncio.TaskGroup,
     ) -> None:
         await slots.acquire()
-        try:
-            # In flight from here: pinned until the ack (after the PUBACK) deletes them, so that eviction can
-            # never count a reading the platform receives. Rows evicted since they were read are not sent.
-            rows = await self.store.pin(rows, self.lane)
-        except BaseException:
-            slots.release()
-            raise
+        # In flight from here: pinned until the ack (after the PUBACK) deletes them, so that eviction can
+        # never count a reading the platform receives. Rows evicted since they were read are not sent.
+        # A live batch of the last append's rows (the usual live message) is pinned by a call queued ahead of
+        # anything that could evict them, without waiting for it (AsyncStore.pin_fresh); others wait for `pin`.
+        if backlog or not self.store.pin_fresh(rows, self.lane):
+            try:
+                rows = await self.store.pin(rows, self.lane)
+            except BaseException:
+                slots.release()
+                raise
         if not rows:
             slots.release()
             return

@@ -5,7 +5,8 @@ broker is packaged on PyPI or Debian: Orion-LD and Scorpio are not)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 from agent.config.models import GatewayConfig, MqttConfig, NgsiLdConfig
 from agent.pipeline.reading import Reading
-from agent.pipeline.store import AsyncStore, Store
+from agent.pipeline.store import AsyncStore, Store, StoredRow
 from agent.upstream.formats.ngsild import EntityMapper
 from agent.upstream.mqtt import Uplink
 from agent.upstream.ngsild_http import UPSERT_PATH, NgsiLdUplink
@@ -83,6 +84,28 @@ class NgsiLdStub:
         return 204
 
 
+@contextlib.asynccontextmanager
+async def platform(broker: Broker, uplink: Uplink, received: set[int]) -> AsyncIterator[None]:
+    """A platform subscribed to the gateway's telemetry, adding every seq it receives to `received`, once
+    `uplink` is connected."""
+    async with aiomqtt.Client(broker.host, broker.port, identifier="platform") as client:
+        await client.subscribe("fieldgate/gw-test/telemetry", qos=1)
+
+        async def collect() -> None:
+            async for message in client.messages:
+                received.update(r["seq"] for r in orjson.loads(bytes(message.payload))["readings"])  # type: ignore[arg-type]
+
+        collector = asyncio.create_task(collect())
+        try:
+            async with asyncio.timeout(10):
+                while not uplink.connected:
+                    await asyncio.sleep(0.02)
+            yield
+        finally:
+            collector.cancel()
+            await asyncio.gather(collector, return_exceptions=True)
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[AsyncStore]:
     s = AsyncStore(Store(tmp_path / "buffer.db", 16 * 1024 * 1024))
@@ -104,17 +127,7 @@ async def test_one_upstream_down_does_not_hold_back_the_other_and_catches_up(
     received: set[int] = set()
     runs = [asyncio.create_task(mqtt.run()), asyncio.create_task(city.run())]
     try:
-        async with aiomqtt.Client(broker.host, broker.port, identifier="platform") as client:
-            await client.subscribe("fieldgate/gw-test/telemetry", qos=1)
-
-            async def collect() -> None:
-                async for message in client.messages:
-                    received.update(r["seq"] for r in orjson.loads(bytes(message.payload))["readings"])  # type: ignore[arg-type]
-
-            collector = asyncio.create_task(collect())
-            async with asyncio.timeout(10):
-                while not mqtt.connected:
-                    await asyncio.sleep(0.02)
+        async with platform(broker, mqtt, received):
             stored: list[int] = []
             for i in range(10):
                 rows = await store.append(
@@ -134,8 +147,6 @@ async def test_one_upstream_down_does_not_hold_back_the_other_and_catches_up(
             async with asyncio.timeout(15):
                 while (await store.stats()).pending:
                     await asyncio.sleep(0.05)
-            collector.cancel()
-            await asyncio.gather(collector, return_exceptions=True)
     finally:
         await mqtt.stop()
         await city.stop()
@@ -152,3 +163,54 @@ async def test_one_upstream_down_does_not_hold_back_the_other_and_catches_up(
         4.83,
         45.75,
     ]
+
+
+class CountedPins(AsyncStore):
+    """An AsyncStore that counts the pins the uplink waits for (round trips of the store thread)."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.awaited_pins = 0
+
+    async def pin(self, rows: Sequence[StoredRow], lane: str | None = None) -> list[StoredRow]:
+        self.awaited_pins += 1
+        return await super().pin(rows, lane)
+
+
+async def test_live_batches_of_the_last_append_are_pinned_without_a_round_trip(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The live lane's usual message (the rows the last commit stored) is pinned by `pin_fresh`: no pin is
+    waited for, every row arrives, and the acks release every pin. Rows of an older commit wait for `pin`."""
+    store = CountedPins(Store(tmp_path / "buffer.db", 16 * 1024 * 1024))
+    await store.open()
+    mqtt = Uplink(MqttConfig(url=broker.url, batch_interval="50ms"), "gw-test", store, "test")  # type: ignore[arg-type]
+    received: set[int] = set()
+    run = asyncio.create_task(mqtt.run())
+    try:
+        async with platform(broker, mqtt, received):
+            stored: list[int] = []
+            for i in range(5):
+                rows = await store.append(
+                    [Reading("tic", "PAPP", TS + i * 10 + k, k, "VA") for k in range(10)]
+                )
+                stored += [r.seq for r in rows]
+                mqtt.offer(rows)
+                async with asyncio.timeout(10):
+                    while not received.issuperset(stored):
+                        await asyncio.sleep(0.01)
+            assert store.awaited_pins == 0
+            older = await store.append([Reading("tic", "PAPP", TS + 100, 1, "VA")])
+            newer = await store.append([Reading("tic", "PAPP", TS + 101, 2, "VA")])
+            mqtt.offer(older + newer)  # one batch spanning two commits: the first may have been evicted since
+            stored += [older[0].seq, newer[0].seq]
+            async with asyncio.timeout(10):
+                while received != set(stored) or (await store.stats()).pending:
+                    await asyncio.sleep(0.02)
+            assert store.awaited_pins == 1
+            assert (await store.stats()).pinned == 0  # every pin released by its ack
+    finally:
+        await mqtt.stop()
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await store.close()

@@ -1124,6 +1124,223 @@ async def test_an_async_pin_holds_the_row_for_its_lane_only(db: Path) -> None:
         await astore.close()
 
 
+async def test_a_queued_call_runs_even_when_its_caller_is_cancelled(db: Path) -> None:
+    """The rule of AsyncStore (docs/STORE.md): a call once made always runs. A ThreadPoolExecutor dropped a
+    call still queued when its caller was cancelled; here the cancelled append and ack are done all the same,
+    in the order they were made, and a caller cancelled while its call runs does not stop it either."""
+    store = GatedStore(db)
+    astore = AsyncStore(store)
+    await astore.open()
+    try:
+        await astore.append(readings(3))
+        held = asyncio.create_task(astore.stats())  # takes the thread until the gate opens
+        appending = asyncio.create_task(astore.append(readings(2, start=3)))
+        acking = asyncio.create_task(astore.ack([1, 2]))
+        await asyncio.sleep(0.05)  # both queued behind the gated stats
+        appending.cancel()
+        acking.cancel()
+        await asyncio.gather(appending, acking, return_exceptions=True)
+        assert appending.cancelled() and acking.cancelled()
+        store.gate.set()
+        await held
+        stats = await astore.stats()
+        assert (stats.pending, stats.next_seq) == (3, 6)
+        assert table_seqs(db) == [3, 4, 5]
+    finally:
+        store.gate.set()
+        await astore.close()
+
+
+async def test_pin_fresh_pins_the_last_append_s_rows_ahead_of_the_eviction_queued_after_it(db: Path) -> None:
+    """`pin_fresh` does not wait, yet its pin runs before any call made after it: an append queued at once,
+    which must evict, skips the freshly pinned rows (the oldest) and evicts from its own batch instead."""
+    astore = AsyncStore(Store(db, store_module.MIN_MAX_BYTES))
+    await astore.open()
+    try:
+        fresh = await astore.append(readings(50))
+        assert astore.pin_fresh(fresh[:30])  # a live batch of batch_max rows: the first 30
+        assert astore.pin_fresh(fresh[30:])  # and the rest, in a second message
+        flood = asyncio.ensure_future(astore.append(readings(4000, start=50)))
+        stored = await flood
+        stats = await astore.stats()
+        assert stats.evicted > 0 and stats.pinned == 50
+        on_disk = table_seqs(db)
+        assert on_disk[:50] == list(range(1, 51))  # every pinned row kept
+        assert [r.seq for r in stored] == on_disk[50:]  # the batch's own oldest rows went instead
+        assert await astore.ack(list(range(1, 51))) == 50
+        assert (await astore.stats()).pinned == 0
+    finally:
+        await astore.close()
+
+
+async def test_pin_fresh_declines_whenever_the_rows_might_be_gone(db: Path) -> None:
+    """Only the rows of the last append, and only while no call that can delete rows was made after it."""
+    astore = AsyncStore(Store(db, 64 * MiB))
+    assert not astore.pin_fresh([StoredRow(1, T0, b"{}")])  # nothing appended yet
+    await astore.open()
+    try:
+        older = await astore.append(readings(3))
+        assert astore.pin_fresh(older)
+        last = await astore.append(readings(3, start=3))
+        assert not astore.pin_fresh(older)  # an append since: its eviction may have taken them
+        assert not astore.pin_fresh(older[-1:] + last)  # one row of an earlier append is enough to decline
+        assert not astore.pin_fresh([])
+        assert astore.pin_fresh(last[1:])
+        # Calls that cannot delete these rows leave the rows fresh: fetch, stats, pin, ack of other rows.
+        await astore.fetch(0, None, 10)
+        await astore.stats()
+        await astore.ack([1])
+        assert astore.pin_fresh(last)
+        queued = asyncio.ensure_future(astore.append(readings(1, start=6)))
+        await asyncio.sleep(0)  # made (queued), not yet done
+        assert not astore.pin_fresh(last)
+        newest = await queued
+        assert astore.pin_fresh(newest)
+        await astore.purge(device="nobody")
+        assert not astore.pin_fresh(newest)  # a purge since (even one that deleted nothing)
+        newest = await astore.append(readings(1, start=7))
+        await astore.set_lanes(["mqtt"])
+        assert not astore.pin_fresh(newest)  # set_lanes since
+        pinned = (await astore.stats()).pinned
+        assert pinned == 6  # seqs 2..7: the rows pinned through pin_fresh (1 was acked, its pin gone)
+    finally:
+        await astore.close()
+    assert not astore.pin_fresh(newest)  # closed
+
+
+async def test_pin_fresh_leaves_an_unknown_lane_to_pin_and_a_failed_pin_is_logged(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Refusing(Store):
+        def pin(
+            self, rows: Sequence[StoredRow], lane: str | None = None, *, known: bool = False
+        ) -> list[StoredRow]:
+            raise StoreError("pin refused")
+
+    astore = AsyncStore(Refusing(db, 64 * MiB))
+    await astore.open()
+    try:
+        await astore.set_lanes(["a", "b"])
+        rows = await astore.append(readings(2))
+        assert not astore.pin_fresh(rows, "nope")  # `pin` raises StoreError for it, to its caller
+        assert astore.pin_fresh(rows, "a")
+        await astore.stats()  # queued behind the pin: it has run
+        assert any(
+            r.levelno == logging.ERROR and "pin refused" in r.getMessage() for r in caplog.records
+        )  # nobody waits for its outcome: a failure is said, not lost
+    finally:
+        await astore.close()
+
+
+def test_a_known_pin_pins_without_looking_and_a_plain_one_looks(store: Store, db: Path) -> None:
+    rows = store.append(readings(3))
+    store.ack([2])
+    assert store.pin(rows, known=True) == rows  # trusted: the caller knows they are there
+    assert sorted(store._pins) == [1, 2, 3]
+    store.ack([1, 2, 3])
+    rows = store.append(readings(3, start=3))
+    store.ack([rows[1].seq])
+    assert store.pin(rows) == [rows[0], rows[2]]  # looked: the acked one is not pinned, not returned
+    assert sorted(store._pins) == [rows[0].seq, rows[2].seq]
+
+
+class Refusal(Exception):
+    """An exception type of the test's own: it must reach the caller as itself."""
+
+
+async def test_an_exception_reaches_the_caller_with_its_type_and_the_thread_goes_on(db: Path) -> None:
+    astore = AsyncStore(Store(db, 64 * MiB))
+    await astore.open()
+    seen: list[str] = []
+
+    def refuse() -> None:
+        seen.append(threading.current_thread().name)
+        raise Refusal("no")
+
+    def stop_iteration() -> None:
+        raise StopIteration  # an asyncio future cannot carry it: it comes back as a RuntimeError
+
+    try:
+        with pytest.raises(Refusal, match=r"^no$"):
+            await astore._call(refuse)
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await astore._call(stop_iteration)
+        await astore.set_lanes(["a", "b"])
+        with pytest.raises(StoreError, match="unknown upstream lane 'nope'"):
+            await astore.fetch(0, None, 1, "nope")
+        assert seen == ["fieldgate-store"]
+        assert seqs(await astore.append(readings(1))) == [1]  # the thread still serves
+    finally:
+        await astore.close()
+
+
+async def test_close_closes_the_store_on_its_thread_after_the_queued_calls_then_joins_it(db: Path) -> None:
+    closed_on: list[str] = []
+
+    class Recorded(Store):
+        def close(self) -> None:
+            closed_on.append(threading.current_thread().name)
+            super().close()
+
+    astore = AsyncStore(Recorded(db, 64 * MiB))
+    await astore.open()
+    thread = astore._thread
+    assert thread is not None and thread.is_alive() and thread.daemon
+    queued = asyncio.ensure_future(astore.append(readings(4)))
+    await asyncio.sleep(0)  # the append is queued before the close
+    await astore.close()
+    assert seqs(await queued) == [1, 2, 3, 4]
+    assert closed_on == ["fieldgate-store"]
+    assert not thread.is_alive()
+    assert thread not in store_module._serving
+    assert table_seqs(db) == [1, 2, 3, 4]
+    with pytest.raises(StoreError, match="closed"):
+        await astore.append(readings(1))
+
+
+async def test_no_thread_before_the_first_call(db: Path) -> None:
+    """The daemon forks its validating child before it has a second thread (docs/ARCHITECTURE.md)."""
+    before = store_threads()
+    astore = AsyncStore(Store(db, 64 * MiB))
+    assert store_threads() == before and astore._thread is None
+    await astore.open()
+    assert len(store_threads()) == len(before) + 1
+    await astore.close()
+
+
+def test_a_process_that_never_closes_its_store_exits_and_keeps_its_queued_commit(db: Path) -> None:
+    """What ThreadPoolExecutor guaranteed at exit, kept: the calls queued are done, then the process exits
+    (it neither hangs on the store thread nor cuts a commit). Here the loop is even gone before the append
+    runs (its outcome has nobody to go to)."""
+    program = f"""
+import asyncio, threading, time
+from pathlib import Path
+from agent.pipeline.reading import Reading
+from agent.pipeline.store import AsyncStore, Store
+
+class Slow(Store):
+    def append(self, readings):
+        time.sleep(0.3)  # still queued or running when asyncio.run returns
+        return super().append(readings)
+
+async def main():
+    s = AsyncStore(Slow(Path({str(db)!r}), {64 * MiB}))
+    await s.open()
+    await s.append([Reading("d", "v", {T0}, 1.0)])
+    asyncio.get_running_loop().create_task(s.append([Reading("d", "v", {T0 + 1000}, 2.0)]))
+    await asyncio.sleep(0.05)  # the second append is on the thread; the loop ends without waiting for it
+
+asyncio.run(main())
+print("left main", flush=True)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "left main\n"
+    assert table_seqs(db) == [1, 2]
+
+
 # -- purge, recovery, salvage ------------------------------------------------------------------------------
 
 

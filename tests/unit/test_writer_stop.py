@@ -2,12 +2,14 @@
 
 The daemon's stop cancels the StoreWriter's task. When its commit was still queued behind another call on the
 store's single thread (the uplink's fetch, the stats), the cancellation dropped the queued job, and the batch
-with it: a reading polled just before SIGTERM was never stored. The commit is now shielded.
+with it: a reading polled just before SIGTERM was never stored. AsyncStore now runs every call it was given,
+cancelled caller or not (tests/unit/test_store.py has the rule itself).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from pathlib import Path
 
@@ -23,9 +25,7 @@ async def test_a_commit_queued_when_the_writer_is_cancelled_is_still_stored(tmp_
     try:
         writer = StoreWriter(store, 0.2, lambda rows: None)
         release = threading.Event()
-        busy = asyncio.get_running_loop().run_in_executor(
-            store._executor, release.wait, 10
-        )  # the thread is taken
+        busy = asyncio.ensure_future(store._call(functools.partial(release.wait, 10)))  # the thread is taken
         writer.put([Reading("d", "v", now_ms(), 1.0)])
         flushing = asyncio.create_task(writer.flush())
         await asyncio.sleep(0.05)  # flush() has queued its append behind `busy`
