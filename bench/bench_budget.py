@@ -18,6 +18,8 @@ the first reading upstream (target <= 1 s), live lag; then a broker outage of `-
 `kill -9` of the daemon in its middle (restarted at once, the broker still down): readings lost (gaps in the
 `seq`s the subscriber received; must be 0), the backlog's drain rate once the broker is back (target
 >= 20,000 readings/s) and how far behind live data were during the drain (target: never more than 2 s).
+A run with gaps keeps its work directory (the buffer, the daemon's log) and reports which seqs are missing and
+how many of them are still in the buffer (durable but not yet sent when the count was made).
 
     python -m bench.bench_budget [--quick] [--runs N] [--seconds N] [--outage N] [--cpu-quota PCT] [--memory MIB]
 """
@@ -29,6 +31,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -345,6 +348,30 @@ class Platform:
         return max(self.seqs) - min(self.seqs) + 1 - len(self.seqs)
 
 
+def keep_if_gaps(workdir: Path, platform: Platform) -> dict[str, Any] | None:
+    """A run with gaps keeps its work directory (buffer, daemon log) and says which seqs are missing and which
+    of them are still in the buffer: a reading durable but unsent when the count was made is not one deleted."""
+    if not platform.seqs:
+        return None
+    lo, hi = min(platform.seqs), max(platform.seqs)
+    missing = sorted(set(range(lo, hi + 1)) - platform.seqs)
+    if not missing:
+        return None
+    in_buffer: set[int] = set()
+    with contextlib.suppress(sqlite3.Error):
+        conn = sqlite3.connect(f"file:{workdir / 'buffer.db'}?mode=ro", uri=True)
+        try:
+            in_buffer = {row[0] for row in conn.execute("SELECT seq FROM readings")} & set(missing)
+        finally:
+            conn.close()
+    return {
+        "missing_first": missing[:10],
+        "missing_count": len(missing),
+        "still_in_buffer": len(in_buffer),
+        "workdir_kept": str(workdir),
+    }
+
+
 async def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -417,7 +444,9 @@ async def one_run(
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         broker.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        kept = keep_if_gaps(workdir, platform)
+        if kept is None:
+            shutil.rmtree(workdir, ignore_errors=True)
     return {
         "cpu_s_per_min": round((cpu1 - cpu0) / (w1 - w0) * 60, 3),
         "cpu_pct_of_budget": round(
@@ -436,6 +465,7 @@ async def one_run(
         "live_lag_during_drain_ms_max": round(max(drain_lags or [0.0]), 1),
         "received": platform.received,
         "lost": platform.lost(),
+        **({"gaps": kept} if kept is not None else {}),
         "duplicates": platform.received - len(platform.seqs),
         "stop_exit_code": code,
         **{f"cgroup_{k}": v for k, v in cg.items()},
@@ -480,7 +510,7 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, budget: Budget, runs: list[dict[str, Any]]) -> None:
-    keys = list(runs[0])
+    keys = [k for k in runs[0] if k != "gaps"]  # "gaps": only in a run that had some (keep_if_gaps)
     result = {
         "workload": f"{args.devices} devices x {args.registers} holding registers every 1 s, QoS 1, "
         f"{args.seconds:g} s measured, {args.outage:g} s outage with a kill -9 in its middle",
@@ -502,6 +532,13 @@ def report(args: argparse.Namespace, budget: Budget, runs: list[dict[str, Any]])
         print(
             f"| {k} | {result['median'][k]} | {', '.join(str(r[k]) for r in runs)} | {TARGETS.get(k, '')} |"
         )
+    for i, r in enumerate(runs, 1):
+        if "gaps" in r:
+            g = r["gaps"]
+            print(
+                f"\nrun {i}: {g['missing_count']} seqs missing (first {g['missing_first']}), "
+                f"{g['still_in_buffer']} of them still in the buffer; kept: {g['workdir_kept']}"
+            )
 
 
 if __name__ == "__main__":
